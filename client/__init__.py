@@ -1,0 +1,1 @@
+"""The site side: the Flower ClientApp and the site's own state."""

@@ -1,0 +1,84 @@
+"""Flower ClientApp: unpack the message, call :mod:`client.site`, pack the reply."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import (BudgetExhausted, RequestRejected, RoundRequest, SiteSettings,
+                         evaluate_site, train_round)
+from common.config import RunConfig, parse_config
+from common.records import from_array_record, to_array_record
+
+log = logging.getLogger(__name__)
+
+
+def site_settings(cfg: RunConfig, context: Context) -> SiteSettings:
+    """The site's own settings, from its node config (never from the server).
+
+    In simulation the node config holds ``partition-id``; the simulated
+    hospital's cap is the scenario's ``target-epsilon`` / ``target-delta``.
+    """
+    node = context.node_config
+    site_id = int(node.get("partition-id", node.get("site-id", 0)))
+    root = Path(cfg.ledger_dir or (Path(cfg.out_dir or ".fedtransfer") / "sites"))
+    return SiteSettings(
+        site_id=site_id,
+        ledger_path=Path(str(node.get("ledger-path", root / f"site-{site_id}" / "ledger.sqlite"))),
+        cache_dir=Path(str(node.get("cache-dir", cfg.cache_dir))),
+        dp=cfg.dp,
+        target_epsilon=float(node.get("target-epsilon", cfg.target_epsilon)),
+        target_delta=float(node.get("target-delta", cfg.target_delta)),
+    )
+
+
+def _request(msg: Message, context: Context) -> RoundRequest:
+    c = msg.content["config"]
+    return RoundRequest(
+        run_id=str(context.run_id), server_round=int(c["server-round"]),
+        num_rounds=int(c["num-rounds"]), local_epochs=int(c["local-epochs"]),
+        batch_size=int(c["batch-size"]), learning_rate=float(c["learning-rate"]),
+        momentum=float(c["momentum"]), clip_norm=float(c["clip-norm"]),
+        noise_multiplier=float(c["noise-multiplier"]))
+
+
+def make_app(override: RunConfig | None = None) -> ClientApp:
+    """Build the ClientApp. ``override`` is how ``fedtransfer simulate`` passes
+    its resolved config; ``flwr run`` uses ``context.run_config``."""
+    app = ClientApp()
+
+    def config_of(context: Context) -> RunConfig:
+        return override if override is not None else parse_config(dict(context.run_config))
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = config_of(context)
+        settings = site_settings(cfg, context)
+        try:
+            reply = train_round(cfg, settings, _request(msg, context),
+                                from_array_record(msg.content["arrays"]))
+        except (BudgetExhausted, RequestRejected) as exc:
+            status = "budget-exhausted" if isinstance(exc, BudgetExhausted) else "request-rejected"
+            log.warning("site %d declines round: %s", settings.site_id, exc)
+            content = RecordDict({"status": ConfigRecord(
+                {"status": status, "reason": str(exc), "site-id": settings.site_id})})
+            return Message(content=content, reply_to=msg)
+        content = RecordDict({"arrays": to_array_record(reply.arrays),
+                              "metrics": MetricRecord(reply.metrics),
+                              "status": ConfigRecord({"status": "ok"})})
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        cfg = config_of(context)
+        settings = site_settings(cfg, context)
+        metrics = evaluate_site(cfg, settings, from_array_record(msg.content["arrays"]))
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+app = make_app()

@@ -1,0 +1,252 @@
+"""What one site does in a round, without Flower.
+
+The site owns its data, its feature cache, its ledger and its privacy cap.
+The server may *request* rounds, epochs, batch size, learning rate, clip
+norm and σ; the site checks the request, projects ε before touching data,
+trains under DP-SGD, commits the spend to its ledger, and only then returns
+the update.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common import training
+from common.backbones import get_backbone
+from common.config import RunConfig
+from common.data import SiteData, load_dataset, site_data
+from common.features import cached_features
+from common.heads import head_state, load_head_state, make_head
+from common.ledger import Entry, Ledger, library_versions
+from common.privacy import Mechanism, calibrate_noise_multiplier, dp_plan, epsilon
+
+log = logging.getLogger(__name__)
+
+
+class BudgetExhausted(RuntimeError):
+    """The site declines: this round would take it past its own cap."""
+
+    def __init__(self, spent: float, cap: float, projected: float, delta: float):
+        self.spent, self.cap, self.projected, self.delta = spent, cap, projected, delta
+        super().__init__(
+            f"budget exhausted: spent {spent:.4f}, cap {cap:.4f}, this round would reach "
+            f"{projected:.4f} (ε at δ={delta:g}, unit: one record at this site)"
+        )
+
+
+class RequestRejected(ValueError):
+    """The server's round request is unsafe or malformed; nothing was touched."""
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """The site's own settings. The server can neither see nor override them."""
+
+    site_id: int
+    ledger_path: Path
+    cache_dir: Path
+    dp: bool
+    target_epsilon: float
+    target_delta: float
+    min_noise_multiplier: float = 0.3
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """What the server asks of a site for one round (all of it is checked)."""
+
+    run_id: str
+    server_round: int
+    num_rounds: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float
+    clip_norm: float
+    noise_multiplier: float  # 0: the site calibrates σ to its own cap
+
+
+@dataclass
+class SiteReply:
+    arrays: OrderedDict[str, np.ndarray]
+    num_examples: int
+    metrics: dict[str, float]
+
+
+def check_request(req: RoundRequest, num_records: int, settings: SiteSettings) -> None:
+    """Reject a hostile or buggy request before any data is used for training."""
+    problems = []
+    for key in ("server_round", "num_rounds", "local_epochs", "batch_size"):
+        value = getattr(req, key)
+        if not isinstance(value, int) or value < 1:
+            problems.append(f"{key.replace('_', '-')} must be an integer >= 1, got {value!r}")
+    for key in ("learning_rate", "clip_norm"):
+        value = getattr(req, key)
+        if not (isinstance(value, float | int) and math.isfinite(value) and value > 0):
+            problems.append(f"{key.replace('_', '-')} must be a finite number > 0, got {value!r}")
+    if not (math.isfinite(req.momentum) and 0 <= req.momentum < 1):
+        problems.append(f"momentum must be in [0, 1), got {req.momentum!r}")
+    sigma = req.noise_multiplier
+    if not math.isfinite(sigma) or sigma < 0:
+        problems.append(f"noise-multiplier must be >= 0 (0: the site calibrates), got {sigma!r}")
+    elif settings.dp and 0 < sigma < settings.min_noise_multiplier:
+        problems.append(f"noise-multiplier {sigma} is below this site's minimum "
+                        f"{settings.min_noise_multiplier}")
+    if isinstance(req.batch_size, int) and req.batch_size > num_records:
+        problems.append(f"batch-size {req.batch_size} exceeds this site's {num_records} training records")
+    if problems:
+        raise RequestRejected("request rejected by site: " + "; ".join(problems))
+
+
+def load_site_data(cfg: RunConfig, site_id: int) -> SiteData:
+    splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
+    return site_data(splits, site_id=site_id, num_sites=cfg.num_sites,
+                     partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
+                     holdout=cfg.site_holdout, shift=cfg.site_shift, seed=cfg.seed)
+
+
+@dataclass
+class SiteFeatures:
+    train: np.ndarray
+    holdout: np.ndarray
+    data: SiteData
+    seconds: float
+    hit: bool
+
+
+def site_features(cfg: RunConfig, settings: SiteSettings, data: SiteData) -> SiteFeatures:
+    """Features of the site's train and holdout splits, from the on-disk cache."""
+    backbone = get_backbone(cfg.backbone, cfg.image_size)
+    device = training.resolve_device(cfg.device)
+    tr = cached_features(backbone, data.train_x, cache_dir=settings.cache_dir, device=device,
+                         data_fingerprint=data.fingerprint + ":train")
+    ho = cached_features(backbone, data.holdout_x, cache_dir=settings.cache_dir, device=device,
+                         data_fingerprint=data.fingerprint + ":holdout")
+    return SiteFeatures(tr.features, ho.features, data, tr.seconds + ho.seconds, tr.hit and ho.hit)
+
+
+def plan_noise(req: RoundRequest, settings: SiteSettings, ledger: Ledger,
+               num_records: int) -> tuple[float, Mechanism, list[Mechanism]]:
+    """σ for this round and the mechanism it will run, plus the full prior history.
+
+    σ is calibrated so that every run the ledger already holds, plus all of
+    this run's planned rounds, fits the site's cap. It depends only on the
+    history *before* this run, so it is the same in every round of the run.
+    """
+    q, steps = dp_plan(num_records, batch_size=req.batch_size, epochs=req.local_epochs)
+    history = ledger.history()
+    sigma = req.noise_multiplier
+    if sigma == 0:
+        before_run = ledger.history(exclude_run=req.run_id)
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=settings.target_epsilon, delta=settings.target_delta,
+            sample_rate=q, steps=steps * req.num_rounds, prior=before_run)
+        sigma = max(sigma, settings.min_noise_multiplier)
+    return sigma, Mechanism(noise_multiplier=sigma, sample_rate=q, steps=steps), history
+
+
+def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
+                global_head: dict[str, np.ndarray], data: SiteData | None = None) -> SiteReply:
+    """One site round: check, project ε, train, commit the spend, then reply.
+
+    Raises:
+        RequestRejected: the request is unsafe; nothing was trained or recorded.
+        BudgetExhausted: the round would pass the cap; nothing was trained.
+    """
+    t_start = time.perf_counter()
+    data = data if data is not None else load_site_data(cfg, settings.site_id)
+    n = len(data.train_y)
+    check_request(req, n, settings)
+    ledger = Ledger(settings.ledger_path) if settings.dp else None
+    mech = None
+    if ledger is not None:
+        try:
+            sigma, mech, history = plan_noise(req, settings, ledger, n)
+        except ValueError as exc:  # calibration found no σ: the cap is already spent
+            spent = ledger.epsilon(delta=settings.target_delta)
+            raise BudgetExhausted(spent, settings.target_epsilon, spent,
+                                  settings.target_delta) from exc
+        projected = epsilon([*history, mech], delta=settings.target_delta)
+        if projected > settings.target_epsilon:
+            spent = epsilon(history, delta=settings.target_delta)
+            raise BudgetExhausted(spent, settings.target_epsilon, projected, settings.target_delta)
+    feats = site_features(cfg, settings, data)
+    head = make_head(cfg.head, in_dim=feats.train.shape[1], num_classes=data.num_classes,
+                     hidden_dim=cfg.hidden_dim, seed=cfg.seed)
+    load_head_state(head, global_head)
+    seed = cfg.seed + settings.site_id + 1000 * req.server_round
+    device = training.resolve_device(cfg.device)
+    if mech is None:
+        result = training.train_plain(head, feats.train, data.train_y, epochs=req.local_epochs,
+                                      batch_size=req.batch_size, lr=req.learning_rate,
+                                      momentum=req.momentum, seed=seed, device=device)
+        eps = 0.0
+    else:
+        result = training.train_dp(head, feats.train, data.train_y, epochs=req.local_epochs,
+                                   batch_size=req.batch_size, lr=req.learning_rate,
+                                   momentum=req.momentum, noise_multiplier=mech.noise_multiplier,
+                                   clip_norm=req.clip_norm, seed=seed, device=device)
+        if [m.as_tuple() for m in result.mechanisms] != [mech.as_tuple()]:
+            # Record what really ran, never what was planned.
+            log.warning("Opacus ran %s, planned %s", result.mechanisms, mech)
+        eps = commit_spend(ledger, settings, req, result.mechanisms, data)
+    metrics = {
+        "site-id": settings.site_id,
+        "num-examples": n,
+        "epsilon": eps,
+        "delta": settings.target_delta if mech is not None else 0.0,
+        "noise-multiplier": mech.noise_multiplier if mech is not None else 0.0,
+        "sample-rate": result.mechanisms[0].sample_rate if result.mechanisms else 0.0,
+        "steps": result.steps,
+        "train-loss": result.loss,
+        "feature-seconds": feats.seconds,
+        "feature-cache-hit": int(feats.hit),
+        "train-seconds": result.seconds,
+        "site-seconds": time.perf_counter() - t_start,
+    }
+    return SiteReply(arrays=head_state(head), num_examples=n, metrics=metrics)
+
+
+def commit_spend(ledger: Ledger, settings: SiteSettings, req: RoundRequest,
+                 mechanisms: list[Mechanism], data: SiteData) -> float:
+    """Durably record what ran; returns the cumulative ε recomputed from the ledger."""
+    import opacus
+
+    history = ledger.history()
+    for m in mechanisms:
+        history.append(m)
+        eps_after = epsilon(history, delta=settings.target_delta)
+        ledger.append(Entry(
+            run_id=req.run_id, round=req.server_round,
+            noise_multiplier=m.noise_multiplier, sample_rate=m.sample_rate, steps=m.steps,
+            clip_norm=req.clip_norm, delta=settings.target_delta, sampler="poisson",
+            secure_rng=False, accountant="prv", accountant_version=f"opacus-{opacus.__version__}",
+            libraries=library_versions(), dataset_size=len(data.train_y),
+            data_fingerprint=data.fingerprint, epsilon_after=eps_after))
+    return ledger.epsilon(delta=settings.target_delta)
+
+
+def evaluate_site(cfg: RunConfig, settings: SiteSettings,
+                  global_head: dict[str, np.ndarray], data: SiteData | None = None
+                  ) -> dict[str, float]:
+    """Evaluate the global head on the site's own holdout.
+
+    Only aggregate metrics leave the site, but they are not DP-noised: the run
+    summary lists them under ``privacy.not_charged`` so an auditor sees them.
+    """
+    data = data if data is not None else load_site_data(cfg, settings.site_id)
+    feats = site_features(cfg, settings, data)
+    head = make_head(cfg.head, in_dim=feats.holdout.shape[1], num_classes=data.num_classes,
+                     hidden_dim=cfg.hidden_dim, seed=cfg.seed)
+    load_head_state(head, global_head)
+    m = training.evaluate(head, feats.holdout, data.holdout_y)
+    return {"site-id": settings.site_id, "num-examples": len(data.holdout_y),
+            "accuracy": m["accuracy"], "balanced-accuracy": m["balanced_accuracy"],
+            "auc": m["auc"], "loss": m["loss"]}

@@ -1,0 +1,1 @@
+"""Flower-free core of fedtransfer: config, data, backbones, heads, DP training, privacy."""

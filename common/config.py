@@ -1,0 +1,218 @@
+"""Run configuration: parsed once into a frozen dataclass.
+
+Keys are kebab-case, as in Flower's ``[tool.flwr.app.config]``. Every consumer
+below the apps takes :class:`RunConfig`, never a raw mapping. Unknown keys and
+bad values fail here, before any work starts, with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+MODES = ("federated", "centralized")
+PARTITIONERS = ("iid", "dirichlet")
+HEADS = ("linear", "mlp")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Typed, validated run configuration (one object per run).
+
+    Field names are the snake_case form of the kebab-case config keys.
+    """
+
+    # What runs
+    mode: str = "federated"
+    dp: bool = True
+    seed: int = 0
+    device: str = "auto"
+    # Data and sites
+    dataset: str = "digits"
+    data_dir: str = ""
+    num_sites: int = 4
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    site_holdout: float = 0.2
+    site_shift: float = 0.0
+    # Backbone and head
+    backbone: str = "efficientnet-lite0"
+    image_size: int = 64
+    head: str = "linear"
+    hidden_dim: int = 128
+    # Federated schedule
+    num_rounds: int = 5
+    local_epochs: int = 1
+    fraction_train: float = 1.0
+    min_sites: int = 2
+    round_timeout: float = 600.0
+    # Optimisation
+    batch_size: int = 64
+    learning_rate: float = 0.5
+    momentum: float = 0.0
+    # Differential privacy (the site's own cap: target-epsilon / target-delta)
+    clip_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 4.0
+    target_delta: float = 1e-5
+    # Where things go
+    cache_dir: str = ".fedtransfer/cache"
+    ledger_dir: str = ""
+    out_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # -- conversions -------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case mapping, the inverse of :func:`parse_config`."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_toml(self) -> str:
+        lines = ["# Resolved fedtransfer configuration (all keys, after overrides)"]
+        for key, value in self.to_dict().items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+_FIELDS = {f.name.replace("_", "-"): f for f in fields(RunConfig)}
+_TYPES = {f.name.replace("_", "-"): type(f.default) for f in fields(RunConfig)}
+ALLOWED_KEYS = tuple(sorted(_FIELDS))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert one raw value to the field's type, or raise naming the key."""
+    kind = _TYPES[key]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"config key '{key}' must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ValueError(f"config key '{key}' must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"config key '{key}' must be an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError(f"config key '{key}' must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"config key '{key}' must be a number, got {value!r}")
+    if not isinstance(value, str):
+        raise ValueError(f"config key '{key}' must be a string, got {value!r}")
+    return value
+
+
+def parse_config(raw: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """Parse a kebab-case mapping into a :class:`RunConfig`.
+
+    Raises:
+        ValueError: on an unknown key (listing the allowed ones) or a bad value.
+    """
+    values = (base or RunConfig()).to_dict()
+    for key, value in raw.items():
+        if key not in _FIELDS:
+            raise ValueError(
+                f"unknown config key '{key}'. Allowed keys: {', '.join(ALLOWED_KEYS)}"
+            )
+        values[key] = _coerce(key, value)
+    return RunConfig(**{k.replace("-", "_"): v for k, v in values.items()})
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Turn ``["key=value", ...]`` (from ``--set``) into a raw mapping.
+
+    Values are read as TOML scalars when they parse (``dp=false``, ``seed=3``),
+    else as plain strings (``dataset=medmnist:pneumoniamnist``).
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, text = (s.strip() for s in item.split("=", 1))
+        try:
+            out[key] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = text
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a scenario TOML. Keys may sit at top level or under ``[config]``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    with path.open("rb") as fh:
+        data = tomllib.load(fh)
+    if "config" in data and isinstance(data["config"], dict):
+        data = {**{k: v for k, v in data.items() if k != "config"}, **data["config"]}
+    return data
+
+
+def _validate(cfg: RunConfig) -> None:
+    def bad(key: str, why: str) -> ValueError:
+        return ValueError(f"config key '{key}': {why}")
+
+    if cfg.mode not in MODES:
+        raise bad("mode", f"got {cfg.mode!r}, allowed: {', '.join(MODES)}")
+    if cfg.partitioner not in PARTITIONERS:
+        raise bad("partitioner", f"got {cfg.partitioner!r}, allowed: {', '.join(PARTITIONERS)}")
+    if cfg.head not in HEADS:
+        raise bad("head", f"got {cfg.head!r}, allowed: {', '.join(HEADS)}")
+    if cfg.device not in DEVICES:
+        raise bad("device", f"got {cfg.device!r}, allowed: {', '.join(DEVICES)}")
+    positive_ints = ("num-sites", "num-rounds", "local-epochs", "batch-size", "image-size", "hidden-dim")
+    for key in positive_ints:
+        if getattr(cfg, key.replace("-", "_")) < 1:
+            raise bad(key, "must be >= 1")
+    if cfg.min_sites < 1:
+        raise bad("min-sites", "must be >= 1")
+    if cfg.min_sites > cfg.num_sites:
+        raise bad("min-sites", f"{cfg.min_sites} exceeds num-sites={cfg.num_sites}")
+    for key in ("learning-rate", "clip-norm", "dirichlet-alpha", "round-timeout", "target-epsilon"):
+        value = getattr(cfg, key.replace("-", "_"))
+        if not value > 0 or value != value or value == float("inf"):
+            raise bad(key, f"must be a finite number > 0, got {value!r}")
+    if not 0.0 < cfg.target_delta < 1.0:
+        raise bad("target-delta", f"must be in (0, 1), got {cfg.target_delta!r}")
+    if not 0.0 < cfg.fraction_train <= 1.0:
+        raise bad("fraction-train", f"must be in (0, 1], got {cfg.fraction_train!r}")
+    if not 0.0 < cfg.site_holdout < 1.0:
+        raise bad("site-holdout", f"must be in (0, 1), got {cfg.site_holdout!r}")
+    if not 0.0 <= cfg.site_shift <= 1.0:
+        raise bad("site-shift", f"must be in [0, 1], got {cfg.site_shift!r}")
+    if not 0.0 <= cfg.momentum < 1.0:
+        raise bad("momentum", f"must be in [0, 1), got {cfg.momentum!r}")
+    if cfg.noise_multiplier < 0 or cfg.noise_multiplier != cfg.noise_multiplier:
+        raise bad("noise-multiplier", "must be >= 0 (0 means: calibrate to target-epsilon)")

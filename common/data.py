@@ -1,0 +1,286 @@
+"""Dataset registry, hospital partitions and per-site acquisition shift.
+
+Images are returned as float32 arrays in [0, 1], shaped (N, H, W) for
+grayscale or (N, H, W, C) for colour, with integer labels in [0, K).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{name}.npz?download=1"
+MEDMNIST_CLASSES = {
+    "pneumoniamnist": ("normal", "pneumonia"),
+    "breastmnist": ("malignant", "normal, benign"),
+}
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A labelled dataset with the standard train / val / test splits."""
+
+    name: str
+    classes: tuple[str, ...]
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One hospital's private data: a training split and a local holdout."""
+
+    site_id: int
+    train_x: np.ndarray
+    train_y: np.ndarray
+    holdout_x: np.ndarray
+    holdout_y: np.ndarray
+    num_classes: int
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_arrays(self.train_x, self.train_y, self.holdout_x, self.holdout_y)
+
+
+def fingerprint_arrays(*arrays: np.ndarray) -> str:
+    """Content hash of arrays (shape, dtype and bytes)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------
+
+
+def _load_digits(data_dir: str, seed: int) -> Splits:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = (bunch.images / 16.0).astype(np.float32)  # 8x8, values 0..16
+    labels = bunch.target.astype(np.int64)
+    # scikit-learn ships no split: a fixed, seeded 70/10/20 stratified split.
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    rest, test = train_test_split(idx, test_size=0.2, stratify=labels, random_state=seed)
+    train, val = train_test_split(
+        rest, test_size=0.125, stratify=labels[rest], random_state=seed
+    )
+    return Splits(
+        name="digits",
+        classes=tuple(str(i) for i in range(10)),
+        train_x=images[train], train_y=labels[train],
+        val_x=images[val], val_y=labels[val],
+        test_x=images[test], test_y=labels[test],
+    )
+
+
+def _medmnist_candidates(name: str, data_dir: str) -> list[Path]:
+    out = []
+    if name.endswith(".npz"):
+        out.append(Path(name).expanduser())
+        return out
+    dirs = [data_dir] if data_dir else []
+    dirs += [os.environ.get("MEDMNIST_DIR", ""), str(Path.home() / ".medmnist")]
+    for d in dirs:
+        if d:
+            out.append(Path(d).expanduser() / f"{name}.npz")
+    return out
+
+
+def _download_medmnist(name: str, dest: Path, timeout: float = 20.0) -> None:
+    url = MEDMNIST_URL.format(name=name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".npz.part")
+    log.info("downloading %s to %s", url, dest)
+    with urllib.request.urlopen(url, timeout=timeout) as resp, tmp.open("wb") as fh:
+        while chunk := resp.read(1 << 20):
+            fh.write(chunk)
+    tmp.replace(dest)
+
+
+def _load_medmnist(spec: str, data_dir: str, seed: int) -> Splits:
+    name = spec
+    candidates = _medmnist_candidates(name, data_dir)
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        if name.endswith(".npz"):
+            raise FileNotFoundError(f"MedMNIST file not found: {name}")
+        dest = candidates[0]
+        try:
+            _download_medmnist(name, dest)
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            looked = ", ".join(str(p) for p in candidates)
+            raise FileNotFoundError(
+                f"MedMNIST '{name}': no local copy (looked in {looked}) and the download "
+                f"from {MEDMNIST_URL.format(name=name)} failed ({exc}). If this machine is "
+                f"offline, copy {name}.npz into a folder and set data-dir to it."
+            ) from exc
+        path = dest
+    return read_medmnist_npz(path)
+
+
+def read_medmnist_npz(path: str | Path) -> Splits:
+    """Read and check a standard MedMNIST ``.npz`` (train/val/test images+labels)."""
+    path = Path(path)
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable .npz file ({exc})") from exc
+    arrays = {}
+    with npz:
+        for split in ("train", "val", "test"):
+            for part in ("images", "labels"):
+                key = f"{split}_{part}"
+                if key not in npz.files:
+                    raise ValueError(
+                        f"{path}: missing array '{key}'; a MedMNIST .npz has "
+                        "train/val/test _images and _labels"
+                    )
+                arrays[key] = npz[key]
+    out = {}
+    num_classes = 0
+    for split in ("train", "val", "test"):
+        x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if x.ndim not in (3, 4) or len(x) != len(y):
+            raise ValueError(
+                f"{path}: {split}_images has shape {x.shape} and {split}_labels {y.shape}; "
+                "expected (N, H, W[, C]) images and N labels"
+            )
+        y = np.asarray(y).reshape(len(y), -1)
+        if y.shape[1] != 1:
+            raise ValueError(f"{path}: multi-label targets {y.shape} are not supported")
+        y = y[:, 0]
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+            raise ValueError(f"{path}: {split}_labels must be non-negative integers")
+        x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
+        if not np.isfinite(x).all():
+            raise ValueError(f"{path}: {split}_images contains NaN or Inf")
+        out[split] = (x, y.astype(np.int64))
+        num_classes = max(num_classes, int(y.max()) + 1)
+    name = path.stem
+    classes = MEDMNIST_CLASSES.get(name, tuple(str(i) for i in range(num_classes)))
+    return Splits(
+        name=name, classes=classes,
+        train_x=out["train"][0], train_y=out["train"][1],
+        val_x=out["val"][0], val_y=out["val"][1],
+        test_x=out["test"][0], test_y=out["test"][1],
+    )
+
+
+_REGISTRY: dict[str, Callable[[str, int], Splits]] = {"digits": _load_digits}
+_PREFIXES: dict[str, Callable[[str, str, int], Splits]] = {"medmnist": _load_medmnist}
+DATASET_NAMES = ("digits", "medmnist:<name or path.npz>")
+
+
+def load_dataset(spec: str, data_dir: str = "", seed: int = 0) -> Splits:
+    """Load a dataset by registry name, e.g. ``digits`` or ``medmnist:pneumoniamnist``."""
+    if spec in _REGISTRY:
+        return _REGISTRY[spec](data_dir, seed)
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in _PREFIXES and rest:
+        return _PREFIXES[prefix](rest, data_dir, seed)
+    raise ValueError(f"unknown dataset {spec!r}. Valid: {', '.join(DATASET_NAMES)}")
+
+
+# --------------------------------------------------------------------------
+# Hospitals
+# --------------------------------------------------------------------------
+
+
+def partition_indices(
+    labels: np.ndarray, *, num_sites: int, partitioner: str, alpha: float, seed: int
+) -> list[np.ndarray]:
+    """Split record indices into ``num_sites`` hospitals with flwr-datasets.
+
+    ``iid`` uses :class:`IidPartitioner`; ``dirichlet`` uses
+    :class:`DirichletPartitioner` (label skew with concentration ``alpha``).
+    """
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    if num_sites > len(labels):
+        raise ValueError(f"num-sites={num_sites} exceeds the {len(labels)} training records")
+    ds = Dataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
+    if partitioner == "iid":
+        # IidPartitioner splits in order; shuffle first (seeded) so sites are IID.
+        ds = ds.shuffle(seed=seed)
+        part = IidPartitioner(num_partitions=num_sites)
+    elif partitioner == "dirichlet":
+        min_size = max(1, min(10, len(labels) // (num_sites * 4)))
+        part = DirichletPartitioner(
+            num_partitions=num_sites, partition_by="label", alpha=alpha,
+            min_partition_size=min_size, self_balancing=False, seed=seed,
+        )
+    else:
+        raise ValueError(f"unknown partitioner {partitioner!r}. Valid: iid, dirichlet")
+    part.dataset = ds
+    return [np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(num_sites)]
+
+
+def apply_site_shift(images: np.ndarray, *, site_id: int, strength: float, seed: int) -> np.ndarray:
+    """Simulate a hospital's scanner: per-site contrast, brightness and noise.
+
+    ``strength`` in [0, 1]; 0 returns the images unchanged. Deterministic per
+    ``(seed, site_id)``.
+    """
+    if strength <= 0:
+        return images
+    rng = np.random.default_rng([seed, site_id, 7919])
+    contrast = 1.0 + strength * rng.uniform(-0.5, 0.5)
+    brightness = strength * rng.uniform(-0.15, 0.15)
+    noise_std = strength * rng.uniform(0.0, 0.08)
+    noise = rng.normal(0.0, noise_std, size=images.shape).astype(np.float32)
+    mean = images.mean(axis=tuple(range(1, images.ndim)), keepdims=True)
+    out = (images - mean) * contrast + mean + brightness + noise
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def site_data(splits: Splits, *, site_id: int, num_sites: int, partitioner: str,
+              alpha: float, holdout: float, shift: float, seed: int) -> SiteData:
+    """The private data of hospital ``site_id``: its partition, split train/holdout."""
+    if not 0 <= site_id < num_sites:
+        raise ValueError(f"site id {site_id} out of range for {num_sites} sites")
+    parts = partition_indices(
+        splits.train_y, num_sites=num_sites, partitioner=partitioner, alpha=alpha, seed=seed
+    )
+    idx = parts[site_id]
+    rng = np.random.default_rng([seed, site_id, 104729])
+    idx = rng.permutation(idx)
+    n_hold = max(1, int(round(len(idx) * holdout)))
+    if len(idx) - n_hold < 2:
+        raise ValueError(
+            f"site {site_id} has only {len(idx)} records: too few to train and hold out"
+        )
+    hold, train = idx[:n_hold], idx[n_hold:]
+    x = apply_site_shift(splits.train_x[idx], site_id=site_id, strength=shift, seed=seed)
+    x_hold, x_train = x[:n_hold], x[n_hold:]
+    return SiteData(
+        site_id=site_id,
+        train_x=x_train, train_y=splits.train_y[train],
+        holdout_x=x_hold, holdout_y=splits.train_y[hold],
+        num_classes=splits.num_classes,
+    )

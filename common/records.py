@@ -1,0 +1,34 @@
+"""Conversions between numpy head weights and Flower records, and the round
+request's wire format. Flower types are imported lazily so that the maths in
+``common`` stays importable (and testable) without them."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from common.config import RunConfig
+
+REQUEST_KEYS = ("server-round", "num-rounds", "local-epochs", "batch-size", "learning-rate",
+                "momentum", "clip-norm", "noise-multiplier")
+
+
+def to_array_record(arrays: dict[str, np.ndarray]):
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord(array_dict=OrderedDict((k, Array(np.ascontiguousarray(v)))
+                                              for k, v in arrays.items()))
+
+
+def from_array_record(record) -> OrderedDict[str, np.ndarray]:
+    return OrderedDict((k, v.numpy()) for k, v in record.items())
+
+
+def train_request(cfg: RunConfig) -> dict[str, int | float]:
+    """The per-round training config the server sends (``server-round`` is
+    added by the strategy)."""
+    return {"num-rounds": cfg.num_rounds, "local-epochs": cfg.local_epochs,
+            "batch-size": cfg.batch_size, "learning-rate": cfg.learning_rate,
+            "momentum": cfg.momentum, "clip-norm": cfg.clip_norm,
+            "noise-multiplier": cfg.noise_multiplier}

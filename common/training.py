@@ -1,0 +1,154 @@
+"""Training and evaluation steps for a head on cached features.
+
+Plain functions: no Flower, no globals, no config lookups. The DP path uses
+Opacus DP-SGD with Poisson sampling and returns the mechanism that actually
+ran (read back from Opacus's own accountant), so the caller can record it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.metrics import classification_metrics
+from common.privacy import Mechanism
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    seconds: float
+    steps: int
+    mechanisms: list[Mechanism] = field(default_factory=list)
+    grad_sample_mode: str = ""
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device = cuda was requested but no CUDA GPU is available")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def _loader(features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int) -> DataLoader:
+    if len(features) != len(labels):
+        raise ValueError(f"{len(features)} feature rows but {len(labels)} labels")
+    if not np.isfinite(features).all():
+        raise ValueError("features contain NaN or Inf")
+    ds = TensorDataset(torch.as_tensor(features, dtype=torch.float32),
+                       torch.as_tensor(labels, dtype=torch.long))
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=gen)
+
+
+def train_epoch(model: nn.Module, loader, optimizer, criterion, device: str) -> dict[str, float]:
+    """One pass over ``loader``; returns mean loss and the number of steps."""
+    model.train()
+    total, n, steps = 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        if len(y):
+            total += float(loss.detach()) * len(y)
+            n += len(y)
+    return {"loss": total / max(n, 1), "steps": steps}
+
+
+def train_plain(head: nn.Module, features: np.ndarray, labels: np.ndarray, *, epochs: int,
+                batch_size: int, lr: float, momentum: float = 0.0, seed: int = 0,
+                device: str = "cpu") -> TrainResult:
+    """Non-private SGD on the head (the ``dp = false`` baseline)."""
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    head.to(device)
+    loader = _loader(features, labels, batch_size, seed)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum)
+    crit = nn.CrossEntropyLoss()
+    loss, steps = float("nan"), 0
+    for _ in range(epochs):
+        stats = train_epoch(head, loader, opt, crit, device)
+        loss, steps = stats["loss"], steps + stats["steps"]
+    head.cpu()
+    return TrainResult(loss=loss, seconds=time.perf_counter() - t0, steps=steps)
+
+
+def train_dp(head: nn.Module, features: np.ndarray, labels: np.ndarray, *, epochs: int,
+             batch_size: int, lr: float, noise_multiplier: float, clip_norm: float,
+             momentum: float = 0.0, seed: int = 0, device: str = "cpu",
+             grad_sample_mode: str = "auto") -> TrainResult:
+    """DP-SGD on the head with Opacus: Poisson sampling, per-sample clipping.
+
+    The accountant here is scratch space: the returned ``mechanisms`` are what
+    Opacus recorded for this call, and the caller composes them with the
+    site's full history (its ledger). ``grad_sample_mode='auto'`` uses
+    ``hooks`` for a linear head and ``ghost`` clipping otherwise.
+    """
+    from opacus import PrivacyEngine
+
+    if not noise_multiplier > 0:
+        raise ValueError(f"noise_multiplier must be > 0 for DP training, got {noise_multiplier}")
+    if not clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
+    if grad_sample_mode == "auto":
+        grad_sample_mode = "hooks" if isinstance(head, nn.Linear) else "ghost"
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    head.to(device).train()
+    loader = _loader(features, labels, batch_size, seed)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum)
+    crit = nn.CrossEntropyLoss()
+    engine = PrivacyEngine(accountant="prv", secure_mode=False)
+    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
+        kwargs = dict(module=head, optimizer=opt, data_loader=loader,
+                      noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
+                      poisson_sampling=True, noise_generator=noise_gen,
+                      grad_sample_mode=grad_sample_mode)
+        if grad_sample_mode == "ghost":
+            model, dp_opt, dp_crit, dp_loader = engine.make_private(criterion=crit, **kwargs)
+        else:
+            model, dp_opt, dp_loader = engine.make_private(**kwargs)
+            dp_crit = crit
+        loss, steps = float("nan"), 0
+        for _ in range(epochs):
+            stats = train_epoch(model, dp_loader, dp_opt, dp_crit, device)
+            loss, steps = stats["loss"], steps + stats["steps"]
+    mechanisms = [Mechanism(noise_multiplier=s, sample_rate=q, steps=n)
+                  for s, q, n in engine.accountant.history]
+    # Unwrap so the caller gets back a plain module with the trained weights.
+    model.remove_hooks() if hasattr(model, "remove_hooks") else None
+    head.cpu()
+    return TrainResult(loss=loss, seconds=time.perf_counter() - t0, steps=steps,
+                       mechanisms=mechanisms, grad_sample_mode=grad_sample_mode)
+
+
+@torch.no_grad()
+def predict_proba(head: nn.Module, features: np.ndarray, *, batch_size: int = 4096) -> np.ndarray:
+    head.eval()
+    out = []
+    for start in range(0, len(features), batch_size):
+        x = torch.as_tensor(features[start:start + batch_size], dtype=torch.float32)
+        out.append(torch.softmax(head(x), dim=1).numpy())
+    return np.concatenate(out)
+
+
+def evaluate(head: nn.Module, features: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy, AUC and loss of ``head`` on features."""
+    return classification_metrics(predict_proba(head, features), labels)

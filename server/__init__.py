@@ -1,0 +1,1 @@
+"""The coordinator side: the Flower ServerApp, head aggregation, run records."""

@@ -1,0 +1,222 @@
+"""The coordinator's side of a run: rounds, global evaluation, run records.
+
+The round loop is Flower's strategy interface driven step by step (as
+``Strategy.start`` does), so that the server can stop cleanly when too few
+sites remain, print a line per round, and checkpoint after each round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+from safetensors.numpy import save_file
+
+from common import training
+from common.backbones import get_backbone
+from common.config import RunConfig
+from common.data import fingerprint_arrays, load_dataset
+from common.features import cached_features
+from common.heads import head_state, load_head_state, make_head
+from common.privacy import REPORTED_ACCOUNTANT, UNIT_OF_PRIVACY
+from common.records import from_array_record, to_array_record, train_request
+from server.strategy import HeadFedAvg
+
+log = logging.getLogger("fedtransfer.server")
+
+
+def default_out_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.out_dir) if cfg.out_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+class GlobalEval:
+    """The server's public splits (validation and test) as cached features."""
+
+    def __init__(self, cfg: RunConfig):
+        t0 = time.perf_counter()
+        splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
+        backbone = get_backbone(cfg.backbone, cfg.image_size)
+        device = training.resolve_device(cfg.device)
+
+        def feats(x, y, tag):
+            fp = fingerprint_arrays(x, y) + f":{tag}"
+            return cached_features(backbone, x, data_fingerprint=fp, cache_dir=cfg.cache_dir,
+                                   device=device).features
+
+        self.test_x, self.test_y = feats(splits.test_x, splits.test_y, "test"), splits.test_y
+        self.val_x, self.val_y = feats(splits.val_x, splits.val_y, "val"), splits.val_y
+        self.num_classes = splits.num_classes
+        self.classes = splits.classes
+        self.feature_dim = self.test_x.shape[1]
+        self.cfg = cfg
+        self.seconds = time.perf_counter() - t0
+
+    def head(self, arrays: dict[str, np.ndarray] | None = None):
+        head = make_head(self.cfg.head, in_dim=self.feature_dim, num_classes=self.num_classes,
+                         hidden_dim=self.cfg.hidden_dim, seed=self.cfg.seed)
+        return load_head_state(head, arrays) if arrays is not None else head
+
+    def metrics(self, arrays: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        head = self.head(arrays)
+        return {"test": training.evaluate(head, self.test_x, self.test_y),
+                "val": training.evaluate(head, self.val_x, self.val_y)}
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def _clean(x):
+    """NaN/Inf are not JSON; write them as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    return x
+
+
+def round_line(r: int, total: int, test: dict, strategy: HeadFedAvg, cfg: RunConfig) -> str:
+    eps = " ".join(f"s{s.site_id}={s.epsilon:.3f}" for s in sorted(strategy.sites.values(),
+                                                                     key=lambda s: s.site_id))
+    local = [e for s in strategy.sites.values() for e in s.evaluations if e["round"] == r]
+    local_acc = (f" | site holdout acc {np.mean([e['accuracy'] for e in local]):.3f}"
+                 if local else "")
+    hist = [h for s in strategy.sites.values() for h in s.history if h["round"] == r]
+    timing = ""
+    if hist:
+        timing = (f" | client s: features {np.mean([h['feature_seconds'] for h in hist]):.2f}"
+                  f" train {np.mean([h['train_seconds'] for h in hist]):.2f}")
+    privacy = f" | ε (per record, δ={cfg.target_delta:g}) {eps}" if cfg.dp else " | no DP"
+    return (f"round {r}/{total} | test acc {test['accuracy']:.3f} auc {test['auc']:.3f} "
+            f"bal {test['balanced_accuracy']:.3f}{local_acc}{privacy}{timing}")
+
+
+def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
+    """Run all rounds against ``grid`` and write the run directory."""
+    t_run = time.perf_counter()
+    out = default_out_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(cfg.to_toml())
+    ev = GlobalEval(cfg)
+    arrays = head_state(ev.head())
+    strategy = HeadFedAvg(fraction_train=cfg.fraction_train, fraction_evaluate=1.0,
+                          min_train_nodes=cfg.min_sites, min_evaluate_nodes=cfg.min_sites,
+                          min_available_nodes=cfg.min_sites)
+    rounds = []
+    stop_reason = "completed"
+    for r in range(1, cfg.num_rounds + 1):
+        t0 = time.perf_counter()
+        if r > 1 and strategy.active_sites(grid) < cfg.min_sites:
+            stop_reason = (f"stopped before round {r}: {strategy.active_sites(grid)} sites with "
+                           f"budget left, min-sites = {cfg.min_sites}")
+            log.warning(stop_reason)
+            break
+        config = ConfigRecord(train_request(cfg))
+        messages = list(strategy.configure_train(r, to_array_record(arrays), config, grid))
+        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+        agg, agg_metrics = strategy.aggregate_train(r, replies)
+        if agg is not None:
+            arrays = from_array_record(agg)
+        t_train = time.perf_counter() - t0
+        eval_msgs = strategy.configure_evaluate(r, to_array_record(arrays), ConfigRecord(), grid)
+        strategy.aggregate_evaluate(r, grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
+        m = ev.metrics(arrays)
+        rounds.append({"round": r, "sites_aggregated": int(agg_metrics["sites"]) if agg_metrics else 0,
+                       "test": m["test"], "val": m["val"], "train_phase_seconds": t_train,
+                       "round_seconds": time.perf_counter() - t0})
+        log.info(round_line(r, cfg.num_rounds, m["test"], strategy, cfg))
+        save_checkpoint(out, r, arrays, strategy)
+        if agg is None:
+            stop_reason = f"stopped after round {r}: no site update could be aggregated"
+            if strategy.active_sites(grid) < cfg.min_sites:
+                log.warning(stop_reason)
+                break
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(out / "head.safetensors"),
+              metadata={"run_id": run_id, "head": cfg.head})
+    summary = build_summary(cfg, run_id, ev, arrays, rounds, strategy, stop_reason,
+                            time.perf_counter() - t_run)
+    _atomic_json(out / "summary.json", _clean(summary))
+    log.info("run directory: %s", out)
+    return summary
+
+
+def save_checkpoint(out: Path, server_round: int, arrays: dict, strategy: HeadFedAvg) -> None:
+    """The last completed round: head weights and per-site reported state."""
+    ck = out / "checkpoint"
+    ck.mkdir(exist_ok=True)
+    tmp = ck / "head.safetensors.tmp"
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+    os.replace(tmp, ck / "head.safetensors")
+    _atomic_json(ck / "state.json", _clean({
+        "round": server_round,
+        "sites": {str(s.site_id): {"epsilon": s.epsilon, "delta": s.delta, "status": s.status,
+                                   "history": s.history} for s in strategy.sites.values()}}))
+
+
+def build_summary(cfg: RunConfig, run_id: str, ev: GlobalEval, arrays: dict, rounds: list,
+                  strategy: HeadFedAvg, stop_reason: str, seconds: float) -> dict:
+    final = ev.metrics(arrays)
+    sites = {}
+    for s in sorted(strategy.sites.values(), key=lambda s: s.site_id):
+        sites[str(s.site_id)] = {
+            "epsilon": s.epsilon if cfg.dp else None,
+            "delta": s.delta if cfg.dp else None,
+            "status": s.status, "reason": s.reason,
+            "rounds_trained": len(s.history),
+            "num_examples": s.history[-1]["num_examples"] if s.history else 0,
+            "history": s.history,
+            "holdout": s.evaluations,
+        }
+    return {
+        "run_id": run_id,
+        "mode": cfg.mode,
+        "dp": cfg.dp,
+        "dataset": cfg.dataset,
+        "backbone": cfg.backbone,
+        "head": cfg.head,
+        "num_sites": cfg.num_sites,
+        "classes": list(ev.classes),
+        "final": {**final["test"], "val": final["val"]},
+        "rounds": rounds,
+        "sites": sites,
+        "dropped_replies": strategy.dropped,
+        "stop_reason": stop_reason,
+        "privacy": privacy_block(cfg),
+        "timing": {"total_seconds": seconds, "server_feature_seconds": ev.seconds},
+    }
+
+
+def privacy_block(cfg: RunConfig) -> dict:
+    if not cfg.dp:
+        return {"dp": False, "unit": UNIT_OF_PRIVACY, "accountant": None,
+                "note": "non-private baseline: no ε guarantee"}
+    return {
+        "dp": True,
+        "unit": UNIT_OF_PRIVACY,
+        "accountant": REPORTED_ACCOUNTANT,
+        "mechanism": "DP-SGD (Opacus), Poisson sampling, per-sample clipping, Gaussian noise",
+        "target_epsilon": cfg.target_epsilon,
+        "target_delta": cfg.target_delta,
+        "trust_model": ("local DP-SGD at each site protects its records from the server and "
+                        "from other sites; aggregation is post-processing"),
+        "secure_rng": False,
+        "not_charged": ["per-site holdout metrics (accuracy/AUC/loss) are reported to the "
+                        "server without DP noise"],
+    }

@@ -1,0 +1,152 @@
+"""Head aggregation: Flower's FedAvg, with site-aware bookkeeping.
+
+The aggregation maths is Flower's own (``aggregate_arrayrecords``, weighted by
+``num-examples``). This subclass adds what a DP federation needs around it:
+it validates each reply before it can touch the global head, records every
+site's reported ε and mechanism per round, and stops sampling sites that
+declined because their budget is spent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from common.records import from_array_record
+from common.validation import update_problem
+
+log = logging.getLogger("fedtransfer.server")
+
+
+@dataclass
+class SiteRecord:
+    """What the server knows about one site (from its replies only)."""
+
+    site_id: int
+    node_id: int
+    epsilon: float = 0.0
+    delta: float = 0.0
+    status: str = "active"
+    reason: str = ""
+    history: list[dict] = field(default_factory=list)
+    evaluations: list[dict] = field(default_factory=list)
+
+
+class HeadFedAvg(FedAvg):
+    """Weighted FedAvg over classifier heads, with reply validation."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(weighted_by_key="num-examples", arrayrecord_key="arrays",
+                         configrecord_key="config", **kwargs)
+        self.sites: dict[int, SiteRecord] = {}
+        self._node_site: dict[int, int] = {}
+        self._global: dict | None = None
+        self.dropped: list[dict] = []
+
+    # -- sampling ----------------------------------------------------------
+    def exhausted_nodes(self) -> set[int]:
+        return {s.node_id for s in self.sites.values() if s.status == "budget-exhausted"}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._global = from_array_record(arrays)
+        skip = self.exhausted_nodes()
+        if not skip:
+            return super().configure_train(server_round, arrays, config, grid)
+        nodes = [n for n in grid.get_node_ids() if n not in skip]
+        n = max(int(len(nodes) * self.fraction_train), min(self.min_train_nodes, len(nodes)))
+        nodes = nodes[:n]
+        config["server-round"] = server_round
+        log.info("round %d: sampling %d sites, skipping %d with spent budgets",
+                 server_round, len(nodes), len(skip))
+        from flwr.app import RecordDict
+
+        record = RecordDict({"arrays": arrays, "config": config})
+        return self._construct_messages(record, nodes, "train")
+
+    def active_sites(self, grid: Grid) -> int:
+        return len([n for n in grid.get_node_ids() if n not in self.exhausted_nodes()])
+
+    # -- aggregation -------------------------------------------------------
+    def _site(self, msg: Message, site_id: int) -> SiteRecord:
+        node_id = msg.metadata.src_node_id
+        self._node_site[node_id] = site_id
+        if site_id not in self.sites:
+            self.sites[site_id] = SiteRecord(site_id=site_id, node_id=node_id)
+        return self.sites[site_id]
+
+    def _drop(self, server_round: int, msg: Message, reason: str) -> None:
+        node = msg.metadata.src_node_id
+        log.warning("round %d: dropped reply from node %d: %s", server_round, node, reason)
+        self.dropped.append({"round": server_round, "node_id": node, "reason": reason})
+
+    def accept_train_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Validated replies that may be aggregated; everything else is logged."""
+        kept = []
+        for msg in replies:
+            if msg.has_error():
+                self._drop(server_round, msg, f"error reply: {msg.error.reason}")
+                continue
+            status = msg.content.config_records.get("status")
+            if status is not None and status.get("status") != "ok":
+                site = self._site(msg, int(status.get("site-id", -1)))
+                site.status, site.reason = str(status["status"]), str(status.get("reason", ""))
+                log.warning("round %d: site %d declined: %s", server_round, site.site_id, site.reason)
+                continue
+            if "arrays" not in msg.content.array_records or "metrics" not in msg.content.metric_records:
+                self._drop(server_round, msg, "reply lacks 'arrays' or 'metrics'")
+                continue
+            metrics = msg.content.metric_records["metrics"]
+            problem = update_problem(from_array_record(msg.content.array_records["arrays"]),
+                                     self._global or {}, metrics.get("num-examples"))
+            if problem:
+                self._drop(server_round, msg, problem)
+                continue
+            site = self._site(msg, int(metrics.get("site-id", -1)))
+            site.epsilon, site.delta = float(metrics["epsilon"]), float(metrics["delta"])
+            site.history.append({
+                "round": server_round,
+                "noise_multiplier": float(metrics["noise-multiplier"]),
+                "sample_rate": float(metrics["sample-rate"]),
+                "steps": int(metrics["steps"]),
+                "num_examples": int(metrics["num-examples"]),
+                "epsilon_after": site.epsilon,
+                "train_loss": float(metrics["train-loss"]),
+                "feature_seconds": float(metrics["feature-seconds"]),
+                "feature_cache_hit": bool(metrics["feature-cache-hit"]),
+                "train_seconds": float(metrics["train-seconds"]),
+                "site_seconds": float(metrics["site-seconds"]),
+            })
+            kept.append(msg)
+        return kept
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        kept = self.accept_train_replies(server_round, replies)
+        if not kept:
+            return None, None
+        arrays = aggregate_arrayrecords([m.content for m in kept], self.weighted_by_key)
+        n = sum(int(m.content.metric_records["metrics"]["num-examples"]) for m in kept)
+        return arrays, MetricRecord({"sites": len(kept), "num-examples": n})
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        out = []
+        for msg in replies:
+            if msg.has_error() or "metrics" not in msg.content.metric_records:
+                continue
+            m = msg.content.metric_records["metrics"]
+            site = self._site(msg, int(m.get("site-id", -1)))
+            row = {"round": server_round, **{k.replace("-", "_"): float(v) for k, v in m.items()
+                                             if k != "site-id"}}
+            site.evaluations.append(row)
+            out.append(msg)
+        if not out:
+            return None
+        return super().aggregate_evaluate(server_round, out)

@@ -1,0 +1,1 @@
+"""Multi-hospital scenarios, named configs and the `fedtransfer` command line."""
