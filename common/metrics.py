@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, roc_auc_score
 
@@ -12,12 +14,17 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
     AUC is NaN when only one class is present in ``labels``.
     """
     probs = np.asarray(probs, dtype=np.float64)
+    probs = probs / probs.sum(axis=1, keepdims=True)
     labels = np.asarray(labels)
     k = probs.shape[1]
     pred = probs.argmax(axis=1)
+    with warnings.catch_warnings():
+        # A site's holdout may lack classes the head predicts; that is expected.
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        bal = float(balanced_accuracy_score(labels, pred))
     out = {
         "accuracy": float(accuracy_score(labels, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+        "balanced_accuracy": bal,
         "loss": float(log_loss(labels, np.clip(probs, 1e-12, 1), labels=list(range(k)))),
     }
     present = np.unique(labels)

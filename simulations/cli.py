@@ -31,7 +31,9 @@ def resolve_config(config: str | None, overrides: list[str], out: str | None) ->
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     level = logging.INFO if verbose else logging.WARNING
-    logging.getLogger("flwr").setLevel(level)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(level)
+    flwr_log.propagate = False  # Flower has its own console handler
     for name in ("ray", "datasets", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

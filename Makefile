@@ -1,0 +1,33 @@
+# fedtransfer: the two commands are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-integration compare pneumonia clean
+
+# torch==2.13.0 goes in first (and stays pinned by constraints.txt) so that
+# pip never pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/fedtransfer simulate --config demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+compare: install
+	$(BIN)/fedtransfer compare --config pneumonia --out runs/compare-pneumonia
+
+pneumonia: install
+	$(BIN)/fedtransfer simulate --config pneumonia
+
+clean:
+	rm -rf $(VENV) runs .fedtransfer
