@@ -115,6 +115,35 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def default_audit_out(paths: list[str]) -> Path:
+    """``<run>/audit`` for a single run directory, else ``./audit``."""
+    if len(paths) == 1 and (Path(paths[0]) / "summary.json").is_file():
+        return Path(paths[0]) / "audit"
+    return Path("audit")
+
+
+def cmd_audit(args) -> int:
+    """Recompute every site's ε from its ledger and flag hazards.
+
+    Exit status 1 when any hazard of severity "error" is found.
+    """
+    from common.audit import audit
+    from common.audit_report import format_text, to_json, write_report
+
+    if args.json:  # stdout carries only the JSON document; logs go to stderr
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+                handler.setStream(sys.stderr)
+    report = audit(args.paths)
+    paths = write_report(report, args.out or default_audit_out(args.paths))
+    if args.json:
+        print(to_json(report))
+    else:
+        print(format_text(report))
+        print(f"report: {paths['html']}  json: {paths['json']}")
+    return 1 if report.has_errors else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedtransfer", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
@@ -129,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config key (repeatable)")
         sp.add_argument("--out", help="run directory")
         sp.set_defaults(func=fn)
+    sp = sub.add_parser("audit", help="recompute ε from site ledgers, flag hazards, write a report "
+                        "(exit 1 on any error-level hazard)")
+    sp.add_argument("paths", nargs="+", metavar="PATH",
+                    help="a run directory, a ledger .sqlite file, or a folder searched recursively")
+    sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    sp.add_argument("--out", help="where report.html and audit.json go "
+                    "(default: <run>/audit for one run directory, else ./audit)")
+    sp.set_defaults(func=cmd_audit)
     return p
 
 

@@ -1,0 +1,666 @@
+"""The privacy audit: read ledgers and run records, recompute ε, flag hazards.
+
+Flower-free and read-only. The audit never trusts a stored ε: it recomputes
+every site's spend from the ledger's raw mechanism tuples three ways,
+
+* PRV, Opacus's accountant (the value the sites report, an upper bound);
+* PLD, Google's ``dp-accounting`` (an independent implementation, the cross-check);
+* RDP, Opacus's (a looser upper bound, for reference),
+
+and compares the ledger with what the run's ``summary.json`` says the sites
+reported. GDP is never used: it is not an upper bound.
+
+Inputs (see :func:`discover`): a run directory (``summary.json`` plus
+``sites/site-<id>/ledger.sqlite``), one ledger file, or a folder searched
+recursively for run directories and ledgers.
+
+Unit of privacy: one training record at one site (sample-level DP,
+add/remove neighbours).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import sqlite3
+import time
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from common.ledger import Entry, verify_chain
+from common.privacy import UNIT_OF_PRIVACY, Mechanism, epsilon
+
+log = logging.getLogger(__name__)
+
+TRUST_MODEL = (
+    "Each site runs DP-SGD (Opacus) on its own machine and keeps its own ledger and ε cap. "
+    "The guarantee protects every training record of a site from the server, from the other "
+    "sites and from anyone who later sees the released heads or the distilled student. "
+    "The server is not trusted with data: aggregation of the noised heads, and distillation on "
+    "public unlabelled data, are post-processing and cost no privacy. Each site must trust its "
+    "own machine, its copy of the code and Opacus, and its random number generator. Outside the "
+    "guarantee: anything a site sends that is not the noised head (see the hazards for what this "
+    "run sent unnoised)."
+)
+ACCOUNTANT_NOTE = (
+    "ε is recomputed from the ledger's raw (σ, q, steps) tuples: PRV (Opacus, the reported upper "
+    "bound), PLD (Google dp-accounting, independent cross-check, pessimistic upper bound) and RDP "
+    "(Opacus, looser upper bound). GDP is never used: it can under-report ε."
+)
+HYPERPARAMETER_ASSUMPTION = (
+    "Assumed, not verified: learning rate, clip norm, batch size, epochs and rounds were fixed "
+    "from the scenario config, not tuned on the sites' private records. The run records do not "
+    "say how they were chosen; tuning on private data leaks privacy that no ledger charges."
+)
+SEVERITIES = ("error", "warning")
+
+# Opacus's PRVAccountant.get_epsilon default: the returned ε is an upper bound
+# within this much of the true value.
+PRV_EPS_ERROR = 0.01
+PLD_DISCRETIZATION = 1e-4
+# How far a reported ε may sit below the recomputed bound before it is an
+# under-report: PRV's stated error plus a small relative slack for PLD's
+# discretisation.
+REPORT_ABS_TOL = PRV_EPS_ERROR
+REPORT_REL_TOL = 1e-3
+# How far the two upper bounds may disagree before that itself is a hazard.
+AGREE_ABS_TOL = 0.05
+AGREE_REL_TOL = 0.01
+DELTA_FRACTION_OF_INV_N = 0.1
+_TRIGGERS = ("entries_no_update", "entries_no_delete")
+_COLUMNS = [f.name for f in fields(Entry)]
+
+
+# --------------------------------------------------------------------------
+# Accounting (pure)
+# --------------------------------------------------------------------------
+def group_history(history: Iterable[Mechanism]) -> list[Mechanism]:
+    """Merge tuples with the same (σ, q), summing steps.
+
+    Composition is commutative, so this changes no ε; it only makes the
+    accountants' self-composition cheaper.
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for m in history:
+        key = (float(m.noise_multiplier), float(m.sample_rate))
+        steps[key] = steps.get(key, 0) + int(m.steps)
+    return [Mechanism(noise_multiplier=s, sample_rate=q, steps=n) for (s, q), n in steps.items()]
+
+
+def pld_epsilon(history: Sequence[Mechanism], *, delta: float,
+                discretization: float = PLD_DISCRETIZATION) -> float:
+    """ε upper bound from Google's ``dp-accounting`` PLD accountant.
+
+    Each tuple is ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))`` self-composed
+    ``steps`` times, with add/remove neighbours (the library's pessimistic,
+    upper-bound discretisation).
+    """
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if not history:
+        return 0.0
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    acc = pld_privacy_accountant.PLDAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+        value_discretization_interval=discretization)
+    for m in group_history(history):
+        event = dp_accounting.PoissonSampledDpEvent(
+            m.sample_rate, dp_accounting.GaussianDpEvent(m.noise_multiplier))
+        acc.compose(event, int(m.steps))
+    return float(acc.get_epsilon(delta))
+
+
+def epsilon_three_ways(history: Sequence[Mechanism], *, delta: float) -> dict[str, float]:
+    """``{"prv": ..., "pld": ..., "rdp": ...}``: three upper bounds at ``delta``."""
+    grouped = group_history(history)
+    return {"prv": epsilon(grouped, delta=delta, accountant="prv"),
+            "pld": pld_epsilon(grouped, delta=delta),
+            "rdp": epsilon(grouped, delta=delta, accountant="rdp")}
+
+
+def report_tolerance(bound: float) -> float:
+    """How far below ``bound`` a reported ε may be without being an under-report."""
+    return REPORT_ABS_TOL + REPORT_REL_TOL * abs(bound)
+
+
+# --------------------------------------------------------------------------
+# Data model
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Hazard:
+    severity: str  # "error" or "warning"
+    code: str
+    message: str
+    site: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"hazard severity must be one of {SEVERITIES}, got {self.severity!r}")
+
+
+@dataclass(frozen=True)
+class LedgerFile:
+    """What is on disk, read without writing a byte."""
+
+    path: Path
+    entries: list[Entry]
+    triggers: tuple[str, ...]
+
+
+@dataclass
+class SiteAudit:
+    site: str
+    ledger: str | None
+    run_ids: list[str]
+    rounds: int
+    total_steps: int
+    sigma_range: tuple[float, float] | None
+    q_range: tuple[float, float] | None
+    delta: float | None
+    dataset_size: int | None
+    cap: float | None
+    status: str
+    epsilon: dict[str, float] = field(default_factory=dict)  # prv / pld / rdp
+    epsilon_reported: float | None = None
+    cumulative: list[dict] = field(default_factory=list)  # one point per ledger entry
+    chain_ok: bool = True
+    fingerprints: list[str] = field(default_factory=list)
+    hazards: list[Hazard] = field(default_factory=list)
+
+
+@dataclass
+class RunAudit:
+    label: str
+    path: str
+    run_id: str | None
+    dp: bool | None
+    mode: str | None
+    dataset: str | None
+    final: dict[str, float | None]
+    cap: float | None
+    delta: float | None
+    sites: list[SiteAudit] = field(default_factory=list)
+    hazards: list[Hazard] = field(default_factory=list)
+
+    @property
+    def max_epsilon(self) -> float | None:
+        vals = [s.epsilon["prv"] for s in self.sites if "prv" in s.epsilon]
+        return max(vals) if vals else None
+
+
+@dataclass
+class AuditReport:
+    runs: list[RunAudit]
+    hazards: list[Hazard] = field(default_factory=list)  # across runs
+    unit_of_privacy: str = UNIT_OF_PRIVACY
+    trust_model: str = TRUST_MODEL
+    accountants: str = ACCOUNTANT_NOTE
+    assumptions: list[str] = field(default_factory=lambda: [HYPERPARAMETER_ASSUMPTION])
+    generated_at: float = field(default_factory=time.time)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def all_hazards(self) -> list[Hazard]:
+        out = list(self.hazards)
+        for r in self.runs:
+            out += r.hazards
+            for s in r.sites:
+                out += s.hazards
+        return out
+
+    @property
+    def has_errors(self) -> bool:
+        return any(h.severity == "error" for h in self.all_hazards())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["has_errors"] = self.has_errors
+        d["counts"] = {sev: sum(h.severity == sev for h in self.all_hazards()) for sev in SEVERITIES}
+        return _json_safe(d)
+
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+# --------------------------------------------------------------------------
+# Reading (read-only; an audit must not alter the evidence)
+# --------------------------------------------------------------------------
+def read_ledger(path: str | Path) -> LedgerFile:
+    """Entries and append-only triggers of a ledger file, opened read-only.
+
+    ``common.ledger.Ledger`` would (re)create the schema and triggers on open,
+    which would hide a dropped trigger; this does not.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ledger file at {path}")
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "entries" not in tables:
+            raise ValueError(f"{path} is not a fedtransfer ledger (it has no 'entries' table)")
+        rows = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM entries ORDER BY seq").fetchall()
+        triggers = tuple(sorted(r[0] for r in con.execute(
+            "SELECT name FROM sqlite_master WHERE type='trigger'")))
+    except sqlite3.DatabaseError as exc:
+        raise ValueError(f"{path} is not a readable SQLite ledger: {exc}") from exc
+    finally:
+        con.close()
+    entries = [Entry(**dict(zip(_COLUMNS, row, strict=True))) for row in rows]
+    return LedgerFile(path=path, entries=entries, triggers=triggers)
+
+
+def is_ledger(path: Path) -> bool:
+    try:
+        read_ledger(path)
+    except (ValueError, FileNotFoundError):
+        return False
+    return True
+
+
+@dataclass
+class Source:
+    """One thing to audit: a run (with its summary) or loose ledgers."""
+
+    label: str
+    path: Path
+    summary: dict | None
+    config: dict
+    ledgers: dict[str, Path]  # site id -> ledger file
+
+
+_SITE_DIR = re.compile(r"^site-(.+)$")
+
+
+def site_id_of(ledger_path: Path) -> str:
+    """``.../site-3/ledger.sqlite`` -> ``"3"``; otherwise the file's stem."""
+    m = _SITE_DIR.match(ledger_path.parent.name)
+    return m.group(1) if m else ledger_path.stem
+
+
+def _run_source(run_dir: Path) -> Source:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config: dict = {}
+    if (run_dir / "config.toml").is_file():
+        config = tomllib.loads((run_dir / "config.toml").read_text())
+    ledger_dir = run_dir / "sites"
+    configured = config.get("ledger-dir")
+    if configured and Path(configured).is_dir() and not ledger_dir.is_dir():
+        ledger_dir = Path(configured)
+    ledgers = {}
+    if ledger_dir.is_dir():
+        for p in sorted(ledger_dir.rglob("*.sqlite")):
+            if is_ledger(p):
+                ledgers[site_id_of(p)] = p
+    return Source(label=run_dir.name, path=run_dir, summary=summary, config=config,
+                  ledgers=ledgers)
+
+
+def discover(paths: Sequence[str | Path]) -> list[Source]:
+    """Turn command-line paths into audit sources.
+
+    A directory with ``summary.json`` is a run. Any other directory is searched
+    recursively: each ``summary.json`` found is a run, and ledger files that
+    belong to none of them are audited on their own. A file is one ledger.
+    """
+    sources: list[Source] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            if not is_ledger(path):
+                raise ValueError(f"{path} is neither a run directory nor a fedtransfer ledger "
+                                 "(expected a folder with summary.json, a ledger .sqlite file, "
+                                 "or a folder containing either)")
+            sources.append(Source(label=str(path), path=path, summary=None, config={},
+                                  ledgers={site_id_of(path): path}))
+        elif path.is_dir():
+            if (path / "summary.json").is_file():
+                sources.append(_run_source(path))
+                continue
+            runs = [_run_source(p.parent) for p in sorted(path.rglob("summary.json"))]
+            claimed = {p.resolve() for r in runs for p in r.ledgers.values()}
+            loose = {}
+            for p in sorted(path.rglob("*.sqlite")):
+                if p.resolve() not in claimed and is_ledger(p):
+                    sid = site_id_of(p)
+                    key = sid if sid not in loose else str(p.relative_to(path))
+                    loose[key] = p
+            sources += runs
+            if loose:
+                sources.append(Source(label=f"{path} (ledgers)", path=path, summary=None,
+                                      config={}, ledgers=loose))
+            if not runs and not loose:
+                raise ValueError(f"{path} holds no run directory (summary.json) and no ledger file")
+        else:
+            raise FileNotFoundError(f"{path} does not exist (give a run directory, a ledger file "
+                                    "or a folder of ledgers)")
+    return sources
+
+
+# --------------------------------------------------------------------------
+# Auditing one site (pure: entries and summary in, findings out)
+# --------------------------------------------------------------------------
+def _range(values: list[float]) -> tuple[float, float] | None:
+    return (min(values), max(values)) if values else None
+
+
+def _history_by_round(entries: Sequence[Entry], run_id: str) -> dict[int, list[Entry]]:
+    out: dict[int, list[Entry]] = {}
+    for e in entries:
+        if e.run_id == run_id:
+            out.setdefault(int(e.round), []).append(e)
+    return out
+
+
+def compare_with_summary(site: str, entries: Sequence[Entry], run_id: str,
+                         summary_site: dict) -> list[Hazard]:
+    """Ledger entries of ``run_id`` against the server's per-site history."""
+    hazards = []
+    ledger_rounds = _history_by_round(entries, run_id)
+    reported = {int(h["round"]): h for h in summary_site.get("history") or []}
+    for r in sorted(set(reported) - set(ledger_rounds)):
+        hazards.append(Hazard("error", "update-without-ledger-entry",
+                              f"the server aggregated round {r} from this site but its ledger has "
+                              f"no entry for run {run_id} round {r}: an update left the site "
+                              "without its spend being recorded (or the entry was deleted)", site))
+    for r in sorted(set(ledger_rounds) - set(reported)):
+        hazards.append(Hazard("warning", "charged-not-released",
+                              f"the ledger charges round {r} of run {run_id} but the server never "
+                              "aggregated it (site stopped after committing, or its reply was "
+                              "dropped); counting it is conservative", site))
+    for r in sorted(set(reported) & set(ledger_rounds)):
+        h, es = reported[r], ledger_rounds[r]
+        sigmas = {round(e.noise_multiplier, 12) for e in es}
+        qs = {round(e.sample_rate, 12) for e in es}
+        steps = sum(e.steps for e in es)
+        problems = []
+        if {round(float(h["noise_multiplier"]), 12)} != sigmas:
+            problems.append(f"σ {h['noise_multiplier']} reported vs {sorted(sigmas)} in the ledger")
+        if {round(float(h["sample_rate"]), 12)} != qs:
+            problems.append(f"q {h['sample_rate']} reported vs {sorted(qs)} in the ledger")
+        if int(h["steps"]) != steps:
+            problems.append(f"{h['steps']} steps reported vs {steps} in the ledger")
+        if "num_examples" in h and int(h["num_examples"]) != int(es[-1].dataset_size):
+            problems.append(f"{h['num_examples']} records reported vs {es[-1].dataset_size} "
+                            "in the ledger")
+        if problems:
+            hazards.append(Hazard("error", "ledger-summary-mismatch",
+                                  f"round {r}: the ledger disagrees with summary.json: "
+                                  + "; ".join(problems), site))
+    return hazards
+
+
+def audit_site(site: str, entries: Sequence[Entry], *, ledger_path: str | None = None,
+               triggers: Sequence[str] = _TRIGGERS, summary_site: dict | None = None,
+               run_id: str | None = None, cap: float | None = None,
+               delta: float | None = None) -> SiteAudit:
+    """Audit one site's ledger entries (and, when given, what the server recorded).
+
+    Args:
+        site: the site's id, for messages.
+        entries: the ledger's rows in ``seq`` order.
+        summary_site: ``summary.json``'s ``sites.<id>`` block, if any.
+        run_id: the run ``summary_site`` belongs to.
+        cap: the site's ε cap, if known.
+        delta: δ to report ε at; defaults to the ledger's (last) δ.
+    """
+    hz: list[Hazard] = []
+    entries = list(entries)
+    chain = verify_chain(entries)
+    for problem in chain:
+        hz.append(Hazard("error", "broken-hash-chain", f"ledger hash chain broken: {problem}", site))
+    missing = [t for t in _TRIGGERS if t not in triggers]
+    if entries and missing:
+        hz.append(Hazard("warning", "append-only-triggers-missing",
+                         f"the ledger's append-only triggers {', '.join(missing)} are gone: "
+                         "someone altered the file's schema (rows may have been edited)", site))
+    summary_site = summary_site or {}
+    status = str(summary_site.get("status") or ("ledger only" if entries else "no entries"))
+    deltas = sorted({float(e.delta) for e in entries})
+    if delta is None:
+        delta = float(entries[-1].delta) if entries else (summary_site.get("delta") or None)
+    if len(deltas) > 1:
+        hz.append(Hazard("warning", "delta-varies",
+                         f"entries use different δ values {deltas}; ε is reported at δ={delta:g}",
+                         site))
+    # The smallest N is the strictest yardstick for δ.
+    sizes = sorted({int(e.dataset_size) for e in entries})
+    n = sizes[0] if sizes else (int(summary_site["num_examples"])
+                                 if summary_site.get("num_examples") else None)
+    history = [e.mechanism for e in entries]
+    if not entries and summary_site.get("history"):
+        # No ledger (e.g. the pooled centralized baseline): fall back to what the
+        # trainer reported, and say so.
+        history = [Mechanism(noise_multiplier=float(h["noise_multiplier"]),
+                             sample_rate=float(h["sample_rate"]), steps=int(h["steps"]))
+                   for h in summary_site["history"]]
+
+    # Hazards from the mechanism fields.
+    samplers = sorted({e.sampler for e in entries if e.sampler != "poisson"})
+    if samplers:
+        hz.append(Hazard("error", "non-poisson-sampling",
+                         f"entries used sampler(s) {samplers}; the accountants assume Poisson "
+                         "subsampling, so the recomputed ε is not a valid bound", site))
+    if any(not e.secure_rng for e in entries):
+        hz.append(Hazard("warning", "secure-rng-off",
+                         "DP noise came from a seeded, non-cryptographic PRNG (secure RNG off): "
+                         "whoever knows or can guess the seed can regenerate the noise and remove "
+                         "it, so ε holds only while the seed stays secret from the server", site))
+    accountants = sorted({e.accountant for e in entries if e.accountant != "prv"})
+    if accountants:
+        hz.append(Hazard("warning", "unexpected-accountant",
+                         f"entries were accounted with {accountants}; the audit recomputes PRV, "
+                         "PLD and RDP regardless", site))
+    if delta is not None and n:
+        if delta >= 1.0 / n:
+            hz.append(Hazard("error", "delta-too-large",
+                             f"δ={delta:g} is not below 1/N = {1.0 / n:.3g} (N = {n} records): "
+                             "a mechanism that publishes one random record outright meets it", site))
+        elif delta > DELTA_FRACTION_OF_INV_N / n:
+            hz.append(Hazard("warning", "delta-not-small",
+                             f"δ={delta:g} is not well below 1/N = {1.0 / n:.3g} (N = {n}); "
+                             f"use δ ≤ {DELTA_FRACTION_OF_INV_N:g}/N", site))
+
+    # ε three ways over the whole history, and cumulative PRV per entry.
+    eps: dict[str, float] = {}
+    cumulative: list[dict] = []
+    if history and delta is not None:
+        eps = epsilon_three_ways(history, delta=delta)
+        for i, e in enumerate(entries):
+            prefix = group_history(history[: i + 1])
+            recomputed = epsilon(prefix, delta=float(e.delta))
+            cumulative.append({"seq": e.seq, "run_id": e.run_id, "round": e.round,
+                               "epsilon_prv": recomputed, "epsilon_stored": e.epsilon_after,
+                               "delta": e.delta})
+            tol = report_tolerance(recomputed)
+            if e.epsilon_after < recomputed - tol:
+                hz.append(Hazard("error", "stored-epsilon-too-low",
+                                 f"entry {e.seq} (run {e.run_id} round {e.round}) stores "
+                                 f"ε={e.epsilon_after:.4f} but its history recomputes to "
+                                 f"{recomputed:.4f} (PRV, δ={e.delta:g})", site))
+            elif e.epsilon_after > recomputed + tol:
+                hz.append(Hazard("warning", "stored-epsilon-mismatch",
+                                 f"entry {e.seq} stores ε={e.epsilon_after:.4f}, above the "
+                                 f"recomputed {recomputed:.4f}: conservative, but the cache is "
+                                 "stale or was computed differently", site))
+        prv, pld = eps["prv"], eps["pld"]
+        if abs(prv - pld) > AGREE_ABS_TOL + AGREE_REL_TOL * max(prv, pld):
+            hz.append(Hazard("warning", "accountants-disagree",
+                             f"PRV ε={prv:.4f} and PLD ε={pld:.4f} differ by more than their "
+                             "expected numerical error", site))
+        if cap is not None and max(prv, pld) > cap + report_tolerance(cap):
+            hz.append(Hazard("error", "cap-exceeded",
+                             f"recomputed ε={max(prv, pld):.4f} exceeds the cap {cap:g}", site))
+
+    # What the server was told.
+    reported = summary_site.get("epsilon")
+    if reported is not None and eps and run_id is not None and entries:
+        # The site reported ε over its ledger up to its last entry for this run.
+        idx = max((i for i, e in enumerate(entries) if e.run_id == run_id), default=None)
+        if idx is not None:
+            prefix = history[: idx + 1]
+            bound_prv = cumulative[idx]["epsilon_prv"]
+            bound_pld = pld_epsilon(prefix, delta=delta) if idx < len(entries) - 1 else eps["pld"]
+            bound = max(bound_prv, bound_pld)
+            if float(reported) < bound - report_tolerance(bound):
+                hz.append(Hazard("error", "reported-epsilon-too-low",
+                                 f"summary.json reports ε={float(reported):.4f} but the ledger "
+                                 f"recomputes to {bound:.4f} (max of PRV {bound_prv:.4f} and "
+                                 f"PLD {bound_pld:.4f}, δ={delta:g}); allowed error "
+                                 f"{report_tolerance(bound):.4f}", site))
+    elif reported is not None and eps and not entries:
+        bound = max(eps["prv"], eps["pld"])
+        if float(reported) < bound - report_tolerance(bound):
+            hz.append(Hazard("error", "reported-epsilon-too-low",
+                             f"summary.json reports ε={float(reported):.4f} but its own history "
+                             f"recomputes to {bound:.4f}", site))
+    if summary_site and run_id is not None and entries:
+        hz += compare_with_summary(site, entries, run_id, summary_site)
+
+    return SiteAudit(
+        site=site, ledger=ledger_path,
+        run_ids=list(dict.fromkeys(e.run_id for e in entries)),
+        rounds=len({(e.run_id, e.round) for e in entries}) if entries else len(history),
+        total_steps=sum(m.steps for m in history),
+        sigma_range=_range([m.noise_multiplier for m in history]),
+        q_range=_range([m.sample_rate for m in history]),
+        delta=delta, dataset_size=n, cap=cap, status=status, epsilon=eps,
+        epsilon_reported=float(reported) if reported is not None else None,
+        cumulative=cumulative, chain_ok=not chain,
+        fingerprints=sorted({e.data_fingerprint for e in entries}), hazards=hz)
+
+
+# --------------------------------------------------------------------------
+# Auditing runs
+# --------------------------------------------------------------------------
+def _final_metrics(summary: dict | None) -> dict[str, float | None]:
+    final = (summary or {}).get("final") or {}
+    return {k: final.get(k) for k in ("accuracy", "auc", "balanced_accuracy")}
+
+
+def audit_source(src: Source) -> RunAudit:
+    summary = src.summary
+    privacy = (summary or {}).get("privacy") or {}
+    run_id = str(summary["run_id"]) if summary and "run_id" in summary else None
+    cap = privacy.get("target_epsilon")
+    if cap is None and "target-epsilon" in src.config:
+        cap = float(src.config["target-epsilon"])
+    delta = privacy.get("target_delta")
+    run = RunAudit(label=src.label, path=str(src.path), run_id=run_id,
+                   dp=(summary or {}).get("dp"), mode=(summary or {}).get("mode"),
+                   dataset=(summary or {}).get("dataset"), final=_final_metrics(summary),
+                   cap=cap, delta=delta)
+    summary_sites = (summary or {}).get("sites") or {}
+    if summary is not None and not summary.get("dp"):
+        run.hazards.append(Hazard("warning", "no-dp",
+                                  "non-private run: it makes no ε claim (a baseline)"))
+    ids = list(dict.fromkeys([*src.ledgers, *summary_sites]))
+    for sid in sorted(ids, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s)):
+        ssite = summary_sites.get(sid)
+        if sid not in src.ledgers:
+            if summary is None or not summary.get("dp") or not ssite or not ssite.get("history"):
+                continue  # a non-DP site, or one that never trained: nothing to account
+            site = audit_site(sid, [], summary_site=ssite, run_id=run_id, cap=cap, delta=delta)
+            if summary.get("mode") == "centralized":
+                site.hazards.append(Hazard("warning", "no-ledger",
+                                           "no ledger (pooled centralized baseline): ε recomputed "
+                                           "from summary.json's history only", sid))
+            else:
+                site.hazards.append(Hazard("error", "ledger-missing",
+                                           "the site trained under DP but no ledger file was "
+                                           f"found for it under {src.path}", sid))
+            run.sites.append(site)
+            continue
+        lf = read_ledger(src.ledgers[sid])
+        site = audit_site(sid, lf.entries, ledger_path=str(lf.path), triggers=lf.triggers,
+                          summary_site=ssite, run_id=run_id, cap=cap,
+                          delta=delta if lf.entries else None)
+        if summary is not None and ssite is None and run_id in site.run_ids:
+            site.hazards.append(Hazard("warning", "site-not-in-summary",
+                                       f"the ledger charges run {run_id} but summary.json has no "
+                                       "record of this site", sid))
+        run.sites.append(site)
+    if summary is not None and summary.get("dp"):
+        for item in privacy.get("not_charged") or []:
+            run.hazards.append(Hazard("warning", "not-charged",
+                                      f"private data touched without an ε charge: {item}"))
+        counts = [s for s in summary_sites.values() if s.get("num_examples")]
+        if counts and summary.get("mode") != "centralized":
+            run.hazards.append(Hazard("warning", "record-count-released",
+                                      "each site's exact record count (num-examples) goes to the "
+                                      "server unnoised; under add/remove neighbours the count is "
+                                      "itself private and is not charged"))
+        tuned = privacy.get("hyperparameters") or (summary.get("config") or {}).get(
+            "hyperparameter-source")
+        if tuned is not None and "private" in str(tuned).lower():
+            run.hazards.append(Hazard("error", "hyperparameters-tuned-on-private-data",
+                                      f"the run records say hyperparameters were {tuned!r}: the "
+                                      "tuning's privacy cost is not in any ledger"))
+    return run
+
+
+def cross_run_hazards(runs: Sequence[RunAudit], ledgers: dict[str, list[Entry]]) -> list[Hazard]:
+    """Private records trained under separate ledgers.
+
+    When the same site data (same fingerprint) appears in several ledger files,
+    no single ledger composes those runs. If the runs were compared to choose
+    hyperparameters or a best model, the cost is their composition.
+    """
+    by_fp: dict[str, dict[str, list[Entry]]] = {}
+    for path, entries in ledgers.items():
+        for e in entries:
+            by_fp.setdefault(e.data_fingerprint, {}).setdefault(path, []).append(e)
+    hazards = []
+    for fp, files in by_fp.items():
+        if len(files) < 2:
+            continue
+        all_entries = [e for es in files.values() for e in es]
+        delta = min(e.delta for e in all_entries)
+        composed = epsilon(group_history(e.mechanism for e in all_entries), delta=delta)
+        hazards.append(Hazard(
+            "warning", "same-data-separate-ledgers",
+            f"the same site data (fingerprint {fp[:12]}…) was trained in {len(files)} ledgers "
+            f"({', '.join(sorted(files))}); each bounds only its own runs. If these runs were "
+            f"compared to pick hyperparameters or a model, the records' total spend is their "
+            f"composition: ε={composed:.3f} (PRV, δ={delta:g})"))
+    return hazards
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("opacus", "dp-accounting", "torch", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def audit(paths: Sequence[str | Path]) -> AuditReport:
+    """Audit every run and ledger under ``paths``."""
+    sources = discover(paths)
+    runs = []
+    for src in sources:
+        log.debug("auditing %s (%d ledgers)", src.path, len(src.ledgers))
+        runs.append(audit_source(src))
+    files = {str(p.resolve()): read_ledger(p).entries for src in sources for p in src.ledgers.values()}
+    report = AuditReport(runs=runs, versions=library_versions())
+    report.hazards = cross_run_hazards(runs, files)
+    return report
