@@ -107,8 +107,15 @@ def preprocess(images: np.ndarray, image_size: int):
     return x * 2.0 - 1.0
 
 
-@lru_cache(maxsize=8)
 def _file_sha256(path: str) -> str:
+    # Keyed by size and mtime too: a checkpoint replaced in place within one
+    # process must not keep its old fingerprint (and so its old cached features).
+    st = Path(path).stat()
+    return _file_sha256_cached(str(path), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _file_sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 20):

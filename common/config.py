@@ -214,5 +214,6 @@ def _validate(cfg: RunConfig) -> None:
         raise bad("site-shift", f"must be in [0, 1], got {cfg.site_shift!r}")
     if not 0.0 <= cfg.momentum < 1.0:
         raise bad("momentum", f"must be in [0, 1), got {cfg.momentum!r}")
-    if cfg.noise_multiplier < 0 or cfg.noise_multiplier != cfg.noise_multiplier:
-        raise bad("noise-multiplier", "must be >= 0 (0 means: calibrate to target-epsilon)")
+    if not 0 <= cfg.noise_multiplier < float("inf"):  # also rejects NaN
+        raise bad("noise-multiplier", f"must be a finite number >= 0 (0 means: calibrate to "
+                  f"target-epsilon), got {cfg.noise_multiplier!r}")

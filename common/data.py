@@ -11,6 +11,8 @@ import logging
 import os
 import urllib.error
 import urllib.request
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,9 +148,11 @@ def _load_medmnist(spec: str, data_dir: str, seed: int) -> Splits:
 def read_medmnist_npz(path: str | Path) -> Splits:
     """Read and check a standard MedMNIST ``.npz`` (train/val/test images+labels)."""
     path = Path(path)
+    # A truncated or damaged .npz fails inside zipfile/zlib, not with OSError/ValueError.
+    unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
     try:
         npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except unreadable as exc:
         raise ValueError(f"{path}: not a readable .npz file ({exc})") from exc
     arrays = {}
     with npz:
@@ -160,7 +164,10 @@ def read_medmnist_npz(path: str | Path) -> Splits:
                         f"{path}: missing array '{key}'; a MedMNIST .npz has "
                         "train/val/test _images and _labels"
                     )
-                arrays[key] = npz[key]
+                try:
+                    arrays[key] = npz[key]
+                except unreadable as exc:
+                    raise ValueError(f"{path}: array '{key}' is corrupt ({exc})") from exc
     out = {}
     num_classes = 0
     for split in ("train", "val", "test"):

@@ -23,6 +23,11 @@ from common.validation import update_problem
 
 log = logging.getLogger("fedtransfer.server")
 
+# What a site's train reply must carry (see client.site.train_round).
+TRAIN_METRICS = ("site-id", "num-examples", "epsilon", "delta", "noise-multiplier",
+                 "sample-rate", "steps", "train-loss", "feature-seconds", "feature-cache-hit",
+                 "train-seconds", "site-seconds")
+
 
 @dataclass
 class SiteRecord:
@@ -103,6 +108,10 @@ class HeadFedAvg(FedAvg):
                 self._drop(server_round, msg, "reply lacks 'arrays' or 'metrics'")
                 continue
             metrics = msg.content.metric_records["metrics"]
+            missing = [k for k in TRAIN_METRICS if k not in metrics]
+            if missing:
+                self._drop(server_round, msg, f"reply lacks metrics {missing}")
+                continue
             problem = update_problem(from_array_record(msg.content.array_records["arrays"]),
                                      self._global or {}, metrics.get("num-examples"))
             if problem:

@@ -1,0 +1,146 @@
+"""The run config is parsed once: typed values, and bad input fails naming the key."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+
+import pytest
+
+from common.config import (ALLOWED_KEYS, RunConfig, load_config_file, parse_config,
+                           parse_overrides)
+from tests.conftest import REPO
+
+CONFIGS = sorted((REPO / "simulations" / "configs").glob("*.toml"))
+
+
+def test_unknown_key_is_named_and_allowed_keys_are_listed():
+    with pytest.raises(ValueError) as err:
+        parse_config({"num-site": 3})
+    msg = str(err.value)
+    assert "'num-site'" in msg
+    assert "Allowed keys:" in msg
+    for key in ("num-sites", "target-epsilon", "learning-rate", "dp"):
+        assert key in msg
+
+
+def test_snake_case_key_is_unknown():
+    # Keys are kebab-case, as in Flower's run config; the field name is not a key.
+    with pytest.raises(ValueError, match="unknown config key 'num_sites'"):
+        parse_config({"num_sites": 3})
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("num-sites", "three", "'num-sites' must be an integer"),
+    ("num-sites", 2.5, "'num-sites' must be an integer"),
+    ("seed", True, "'seed' must be an integer"),
+    ("dp", "maybe", "'dp' must be true or false"),
+    ("dp", 1, "'dp' must be true or false"),
+    ("learning-rate", "fast", "'learning-rate' must be a number"),
+    ("target-epsilon", False, "'target-epsilon' must be a number"),
+    ("dataset", 7, "'dataset' must be a string"),
+])
+def test_bad_type_names_the_key(key, value, words):
+    with pytest.raises(ValueError, match=words):
+        parse_config({key: value})
+
+
+@pytest.mark.parametrize("key, value", [
+    ("num-sites", 0),
+    ("num-rounds", -1),
+    ("batch-size", 0),
+    ("min-sites", 5),  # more than the default 4 sites
+    ("target-delta", 1.5),
+    ("target-delta", 0.0),
+    ("target-epsilon", math.inf),
+    ("partitioner", "foo"),
+    ("mode", "distributed"),
+    ("head", "transformer"),
+    ("device", "tpu"),
+    ("learning-rate", math.nan),
+    ("learning-rate", 0.0),
+    ("clip-norm", -1.0),
+    ("fraction-train", 0.0),
+    ("site-holdout", 1.0),
+    ("site-shift", 1.5),
+    ("momentum", 1.0),
+    ("noise-multiplier", -0.5),
+    ("noise-multiplier", math.nan),
+    ("noise-multiplier", math.inf),
+])
+def test_bad_value_names_the_key(key, value):
+    with pytest.raises(ValueError, match=f"config key '{key}'"):
+        parse_config({key: value})
+
+
+def test_good_values_are_coerced_to_the_field_types():
+    cfg = parse_config({"dp": "false", "seed": "3", "num-sites": 2.0, "learning-rate": 1,
+                        "target-delta": "1e-6"})
+    assert cfg.dp is False
+    assert cfg.seed == 3 and isinstance(cfg.seed, int)
+    assert cfg.num_sites == 2 and isinstance(cfg.num_sites, int)
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert cfg.target_delta == 1e-6
+
+
+def test_base_config_is_kept_for_keys_not_given():
+    base = RunConfig(num_sites=3, seed=9)
+    cfg = parse_config({"seed": 1}, base=base)
+    assert (cfg.num_sites, cfg.seed) == (3, 1)
+
+
+def test_overrides_become_typed_values():
+    raw = parse_overrides(["dp=false", "seed=3", "dataset=medmnist:pneumoniamnist",
+                           "target-delta = 1e-5", "data-dir=../shared/data"])
+    assert raw == {"dp": False, "seed": 3, "dataset": "medmnist:pneumoniamnist",
+                   "target-delta": 1e-5, "data-dir": "../shared/data"}
+    assert type(raw["dp"]) is bool and type(raw["seed"]) is int
+    cfg = parse_config(raw)
+    assert (cfg.dp, cfg.seed, cfg.dataset) == (False, 3, "medmnist:pneumoniamnist")
+
+
+def test_override_without_equals_sign_is_rejected():
+    with pytest.raises(ValueError, match="'seed' must look like key=value"):
+        parse_overrides(["seed"])
+
+
+def test_override_of_nan_is_rejected_by_the_parser():
+    with pytest.raises(ValueError, match="'learning-rate'"):
+        parse_config(parse_overrides(["learning-rate=nan"]))
+
+
+def test_to_toml_round_trips_to_an_equal_config():
+    cfg = RunConfig(mode="centralized", dp=False, seed=41, dataset="medmnist:pneumoniamnist",
+                    data_dir='C:\\data "shared"', num_sites=3, min_sites=3,
+                    partitioner="iid", target_delta=1e-7, learning_rate=0.125,
+                    site_shift=0.3, out_dir="runs/α")
+    text = cfg.to_toml()
+    back = parse_config(tomllib.loads(text))
+    assert back == cfg
+    # Every key is written, so the file alone reproduces the run.
+    assert set(tomllib.loads(text)) == set(ALLOWED_KEYS)
+
+
+def test_pyproject_defaults_parse():
+    with (REPO / "pyproject.toml").open("rb") as fh:
+        defaults = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+    cfg = parse_config(defaults)
+    assert cfg.dataset == defaults["dataset"]
+    assert cfg.num_sites == defaults["num-sites"]
+
+
+def test_there_are_named_scenarios():
+    assert {p.stem for p in CONFIGS} >= {"demo", "pneumonia"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_scenario_config_parses(path):
+    raw = load_config_file(path)
+    cfg = parse_config(raw)
+    for key, value in raw.items():
+        assert cfg.to_dict()[key] == value
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.toml"):
+        load_config_file(tmp_path / "nope.toml")
