@@ -205,6 +205,7 @@ class AuditReport:
     assumptions: list[str] = field(default_factory=lambda: [HYPERPARAMETER_ASSUMPTION])
     generated_at: float = field(default_factory=time.time)
     versions: dict[str, str] = field(default_factory=dict)
+    empirical: list[dict] = field(default_factory=list)  # see common/empirical.py
 
     def all_hazards(self) -> list[Hazard]:
         out = list(self.hazards)
@@ -653,8 +654,31 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def audit(paths: Sequence[str | Path]) -> AuditReport:
-    """Audit every run and ledger under ``paths``."""
+def empirical_hazards(result: dict) -> list[Hazard]:
+    """Findings of one canary audit (see :func:`common.empirical.audit_run_site`)."""
+    dp, control, site = result["dp"], result["control"], str(result["site"])
+    hazards = []
+    if dp["epsilon_claimed"] is not None and dp["epsilon_lower"] > dp["epsilon_claimed"]:
+        hazards.append(Hazard("error", "empirical-exceeds-claimed",
+                              f"the canary audit proves ε ≥ {dp['epsilon_lower']:.3f} at "
+                              f"{dp['confidence']:.0%} confidence but the accountant claims "
+                              f"ε ≤ {dp['epsilon_claimed']:.3f}: the implementation leaks more "
+                              "than it accounts for", site))
+    if control["epsilon_lower"] < 0.5 * control["ceiling"]:
+        hazards.append(Hazard("warning", "empirical-audit-weak",
+                              f"without noise the canaries only prove ε ≥ "
+                              f"{control['epsilon_lower']:.3f} (ceiling {control['ceiling']:.3f}): "
+                              "the attack is too weak for the DP result to mean much", site))
+    return hazards
+
+
+def audit(paths: Sequence[str | Path], *, empirical: bool = False, site: str | None = None,
+          canaries: int = 1000, seed: int = 0) -> AuditReport:
+    """Audit every run and ledger under ``paths``.
+
+    With ``empirical``, also run the one-run canary audit on one site of each
+    federated DP run (``site``, default the first that trained).
+    """
     sources = discover(paths)
     runs = []
     for src in sources:
@@ -663,4 +687,16 @@ def audit(paths: Sequence[str | Path]) -> AuditReport:
     files = {str(p.resolve()): read_ledger(p).entries for src in sources for p in src.ledgers.values()}
     report = AuditReport(runs=runs, versions=library_versions())
     report.hazards = cross_run_hazards(runs, files)
+    if empirical:
+        from common.empirical import audit_run_site
+
+        targets = [s for s in sources if s.summary and s.summary.get("dp")
+                   and s.summary.get("mode") == "federated"]
+        if not targets:
+            raise ValueError("--empirical needs at least one federated DP run directory "
+                             "(with summary.json and config.toml)")
+        for src in targets:
+            result = audit_run_site(src.path, src.summary, site=site, m=canaries, seed=seed)
+            report.empirical.append(result)
+            report.hazards += empirical_hazards(result)
     return report

@@ -65,6 +65,8 @@ def format_text(report: AuditReport) -> str:
         if run.final.get("accuracy") is not None:
             lines.append(f"test accuracy {_f(run.final['accuracy'])}  AUC {_f(run.final['auc'])}")
         lines.append("")
+    for e in report.empirical:
+        lines += empirical_lines(e) + [""]
     hazards = report.all_hazards()
     lines.append(f"hazards: {sum(h.severity == 'error' for h in hazards)} error(s), "
                  f"{sum(h.severity == 'warning' for h in hazards)} warning(s)")
@@ -73,6 +75,21 @@ def format_text(report: AuditReport) -> str:
         lines.append(f"  [{h.severity.upper()}] {h.code}: {where}{h.message}")
     lines += ["", report.accountants, *(f"assumption: {a}" for a in report.assumptions)]
     return "\n".join(lines)
+
+
+def empirical_lines(e: dict) -> list[str]:
+    dp, ctl = e["dp"], e["control"]
+    return [
+        f"empirical audit, site {e['site']} of {e['run']} ({e['records']} records, "
+        f"{dp['m']} canaries):",
+        f"  DP (σ={dp['noise_multiplier']:.3f}, q={dp['sample_rate']:.3g}, {dp['steps']} steps): "
+        f"ε_lower {dp['epsilon_lower']:.3f} ≤ claimed ε {_f(dp['epsilon_claimed'])} "
+        f"(δ={dp['delta']:g}); ceiling for {dp['r']} guesses {dp['ceiling']:.3f}; "
+        f"{dp['v']}/{dp['r']} correct",
+        f"  control, no DP: ε_lower {ctl['epsilon_lower']:.3f} (ceiling {ctl['ceiling']:.3f}; "
+        f"{ctl['v']}/{ctl['r']} correct)",
+        f"  method: {e['method']}",
+    ]
 
 
 def to_json(report: AuditReport) -> str:
@@ -224,6 +241,10 @@ def render_html(report: AuditReport) -> str:
                           f"<td>{p['round']}</td><td>{_f(p['epsilon_prv'], 4)}</td>"
                           f"<td>{_f(p['epsilon_stored'], 4)}</td></tr>" for p in s.cumulative]
                 parts.append("</table></details>")
+    if report.empirical:
+        parts.append("<h2>Empirical audit (canaries, one training run)</h2>")
+        for emp in report.empirical:
+            parts.append("<pre>" + e("\n".join(empirical_lines(emp))) + "</pre>")
     parts.append(f"<h2>Hazards ({n_err} error(s), {n_warn} warning(s))</h2><ul>")
     parts += [_hazard_html(h) for h in sorted(hazards, key=lambda h: h.severity != "error")]
     parts.append("</ul><h2>Assumptions</h2><ul>")

@@ -134,7 +134,8 @@ def cmd_audit(args) -> int:
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
                 handler.setStream(sys.stderr)
-    report = audit(args.paths)
+    report = audit(args.paths, empirical=args.empirical, site=args.site,
+                   canaries=args.canaries, seed=args.seed)
     paths = write_report(report, args.out or default_audit_out(args.paths))
     if args.json:
         print(to_json(report))
@@ -165,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
     sp.add_argument("--out", help="where report.html and audit.json go "
                     "(default: <run>/audit for one run directory, else ./audit)")
+    sp.add_argument("--empirical", action="store_true",
+                    help="also run the one-run canary audit (Steinke, Nasr & Jagielski 2023) on one "
+                         "site of each federated DP run, with a non-private control")
+    sp.add_argument("--site", help="site id for --empirical (default: the first that trained)")
+    sp.add_argument("--canaries", type=int, default=1000, help="canaries for --empirical")
+    sp.add_argument("--seed", type=int, default=0, help="seed for --empirical")
     sp.set_defaults(func=cmd_audit)
     return p
 
