@@ -183,6 +183,7 @@ font-size:13px;text-align:right}th{background:#f0f0f0}td:first-child,th:first-ch
 .error{color:#a00;font-weight:600}.warning{color:#a60}.ok{color:#070;font-weight:600}
 .box{background:#f7f7fb;border-left:4px solid #558;padding:.6em 1em;margin:1em 0}
 img{max-width:100%;border:1px solid #ddd;margin:.5em 0}
+pre{white-space:pre-wrap;background:#f7f7f7;padding:.5em}
 """
 
 

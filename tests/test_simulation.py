@@ -55,3 +55,14 @@ def test_simulation_writes_a_complete_summary(tmp_path):
         assert site["delta"] == 1e-5
     assert (out / "head.safetensors").is_file()
     assert "target-epsilon = 3.0" in (out / "config.toml").read_text()
+
+    # The audit of a real Flower run recomputes every site's ε and finds no error.
+    from simulations.cli import main as cli_main
+
+    assert cli_main(["audit", str(out), "--out", str(tmp_path / "audit")]) == 0
+    audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert audit["counts"]["error"] == 0
+    for site in audit["runs"][0]["sites"]:
+        assert site["chain_ok"] and site["epsilon"]["prv"] == pytest.approx(
+            s["sites"][site["site"]]["epsilon"], rel=1e-9)
+        assert abs(site["epsilon"]["pld"] - site["epsilon"]["prv"]) < 0.05
