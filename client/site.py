@@ -121,13 +121,13 @@ class SiteFeatures:
     hit: bool
 
 
-def site_features(cfg: RunConfig, settings: SiteSettings, data: SiteData) -> SiteFeatures:
+def site_features(cfg: RunConfig, cache_dir: Path, data: SiteData) -> SiteFeatures:
     """Features of the site's train and holdout splits, from the on-disk cache."""
     backbone = get_backbone(cfg.backbone, cfg.image_size)
     device = training.resolve_device(cfg.device)
-    tr = cached_features(backbone, data.train_x, cache_dir=settings.cache_dir, device=device,
+    tr = cached_features(backbone, data.train_x, cache_dir=cache_dir, device=device,
                          data_fingerprint=data.fingerprint + ":train")
-    ho = cached_features(backbone, data.holdout_x, cache_dir=settings.cache_dir, device=device,
+    ho = cached_features(backbone, data.holdout_x, cache_dir=cache_dir, device=device,
                          data_fingerprint=data.fingerprint + ":holdout")
     return SiteFeatures(tr.features, ho.features, data, tr.seconds + ho.seconds, tr.hit and ho.hit)
 
@@ -177,7 +177,7 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
         if projected > settings.target_epsilon:
             spent = epsilon(history, delta=settings.target_delta)
             raise BudgetExhausted(spent, settings.target_epsilon, projected, settings.target_delta)
-    feats = site_features(cfg, settings, data)
+    feats = site_features(cfg, settings.cache_dir, data)
     head = make_head(cfg.head, in_dim=feats.train.shape[1], num_classes=data.num_classes,
                      hidden_dim=cfg.hidden_dim, seed=cfg.seed)
     load_head_state(head, global_head)
@@ -192,7 +192,7 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
         result = training.train_dp(head, feats.train, data.train_y, epochs=req.local_epochs,
                                    batch_size=req.batch_size, lr=req.learning_rate,
                                    momentum=req.momentum, noise_multiplier=mech.noise_multiplier,
-                                   clip_norm=req.clip_norm, seed=seed, device=device)
+                                   clip_norm=req.clip_norm, seed=None, device=device)
         if [m.as_tuple() for m in result.mechanisms] != [mech.as_tuple()]:
             # Record what really ran, never what was planned.
             log.warning("Opacus ran %s, planned %s", result.mechanisms, mech)
@@ -242,7 +242,7 @@ def evaluate_site(cfg: RunConfig, settings: SiteSettings,
     summary lists them under ``privacy.not_charged`` so an auditor sees them.
     """
     data = data if data is not None else load_site_data(cfg, settings.site_id)
-    feats = site_features(cfg, settings, data)
+    feats = site_features(cfg, settings.cache_dir, data)
     head = make_head(cfg.head, in_dim=feats.holdout.shape[1], num_classes=data.num_classes,
                      hidden_dim=cfg.hidden_dim, seed=cfg.seed)
     load_head_state(head, global_head)

@@ -8,6 +8,7 @@ ran (read back from Opacus's own accountant), so the caller can record it.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -89,9 +90,17 @@ def train_plain(head: nn.Module, features: np.ndarray, labels: np.ndarray, *, ep
 
 def train_dp(head: nn.Module, features: np.ndarray, labels: np.ndarray, *, epochs: int,
              batch_size: int, lr: float, noise_multiplier: float, clip_norm: float,
-             momentum: float = 0.0, seed: int = 0, device: str = "cpu",
+             momentum: float = 0.0, seed: int | None = None, device: str = "cpu",
              grad_sample_mode: str = "auto") -> TrainResult:
     """DP-SGD on the head with Opacus: Poisson sampling, per-sample clipping.
+
+    ``seed=None`` (what sites use) draws the Poisson sampler's and the noise's
+    seeds from the operating system's entropy pool. A seed derived from the
+    run config would let the server, which knows the config, regenerate the
+    noise and the batches and so undo the guarantee. A fixed ``seed`` is only
+    for experiments that need repeatable DP runs (e.g. tests, canary audits).
+    torch's generator is still not a CSPRNG: the ledger records
+    ``secure_rng = False`` and the audit flags it.
 
     The accountant here is scratch space: the returned ``mechanisms`` are what
     Opacus recorded for this call, and the caller composes them with the
@@ -106,6 +115,8 @@ def train_dp(head: nn.Module, features: np.ndarray, labels: np.ndarray, *, epoch
         raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
     if grad_sample_mode == "auto":
         grad_sample_mode = "hooks" if isinstance(head, nn.Linear) else "ghost"
+    if seed is None:
+        seed = secrets.randbits(62)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     head.to(device).train()

@@ -6,21 +6,17 @@ compared against. With ``dp = true`` it is pooled DP-SGD with one accountant.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-from client.site import load_site_data
+from client.site import load_site_data, site_features
 from common import training
-from common.backbones import get_backbone
 from common.config import RunConfig
-from common.data import fingerprint_arrays
-from common.features import cached_features
 from common.heads import head_state
-from common.privacy import Mechanism, dp_plan, calibrate_noise_multiplier, epsilon
+from common.privacy import calibrate_noise_multiplier, dp_plan, epsilon
 from server.run import GlobalEval, _atomic_json, _clean, privacy_block
 
 log = logging.getLogger("fedtransfer.centralized")
@@ -31,13 +27,18 @@ def run_centralized(cfg: RunConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(cfg.to_toml())
-    parts = [load_site_data(cfg, i) for i in range(cfg.num_sites)]
-    x = np.concatenate([p.train_x for p in parts])
-    y = np.concatenate([p.train_y for p in parts])
-    backbone = get_backbone(cfg.backbone, cfg.image_size)
+    # The same per-site records and cached features the federation uses: the
+    # pooled baseline differs only in where training happens, and it never
+    # runs the backbone again when a federated run has already filled the cache.
+    feats_x, feats_y, feat_seconds = [], [], 0.0
+    for site_id in range(cfg.num_sites):
+        data = load_site_data(cfg, site_id)
+        f = site_features(cfg, Path(cfg.cache_dir), data)
+        feats_x.append(f.train)
+        feats_y.append(data.train_y)
+        feat_seconds += f.seconds
+    x, y = np.concatenate(feats_x), np.concatenate(feats_y)
     device = training.resolve_device(cfg.device)
-    feats = cached_features(backbone, x, data_fingerprint=fingerprint_arrays(x, y) + ":pooled",
-                            cache_dir=cfg.cache_dir, device=device, progress=True)
     ev = GlobalEval(cfg)
     head = ev.head()
     epochs = cfg.num_rounds * cfg.local_epochs
@@ -46,14 +47,14 @@ def run_centralized(cfg: RunConfig) -> dict:
         q, steps = dp_plan(len(y), batch_size=cfg.batch_size, epochs=epochs)
         sigma = cfg.noise_multiplier or calibrate_noise_multiplier(
             target_epsilon=cfg.target_epsilon, delta=cfg.target_delta, sample_rate=q, steps=steps)
-        res = training.train_dp(head, feats.features, y, epochs=epochs, batch_size=cfg.batch_size,
+        res = training.train_dp(head, x, y, epochs=epochs, batch_size=cfg.batch_size,
                                 lr=cfg.learning_rate, momentum=cfg.momentum,
-                                noise_multiplier=sigma, clip_norm=cfg.clip_norm, seed=cfg.seed,
+                                noise_multiplier=sigma, clip_norm=cfg.clip_norm, seed=None,
                                 device=device)
         history = res.mechanisms
         eps = epsilon(history, delta=cfg.target_delta)
     else:
-        res = training.train_plain(head, feats.features, y, epochs=epochs, batch_size=cfg.batch_size,
+        res = training.train_plain(head, x, y, epochs=epochs, batch_size=cfg.batch_size,
                                    lr=cfg.learning_rate, momentum=cfg.momentum, seed=cfg.seed,
                                    device=device)
     m = ev.metrics(head_state(head))
@@ -70,7 +71,7 @@ def run_centralized(cfg: RunConfig) -> dict:
                          "sample_rate": h.sample_rate, "steps": h.steps} for h in history]}},
         "privacy": privacy_block(cfg),
         "timing": {"total_seconds": time.perf_counter() - t0,
-                   "feature_seconds": feats.seconds, "train_seconds": res.seconds},
+                   "feature_seconds": feat_seconds, "train_seconds": res.seconds},
     }
     _atomic_json(out / "summary.json", _clean(summary))
     log.info("centralized: test acc %.3f auc %.3f bal %.3f", m["test"]["accuracy"],
