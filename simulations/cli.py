@@ -29,13 +29,20 @@ def resolve_config(config: str | None, overrides: list[str], out: str | None) ->
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    level = logging.INFO if verbose else logging.WARNING
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.setLevel(level)
-    flwr_log.propagate = False  # Flower has its own console handler
-    for name in ("ray", "datasets", "filelock"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    """Our own loggers at INFO; third-party chatter (Ray, alembic, datasets) at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+    for name in ("fedtransfer", "common", "client", "server", "simulations"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    if verbose:
+        logging.getLogger().setLevel(logging.INFO)
+
+
+def _quiet_flower(verbose: bool) -> None:
+    """Flower sets its own logger to DEBUG on import and prints through its own
+    console handler; keep that handler at WARNING unless ``--verbose``."""
+    from flwr.common.logger import update_console_handler
+
+    update_console_handler(level=logging.INFO if verbose else logging.WARNING)
 
 
 def _fmt(x) -> str:
@@ -76,6 +83,7 @@ def cmd_simulate(args) -> int:
     from simulations.simulate import simulate
 
     cfg = resolve_config(args.config, args.set, args.out)
+    _quiet_flower(args.verbose)
     summary = simulate(cfg)
     print_summary(summary)
     print(f"results: {Path(resolve_out(summary, cfg, args.out))}")
@@ -91,6 +99,7 @@ def cmd_compare(args) -> int:
     from simulations.simulate import simulate
 
     base = resolve_config(args.config, args.set, None)
+    _quiet_flower(args.verbose)
     root = Path(args.out or "runs/compare")
     arms = [("federated-dp", base.replace(mode="federated", dp=True)),
             ("federated-nodp", base.replace(mode="federated", dp=False)),
