@@ -166,6 +166,7 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
     check_request(req, n, settings)
     ledger = Ledger(settings.ledger_path) if settings.dp else None
     mech = None
+    t_privacy = time.perf_counter()
     if ledger is not None:
         try:
             sigma, mech, history = plan_noise(req, settings, ledger, n)
@@ -177,6 +178,7 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
         if projected > settings.target_epsilon:
             spent = epsilon(history, delta=settings.target_delta)
             raise BudgetExhausted(spent, settings.target_epsilon, projected, settings.target_delta)
+    privacy_seconds = time.perf_counter() - t_privacy
     feats = site_features(cfg, settings.cache_dir, data)
     head = make_head(cfg.head, in_dim=feats.train.shape[1], num_classes=data.num_classes,
                      hidden_dim=cfg.hidden_dim, seed=cfg.seed)
@@ -196,7 +198,14 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
         if [m.as_tuple() for m in result.mechanisms] != [mech.as_tuple()]:
             # Record what really ran, never what was planned.
             log.warning("Opacus ran %s, planned %s", result.mechanisms, mech)
+        t_commit = time.perf_counter()
         eps = commit_spend(ledger, settings, req, result.mechanisms, data)
+        privacy_seconds += time.perf_counter() - t_commit
+        if eps > settings.target_epsilon:
+            # Opacus ran more than was planned and projected. The spend stays
+            # recorded (it happened); the update is withheld, so the released
+            # output never carries more than the cap.
+            raise BudgetExhausted(eps, settings.target_epsilon, eps, settings.target_delta)
     metrics = {
         "site-id": settings.site_id,
         "num-examples": n,
@@ -209,6 +218,7 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
         "feature-seconds": feats.seconds,
         "feature-cache-hit": int(feats.hit),
         "train-seconds": result.seconds,
+        "privacy-seconds": privacy_seconds,
         "site-seconds": time.perf_counter() - t_start,
     }
     return SiteReply(arrays=head_state(head), num_examples=n, metrics=metrics)
@@ -216,10 +226,12 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
 
 def commit_spend(ledger: Ledger, settings: SiteSettings, req: RoundRequest,
                  mechanisms: list[Mechanism], data: SiteData) -> float:
-    """Durably record what ran; returns the cumulative ε recomputed from the ledger."""
+    """Durably record what ran; returns the cumulative ε after it, recomputed
+    from the ledger's tuples (read inside this call) plus what ran."""
     import opacus
 
     history = ledger.history()
+    eps_after = epsilon(history, delta=settings.target_delta)
     for m in mechanisms:
         history.append(m)
         eps_after = epsilon(history, delta=settings.target_delta)
@@ -230,7 +242,7 @@ def commit_spend(ledger: Ledger, settings: SiteSettings, req: RoundRequest,
             secure_rng=False, accountant="prv", accountant_version=f"opacus-{opacus.__version__}",
             libraries=library_versions(), dataset_size=len(data.train_y),
             data_fingerprint=data.fingerprint, epsilon_after=eps_after))
-    return ledger.epsilon(delta=settings.target_delta)
+    return eps_after
 
 
 def evaluate_site(cfg: RunConfig, settings: SiteSettings,

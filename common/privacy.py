@@ -15,6 +15,7 @@ Accountants: ``prv`` (Opacus's PRV accountant; the reported upper bound) and
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -57,8 +58,24 @@ def _accountant(name: str, history: Iterable[Mechanism]):
     else:
         raise ValueError(f"unknown accountant {name!r}. Valid: {', '.join(ACCOUNTANTS)} "
                          "(GDP is not offered: it can under-report ε)")
-    acc.history = [m.as_tuple() for m in history]
+    acc.history = [m.as_tuple() for m in compress(history)]
     return acc
+
+
+def compress(history: Iterable[Mechanism]) -> list[Mechanism]:
+    """Merge entries that ran the same (σ, q), summing their steps.
+
+    Composition is commutative, so the merged history has exactly the same
+    privacy loss. It matters for speed: Opacus's PRV accountant builds one
+    discretised PRV per entry, so a ledger of R identical rounds costs R times
+    as much as one entry with R times the steps (5.6 s against 0.5 s for five
+    rounds here), for the same ε.
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for m in history:
+        key = (float(m.noise_multiplier), float(m.sample_rate))
+        merged[key] = merged.get(key, 0) + int(m.steps)
+    return [Mechanism(noise_multiplier=s, sample_rate=q, steps=n) for (s, q), n in merged.items()]
 
 
 def epsilon(history: Sequence[Mechanism], *, delta: float, accountant: str = "prv") -> float:
@@ -92,10 +109,21 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_ra
     """Smallest σ (to ``tolerance``) such that ``prior`` plus ``steps`` more
     steps at ``(σ, sample_rate)`` stays within ``target_epsilon`` at ``delta``.
 
+    A pure function of its arguments, memoised: a site calibrates once per run
+    and every later round of that run (in the same process) reuses the answer.
+
     Raises:
         ValueError: if ``prior`` alone already exceeds the target, or no σ up to
             10^4 fits.
     """
+    return _calibrate(target_epsilon, delta, sample_rate, steps, tuple(compress(prior)),
+                      accountant, tolerance)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+               prior: tuple[Mechanism, ...], accountant: str, tolerance: float) -> float:
+    """The memoised core of :func:`calibrate_noise_multiplier` (hashable arguments)."""
     spent = epsilon(prior, delta=delta, accountant=accountant)
     if spent >= target_epsilon:
         raise ValueError(

@@ -102,7 +102,9 @@ def round_line(r: int, total: int, test: dict, strategy: HeadFedAvg, cfg: RunCon
     timing = ""
     if hist:
         timing = (f" | client s: features {np.mean([h['feature_seconds'] for h in hist]):.2f}"
-                  f" train {np.mean([h['train_seconds'] for h in hist]):.2f}")
+                  f" train {np.mean([h['train_seconds'] for h in hist]):.2f}"
+                  f" accounting {np.mean([h['privacy_seconds'] for h in hist]):.2f}"
+                  f" total {np.mean([h['site_seconds'] for h in hist]):.2f}")
     privacy = f" | ε (per record, δ={cfg.target_delta:g}) {eps}" if cfg.dp else " | no DP"
     return (f"round {r}/{total} | test acc {test['accuracy']:.3f} auc {test['auc']:.3f} "
             f"bal {test['balanced_accuracy']:.3f}{local_acc}{privacy}{timing}")
@@ -218,5 +220,7 @@ def privacy_block(cfg: RunConfig) -> dict:
                         "from other sites; aggregation is post-processing"),
         "secure_rng": False,
         "not_charged": ["per-site holdout metrics (accuracy/AUC/loss) are reported to the "
-                        "server without DP noise"],
+                        "server without DP noise",
+                        "each site's training-record count (num-examples, used as the FedAvg "
+                        "weight) is sent without DP noise"],
     }

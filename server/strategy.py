@@ -26,7 +26,7 @@ log = logging.getLogger("fedtransfer.server")
 # What a site's train reply must carry (see client.site.train_round).
 TRAIN_METRICS = ("site-id", "num-examples", "epsilon", "delta", "noise-multiplier",
                  "sample-rate", "steps", "train-loss", "feature-seconds", "feature-cache-hit",
-                 "train-seconds", "site-seconds")
+                 "train-seconds", "privacy-seconds", "site-seconds")
 
 
 @dataclass
@@ -130,6 +130,7 @@ class HeadFedAvg(FedAvg):
                 "feature_seconds": float(metrics["feature-seconds"]),
                 "feature_cache_hit": bool(metrics["feature-cache-hit"]),
                 "train_seconds": float(metrics["train-seconds"]),
+                "privacy_seconds": float(metrics["privacy-seconds"]),
                 "site_seconds": float(metrics["site-seconds"]),
             })
             kept.append(msg)

@@ -43,6 +43,7 @@ def _quiet_flower(verbose: bool) -> None:
     from flwr.common.logger import update_console_handler
 
     update_console_handler(level=logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("flwr").propagate = False  # it has its own console handler
 
 
 def _fmt(x) -> str:

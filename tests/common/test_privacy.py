@@ -160,3 +160,16 @@ def test_mechanism_rejects_bad_parameters(kwargs, words):
 def test_mechanism_accepts_full_batch_and_gives_its_tuple():
     m = Mechanism(noise_multiplier=2, sample_rate=1.0, steps=3)
     assert m.as_tuple() == (2.0, 1.0, 3)
+
+
+def test_compress_merges_equal_mechanisms_without_changing_epsilon():
+    from opacus.accountants import PRVAccountant
+
+    from common.privacy import compress
+
+    a, b = Mechanism(2.0, 0.05, 30), Mechanism(1.5, 0.1, 20)
+    history = [a, b, a, a]
+    assert compress(history) == [Mechanism(2.0, 0.05, 90), b]
+    raw = PRVAccountant()
+    raw.history = [m.as_tuple() for m in history]  # uncompressed, straight to Opacus
+    assert epsilon(history, delta=1e-5) == pytest.approx(raw.get_epsilon(delta=1e-5), abs=0.02)

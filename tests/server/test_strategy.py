@@ -49,7 +49,7 @@ def _metrics(site_id: int, num_examples, **extra) -> MetricRecord:
     m = {"site-id": site_id, "num-examples": num_examples, "epsilon": 0.5 + site_id,
          "delta": 1e-5, "noise-multiplier": 1.1, "sample-rate": 0.25, "steps": 4,
          "train-loss": 0.7, "feature-seconds": 0.01, "feature-cache-hit": 1,
-         "train-seconds": 0.2, "site-seconds": 0.3}
+         "train-seconds": 0.2, "privacy-seconds": 0.1, "site-seconds": 0.3}
     m.update(extra)
     return MetricRecord(m)
 
@@ -132,7 +132,7 @@ def test_accepted_reply_records_the_sites_epsilon_and_mechanism():
         "round": 1, "noise_multiplier": 1.1, "sample_rate": 0.25, "steps": 4,
         "num_examples": 3, "epsilon_after": 1.5, "train_loss": 0.7,
         "feature_seconds": 0.01, "feature_cache_hit": True, "train_seconds": 0.2,
-        "site_seconds": 0.3}]
+        "privacy_seconds": 0.1, "site_seconds": 0.3}]
 
 
 @pytest.mark.parametrize("bad_head, num_examples, reason", [
