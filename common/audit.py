@@ -600,12 +600,6 @@ def audit_source(src: Source) -> RunAudit:
         for item in privacy.get("not_charged") or []:
             run.hazards.append(Hazard("warning", "not-charged",
                                       f"private data touched without an ε charge: {item}"))
-        counts = [s for s in summary_sites.values() if s.get("num_examples")]
-        if counts and summary.get("mode") != "centralized":
-            run.hazards.append(Hazard("warning", "record-count-released",
-                                      "each site's exact record count (num-examples) goes to the "
-                                      "server unnoised; under add/remove neighbours the count is "
-                                      "itself private and is not charged"))
         tuned = privacy.get("hyperparameters") or (summary.get("config") or {}).get(
             "hyperparameter-source")
         if tuned is not None and "private" in str(tuned).lower():
