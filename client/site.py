@@ -199,7 +199,8 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
             # Record what really ran, never what was planned.
             log.warning("Opacus ran %s, planned %s", result.mechanisms, mech)
         t_commit = time.perf_counter()
-        eps = commit_spend(ledger, settings, req, result.mechanisms, data)
+        eps = commit_spend(ledger, settings, req, result.mechanisms, data,
+                           known=(history, mech, projected))
         privacy_seconds += time.perf_counter() - t_commit
         if eps > settings.target_epsilon:
             # Opacus ran more than was planned and projected. The spend stays
@@ -225,16 +226,26 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
 
 
 def commit_spend(ledger: Ledger, settings: SiteSettings, req: RoundRequest,
-                 mechanisms: list[Mechanism], data: SiteData) -> float:
-    """Durably record what ran; returns the cumulative ε after it, recomputed
-    from the ledger's tuples (read inside this call) plus what ran."""
+                 mechanisms: list[Mechanism], data: SiteData,
+                 known: tuple[list[Mechanism], Mechanism, float] | None = None) -> float:
+    """Durably record what ran; returns the cumulative ε after it, computed
+    from the ledger's tuples (read inside this call) plus what ran.
+
+    ``known = (history, mechanism, epsilon)`` is the projection made before
+    training. When the ledger still holds exactly that history and Opacus ran
+    exactly that mechanism, the projected ε *is* the ε after, and the PRV
+    computation is not repeated.
+    """
     import opacus
 
     history = ledger.history()
-    eps_after = epsilon(history, delta=settings.target_delta)
+    eps_after = epsilon(history, delta=settings.target_delta) if not mechanisms else 0.0
     for m in mechanisms:
         history.append(m)
-        eps_after = epsilon(history, delta=settings.target_delta)
+        if known is not None and history == [*known[0], known[1]]:
+            eps_after = known[2]
+        else:
+            eps_after = epsilon(history, delta=settings.target_delta)
         ledger.append(Entry(
             run_id=req.run_id, round=req.server_round,
             noise_multiplier=m.noise_multiplier, sample_rate=m.sample_rate, steps=m.steps,
