@@ -459,9 +459,10 @@ def audit_site(site: str, entries: Sequence[Entry], *, ledger_path: str | None =
                          "subsampling, so the recomputed ε is not a valid bound", site))
     if any(not e.secure_rng for e in entries):
         hz.append(Hazard("warning", "secure-rng-off",
-                         "DP noise came from a seeded, non-cryptographic PRNG (secure RNG off): "
-                         "whoever knows or can guess the seed can regenerate the noise and remove "
-                         "it, so ε holds only while the seed stays secret from the server", site))
+                         "secure RNG off: DP noise and Poisson sampling came from torch's "
+                         "non-cryptographic PRNG (seeded from OS entropy at the site, never from "
+                         "the run config) without Opacus's secure_mode, so ε assumes that seed "
+                         "stays secret and ignores floating-point attacks on the noise", site))
     accountants = sorted({e.accountant for e in entries if e.accountant != "prv"})
     if accountants:
         hz.append(Hazard("warning", "unexpected-accountant",
