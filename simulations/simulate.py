@@ -44,7 +44,7 @@ def simulate(cfg: RunConfig) -> dict:
     if cfg.mode == "centralized":
         from simulations.centralized import run_centralized
 
-        return run_centralized(cfg)
+        return {**run_centralized(cfg), "run_dir": str(out)}
     from flwr.simulation import run_simulation
 
     from client.app import make_app as make_client
@@ -58,4 +58,4 @@ def simulate(cfg: RunConfig) -> dict:
     summary_path = out / "summary.json"
     if not summary_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
-    return json.loads(summary_path.read_text())
+    return {**json.loads(summary_path.read_text()), "run_dir": str(out)}
