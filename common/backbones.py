@@ -161,6 +161,9 @@ def _load_efficientnet(state_path: str):
             f"{state_path}: not an EfficientNet-Lite0 state_dict "
             f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})"
         )
+    # The ImageNet classifier (1.28M weights) is never used by extract_features:
+    # drop it so parameter counts (e.g. teacher vs student) are honest.
+    net._fc = torch.nn.Identity()
     return _Features.wrap(net)
 
 

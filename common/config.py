@@ -18,6 +18,8 @@ MODES = ("federated", "centralized")
 PARTITIONERS = ("iid", "dirichlet")
 HEADS = ("linear", "mlp")
 DEVICES = ("auto", "cpu", "cuda")
+STUDENTS = ("cnn", "mlp")
+TEACHERS = ("auto", "global", "ensemble")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,19 @@ class RunConfig:
     noise_multiplier: float = 0.0
     target_epsilon: float = 4.0
     target_delta: float = 1e-5
+    # Distillation after the last round (public data only: post-processing, no ε)
+    distill: bool = True
+    student: str = "cnn"
+    student_width: int = 32
+    student_depth: int = 3
+    teacher: str = "auto"
+    distill_epochs: int = 30
+    distill_patience: int = 5
+    distill_temperature: float = 4.0
+    distill_learning_rate: float = 3e-3
+    distill_augment: int = 8
+    distill_val_fraction: float = 0.3
+    transfer_data: str = ""
     # Where things go
     cache_dir: str = ".fedtransfer/cache"
     ledger_dir: str = ""
@@ -192,7 +207,12 @@ def _validate(cfg: RunConfig) -> None:
         raise bad("head", f"got {cfg.head!r}, allowed: {', '.join(HEADS)}")
     if cfg.device not in DEVICES:
         raise bad("device", f"got {cfg.device!r}, allowed: {', '.join(DEVICES)}")
-    positive_ints = ("num-sites", "num-rounds", "local-epochs", "batch-size", "image-size", "hidden-dim")
+    if cfg.student not in STUDENTS:
+        raise bad("student", f"got {cfg.student!r}, allowed: {', '.join(STUDENTS)}")
+    if cfg.teacher not in TEACHERS:
+        raise bad("teacher", f"got {cfg.teacher!r}, allowed: {', '.join(TEACHERS)}")
+    positive_ints = ("num-sites", "num-rounds", "local-epochs", "batch-size", "image-size", "hidden-dim",
+                     "student-width", "student-depth", "distill-epochs", "distill-patience")
     for key in positive_ints:
         if getattr(cfg, key.replace("-", "_")) < 1:
             raise bad(key, "must be >= 1")
@@ -200,7 +220,17 @@ def _validate(cfg: RunConfig) -> None:
         raise bad("min-sites", "must be >= 1")
     if cfg.min_sites > cfg.num_sites:
         raise bad("min-sites", f"{cfg.min_sites} exceeds num-sites={cfg.num_sites}")
-    for key in ("learning-rate", "clip-norm", "dirichlet-alpha", "round-timeout", "target-epsilon"):
+    if cfg.student_depth > 6:
+        raise bad("student-depth", f"must be between 1 and 6, got {cfg.student_depth}")
+    if cfg.student_width > 256:
+        raise bad("student-width", f"must be between 1 and 256, got {cfg.student_width}")
+    if cfg.distill_augment < 0:
+        raise bad("distill-augment", f"must be >= 0 (augmented copies of the transfer set), "
+                  f"got {cfg.distill_augment}")
+    if not 0.0 < cfg.distill_val_fraction < 1.0:
+        raise bad("distill-val-fraction", f"must be in (0, 1), got {cfg.distill_val_fraction!r}")
+    for key in ("learning-rate", "clip-norm", "dirichlet-alpha", "round-timeout", "target-epsilon",
+                "distill-temperature", "distill-learning-rate"):
         value = getattr(cfg, key.replace("-", "_"))
         if not value > 0 or value != value or value == float("inf"):
             raise bad(key, f"must be a finite number > 0, got {value!r}")
