@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site import (BudgetExhausted, RequestRejected, RoundRequest, SiteSettings,
-                         evaluate_site, train_round)
+                         evaluate_site, save_delivery, train_round)
 from common.config import RunConfig, parse_config
 from common.records import from_array_record, to_array_record
 
@@ -32,6 +33,7 @@ def site_settings(cfg: RunConfig, context: Context) -> SiteSettings:
         dp=cfg.dp,
         target_epsilon=float(node.get("target-epsilon", cfg.target_epsilon)),
         target_delta=float(node.get("target-delta", cfg.target_delta)),
+        model_dir=Path(str(node["model-dir"])) if "model-dir" in node else None,
     )
 
 
@@ -77,6 +79,19 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
         settings = site_settings(cfg, context)
         metrics = evaluate_site(cfg, settings, from_array_record(msg.content["arrays"]))
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    @app.query("deliver")
+    def deliver(msg: Message, context: Context) -> Message:
+        """The server's final head, student and card (``query.deliver``): save them."""
+        cfg = config_of(context)
+        settings = site_settings(cfg, context)
+        card = json.loads(str(msg.content.config_records["card"]["json"]))
+        student = msg.content.array_records.get("student")
+        path, digest = save_delivery(settings, card, from_array_record(msg.content["head"]),
+                                     from_array_record(student) if student is not None else None)
+        reply = ConfigRecord({"status": "saved", "site-id": settings.site_id, "path": str(path),
+                              "sha256": digest})
+        return Message(content=RecordDict({"delivery": reply}), reply_to=msg)
 
     return app
 

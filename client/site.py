@@ -56,6 +56,11 @@ class SiteSettings:
     target_epsilon: float
     target_delta: float
     min_noise_multiplier: float = 0.3
+    model_dir: Path | None = None  # delivered models; default: <ledger dir>/models
+
+    @property
+    def models(self) -> Path:
+        return self.model_dir or self.ledger_path.parent / "models"
 
 
 @dataclass(frozen=True)
@@ -273,3 +278,25 @@ def evaluate_site(cfg: RunConfig, settings: SiteSettings,
     return {"site-id": settings.site_id, "num-examples": len(data.holdout_y),
             "accuracy": m["accuracy"], "balanced-accuracy": m["balanced_accuracy"],
             "auc": m["auc"], "loss": m["loss"]}
+
+
+def save_delivery(settings: SiteSettings, card: dict, head: dict[str, np.ndarray],
+                  student: dict[str, np.ndarray] | None) -> tuple[Path, str]:
+    """Save the delivered head and student under the site's model directory.
+
+    The card gains this site's own view: its id and its ε recomputed from its
+    own ledger (not the server's report). Returns the card path and the
+    bundle hash (over the saved files), which the server checks.
+    """
+    from common.modelio import read_card, save_bundle
+    from common.privacy import UNIT_OF_PRIVACY
+
+    own = None
+    if settings.dp and settings.ledger_path.is_file():
+        own = Ledger(settings.ledger_path).epsilon(delta=settings.target_delta)
+    card = {**card, "site": {"site_id": settings.site_id, "epsilon_own_ledger": own,
+                             "delta": settings.target_delta if settings.dp else None,
+                             "unit": UNIT_OF_PRIVACY}}
+    path = save_bundle(settings.models, card=card, head=head, student=student)
+    log.info("site %d saved the delivered models to %s", settings.site_id, path.parent)
+    return path, read_card(path)["sha256"]

@@ -25,8 +25,11 @@ from common.config import RunConfig
 from common.data import fingerprint_arrays, load_dataset
 from common.features import cached_features
 from common.heads import head_state, load_head_state, make_head
+from common.modelio import read_card
 from common.privacy import REPORTED_ACCOUNTANT, UNIT_OF_PRIVACY
 from common.records import from_array_record, to_array_record, train_request
+from server.delivery import DELIVER_MESSAGE_TYPE, deliver
+from server.distill import delivery_card, run_distillation, write_server_copy
 from server.strategy import HeadFedAvg
 
 log = logging.getLogger("fedtransfer.server")
@@ -50,6 +53,7 @@ class GlobalEval:
             return cached_features(backbone, x, data_fingerprint=fp, cache_dir=cfg.cache_dir,
                                    device=device).features
 
+        self.splits = splits  # raw public splits (val, test) for distillation; train is never used
         self.test_x, self.test_y = feats(splits.test_x, splits.test_y, "test"), splits.test_y
         self.val_x, self.val_y = feats(splits.val_x, splits.val_y, "val"), splits.val_y
         self.num_classes = splits.num_classes
@@ -154,9 +158,49 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
               metadata={"run_id": run_id, "head": cfg.head})
     summary = build_summary(cfg, run_id, ev, arrays, rounds, strategy, stop_reason,
                             time.perf_counter() - t_run)
+    summary.update(finish(cfg, grid, run_id=run_id, out=out, ev=ev, arrays=arrays,
+                          strategy=strategy, last_round=rounds[-1]["round"] if rounds else 0,
+                          summary=summary))
+    summary["timing"]["total_seconds"] = time.perf_counter() - t_run
     _atomic_json(out / "summary.json", _clean(summary))
     log.info("run directory: %s", out)
     return summary
+
+
+def finish(cfg: RunConfig, grid: Grid, *, run_id: str, out: Path, ev: GlobalEval, arrays: dict,
+           strategy: HeadFedAvg, last_round: int, summary: dict) -> dict:
+    """After the last round: distil the student, then deliver head, student and
+    card to every site (and keep the server's copy under ``<run>/models``)."""
+    outcome, extra = None, {}
+    if not any(r["sites_aggregated"] for r in summary["rounds"]):
+        reason = "no round aggregated a site update: there is no trained head to distil or deliver"
+        log.warning(reason)
+        return {"distillation": {"status": "skipped", "reason": reason},
+                "delivery": {"status": "skipped", "reason": reason, "sites": {}}}
+    if cfg.distill:
+        try:
+            outcome = run_distillation(cfg, ev.splits, ev.test_x, arrays, strategy.site_heads)
+            extra.update(outcome.summary)
+        except ValueError as exc:  # the federated head stays valid; say why there is no student
+            log.error("distillation failed, delivering the head only: %s", exc)
+            extra["distillation"] = {"status": "failed", "reason": str(exc)}
+    t0 = time.perf_counter()
+    head_params = sum(int(np.prod(v.shape)) for v in arrays.values())
+    card = delivery_card(cfg, run_id=run_id, server_round=last_round, classes=list(ev.classes),
+                         head_in_dim=ev.feature_dim, head_params=head_params,
+                         final={k: summary["final"][k] for k in ("auc", "accuracy",
+                                                                  "balanced_accuracy")},
+                         outcome=outcome, sites=summary["sites"], unit=UNIT_OF_PRIVACY)
+    server_card = read_card(write_server_copy(out, card, arrays, outcome))
+    extra["delivery"] = {
+        "message_type": DELIVER_MESSAGE_TYPE, "sha256": server_card["sha256"],
+        "server_copy": str(out / "models"),
+        "sites": deliver(grid, card=card, head=arrays,
+                         student=outcome.student if outcome else None,
+                         expected_sha256=server_card["sha256"], timeout=cfg.round_timeout),
+        "seconds": time.perf_counter() - t0,
+    }
+    return extra
 
 
 def save_checkpoint(out: Path, server_round: int, arrays: dict, strategy: HeadFedAvg) -> None:
@@ -219,6 +263,8 @@ def privacy_block(cfg: RunConfig) -> dict:
         "trust_model": ("local DP-SGD at each site protects its records from the server and "
                         "from other sites; aggregation is post-processing"),
         "secure_rng": False,
+        **({"distillation": "post-processing: the student is distilled from the DP-trained heads "
+                            "on public data only, so it costs no ε"} if cfg.distill else {}),
         "not_charged": ["per-site holdout metrics (accuracy/AUC/loss) are reported to the "
                         "server without DP noise",
                         "each site's training-record count (num-examples, used as the FedAvg "

@@ -53,6 +53,8 @@ class HeadFedAvg(FedAvg):
         self._node_site: dict[int, int] = {}
         self._global: dict | None = None
         self.dropped: list[dict] = []
+        # The last accepted head per site (a DP release): the ensemble teacher's members.
+        self.site_heads: dict[int, dict] = {}
 
     # -- sampling ----------------------------------------------------------
     def exhausted_nodes(self) -> set[int]:
@@ -112,13 +114,14 @@ class HeadFedAvg(FedAvg):
             if missing:
                 self._drop(server_round, msg, f"reply lacks metrics {missing}")
                 continue
-            problem = update_problem(from_array_record(msg.content.array_records["arrays"]),
-                                     self._global or {}, metrics.get("num-examples"))
+            update = from_array_record(msg.content.array_records["arrays"])
+            problem = update_problem(update, self._global or {}, metrics.get("num-examples"))
             if problem:
                 self._drop(server_round, msg, problem)
                 continue
             site = self._site(msg, int(metrics.get("site-id", -1)))
             site.epsilon, site.delta = float(metrics["epsilon"]), float(metrics["delta"])
+            self.site_heads[site.site_id] = update
             site.history.append({
                 "round": server_round,
                 "noise_multiplier": float(metrics["noise-multiplier"]),

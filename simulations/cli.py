@@ -72,6 +72,22 @@ def print_summary(s: dict) -> None:
         q = hist[-1]["sample_rate"] if hist else None
         lines.append(f"{sid:>6} {site.get('num_examples', 0):>8} {len(hist):>6} {_fmt(sigma):>7} "
                      f"{_fmt(q):>7} {_fmt(site.get('epsilon')):>7}  {site.get('status', '')}")
+    if "student" in s:
+        t, st, d = s["teacher"], s["student"], s["distillation"]
+        lines.append(f"distilled student {st['architecture']}: test AUC {_fmt(st['auc'])} acc "
+                     f"{_fmt(st['accuracy'])} bal {_fmt(st['balanced_accuracy'])} | teacher "
+                     f"({t['kind']}) AUC {_fmt(t['auc'])} acc {_fmt(t['accuracy'])} bal "
+                     f"{_fmt(t['balanced_accuracy'])}")
+        lines.append(f"  params {st['params']:,} vs {t['params']:,} ({d['params_ratio']:.0f}x fewer); "
+                     f"CPU {st['cpu_ms_per_image']:.3f} vs {t['cpu_ms_per_image']:.3f} ms/image "
+                     f"({d['cpu_speedup']:.1f}x faster); {d['seconds']:.1f} s; no ε (public data)")
+    elif (s.get("distillation") or {}).get("status") in ("failed", "skipped"):
+        lines.append(f"distillation {s['distillation']['status']}: {s['distillation']['reason']}")
+    if "server_copy" in s.get("delivery", {}):
+        sites = s["delivery"]["sites"]
+        ok = sum(v.get("status") == "saved" for v in sites.values())
+        lines.append(f"delivered to {ok}/{len(sites)} sites (server copy: "
+                     f"{s['delivery']['server_copy']})")
     if s.get("stop_reason") and s["stop_reason"] != "completed":
         lines.append(f"note: {s['stop_reason']}")
     t = s.get("timing", {})
@@ -183,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--canaries", type=int, default=1000, help="canaries for --empirical")
     sp.add_argument("--seed", type=int, default=0, help="seed for --empirical")
     sp.set_defaults(func=cmd_audit)
+    from simulations.models_cli import add_model_commands
+
+    add_model_commands(sub)
     return p
 
 

@@ -1,0 +1,179 @@
+"""Delivered models on disk: the aggregated head, the distilled student and
+their JSON card, plus TorchScript export of the student.
+
+A bundle is a folder::
+
+    head.safetensors      the final global head (numpy arrays)
+    student.safetensors   the student's state dict (optional)
+    card.json             run id, round, architectures, parameter counts,
+                          teacher/student metrics, ε/δ and unit of privacy,
+                          and a sha256 per file plus one over all files
+
+The card is written last (atomically), so a card on disk means the files it
+hashes are complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+from torch import nn
+
+from common.distill import StudentSpec, make_student
+
+CARD_NAME = "card.json"
+HEAD_FILE = "head.safetensors"
+STUDENT_FILE = "student.safetensors"
+CARD_VERSION = 1
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bundle_sha256(files: dict[str, str]) -> str:
+    """One hash over the per-file hashes, in name order."""
+    text = "\n".join(f"{name}:{digest}" for name, digest in sorted(files.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_arrays(path: Path, arrays: dict[str, np.ndarray], metadata: dict) -> None:
+    # One metadata key only: safetensors writes several in hash-map order, which
+    # differs between processes and would make the same weights hash differently.
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_numpy({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp),
+               metadata={"fedtransfer": json.dumps(metadata, sort_keys=True)})
+    os.replace(tmp, path)
+
+
+def save_bundle(model_dir: str | Path, *, card: dict, head: dict[str, np.ndarray],
+                student: dict[str, np.ndarray] | None = None) -> Path:
+    """Write head, student and card under ``model_dir``; returns the card path.
+
+    ``card`` is the descriptive part; this adds ``files`` (sha256 each) and
+    ``sha256`` (over all files).
+    """
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    run_id = str(card.get("run_id", ""))
+    _write_arrays(model_dir / HEAD_FILE, head, {"run_id": run_id, "kind": "head"})
+    files = {HEAD_FILE: file_sha256(model_dir / HEAD_FILE)}
+    if student is not None:
+        spec = card.get("student", {}).get("spec")
+        if spec is None:
+            raise ValueError("a student needs card['student']['spec'] (its architecture)")
+        _write_arrays(model_dir / STUDENT_FILE, student,
+                      {"run_id": run_id, "kind": "student", "spec": spec})
+        files[STUDENT_FILE] = file_sha256(model_dir / STUDENT_FILE)
+    elif (model_dir / STUDENT_FILE).exists():
+        (model_dir / STUDENT_FILE).unlink()  # a stale student must not sit next to a new card
+    full = {**card, "card_version": CARD_VERSION, "files": files, "sha256": bundle_sha256(files)}
+    tmp = model_dir / (CARD_NAME + ".tmp")
+    tmp.write_text(json.dumps(full, indent=2, default=_json_default))
+    os.replace(tmp, model_dir / CARD_NAME)
+    return model_dir / CARD_NAME
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def card_path(path: str | Path) -> Path:
+    """``card.json`` itself, or the folder that holds it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CARD_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"model card not found: {path} (give a card.json or the folder "
+                                "that holds one)")
+    return path
+
+
+def read_card(path: str | Path) -> dict:
+    path = card_path(path)
+    try:
+        card = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not a JSON model card ({exc})") from exc
+    if not isinstance(card, dict) or "files" not in card:
+        raise ValueError(f"{path}: not a fedtransfer model card (no 'files' entry)")
+    return card
+
+
+def verify_bundle(path: str | Path) -> list[str]:
+    """Problems with a bundle's integrity (empty list: every hash matches)."""
+    path = card_path(path)
+    card = read_card(path)
+    problems = []
+    files = card.get("files") or {}
+    for name, digest in files.items():
+        f = path.parent / name
+        if not f.is_file():
+            problems.append(f"{name}: missing")
+        elif file_sha256(f) != digest:
+            problems.append(f"{name}: sha256 does not match the card")
+    if card.get("sha256") != bundle_sha256(files):
+        problems.append("card sha256 does not match its file hashes")
+    return problems
+
+
+def check_bundle(path: str | Path) -> dict:
+    """The card, after checking every hash; ``ValueError`` on any mismatch."""
+    problems = verify_bundle(path)
+    if problems:
+        raise ValueError(f"model bundle {card_path(path).parent} failed its integrity check: "
+                         + "; ".join(problems))
+    return read_card(path)
+
+
+def load_student(path: str | Path) -> tuple[nn.Module, StudentSpec, dict]:
+    """The student of a bundle (hash-checked), in eval mode, with its card."""
+    card = check_bundle(path)
+    if STUDENT_FILE not in card["files"]:
+        raise ValueError(f"{card_path(path)}: this bundle has no student (distillation was off "
+                         "or failed); use the head instead")
+    spec = StudentSpec.from_dict(card["student"]["spec"])
+    student = make_student(spec)
+    state = load_numpy(str(card_path(path).parent / STUDENT_FILE))
+    own = student.state_dict()
+    # Scalars (BatchNorm's num_batches_tracked) may come back shaped (1,): compare sizes there.
+    if set(state) != set(own) or any(
+            tuple(state[k].shape) != tuple(own[k].shape)
+            and not (own[k].ndim == 0 and state[k].size == 1) for k in own):
+        raise ValueError(f"{card_path(path)}: student weights do not fit architecture "
+                         f"{spec.architecture}")
+    student.load_state_dict(OrderedDict(
+        (k, torch.from_numpy(np.array(v)).reshape(own[k].shape)) for k, v in state.items()))
+    return student.eval(), spec, card
+
+
+def load_head_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    card = check_bundle(path)
+    return load_numpy(str(card_path(path).parent / HEAD_FILE)), card
+
+
+def export_torchscript(path: str | Path, out: str | Path) -> Path:
+    """Trace the bundle's student to TorchScript (inputs: ``(N, *input_shape)``
+    float32, pixels in [0, 1]; outputs: logits)."""
+    student, spec, _ = load_student(path)
+    example = torch.rand(2, *spec.input_shape)
+    with torch.no_grad():
+        traced = torch.jit.trace(student, example)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    traced.save(str(out))
+    return out
