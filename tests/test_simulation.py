@@ -66,3 +66,27 @@ def test_simulation_writes_a_complete_summary(tmp_path):
         assert site["chain_ok"] and site["epsilon"]["prv"] == pytest.approx(
             s["sites"][site["site"]]["epsilon"], rel=1e-9)
         assert abs(site["epsilon"]["pld"] - site["epsilon"]["prv"]) < 0.05
+
+    # A second run on the same site ledgers, with caps below what run 1 spent:
+    # every site declines before training, nothing new is recorded, and the
+    # server ends the run cleanly instead of failing.
+    before = {sid: len(Ledger(out / "sites" / f"site-{sid}" / "ledger.sqlite").entries())
+              for sid in s["sites"]}
+    out2 = tmp_path / "run2"
+    args2 = fedtransfer_cmd(
+        "simulate", "--config", "demo", "--out", str(out2),
+        "--set", "num-sites=3", "--set", "num-rounds=2", "--set", "image-size=32",
+        "--set", "local-epochs=1", "--set", f"cache-dir={tmp_path / 'cache'}",
+        "--set", "target-epsilon=2.0", "--set", f"ledger-dir={out / 'sites'}")
+    log2 = tmp_path / "simulate2.log"
+    with running(args2, log=log2, cwd=REPO) as proc:
+        rc2 = proc.wait(timeout=600)
+    text2 = log2.read_text(errors="replace")
+    assert rc2 == 0, text2[-4000:]
+    s2 = json.loads((out2 / "summary.json").read_text())
+    assert s2["rounds"][0]["sites_aggregated"] == 0
+    assert "no site update could be aggregated" in s2["stop_reason"]
+    for sid, site in s2["sites"].items():
+        assert site["status"] == "budget-exhausted"
+        assert "budget exhausted: spent" in site["reason"] and "cap 2.0000" in site["reason"]
+        assert len(Ledger(out / "sites" / f"site-{sid}" / "ledger.sqlite").entries()) == before[sid]
