@@ -1,0 +1,89 @@
+"""What machine a result came from: CPU model, cores, memory, GPU, library versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import socket
+from importlib import metadata
+
+LIBRARIES = ("torch", "opacus", "flwr", "flwr-datasets", "ray", "numpy", "scikit-learn",
+             "efficientnet-lite-pytorch", "dp-accounting", "safetensors")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def total_memory_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 1024 ** 2, 1)
+    except OSError:
+        pass
+    return None
+
+
+def gpu_info() -> dict | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "count": torch.cuda.device_count(),
+            "memory_gb": round(props.total_memory / 1024 ** 3, 1),
+            "cuda": torch.version.cuda}
+
+
+def library_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine_info() -> dict:
+    """A one-level dict describing this machine (written into every results file)."""
+    import torch
+
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    gpu = gpu_info()
+    return {
+        "hostname": socket.gethostname(),
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": affinity,
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": total_memory_gb(),
+        "gpu": gpu,
+        "device": "cuda" if gpu else "cpu",
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "libraries": library_versions(),
+    }
+
+
+def machine_tag(info: dict) -> str:
+    """Short file-name-safe tag, e.g. ``cpu2-xeon`` or ``h100``."""
+    if info.get("gpu"):
+        name = info["gpu"]["name"].lower()
+        m = re.search(r"(h100|h200|a100|l4|t4|v100|a10g?|rtx ?\d+)", name)
+        return (m.group(1) if m else "gpu").replace(" ", "")
+    cpu = info.get("cpu_model", "").lower()
+    vendor = "xeon" if "xeon" in cpu else "epyc" if "epyc" in cpu else "cpu"
+    return f"cpu{info.get('cpu_cores_usable') or info.get('cpu_cores')}-{vendor}"

@@ -1,0 +1,71 @@
+"""Benchmark sizes for quick and full mode, and the scenario they are drawn from.
+
+Hyperparameters come from ``simulations/configs/pneumonia.toml`` (chosen on the
+validation split only); the benchmark never tunes anything on test data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import RunConfig
+from simulations.cli import resolve_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
+EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, float("inf"))
+PARTS = ("cached_vs_naive", "dp_overhead", "communication", "privacy_utility", "scale")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Everything that sizes a benchmark run (quick, full, or a test's tiny run)."""
+
+    mode: str = "quick"
+    data_path: Path = DEFAULT_DATA
+    work_dir: Path = REPO / ".fedtransfer" / "bench"
+    parts: tuple[str, ...] = PARTS
+    # 1. cached vs naive
+    naive_records: int = 1024          # training records at the one measured site (0: all)
+    naive_rounds: int = 3
+    naive_epsilon: float = 4.0
+    naive_epochs: int = 1
+    naive_batch_size: int = 64         # 0: the scenario's batch size
+    # 2. DP overhead
+    overhead_repeats: int = 3
+    overhead_epochs: int = 5
+    overhead_batch_sizes: tuple[int, ...] = (64, 256)
+    # 4. privacy-utility
+    epsilons: tuple[float, ...] = EPSILONS
+    seeds: tuple[int, ...] = (0,)
+    # 5. scale
+    scale_sites: tuple[int, ...] = (10, 50)
+    scale_rounds: int = 2
+    scale_timeout_s: float = 900.0
+    # the scenario (pneumonia.toml), resolved once
+    scenario: RunConfig = field(default_factory=lambda: resolve_config("pneumonia", [], None))
+
+    def replace(self, **changes) -> BenchSettings:
+        return dataclasses.replace(self, **changes)
+
+    def config(self, **changes) -> RunConfig:
+        """The scenario with the benchmark's data path, cache and any changes."""
+        return self.scenario.replace(dataset=f"medmnist:{self.data_path}", data_dir="",
+                                     cache_dir=str(self.work_dir / "cache"), device="auto",
+                                     **changes)
+
+
+def quick() -> BenchSettings:
+    return BenchSettings()
+
+
+def full() -> BenchSettings:
+    return BenchSettings(mode="full", naive_records=0, naive_rounds=3, naive_epochs=5,
+                         naive_batch_size=0, seeds=(0, 1, 2),
+                         scale_sites=(10, 50, 100, 200), overhead_repeats=5,
+                         scale_timeout_s=1500.0)
+
+
+MODES = {"quick": quick, "full": full}
