@@ -198,9 +198,25 @@ def read_medmnist_npz(path: str | Path) -> Splits:
     )
 
 
+def _load_local(kind: str) -> Callable[[str, str, int], Splits]:
+    """``imagefolder:<dir>`` / ``csv:<file>``: a site's own files (common.sitedata),
+    split 70/10/20 (seeded). Any corrupt file or bad label is an error naming it."""
+
+    def load(rest: str, data_dir: str, seed: int) -> Splits:
+        from common.sitedata import read_site_records, splits_from_records
+
+        spec = f"{kind}:{rest}"
+        return splits_from_records(spec, read_site_records(spec), seed)
+
+    return load
+
+
 _REGISTRY: dict[str, Callable[[str, int], Splits]] = {"digits": _load_digits}
-_PREFIXES: dict[str, Callable[[str, str, int], Splits]] = {"medmnist": _load_medmnist}
-DATASET_NAMES = ("digits", "medmnist:<name or path.npz>")
+_PREFIXES: dict[str, Callable[[str, str, int], Splits]] = {
+    "medmnist": _load_medmnist, "imagefolder": _load_local("imagefolder"),
+    "csv": _load_local("csv")}
+DATASET_NAMES = ("digits", "medmnist:<name or path.npz>", "imagefolder:<dir>",
+                 "csv:<file>[?label=COL&missing=error|drop|zero|mean&site=COL]")
 
 
 def load_dataset(spec: str, data_dir: str = "", seed: int = 0) -> Splits:

@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     from simulations.models_cli import add_model_commands
 
     add_model_commands(sub)
+    from simulations.site_cli import add_site_commands
+
+    add_site_commands(sub)
     return p
 
 
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"fedtransfer: error: {exc}", file=sys.stderr)
         return 2
 

@@ -218,12 +218,18 @@ def test_medmnist_missing_explicit_path_is_named(tmp_path):
         load_dataset(f"medmnist:{tmp_path / 'absent.npz'}")
 
 
-@pytest.mark.parametrize("spec", ["nope", "medmnist:", "csv:x.csv"])
+@pytest.mark.parametrize("spec", ["nope", "medmnist:", "parquet:x.parquet"])
 def test_unknown_dataset_lists_the_valid_names(spec):
     with pytest.raises(ValueError) as err:
         load_dataset(spec)
     msg = str(err.value)
     assert repr(spec) in msg and "digits" in msg and "medmnist:" in msg
+    assert "imagefolder:<dir>" in msg and "csv:<file>" in msg
+
+
+def test_missing_csv_dataset_is_named():
+    with pytest.raises(ValueError, match="CSV file not found: x.csv"):
+        load_dataset("csv:x.csv")
 
 
 def test_digits_loads_with_ten_classes_and_fixed_splits():

@@ -1,0 +1,373 @@
+"""A site's own data on its own disk: image folders, CSV files, MedMNIST ``.npz``.
+
+Readers return every record with its problems *listed*, never silently
+skipped: :func:`scan_imagefolder` and :func:`scan_csv` give a :class:`Scan`
+(arrays plus what was wrong, file by file), and :func:`read_site_records`
+turns a scan with any problem into a :class:`SiteDataError` naming the files,
+so a site with bad data fails at join time before anything touches its ledger.
+
+Label convention: class folders (or CSV label values) that are all integers
+are used as label indices, so a site that lacks class ``3`` still maps ``7``
+to 7; other names are sorted. A site must use the federation's class names.
+
+Spec strings (the dataset registry's syntax, also the node config's
+``data-path``):
+
+* ``imagefolder:<dir>``: ``<dir>/<class>/*.png|jpg|jpeg``;
+* ``csv:<file>[?label=COL&missing=POLICY&site=COL]``: numeric feature columns,
+  a label column (default ``label``), an optional site column (dropped), and a
+  missing-value policy: ``error`` (default), ``drop`` (drop the row),
+  ``zero`` or ``mean`` (per-column mean of the observed values);
+* ``medmnist:<file.npz>`` (or a bare ``.npz`` path);
+* a bare directory (an image folder) or a ``.csv`` path.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import urllib.parse
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MISSING_POLICIES = ("error", "drop", "zero", "mean")
+_MISSING_TOKENS = ("", "na", "nan", "null", "none", "?")
+
+
+class SiteDataError(ValueError):
+    """The site's data cannot be used as it is; the message names the files."""
+
+
+@dataclass
+class Scan:
+    """Everything read from a site's data, and everything wrong with it."""
+
+    kind: str
+    path: Path
+    x: np.ndarray
+    y: np.ndarray
+    classes: tuple[str, ...]
+    image_sizes: Counter = field(default_factory=Counter)  # "WxH MODE" -> count
+    corrupt: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+    label_problems: list[str] = field(default_factory=list)
+    nan_features: dict[str, int] = field(default_factory=dict)  # column -> missing count
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        got = Counter(int(v) for v in self.y)
+        return {name: got.get(i, 0) for i, name in enumerate(self.classes)}
+
+    def problems(self) -> list[str]:
+        out = [f"unreadable file {f}: {why}" for f, why in self.corrupt]
+        out += self.label_problems
+        out += [f"column '{c}' has {n} missing or non-finite values" for c, n in
+                self.nan_features.items()]
+        return out
+
+
+def parse_spec(spec: str) -> tuple[str, Path, dict[str, str]]:
+    """``(kind, path, options)`` for a site data spec (see the module doc)."""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("imagefolder", "csv", "medmnist"):
+        target = rest
+    else:
+        kind, target = "", spec
+    target, _, query = target.partition("?")
+    options = dict(urllib.parse.parse_qsl(query)) if query else {}
+    path = Path(target).expanduser()
+    if not kind:
+        if path.is_dir():
+            kind = "imagefolder"
+        elif path.suffix.lower() == ".csv":
+            kind = "csv"
+        elif path.suffix.lower() == ".npz":
+            kind = "medmnist"
+        else:
+            raise SiteDataError(f"cannot tell the format of {spec!r}: give a class-folder "
+                                "directory, a .csv or a .npz (or imagefolder:/csv:/medmnist:)")
+    unknown = set(options) - {"label", "missing", "site"}
+    if unknown:
+        raise SiteDataError(f"unknown option(s) {sorted(unknown)} in {spec!r}; "
+                            "allowed: label, missing, site")
+    return kind, path, options
+
+
+def _class_names(names: list[str]) -> tuple[tuple[str, ...], dict[str, int]]:
+    """Integer names are label indices (0..max, gaps kept); else sorted order."""
+    if names and all(n.isdigit() for n in names):
+        top = max(int(n) for n in names)
+        classes = tuple(str(i) for i in range(top + 1))
+        return classes, {n: int(n) for n in names}
+    classes = tuple(sorted(names))
+    return classes, {n: i for i, n in enumerate(classes)}
+
+
+# --------------------------------------------------------------------------
+# Image folders
+# --------------------------------------------------------------------------
+
+
+def scan_imagefolder(root: str | Path, *, size: tuple[int, int] | None = None) -> Scan:
+    """Read ``root/<class>/*.png|jpg|jpeg`` with Pillow.
+
+    Images are converted to grayscale when every readable image is grayscale,
+    else to RGB, and resized (bilinear) to ``size`` or to the most common
+    size. Values are float32 in [0, 1].
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise SiteDataError(f"image folder not found: {root}")
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not dirs:
+        raise SiteDataError(f"{root}: no class sub-folders (expected {root}/<class>/*.png)")
+    classes, index = _class_names([d.name for d in dirs])
+    corrupt: list[tuple[str, str]] = []
+    loaded: list[tuple[Image.Image, int]] = []
+    sizes: Counter = Counter()
+    notes: list[str] = []
+    for d in dirs:
+        for f in sorted(d.iterdir()):
+            if f.name.startswith("."):
+                continue
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                notes.append(f"ignored {f.relative_to(root)} (not .png/.jpg/.jpeg)")
+                continue
+            try:
+                with Image.open(f) as im:
+                    im.load()  # decodes fully: a truncated file fails here
+                    img = im.copy()
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+                corrupt.append((str(f.relative_to(root)), f"{type(exc).__name__}: {exc}"))
+                continue
+            sizes[f"{img.width}x{img.height} {img.mode}"] += 1
+            loaded.append((img, index[d.name]))
+    got = Counter(lab for _, lab in loaded)
+    label_problems = [f"class '{c}' is empty (no readable image in {root / c})"
+                      for i, c in enumerate(classes) if not got.get(i)]
+    gray = bool(loaded) and all(im.mode in ("L", "1", "I", "I;16", "F") for im, _ in loaded)
+    if size is None and loaded:
+        size = Counter(im.size for im, _ in loaded).most_common(1)[0][0]
+    if loaded and len({im.size for im, _ in loaded}) > 1:
+        notes.append(f"images of {len({im.size for im, _ in loaded})} sizes, all resized to "
+                     f"{size[0]}x{size[1]}")
+    arrays = []
+    for im, _ in loaded:
+        im = im.convert("L" if gray else "RGB")
+        if im.size != size:
+            im = im.resize(size, Image.BILINEAR)
+        arrays.append(np.asarray(im, dtype=np.float32) / 255.0)
+    x = np.stack(arrays) if arrays else np.zeros((0, 1, 1), np.float32)
+    y = np.array([lab for _, lab in loaded], dtype=np.int64)
+    return Scan("imagefolder", root, x, y, classes, image_sizes=sizes, corrupt=corrupt,
+                label_problems=label_problems, notes=notes)
+
+
+# --------------------------------------------------------------------------
+# CSV
+# --------------------------------------------------------------------------
+
+
+def _number(text: str) -> float:
+    t = text.strip()
+    if t.lower() in _MISSING_TOKENS:
+        return math.nan
+    return float(t)  # ValueError for non-numeric text
+
+
+def scan_csv(path: str | Path, *, label: str = "label", missing: str = "error",
+             site: str | None = None, classes: tuple[str, ...] | None = None) -> Scan:
+    """Read a CSV of numeric feature columns and a label column.
+
+    ``missing`` is the explicit policy for empty / NA / NaN feature cells:
+    ``error`` reports them as problems, ``drop`` drops those rows, ``zero``
+    fills 0, ``mean`` fills the column's mean of observed values. A ``site``
+    column (if named) is dropped. ``classes`` fixes the class names (else
+    integer labels are indices and other labels are sorted).
+    """
+    path = Path(path)
+    if missing not in MISSING_POLICIES:
+        raise SiteDataError(f"missing-value policy {missing!r} unknown; "
+                            f"allowed: {', '.join(MISSING_POLICIES)}")
+    if not path.is_file():
+        raise SiteDataError(f"CSV file not found: {path}")
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise SiteDataError(f"{path}: not a readable CSV ({exc})") from exc
+    if not rows:
+        raise SiteDataError(f"{path}: empty file")
+    header = [h.strip() for h in rows[0]]
+    if label not in header:
+        raise SiteDataError(f"{path}: no label column '{label}' (columns: {', '.join(header)})")
+    drop = {label} | ({site} if site else set())
+    feature_cols = [i for i, h in enumerate(header) if h not in drop]
+    li = header.index(label)
+    corrupt, labels, feats = [], [], []
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            corrupt.append((f"{path.name}:{lineno}", f"{len(row)} fields, header has {len(header)}"))
+            continue
+        try:
+            values = [_number(row[i]) for i in feature_cols]
+        except ValueError:
+            bad = [header[i] for i in feature_cols if not _is_number(row[i])]
+            corrupt.append((f"{path.name}:{lineno}", f"non-numeric value in {', '.join(bad)}"))
+            continue
+        labels.append(row[li].strip())
+        feats.append(values)
+    x = np.array(feats, dtype=np.float64).reshape(len(feats), len(feature_cols))
+    bad_cells = ~np.isfinite(x)
+    nan_features = {header[c]: int(n) for c, n in zip(feature_cols, bad_cells.sum(0), strict=True)
+                    if n}
+    notes, label_problems = [], []
+    if nan_features and missing != "error":
+        if missing == "drop":
+            keep = ~bad_cells.any(1)
+            notes.append(f"missing values: dropped {int((~keep).sum())} rows (policy 'drop')")
+            x, labels = x[keep], [lab for lab, k in zip(labels, keep, strict=True) if k]
+        else:
+            fill = np.zeros(x.shape[1]) if missing == "zero" else np.nanmean(
+                np.where(bad_cells, np.nan, x), axis=0)
+            fill = np.where(np.isfinite(fill), fill, 0.0)
+            x = np.where(bad_cells, fill[None, :], x)
+            notes.append(f"missing values filled with the column {missing} (policy '{missing}')")
+        notes.append("columns with missing values: " +
+                     ", ".join(f"{c} ({n})" for c, n in nan_features.items()))
+        nan_features = {}
+    missing_labels = [i for i, lab in enumerate(labels) if lab.lower() in _MISSING_TOKENS]
+    if missing_labels:
+        label_problems.append(f"{len(missing_labels)} rows have no label in column '{label}'")
+    names = sorted({lab for lab in labels if lab.lower() not in _MISSING_TOKENS})
+    if classes is None:
+        classes, index = _class_names(names)
+    else:
+        index = {c: i for i, c in enumerate(classes)}
+        unknown = sorted(set(names) - set(classes))
+        if unknown:
+            label_problems.append(f"unknown label(s) {unknown}; expected one of {list(classes)}")
+    for c in classes:
+        if c not in names:
+            label_problems.append(f"class '{c}' is empty (no row has this label)")
+    y = np.array([index.get(lab, -1) for lab in labels], dtype=np.int64)
+    keep = y >= 0
+    return Scan("csv", path, x[keep].astype(np.float32), y[keep], tuple(classes), corrupt=corrupt,
+                label_problems=label_problems, nan_features=nan_features, notes=notes)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        _number(text)
+        return True
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------
+# MedMNIST .npz
+# --------------------------------------------------------------------------
+
+
+def scan_npz(path: str | Path) -> Scan:
+    """A standard MedMNIST ``.npz``: all of its splits are this site's records."""
+    from common.data import read_medmnist_npz
+
+    path = Path(path)
+    if not path.is_file():
+        raise SiteDataError(f"MedMNIST file not found: {path}")
+    try:
+        s = read_medmnist_npz(path)
+    except ValueError as exc:
+        return Scan("medmnist", path, np.zeros((0, 1, 1), np.float32), np.zeros(0, np.int64), (),
+                    corrupt=[(path.name, str(exc))])
+    x = np.concatenate([s.train_x, s.val_x, s.test_x])
+    y = np.concatenate([s.train_y, s.val_y, s.test_y])
+    shape = "x".join(str(d) for d in x.shape[1:3]) + (" RGB" if x.ndim == 4 else " L")
+    scan = Scan("medmnist", path, x, y, s.classes, image_sizes=Counter({shape: len(x)}))
+    scan.label_problems = [f"class '{c}' is empty (no record has label {i})"
+                           for i, c in enumerate(s.classes) if not (y == i).any()]
+    return scan
+
+
+def scan(spec: str) -> Scan:
+    """Read a site's data from its spec (see the module doc)."""
+    kind, path, options = parse_spec(spec)
+    if kind == "imagefolder":
+        return scan_imagefolder(path)
+    if kind == "csv":
+        return scan_csv(path, label=options.get("label", "label"),
+                        missing=options.get("missing", "error"), site=options.get("site"))
+    return scan_npz(path)
+
+
+def read_site_records(spec: str) -> Scan:
+    """The site's records, or :class:`SiteDataError` listing every problem.
+
+    Used at join time: a site with corrupt files, unknown labels or missing
+    features (under policy ``error``) does not train, and nothing is recorded.
+    Empty classes are allowed here (a site may lack a class); ``site check``
+    reports them.
+    """
+    s = scan(spec)
+    fatal = [p for p in s.problems() if "is empty" not in p]
+    if fatal:
+        raise SiteDataError(f"site data {spec}: " + "; ".join(fatal) +
+                            " (run `fedtransfer site check --data ...` for the full report)")
+    if len(s.y) < 2:
+        raise SiteDataError(f"site data {spec}: {len(s.y)} usable records, need at least 2")
+    return s
+
+
+def splits_from_records(name: str, s: Scan, seed: int):
+    """A seeded 70/10/20 train/val/test split (stratified where every class
+    has enough records), so ``imagefolder:`` and ``csv:`` work as registry
+    datasets in simulations too."""
+    from sklearn.model_selection import train_test_split
+
+    from common.data import Splits
+
+    idx = np.arange(len(s.y))
+
+    def split(ids, size):
+        counts = np.bincount(s.y[ids])
+        strat = s.y[ids] if counts[counts > 0].min() >= 2 else None
+        try:
+            return train_test_split(ids, test_size=size, stratify=strat, random_state=seed)
+        except ValueError:  # too few records of some class for a stratified split
+            return train_test_split(ids, test_size=size, random_state=seed)
+
+    rest, test = split(idx, 0.2)
+    train, val = split(rest, 0.125)
+    return Splits(name=name, classes=s.classes, train_x=s.x[train], train_y=s.y[train],
+                  val_x=s.x[val], val_y=s.y[val], test_x=s.x[test], test_y=s.y[test])
+
+
+def own_site_data(spec: str, *, site_id: int, holdout: float, seed: int,
+                  num_classes: int | None = None):
+    """A deployed site's private data: *all* records at ``spec``, split into
+    training records and the site's own holdout (seeded by ``seed, site_id``)."""
+    from common.data import SiteData
+
+    s = read_site_records(spec)
+    k = num_classes or len(s.classes)
+    if len(s.classes) > k:
+        raise SiteDataError(f"site data {spec} has {len(s.classes)} classes "
+                            f"({', '.join(s.classes)}); the federation's head has {k}")
+    rng = np.random.default_rng([seed, site_id, 104729])
+    idx = rng.permutation(len(s.y))
+    n_hold = max(1, int(round(len(idx) * holdout)))
+    if len(idx) - n_hold < 2:
+        raise SiteDataError(f"site data {spec}: {len(idx)} records are too few to train and "
+                            "hold out")
+    hold, train = idx[:n_hold], idx[n_hold:]
+    return SiteData(site_id=site_id, train_x=s.x[train], train_y=s.y[train],
+                    holdout_x=s.x[hold], holdout_y=s.y[hold], num_classes=k)

@@ -1,0 +1,67 @@
+"""``fedtransfer site check`` and ``fedtransfer deploy certs``: a site operator's
+and a coordinator's commands for a real deployment (see README, "Deploying on
+edge sites")."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_site_check(args) -> int:
+    """Exit 0 when the data is ready to join, 1 when it is not."""
+    from common.sitecheck import Plan, check_site, format_report
+
+    plan = Plan(target_epsilon=args.cap, target_delta=args.delta, num_rounds=args.rounds,
+                local_epochs=args.epochs, batch_size=args.batch_size,
+                noise_multiplier=args.noise_multiplier, holdout=args.holdout)
+    report = check_site(args.data, plan, ledger=args.ledger, num_classes=args.num_classes)
+    print(json.dumps(report.to_dict(), indent=2, default=str) if args.json
+          else format_report(report))
+    return 0 if report.ok else 1
+
+
+def cmd_deploy_certs(args) -> int:
+    from common.certs import make_deployment_keys
+
+    made = make_deployment_keys(args.out, sites=args.sites, hosts=args.host,
+                                days=args.days, overwrite=args.force)
+    for kind, path in made.items():
+        print(f"{kind:<28} {path}")
+    return 0
+
+
+def add_site_commands(sub) -> None:
+    sp = sub.add_parser("site", help="a site operator's commands")
+    site = sp.add_subparsers(dest="site_command", required=True)
+    c = site.add_parser("check", help="validate the site's data and estimate ε for the planned "
+                        "run (exit 1 when not ready)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--data", required=True, help="imagefolder:<dir>, csv:<file>[?label=COL&"
+                   "missing=error|drop|zero|mean&site=COL], medmnist:<file.npz>, or a bare "
+                   "directory / .csv / .npz path (the node config's data-path)")
+    c.add_argument("--cap", type=float, default=4.0, help="the site's ε cap (target-epsilon)")
+    c.add_argument("--delta", type=float, default=1e-5, help="the site's δ (target-delta)")
+    c.add_argument("--rounds", type=int, default=5, help="planned rounds (num-rounds)")
+    c.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--noise-multiplier", type=float, default=0.0,
+                   help="σ the server will request (0: the site calibrates to its cap)")
+    c.add_argument("--holdout", type=float, default=0.2, help="the site's holdout fraction")
+    c.add_argument("--ledger", help="the site's ledger: its earlier spend counts")
+    c.add_argument("--num-classes", type=int, help="the federation's class count")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.set_defaults(func=cmd_site_check)
+
+    dp = sub.add_parser("deploy", help="a coordinator's deployment helpers")
+    dep = dp.add_subparsers(dest="deploy_command", required=True)
+    k = dep.add_parser("certs", help="make a CA, the SuperLink's TLS certificate and one "
+                       "SuperNode authentication key pair per site")
+    k.add_argument("--out", required=True, help="folder for the keys and certificates")
+    k.add_argument("--sites", type=int, default=3, help="SuperNode key pairs to make")
+    k.add_argument("--host", action="append", default=None,
+                   help="SuperLink host name or IP for the certificate (repeatable; "
+                        "default: localhost and 127.0.0.1)")
+    k.add_argument("--days", type=int, default=365, help="certificate validity")
+    k.add_argument("--force", action="store_true", help="overwrite existing files")
+    k.set_defaults(func=cmd_deploy_certs)

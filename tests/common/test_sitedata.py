@@ -1,0 +1,171 @@
+"""Site data readers and ``fedtransfer site check`` on tiny files made here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.data import load_dataset
+from common.sitecheck import Plan, check_site, estimate_epsilon, format_report
+from common.sitedata import SiteDataError, own_site_data, parse_spec, read_site_records, scan
+from simulations.cli import main
+
+
+def _png(path, value, size=(8, 8), mode="L"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    color = value if mode == "L" else (value, value // 2, 255 - value)
+    Image.new(mode, size, color).save(path)
+
+
+def _folder(root, per_class=6, classes=("0", "1", "2")):
+    for c in classes:
+        for i in range(per_class):
+            _png(root / c / f"img{i}.png", 40 * int(c) + i)
+    return root
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_image_folder_counts_sizes_and_integer_class_names(tmp_path):
+    root = _folder(tmp_path / "site")
+    _png(root / "2" / "big.png", 9, size=(16, 12))
+    s = scan(f"imagefolder:{root}")
+    assert s.classes == ("0", "1", "2")
+    assert s.counts == {"0": 6, "1": 6, "2": 7}
+    assert s.image_sizes == {"8x8 L": 18, "16x12 L": 1}
+    assert s.x.shape == (19, 8, 8) and s.x.dtype == np.float32  # resized to the common size
+    assert 0.0 <= s.x.min() and s.x.max() <= 1.0
+    assert s.problems() == []
+
+
+def test_rgb_images_give_rgb_arrays(tmp_path):
+    root = tmp_path / "rgb"
+    for c in ("a", "b"):
+        for i in range(3):
+            _png(root / c / f"{i}.jpg", 100 + i, mode="RGB")
+    s = scan(str(root))  # a bare directory is an image folder
+    assert s.kind == "imagefolder" and s.x.shape == (6, 8, 8, 3)
+    assert s.classes == ("a", "b")
+
+
+def test_truncated_png_and_junk_are_listed_by_name_not_skipped(tmp_path):
+    root = _folder(tmp_path / "site")
+    _truncate(root / "1" / "img3.png")
+    (root / "0" / "notes.jpg").write_bytes(b"not an image")
+    s = scan(f"imagefolder:{root}")
+    bad = dict(s.corrupt)
+    assert set(bad) == {"1/img3.png", "0/notes.jpg"}
+    assert s.counts == {"0": 6, "1": 5, "2": 6}
+    with pytest.raises(SiteDataError, match=r"1/img3\.png.*|0/notes\.jpg"):
+        read_site_records(f"imagefolder:{root}")
+    report = check_site(f"imagefolder:{root}", Plan(batch_size=4))
+    assert not report.ok
+    assert any("1/img3.png" in e for e in report.errors)
+    assert "corrupt: 1/img3.png" in format_report(report)
+
+
+def test_empty_class_is_reported_but_a_site_may_train_without_it(tmp_path):
+    root = _folder(tmp_path / "site", classes=("0", "2"))  # no folder "1"
+    (root / "3").mkdir()  # an empty folder
+    report = check_site(f"imagefolder:{root}", Plan(batch_size=4))
+    assert report.counts == {"0": 6, "1": 0, "2": 6, "3": 0}
+    assert report.ok
+    assert sum("is empty" in n for n in report.notes) == 2
+    data = own_site_data(f"imagefolder:{root}", site_id=0, holdout=0.25, seed=0, num_classes=10)
+    assert data.num_classes == 10 and set(data.train_y) | set(data.holdout_y) == {0, 2}
+    assert len(data.train_y) + len(data.holdout_y) == 12
+
+
+def test_csv_with_missing_values_needs_an_explicit_policy(tmp_path):
+    path = tmp_path / "site.csv"
+    path.write_text("age,bp,site,label\n50,120,A,yes\n61,,A,no\n70,NaN,B,yes\n40,110,B,no\n"
+                    "44,130,A,no\n")
+    report = check_site(f"csv:{path}?label=label&site=site", Plan(batch_size=2))
+    assert not report.ok
+    assert report.nan_features == {"bp": 2}
+    assert any("column 'bp'" in e and "policy" in e for e in report.errors)
+    with pytest.raises(SiteDataError, match="column 'bp'"):
+        read_site_records(f"csv:{path}?site=site")
+
+    s = scan(f"csv:{path}?site=site&missing=mean")
+    assert s.classes == ("no", "yes") and s.x.shape == (5, 2)
+    np.testing.assert_allclose(s.x[:, 1], [120, 120, 120, 110, 130])  # mean of 120, 110, 130
+    assert s.y.tolist() == [1, 0, 1, 0, 0]
+    dropped = scan(f"csv:{path}?site=site&missing=drop")
+    assert dropped.x.shape == (3, 2) and dropped.y.tolist() == [1, 0, 0]
+    zero = scan(f"csv:{path}?site=site&missing=zero")
+    assert zero.x[1, 1] == 0 and zero.x[2, 1] == 0
+
+
+def test_csv_bad_rows_and_unknown_policy(tmp_path):
+    path = tmp_path / "site.csv"
+    path.write_text("x1,x2,label\n1,2,0\n1,abc,1\n3,4\n5,6,1\n")
+    s = scan(f"csv:{path}")
+    assert dict(s.corrupt) == {"site.csv:3": "non-numeric value in x2",
+                               "site.csv:4": "2 fields, header has 3"}
+    with pytest.raises(SiteDataError, match="missing-value policy 'guess'"):
+        scan(f"csv:{path}?missing=guess")
+    with pytest.raises(SiteDataError, match="no label column 'y'"):
+        scan(f"csv:{path}?label=y")
+    with pytest.raises(SiteDataError, match="unknown option"):
+        parse_spec(f"csv:{path}?lable=y")
+
+
+def test_npz_site_file_uses_all_its_records(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 20), ("val", 4), ("test", 6)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 8, 8), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(n, 1)
+    np.savez(tmp_path / "site.npz", **arrays)
+    report = check_site(str(tmp_path / "site.npz"), Plan(batch_size=8))
+    assert report.ok and report.num_records == 30
+    assert report.counts == {"0": 15, "1": 15} and report.image_sizes == {"8x8 L": 30}
+    (tmp_path / "broken.npz").write_bytes((tmp_path / "site.npz").read_bytes()[:200])
+    bad = check_site(f"medmnist:{tmp_path / 'broken.npz'}", Plan())
+    assert not bad.ok and "broken.npz" in bad.corrupt[0]["file"]
+
+
+def test_registry_loads_imagefolder_and_csv(tmp_path):
+    root = _folder(tmp_path / "site", per_class=10)
+    s = load_dataset(f"imagefolder:{root}", seed=0)
+    assert s.num_classes == 3
+    assert len(s.train_y) + len(s.val_y) + len(s.test_y) == 30
+    assert len(s.test_y) == 6
+    path = tmp_path / "t.csv"
+    path.write_text("a,b,label\n" + "".join(f"{i},{i * 2},{i % 2}\n" for i in range(20)))
+    c = load_dataset(f"csv:{path}")
+    assert c.train_x.shape[1] == 2 and c.num_classes == 2
+    with pytest.raises(ValueError, match="imagefolder:<dir>"):
+        load_dataset("folder:x")
+
+
+def test_epsilon_estimate_calibrates_to_the_cap_or_reports_the_overrun():
+    plan = Plan(target_epsilon=2.0, num_rounds=3, local_epochs=1, batch_size=10)
+    est = estimate_epsilon(100, plan)
+    assert est.fits and est.steps_per_round == 10 and est.sample_rate == pytest.approx(0.1)
+    assert est.epsilon == pytest.approx(2.0, abs=0.02) and est.noise_multiplier > 0.3
+    loud = estimate_epsilon(100, Plan(target_epsilon=0.5, num_rounds=3, batch_size=10,
+                                      noise_multiplier=0.6))
+    assert not loud.fits and loud.epsilon > 0.5 and "round(s) fit" in loud.note
+    tiny = estimate_epsilon(5, plan)
+    assert not tiny.fits and "exceeds" in tiny.note
+
+
+def test_site_check_command_exit_status_and_json(tmp_path, capsys):
+    root = _folder(tmp_path / "site", per_class=10)
+    assert main(["site", "check", "--data", f"imagefolder:{root}", "--cap", "3",
+                 "--batch-size", "8", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "records per class: 0: 10, 1: 10, 2: 10" in out and "ready to join" in out
+    assert "ε=" in out and "cap 3" in out
+    _truncate(root / "0" / "img1.png")
+    assert main(["site", "check", "--data", str(root), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False and doc["corrupt"][0]["file"] == "0/img1.png"
