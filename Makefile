@@ -29,5 +29,12 @@ compare: install
 pneumonia: install
 	$(BIN)/fedtransfer simulate --config pneumonia
 
+.PHONY: bench bench-full
+bench: install  # benchmark suite, quick mode (~10 min on 2 cores): benchmarks/BENCHMARKS.md
+	$(BIN)/python -m benchmarks --mode quick
+
+bench-full: install  # full mode (<= 60 min on 2 cores)
+	$(BIN)/python -m benchmarks --mode full
+
 clean:
 	rm -rf $(VENV) runs .fedtransfer

@@ -36,9 +36,11 @@ from common.privacy import Mechanism, calibrate_noise_multiplier, dp_plan, epsil
 log = logging.getLogger(__name__)
 
 
-def backbone_features(module: nn.Module, x: torch.Tensor, image_size: int,
+def backbone_features(module: nn.Module | None, x: torch.Tensor, image_size: int,
                       device: str) -> torch.Tensor:
     """The same features :meth:`Backbone.extract` computes, for one batch in the loop."""
+    if module is None:  # identity backbone
+        return x.reshape(len(x), -1).to(device)
     with torch.inference_mode():
         f = module(preprocess(x.numpy(), image_size).to(device))
         if f.ndim == 4:
@@ -47,7 +49,7 @@ def backbone_features(module: nn.Module, x: torch.Tensor, image_size: int,
     return f.clone()  # leave inference mode: Opacus's hooks need a normal tensor
 
 
-def naive_train_dp(module: nn.Module, image_size: int, head: nn.Module, images: np.ndarray,
+def naive_train_dp(module: nn.Module | None, image_size: int, head: nn.Module, images: np.ndarray,
                    labels: np.ndarray, *, epochs: int, batch_size: int, lr: float,
                    momentum: float, noise_multiplier: float, clip_norm: float, seed: int,
                    device: str = "cpu") -> training.TrainResult:
@@ -62,7 +64,8 @@ def naive_train_dp(module: nn.Module, image_size: int, head: nn.Module, images: 
     grad_sample_mode = "hooks" if isinstance(head, nn.Linear) else "ghost"
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    module.to(device).eval()
+    if module is not None:
+        module.to(device).eval()
     head.to(device).train()
     ds = TensorDataset(torch.as_tensor(images, dtype=torch.float32),
                        torch.as_tensor(labels, dtype=torch.long))

@@ -28,14 +28,14 @@ class BenchSettings:
     work_dir: Path = REPO / ".fedtransfer" / "bench"
     parts: tuple[str, ...] = PARTS
     # 1. cached vs naive
-    naive_records: int = 1024          # training records at the one measured site (0: all)
+    naive_records: int = 512           # training records at the one measured site (0: all)
     naive_rounds: int = 3
     naive_epsilon: float = 4.0
     naive_epochs: int = 1
     naive_batch_size: int = 64         # 0: the scenario's batch size
     # 2. DP overhead
     overhead_repeats: int = 3
-    overhead_epochs: int = 5
+    overhead_epochs: int = 2
     overhead_batch_sizes: tuple[int, ...] = (64, 256)
     # 4. privacy-utility
     epsilons: tuple[float, ...] = EPSILONS
@@ -63,7 +63,7 @@ def quick() -> BenchSettings:
 
 def full() -> BenchSettings:
     return BenchSettings(mode="full", naive_records=0, naive_rounds=3, naive_epochs=5,
-                         naive_batch_size=0, seeds=(0, 1, 2),
+                         naive_batch_size=0, seeds=(0, 1, 2), overhead_epochs=5,
                          scale_sites=(10, 50, 100, 200), overhead_repeats=5,
                          scale_timeout_s=1500.0)
 

@@ -1,0 +1,182 @@
+"""``python -m benchmarks --mode quick|full``: run the suite, write results, plots, BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import settings as S
+
+log = logging.getLogger("benchmarks")
+RESULTS = Path(__file__).parent / "results"
+
+
+def _env() -> None:
+    """Third-party caches and telemetry into a scratch folder, never $HOME."""
+    tmp = Path(tempfile.mkdtemp(prefix="fedtransfer-bench-"))
+    for var, sub in (("MPLCONFIGDIR", "mpl"), ("HF_HOME", "hf"), ("XDG_CACHE_HOME", "xdg"),
+                     ("FLWR_HOME", "flwr"), ("RAY_TMPDIR", "ray")):
+        os.environ.setdefault(var, str(tmp / sub))
+        Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def _clean(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, str):
+        return _clean(x.item())
+    return x
+
+
+def run_suite(st: S.BenchSettings) -> dict:
+    """Run the parts named in ``st.parts``; returns the results document."""
+    from benchmarks.machine import machine_info
+
+    from common.data import read_medmnist_npz
+    from common.training import resolve_device
+
+    t_suite = time.perf_counter()
+    info = machine_info()
+    device = resolve_device("auto")
+    st.work_dir.mkdir(parents=True, exist_ok=True)
+    cfg = st.config()
+    doc: dict = {"schema": 1, "mode": st.mode, "date": dt.date.today().isoformat(),
+                 "machine": info, "device": device,
+                 "notes": ["CPU timings are noisy when other processes share the cores; "
+                           "compare ratios measured in the same process, not absolute times"],
+                 "scenario": "simulations/configs/pneumonia.toml", "timings": {}}
+    splits = None
+    if {"cached_vs_naive"} & set(st.parts):
+        splits = read_medmnist_npz(st.data_path)
+
+    def part(name, fn):
+        if name not in st.parts:
+            return
+        t0 = time.perf_counter()
+        log.info("== %s ==", name)
+        doc[name] = fn()
+        doc["timings"][name] = time.perf_counter() - t0
+        log.info("%s took %.0f s", name, doc["timings"][name])
+
+    def cached_vs_naive():
+        from benchmarks import cached_vs_naive as cvn
+
+        x, y = cvn.subset(splits.train_x, splits.train_y, st.naive_records, seed=0)
+        return cvn.run(x, y, splits.test_x, splits.test_y, backbone_name=cfg.backbone,
+                       image_size=cfg.image_size, head_name=cfg.head, rounds=st.naive_rounds,
+                       epochs=st.naive_epochs, batch_size=st.naive_batch_size or cfg.batch_size,
+                       lr=cfg.learning_rate, momentum=cfg.momentum, clip_norm=cfg.clip_norm,
+                       target_epsilon=st.naive_epsilon, delta=cfg.target_delta, device=device,
+                       work_dir=st.work_dir, eval_cache_dir=Path(cfg.cache_dir))
+
+    pooled: dict = {}
+
+    def fixture():
+        if "fx" not in pooled:
+            from benchmarks.privacy_utility import Fixture
+
+            pooled["fx"] = Fixture(cfg)
+        return pooled["fx"]
+
+    def dp_overhead():
+        from benchmarks import dp_overhead as dpo
+
+        x, y = fixture().pooled()
+        return dpo.run(x, y, batch_sizes=st.overhead_batch_sizes, epochs=st.overhead_epochs,
+                       repeats=st.overhead_repeats, lr=cfg.learning_rate, momentum=cfg.momentum,
+                       clip=cfg.clip_norm, hidden_dim=cfg.hidden_dim, device=device)
+
+    def communication():
+        from benchmarks import communication as comm
+
+        return comm.run(image_size=cfg.image_size, hidden_dim=cfg.hidden_dim)
+
+    def privacy_utility():
+        from benchmarks import privacy_utility as pu
+
+        res = pu.run(cfg, epsilons=st.epsilons, seeds=st.seeds, fx=fixture())
+        doc["privacy_utility_summary"] = {k: v for k, v in res.items() if k != "rows"}
+        return res["rows"]
+
+    def scale():
+        from benchmarks import scale as sc
+
+        return [sc.measure(n, rounds=st.scale_rounds, data_path=st.data_path.resolve(),
+                           work_dir=st.work_dir / "scale", timeout_s=st.scale_timeout_s)
+                for n in st.scale_sites]
+
+    part("cached_vs_naive", cached_vs_naive)
+    part("dp_overhead", dp_overhead)
+    part("communication", communication)
+    part("privacy_utility", privacy_utility)
+    part("scale", scale)
+    doc["deployment_vs_simulation"] = {
+        "measured": False,
+        "reason": "left out: the loopback SuperLink/SuperNode path needs its own process "
+                  "orchestration per round; see BENCHMARKS.md"}
+    doc["timings"]["total"] = time.perf_counter() - t_suite
+    from benchmarks.schema import problems
+
+    for problem in problems(doc, st.parts):
+        log.warning("results schema: %s", problem)
+    return _clean(doc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--mode", choices=sorted(S.MODES), default="quick")
+    p.add_argument("--parts", default=",".join(S.PARTS),
+                   help=f"comma-separated subset of {', '.join(S.PARTS)}")
+    p.add_argument("--data", type=Path, default=S.DEFAULT_DATA, help="pneumoniamnist.npz")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the results JSON and plots")
+    p.add_argument("--report", type=Path, default=Path(__file__).parent / "BENCHMARKS.md",
+                   help="the Markdown report to (re)write")
+    p.add_argument("--report-only", type=Path, metavar="JSON",
+                   help="only re-render plots and the report from an existing results file")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout)
+    for noisy in ("flwr", "ray", "datasets", "matplotlib", "opacus"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _env()
+    from benchmarks import report
+
+    if a.report_only:
+        doc = json.loads(a.report_only.read_text())
+        report.write_all(doc, a.report_only, a.report)
+        return 0
+    parts = tuple(x.strip() for x in a.parts.split(",") if x.strip())
+    unknown = sorted(set(parts) - set(S.PARTS))
+    if unknown:
+        p.error(f"unknown part(s) {', '.join(unknown)}; valid: {', '.join(S.PARTS)}")
+    if not a.data.is_file():
+        p.error(f"{a.data} not found: the benchmarks need PneumoniaMNIST (../shared/data)")
+    st = S.MODES[a.mode]().replace(parts=parts, data_path=a.data)
+    doc = run_suite(st)
+    from benchmarks.machine import machine_tag
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / f"{doc['date']}-{machine_tag(doc['machine'])}-{a.mode}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    log.info("results: %s", path)
+    report.write_all(doc, path, a.report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
