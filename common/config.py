@@ -72,7 +72,7 @@ class RunConfig:
     distill_patience: int = 5
     distill_temperature: float = 4.0
     distill_learning_rate: float = 3e-3
-    distill_augment: int = 8
+    distill_augment: int = 4
     distill_val_fraction: float = 0.3
     transfer_data: str = ""
     # Where things go

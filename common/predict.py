@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.distill import StudentSpec, probs_from_logits, to_student_input
+from common.distill import probs_from_logits, to_student_input
 from common.modelio import load_head_arrays, load_student
 
 log = logging.getLogger(__name__)
@@ -229,9 +229,3 @@ def predict_file(model: str | Path, inputs: str | Path, out: str | Path, *,
     return {"records": len(probs), "model": pred.describe, "out": str(out),
             "classes": pred.classes}
 
-
-def student_input_layout(spec: StudentSpec) -> str:
-    if spec.name == "cnn":
-        c, h, w = spec.input_shape
-        return f"{h}x{w} images with {c} channel(s), pixels in [0, 1]"
-    return f"{spec.input_shape[0]} numeric features"

@@ -24,7 +24,7 @@ from common.backbones import get_backbone
 from common.config import RunConfig
 from common.data import Splits, fingerprint_arrays
 from common.features import cached_features
-from common.heads import make_head
+from common.heads import load_head_state, make_head
 from common.metrics import classification_metrics
 from common.predict import read_inputs
 
@@ -92,10 +92,8 @@ def run_distillation(cfg: RunConfig, splits: Splits, test_features: np.ndarray,
     in_dim, k = test_features.shape[1], splits.num_classes
 
     def head(arrays):
-        h = make_head(cfg.head, in_dim=in_dim, num_classes=k, hidden_dim=cfg.hidden_dim)
-        from common.heads import load_head_state
-
-        return load_head_state(h, arrays)
+        return load_head_state(make_head(cfg.head, in_dim=in_dim, num_classes=k,
+                                         hidden_dim=cfg.hidden_dim), arrays)
 
     teachers = {"global": [head(global_head)]}
     if site_heads:
