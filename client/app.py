@@ -13,8 +13,16 @@ from client.site import (BudgetExhausted, RequestRejected, RoundRequest, SiteSet
                          evaluate_site, save_delivery, train_round)
 from common.config import RunConfig, parse_config
 from common.records import from_array_record, to_array_record
+from common.sitedata import SiteDataError
 
 log = logging.getLogger(__name__)
+
+
+# Node config keys a deployed site sets for itself (``flower-supernode --node-config``).
+# The server's run config can never supply or override them.
+SITE_KEYS = ("site-id", "site-name", "data-path", "cache-dir", "ledger-path", "model-dir",
+             "target-epsilon", "target-delta")
+DEPLOYED_REQUIRED = ("data-path", "ledger-path", "target-epsilon", "target-delta")
 
 
 def site_settings(cfg: RunConfig, context: Context) -> SiteSettings:
@@ -22,8 +30,26 @@ def site_settings(cfg: RunConfig, context: Context) -> SiteSettings:
 
     In simulation the node config holds ``partition-id``; the simulated
     hospital's cap is the scenario's ``target-epsilon`` / ``target-delta``.
+    A deployed site (its node config has ``data-path``) must set its own
+    ledger path and cap: falling back to the run config there would let the
+    coordinator choose them.
     """
     node = context.node_config
+    if "data-path" in node or "partition-id" not in node:
+        missing = [k for k in DEPLOYED_REQUIRED if k not in node]
+        if missing:
+            raise SiteConfigError(
+                f"the site's node config lacks {', '.join(missing)}; a deployed site sets "
+                f"them itself: flower-supernode --node-config 'data-path=\"...\" "
+                f"ledger-path=\"...\" target-epsilon=1.0 target-delta=1e-5 ...'")
+        ledger = Path(str(node["ledger-path"]))
+        return SiteSettings(
+            site_id=int(node.get("site-id", 0)), ledger_path=ledger,
+            cache_dir=Path(str(node.get("cache-dir", ledger.parent / "cache"))), dp=cfg.dp,
+            target_epsilon=float(node["target-epsilon"]),
+            target_delta=float(node["target-delta"]),
+            model_dir=Path(str(node["model-dir"])) if "model-dir" in node else None,
+            data_path=str(node["data-path"]), site_name=str(node.get("site-name", "")))
     site_id = int(node.get("partition-id", node.get("site-id", 0)))
     root = Path(cfg.ledger_dir or (Path(cfg.out_dir or ".fedtransfer") / "sites"))
     return SiteSettings(
@@ -35,6 +61,10 @@ def site_settings(cfg: RunConfig, context: Context) -> SiteSettings:
         target_delta=float(node.get("target-delta", cfg.target_delta)),
         model_dir=Path(str(node["model-dir"])) if "model-dir" in node else None,
     )
+
+
+class SiteConfigError(ValueError):
+    """The site's own node config is incomplete; it does not train."""
 
 
 def _request(msg: Message, context: Context) -> RoundRequest:
@@ -58,15 +88,17 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg = config_of(context)
-        settings = site_settings(cfg, context)
+        site_id = int(context.node_config.get("partition-id", context.node_config.get("site-id", -1)))
         try:
+            settings = site_settings(cfg, context)
             reply = train_round(cfg, settings, _request(msg, context),
                                 from_array_record(msg.content["arrays"]))
-        except (BudgetExhausted, RequestRejected) as exc:
-            status = "budget-exhausted" if isinstance(exc, BudgetExhausted) else "request-rejected"
-            log.warning("site %d declines round: %s", settings.site_id, exc)
+        except (BudgetExhausted, RequestRejected, SiteDataError, SiteConfigError) as exc:
+            status = {BudgetExhausted: "budget-exhausted", RequestRejected: "request-rejected",
+                      SiteDataError: "site-data-error"}.get(type(exc), "site-config-error")
+            log.warning("site %d declines round: %s", site_id, exc)
             content = RecordDict({"status": ConfigRecord(
-                {"status": status, "reason": str(exc), "site-id": settings.site_id})})
+                {"status": status, "reason": str(exc), "site-id": site_id})})
             return Message(content=content, reply_to=msg)
         content = RecordDict({"arrays": to_array_record(reply.arrays),
                               "metrics": MetricRecord(reply.metrics),

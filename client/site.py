@@ -57,6 +57,10 @@ class SiteSettings:
     target_delta: float
     min_noise_multiplier: float = 0.3
     model_dir: Path | None = None  # delivered models; default: <ledger dir>/models
+    # A deployed site's own data (node config ``data-path``: a dataset spec such as
+    # ``imagefolder:<dir>``); None in simulation, where the site is a partition.
+    data_path: str | None = None
+    site_name: str = ""
 
     @property
     def models(self) -> Path:
@@ -110,7 +114,24 @@ def check_request(req: RoundRequest, num_records: int, settings: SiteSettings) -
         raise RequestRejected("request rejected by site: " + "; ".join(problems))
 
 
-def load_site_data(cfg: RunConfig, site_id: int) -> SiteData:
+def head_classes(head: dict[str, np.ndarray]) -> int:
+    """The class count of a head's weights (its last bias)."""
+    return next(int(v.shape[0]) for k, v in reversed(list(head.items())) if k.endswith("bias"))
+
+
+def load_site_data(cfg: RunConfig, site_id: int, data_path: str | None = None,
+                   num_classes: int | None = None) -> SiteData:
+    """A deployed site's own files (``data_path``), or its simulated partition.
+
+    Raises:
+        common.sitedata.SiteDataError: corrupt files, unknown labels or missing
+            features at ``data_path`` (named); nothing has been trained or recorded.
+    """
+    if data_path:
+        from common.sitedata import own_site_data
+
+        return own_site_data(data_path, site_id=site_id, holdout=cfg.site_holdout,
+                             seed=cfg.seed, num_classes=num_classes)
     splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
     return site_data(splits, site_id=site_id, num_sites=cfg.num_sites,
                      partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
@@ -166,7 +187,8 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
         BudgetExhausted: the round would pass the cap; nothing was trained.
     """
     t_start = time.perf_counter()
-    data = data if data is not None else load_site_data(cfg, settings.site_id)
+    data = data if data is not None else load_site_data(
+        cfg, settings.site_id, settings.data_path, head_classes(global_head))
     n = len(data.train_y)
     check_request(req, n, settings)
     ledger = Ledger(settings.ledger_path) if settings.dp else None
@@ -269,7 +291,8 @@ def evaluate_site(cfg: RunConfig, settings: SiteSettings,
     Only aggregate metrics leave the site, but they are not DP-noised: the run
     summary lists them under ``privacy.not_charged`` so an auditor sees them.
     """
-    data = data if data is not None else load_site_data(cfg, settings.site_id)
+    data = data if data is not None else load_site_data(
+        cfg, settings.site_id, settings.data_path, head_classes(global_head))
     feats = site_features(cfg, settings.cache_dir, data)
     head = make_head(cfg.head, in_dim=feats.holdout.shape[1], num_classes=data.num_classes,
                      hidden_dim=cfg.hidden_dim, seed=cfg.seed)
