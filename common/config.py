@@ -20,6 +20,7 @@ HEADS = ("linear", "mlp")
 DEVICES = ("auto", "cpu", "cuda")
 STUDENTS = ("cnn", "mlp")
 TEACHERS = ("auto", "global", "ensemble")
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,12 @@ class RunConfig:
     fraction_train: float = 1.0
     min_sites: int = 2
     round_timeout: float = 600.0
+    # Robustness against broken or hostile site updates (server/aggregation.py)
+    aggregation: str = "fedavg"  # fedavg | median | trimmed-mean (Flower's FedMedian/FedTrimmedAvg maths)
+    trim_fraction: float = 0.2  # trimmed-mean: fraction cut at each end (Flower's beta)
+    max_update_norm: float = 0.0  # L2 bound on (site head - global head); 0: derive from clip-norm, < 0: off
+    max_site_weight: float = 1.0  # the largest share of the FedAvg weight one site's num-examples can carry
+    resume: bool = False  # continue from <out-dir>/checkpoint (the last completed round)
     # Optimisation
     batch_size: int = 64
     learning_rate: float = 0.5
@@ -211,6 +218,15 @@ def _validate(cfg: RunConfig) -> None:
         raise bad("student", f"got {cfg.student!r}, allowed: {', '.join(STUDENTS)}")
     if cfg.teacher not in TEACHERS:
         raise bad("teacher", f"got {cfg.teacher!r}, allowed: {', '.join(TEACHERS)}")
+    if cfg.aggregation not in AGGREGATIONS:
+        raise bad("aggregation", f"got {cfg.aggregation!r}, allowed: {', '.join(AGGREGATIONS)}")
+    if not 0.0 <= cfg.trim_fraction < 0.5:
+        raise bad("trim-fraction", f"must be in [0, 0.5), got {cfg.trim_fraction!r}")
+    if not 0.0 < cfg.max_site_weight <= 1.0:
+        raise bad("max-site-weight", f"must be in (0, 1], got {cfg.max_site_weight!r}")
+    if cfg.max_update_norm != cfg.max_update_norm or cfg.max_update_norm == float("inf"):
+        raise bad("max-update-norm", f"must be finite (0: derive from clip-norm, < 0: off), "
+                  f"got {cfg.max_update_norm!r}")
     positive_ints = ("num-sites", "num-rounds", "local-epochs", "batch-size", "image-size", "hidden-dim",
                      "student-width", "student-depth", "distill-epochs", "distill-patience")
     for key in positive_ints:

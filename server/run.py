@@ -124,7 +124,9 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
     arrays = head_state(ev.head())
     strategy = HeadFedAvg(fraction_train=cfg.fraction_train, fraction_evaluate=1.0,
                           min_train_nodes=cfg.min_sites, min_evaluate_nodes=cfg.min_sites,
-                          min_available_nodes=cfg.min_sites)
+                          min_available_nodes=cfg.min_sites, aggregation=cfg.aggregation,
+                          trim_fraction=cfg.trim_fraction, max_update_norm=cfg.max_update_norm,
+                          max_site_weight=cfg.max_site_weight)
     rounds = []
     stop_reason = "completed"
     for r in range(1, cfg.num_rounds + 1):

@@ -10,6 +10,7 @@ declined because their budget is spent.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -18,8 +19,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from common.records import from_array_record
+from common.records import from_array_record, to_array_record
 from common.validation import update_problem
+from server.aggregation import aggregate, clip_derived_bound, update_norm
 
 log = logging.getLogger("fedtransfer.server")
 
@@ -44,11 +46,22 @@ class SiteRecord:
 
 
 class HeadFedAvg(FedAvg):
-    """Weighted FedAvg over classifier heads, with reply validation."""
+    """Weighted FedAvg over classifier heads, with reply validation.
 
-    def __init__(self, **kwargs) -> None:
+    Robustness settings (config keys ``aggregation``, ``trim-fraction``,
+    ``max-update-norm``, ``max-site-weight``): the aggregation rule; an L2
+    bound on each update's distance from the global head (0: derived from the
+    round's clip norm, learning rate, steps and σ; < 0: off); and the largest
+    share of the FedAvg weight one site's ``num-examples`` can carry.
+    """
+
+    def __init__(self, *, aggregation: str = "fedavg", trim_fraction: float = 0.2,
+                 max_update_norm: float = 0.0, max_site_weight: float = 1.0, **kwargs) -> None:
         super().__init__(weighted_by_key="num-examples", arrayrecord_key="arrays",
                          configrecord_key="config", **kwargs)
+        self.aggregation, self.trim_fraction = aggregation, trim_fraction
+        self.max_update_norm, self.max_site_weight = max_update_norm, max_site_weight
+        self._request: dict = {}
         self.sites: dict[int, SiteRecord] = {}
         self._node_site: dict[int, int] = {}
         self._global: dict | None = None
@@ -63,6 +76,7 @@ class HeadFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._global = from_array_record(arrays)
+        self._request = dict(config)
         skip = self.exhausted_nodes()
         if not skip:
             return super().configure_train(server_round, arrays, config, grid)
@@ -116,6 +130,7 @@ class HeadFedAvg(FedAvg):
                 continue
             update = from_array_record(msg.content.array_records["arrays"])
             problem = update_problem(update, self._global or {}, metrics.get("num-examples"))
+            problem = problem or self.norm_problem(update, metrics)
             if problem:
                 self._drop(server_round, msg, problem)
                 continue
@@ -139,12 +154,46 @@ class HeadFedAvg(FedAvg):
             kept.append(msg)
         return kept
 
+    def norm_bound(self, metrics) -> float | None:
+        """The update norm bound for a reply, or ``None`` when none applies
+        (bound off, or derived without DP clipping or without the request)."""
+        if self.max_update_norm > 0:
+            return self.max_update_norm
+        sigma = float(metrics.get("noise-multiplier", 0.0))
+        keys = ("clip-norm", "learning-rate", "momentum", "local-epochs", "batch-size")
+        if self.max_update_norm < 0 or sigma <= 0 or any(k not in self._request for k in keys):
+            return None
+        r = self._request
+        batch = int(r["batch-size"])
+        steps = int(r["local-epochs"]) * math.ceil(float(metrics["num-examples"]) / batch)
+        dim = sum(int(v.size) for v in (self._global or {}).values())
+        return clip_derived_bound(clip_norm=float(r["clip-norm"]),
+                                  learning_rate=float(r["learning-rate"]),
+                                  momentum=float(r["momentum"]), steps=steps, batch_size=batch,
+                                  noise_multiplier=sigma, dim=dim)
+
+    def norm_problem(self, update: dict, metrics) -> str | None:
+        bound = self.norm_bound(metrics)
+        if bound is None or self._global is None:
+            return None
+        norm = update_norm(update, self._global)
+        if norm > bound:
+            how = "max-update-norm" if self.max_update_norm > 0 else "derived from the clip norm"
+            return f"update norm {norm:.4g} exceeds the bound {bound:.4g} ({how})"
+        return None
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         kept = self.accept_train_replies(server_round, replies)
         if not kept:
             return None, None
-        arrays = aggregate_arrayrecords([m.content for m in kept], self.weighted_by_key)
+        if self.aggregation == "fedavg" and self.max_site_weight >= 1.0:
+            arrays = aggregate_arrayrecords([m.content for m in kept], self.weighted_by_key)
+        else:
+            counts = [float(m.content.metric_records["metrics"]["num-examples"]) for m in kept]
+            arrays = to_array_record(aggregate(
+                [from_array_record(m.content.array_records["arrays"]) for m in kept], counts,
+                method=self.aggregation, trim=self.trim_fraction, max_share=self.max_site_weight))
         n = sum(int(m.content.metric_records["metrics"]["num-examples"]) for m in kept)
         return arrays, MetricRecord({"sites": len(kept), "num-examples": n})
 
