@@ -224,6 +224,8 @@ def _validate(cfg: RunConfig) -> None:
         raise bad("trim-fraction", f"must be in [0, 0.5), got {cfg.trim_fraction!r}")
     if not 0.0 < cfg.max_site_weight <= 1.0:
         raise bad("max-site-weight", f"must be in (0, 1], got {cfg.max_site_weight!r}")
+    if cfg.resume and not cfg.out_dir:
+        raise bad("resume", "needs out-dir: the run directory whose checkpoint/ to continue from")
     if cfg.max_update_norm != cfg.max_update_norm or cfg.max_update_norm == float("inf"):
         raise bad("max-update-norm", f"must be finite (0: derive from clip-norm, < 0: off), "
                   f"got {cfg.max_update_norm!r}")

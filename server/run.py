@@ -127,16 +127,22 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
                           min_available_nodes=cfg.min_sites, aggregation=cfg.aggregation,
                           trim_fraction=cfg.trim_fraction, max_update_norm=cfg.max_update_norm,
                           max_site_weight=cfg.max_site_weight)
-    rounds = []
+    rounds, first, resumed = [], 1, {}
+    if cfg.resume:  # continue from the last completed round (server/resume.py)
+        from server.resume import resume_state
+
+        first, arrays, rounds, resumed = resume_state(out, strategy, arrays,
+                                                      num_rounds=cfg.num_rounds)
     stop_reason = "completed"
-    for r in range(1, cfg.num_rounds + 1):
+    for r in range(first, cfg.num_rounds + 1):
         t0 = time.perf_counter()
         if r > 1 and strategy.active_sites(grid) < cfg.min_sites:
             stop_reason = (f"stopped before round {r}: {strategy.active_sites(grid)} sites with "
                            f"budget left, min-sites = {cfg.min_sites}")
             log.warning(stop_reason)
             break
-        config = ConfigRecord(train_request(cfg))
+        # num-rounds: the rounds this run still plans (sites calibrate σ to them)
+        config = ConfigRecord({**train_request(cfg), "num-rounds": cfg.num_rounds - first + 1})
         messages = list(strategy.configure_train(r, to_array_record(arrays), config, grid))
         replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
         agg, agg_metrics = strategy.aggregate_train(r, replies)
@@ -150,7 +156,7 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
                        "test": m["test"], "val": m["val"], "train_phase_seconds": t_train,
                        "round_seconds": time.perf_counter() - t0})
         log.info(round_line(r, cfg.num_rounds, m["test"], strategy, cfg))
-        save_checkpoint(out, r, arrays, strategy)
+        save_checkpoint(out, r, arrays, strategy, rounds=rounds, run_id=run_id)
         if agg is None:
             stop_reason = f"stopped after round {r}: no site update could be aggregated"
             if strategy.active_sites(grid) < cfg.min_sites:
@@ -160,6 +166,8 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
               metadata={"run_id": run_id, "head": cfg.head})
     summary = build_summary(cfg, run_id, ev, arrays, rounds, strategy, stop_reason,
                             time.perf_counter() - t_run)
+    if resumed:
+        summary["resumed_from"] = resumed
     summary.update(finish(cfg, grid, run_id=run_id, out=out, ev=ev, arrays=arrays,
                           strategy=strategy, last_round=rounds[-1]["round"] if rounds else 0,
                           summary=summary))
@@ -205,17 +213,25 @@ def finish(cfg: RunConfig, grid: Grid, *, run_id: str, out: Path, ev: GlobalEval
     return extra
 
 
-def save_checkpoint(out: Path, server_round: int, arrays: dict, strategy: HeadFedAvg) -> None:
-    """The last completed round: head weights and per-site reported state."""
+def save_checkpoint(out: Path, server_round: int, arrays: dict, strategy: HeadFedAvg, *,
+                    rounds: list | None = None, run_id: str | None = None) -> None:
+    """The last completed round: head weights, per-site reported state and
+    heads, and the round records (all that ``resume = true`` needs)."""
     ck = out / "checkpoint"
     ck.mkdir(exist_ok=True)
     tmp = ck / "head.safetensors.tmp"
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
     os.replace(tmp, ck / "head.safetensors")
+    from server.resume import save_site_heads
+
+    save_site_heads(out, strategy)
     _atomic_json(ck / "state.json", _clean({
-        "round": server_round,
+        "round": server_round, "run_id": run_id, "rounds": rounds or [],
+        "dropped": strategy.dropped,
         "sites": {str(s.site_id): {"epsilon": s.epsilon, "delta": s.delta, "status": s.status,
-                                   "history": s.history} for s in strategy.sites.values()}}))
+                                   "reason": s.reason, "node_id": s.node_id,
+                                   "history": s.history, "evaluations": s.evaluations}
+                  for s in strategy.sites.values()}}))
 
 
 def build_summary(cfg: RunConfig, run_id: str, ev: GlobalEval, arrays: dict, rounds: list,
