@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-integration compare pneumonia clean
+.PHONY: install demo test test-integration test-deployment compare pneumonia clean
 
 # torch==2.13.0 goes in first (and stays pinned by constraints.txt) so that
 # pip never pulls a multi-GB CUDA build.
@@ -22,6 +22,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Real SuperLink + SuperNodes on loopback (TLS, SuperNode auth, faults): about
+# 6 minutes on 2 cores, so CI runs it nightly (.ci/run with CI_DEPLOYMENT=1), not per push.
+test-deployment: install
+	$(BIN)/python -m pytest -q -m deployment
 
 compare: install
 	$(BIN)/fedtransfer compare --config pneumonia --out runs/compare-pneumonia

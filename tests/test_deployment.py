@@ -1,0 +1,126 @@
+"""Real deployments on loopback: Flower's SuperLink and SuperNodes, TLS, SuperNode
+authentication, sites with their own data, ledgers and caps, and the faults real
+sites produce. Marked ``deployment`` (excluded from ``make test``; run with
+``make test-deployment``, about 8 minutes on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from common.ledger import Ledger
+from common.modelio import verify_bundle
+from tests.loopback import Loopback
+
+pytestmark = pytest.mark.deployment
+
+# Small and quick: identity backbone on 8x8 digits, σ fixed (no per-site calibration).
+RUN = ("num-sites=3 min-sites=2 num-rounds=3 backbone='identity' local-epochs=1 batch-size=32 "
+       "learning-rate=2.0 noise-multiplier=1.0 out-dir='{out}' cache-dir='{cache}' "
+       "round-timeout={timeout}")
+
+
+def _summary(fed: Loopback, out, proc, timeout: float = 540) -> dict:
+    rc = proc.wait(timeout=timeout)
+    text = fed.log("flwr-run")
+    assert rc == 0, text[-4000:]
+    assert (out / "summary.json").is_file(), text[-4000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+def _ledger_matches(fed: Loopback, site: int, summary: dict) -> Ledger:
+    """No update was released without a committed ledger entry for its round."""
+    ledger = Ledger(fed.site_dir(site) / "ledger.sqlite")
+    assert ledger.verify_chain() == []
+    recorded = {e.round for e in ledger.entries() if e.run_id == summary["run_id"]}
+    released = {h["round"] for h in summary["sites"][str(site)]["history"]}
+    assert released <= recorded, (released, recorded)
+    return ledger
+
+
+def test_tls_authenticated_federation_of_three_sites(tmp_path):
+    out = tmp_path / "run"
+    with Loopback(tmp_path) as fed:
+        fed.start_superlink()
+        for site in range(3):
+            fed.register(site)
+            fed.start_supernode(site)
+        fed.wait_online(3)
+
+        # Refused: a key the coordinator never registered, no key at all, no CA certificate.
+        fed.start_supernode(3, key=3, name="unregistered", retries=1)
+        fed.start_supernode(3, key=-1, name="no-key", retries=1)
+        fed.start_supernode(0, ca=False, name="no-ca", retries=1)
+        for name in ("unregistered", "no-key", "no-ca"):
+            assert fed.procs[name].wait(timeout=90) != 0, fed.log(name)
+        assert "Failed to activate SuperNode" in fed.log("unregistered")
+        assert "All SuperNodes must be registered" in fed.log("no-key")
+        assert "CERTIFICATE_VERIFY_FAILED" in fed.log("no-ca")
+        assert fed.online_nodes() == 3
+
+        proc = fed.run(RUN.format(out=out, cache=tmp_path / "server-cache", timeout=300.0))
+        s = _summary(fed, out, proc)
+
+    assert s["stop_reason"] == "completed"
+    assert [r["sites_aggregated"] for r in s["rounds"]] == [3, 3, 3]
+    assert s["final"]["auc"] > 0.8
+    assert sorted(s["sites"]) == ["0", "1", "2"] and s["dropped_replies"] == []
+    card_hash = s["delivery"]["sha256"]
+    for site in range(3):
+        reported = s["sites"][str(site)]
+        assert [h["round"] for h in reported["history"]] == [1, 2, 3]
+        # The cap came from the site's own node config (8.0), not the run config (4.0).
+        ledger = _ledger_matches(fed, site, s)
+        assert len(ledger.entries()) == 3
+        assert reported["epsilon"] == pytest.approx(ledger.epsilon(delta=1e-5), rel=1e-9)
+        assert all(e.dataset_size == reported["num_examples"] for e in ledger.entries())
+        # Each site trained on its own file, with its own cache and model folder.
+        assert any((fed.site_dir(site) / "cache").iterdir())
+        models = fed.site_dir(site) / "models"
+        assert s["delivery"]["sites"][str(site)]["status"] == "saved"
+        assert verify_bundle(models) == []
+        assert (models / "head.safetensors").is_file()
+        assert (models / "student.safetensors").is_file()
+        card = json.loads((models / "card.json").read_text())
+        assert card["sha256"] == card_hash and card["site"]["site_id"] == site
+
+
+def test_site_killed_mid_round_then_rejoins(tmp_path):
+    out = tmp_path / "run"
+    with Loopback(tmp_path) as fed:
+        fed.start_superlink()
+        for site in range(3):
+            fed.register(site)
+            fed.start_supernode(site)
+        fed.wait_online(3)
+        proc = fed.run(RUN.format(out=out, cache=tmp_path / "server-cache", timeout=30.0))
+
+        # Round 2 reaches site 2: kill it (and its ClientApp) mid-round, like a power cut.
+        fed.wait_for("supernode-2", "Receiving: train message", count=2, timeout=300)
+        fed.stop("supernode-2", signal.SIGKILL)
+        # The site comes back with the same key and node config, and rejoins. The
+        # SuperLink refuses to activate a node id it still holds online (its
+        # heartbeat expires after 2 x 30 s), so the site restarts once it is offline.
+        fed.wait_online(2, timeout=150, exactly=True)
+        fed.start_supernode(2, name="supernode-2-restarted")
+        fed.wait_for("supernode-2-restarted", "SuperNode ID:", timeout=60)
+        s = _summary(fed, out, proc)
+
+    assert s["stop_reason"] == "completed"
+    rounds = {r["round"]: r["sites_aggregated"] for r in s["rounds"]}
+    assert rounds[1] == 3 and rounds[2] == 2  # round 2 went on without it, after the timeout
+    killed = s["sites"]["2"]
+    assert 2 not in [h["round"] for h in killed["history"]]
+    assert 1 in [h["round"] for h in killed["history"]]
+    for site in range(3):
+        _ledger_matches(fed, site, s)
+    # Whatever site 2 committed before it died stays on its ledger (spent, never released).
+    ledger = Ledger(fed.site_dir(2) / "ledger.sqlite")
+    assert {e.round for e in ledger.entries()} >= {h["round"] for h in killed["history"]}
+    # Restarted, it rejoined: it trained round 3 (or, if round 3 had already gone
+    # out, it still received the final head and student).
+    assert 3 in [h["round"] for h in killed["history"]] or \
+        s["delivery"]["sites"]["2"]["status"] == "saved", (rounds, s["delivery"]["sites"])
+    assert rounds[3] == 2 + (3 in [h["round"] for h in killed["history"]])
