@@ -34,8 +34,8 @@ class BenchSettings:
     naive_epochs: int = 1
     naive_batch_size: int = 64         # 0: the scenario's batch size
     # 2. DP overhead
-    overhead_repeats: int = 3
-    overhead_epochs: int = 2
+    overhead_repeats: int = 2
+    overhead_epochs: int = 1
     overhead_batch_sizes: tuple[int, ...] = (64, 256)
     # 4. privacy-utility
     epsilons: tuple[float, ...] = EPSILONS
@@ -64,7 +64,7 @@ def quick() -> BenchSettings:
 def full() -> BenchSettings:
     return BenchSettings(mode="full", naive_records=0, naive_rounds=3, naive_epochs=5,
                          naive_batch_size=0, seeds=(0, 1, 2), overhead_epochs=5,
-                         scale_sites=(10, 50, 100, 200), overhead_repeats=5,
+                         scale_sites=(10, 50, 100, 200), overhead_repeats=3,
                          scale_timeout_s=1500.0)
 
 
