@@ -25,7 +25,8 @@ from common.data import SiteData, load_dataset, site_data
 from common.features import cached_features
 from common.heads import head_state, load_head_state, make_head
 from common.ledger import Entry, Ledger, library_versions
-from common.privacy import Mechanism, calibrate_noise_multiplier, dp_plan, epsilon
+from client.calibration import calibrated_sigma
+from common.privacy import Mechanism, dp_plan, epsilon
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,8 @@ def plan_noise(req: RoundRequest, settings: SiteSettings, ledger: Ledger,
     sigma = req.noise_multiplier
     if sigma == 0:
         before_run = ledger.history(exclude_run=req.run_id)
-        sigma = calibrate_noise_multiplier(
-            target_epsilon=settings.target_epsilon, delta=settings.target_delta,
+        sigma = calibrated_sigma(
+            settings.cache_dir, target_epsilon=settings.target_epsilon, delta=settings.target_delta,
             sample_rate=q, steps=steps * req.num_rounds, prior=before_run)
         sigma = max(sigma, settings.min_noise_multiplier)
     return sigma, Mechanism(noise_multiplier=sigma, sample_rate=q, steps=steps), history

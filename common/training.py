@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.metrics import classification_metrics
 from common.privacy import Mechanism
 
 log = logging.getLogger(__name__)
@@ -165,4 +164,6 @@ def predict_proba(head: nn.Module, features: np.ndarray, *, batch_size: int = 40
 
 def evaluate(head: nn.Module, features: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Accuracy, balanced accuracy, AUC and loss of ``head`` on features."""
+    from common.metrics import classification_metrics  # scikit-learn: ~1 s, only when evaluating
+
     return classification_metrics(predict_proba(head, features), labels)
