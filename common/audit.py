@@ -607,6 +607,11 @@ def audit_source(src: Source) -> RunAudit:
             run.hazards.append(Hazard("error", "hyperparameters-tuned-on-private-data",
                                       f"the run records say hyperparameters were {tuned!r}: the "
                                       "tuning's privacy cost is not in any ledger"))
+        elif tuned in (None, "unspecified"):
+            run.hazards.append(Hazard("warning", "hyperparameter-source-unspecified",
+                                      "the run does not declare where its hyperparameters came "
+                                      "from (config key hyperparameter-source); if they were "
+                                      "tuned on the sites' records, that tuning is uncharged"))
     return run
 
 

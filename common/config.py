@@ -21,6 +21,9 @@ DEVICES = ("auto", "cpu", "cuda")
 STUDENTS = ("cnn", "mlp")
 TEACHERS = ("auto", "global", "ensemble")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
+# Where the training hyperparameters came from. Tuning on the sites' private
+# records costs privacy that no ledger charges, so the run records say which.
+HYPERPARAMETER_SOURCES = ("unspecified", "public", "private")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class RunConfig:
     noise_multiplier: float = 0.0
     target_epsilon: float = 4.0
     target_delta: float = 1e-5
+    hyperparameter_source: str = "unspecified"  # public (e.g. a public val split) | private | unspecified
     # Distillation after the last round (public data only: post-processing, no ε)
     distill: bool = True
     student: str = "cnn"
@@ -218,6 +222,9 @@ def _validate(cfg: RunConfig) -> None:
         raise bad("student", f"got {cfg.student!r}, allowed: {', '.join(STUDENTS)}")
     if cfg.teacher not in TEACHERS:
         raise bad("teacher", f"got {cfg.teacher!r}, allowed: {', '.join(TEACHERS)}")
+    if cfg.hyperparameter_source not in HYPERPARAMETER_SOURCES:
+        raise bad("hyperparameter-source", f"got {cfg.hyperparameter_source!r}, allowed: "
+                  f"{', '.join(HYPERPARAMETER_SOURCES)}")
     if cfg.aggregation not in AGGREGATIONS:
         raise bad("aggregation", f"got {cfg.aggregation!r}, allowed: {', '.join(AGGREGATIONS)}")
     if not 0.0 <= cfg.trim_fraction < 0.5:

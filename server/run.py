@@ -281,6 +281,7 @@ def privacy_block(cfg: RunConfig) -> dict:
         "trust_model": ("local DP-SGD at each site protects its records from the server and "
                         "from other sites; aggregation is post-processing"),
         "secure_rng": False,
+        "hyperparameters": cfg.hyperparameter_source,
         **({"distillation": "post-processing: the student is distilled from the DP-trained heads "
                             "on public data only, so it costs no ε"} if cfg.distill else {}),
         "not_charged": ["per-site holdout metrics (accuracy/AUC/loss) are reported to the "

@@ -275,6 +275,13 @@ def test_hyperparameters_tuned_on_private_data_is_flagged(run_copy):
     s["privacy"]["hyperparameters"] = "tuned on private site holdouts"
     (run_copy / "summary.json").write_text(json.dumps(s))
     assert "hyperparameters-tuned-on-private-data" in _codes(audit([run_copy]), "error")
+    # A run that declares its source: "public" is clean, "unspecified" is a warning.
+    for source, present in (("public", False), ("unspecified", True)):
+        s["privacy"]["hyperparameters"] = source
+        (run_copy / "summary.json").write_text(json.dumps(s))
+        codes = _codes(audit([run_copy]))
+        assert ("hyperparameter-source-unspecified" in codes) is present
+        assert "hyperparameters-tuned-on-private-data" not in codes
 
 
 def test_same_data_in_separate_ledgers_is_composed(tmp_path):
