@@ -9,6 +9,7 @@ the update.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -120,6 +121,13 @@ def head_classes(head: dict[str, np.ndarray]) -> int:
     return next(int(v.shape[0]) for k, v in reversed(list(head.items())) if k.endswith("bias"))
 
 
+@functools.lru_cache(maxsize=2)
+def _splits(spec: str, data_dir: str, seed: int):
+    """The simulated federation's dataset, read once per process (arrays are
+    never modified downstream)."""
+    return load_dataset(spec, data_dir, seed)
+
+
 def load_site_data(cfg: RunConfig, site_id: int, data_path: str | None = None,
                    num_classes: int | None = None) -> SiteData:
     """A deployed site's own files (``data_path``), or its simulated partition.
@@ -133,7 +141,7 @@ def load_site_data(cfg: RunConfig, site_id: int, data_path: str | None = None,
 
         return own_site_data(data_path, site_id=site_id, holdout=cfg.site_holdout,
                              seed=cfg.seed, num_classes=num_classes)
-    splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
+    splits = _splits(cfg.dataset, cfg.data_dir, cfg.seed)
     return site_data(splits, site_id=site_id, num_sites=cfg.num_sites,
                      partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
                      holdout=cfg.site_holdout, shift=cfg.site_shift, seed=cfg.seed)
