@@ -77,10 +77,23 @@ def _request(msg: Message, context: Context) -> RoundRequest:
         noise_multiplier=float(c["noise-multiplier"]))
 
 
+def _log_through_flower() -> None:
+    """Under a SuperNode the ClientApp's only log sink is Flower's logger (the
+    SuperNode's output): send the site's own lines (round trained, declined) there."""
+    ours, flower = logging.getLogger("client"), logging.getLogger("flwr")
+    ours.setLevel(logging.INFO)
+    for handler in flower.handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    ours.propagate = False
+
+
 def make_app(override: RunConfig | None = None) -> ClientApp:
     """Build the ClientApp. ``override`` is how ``fedtransfer simulate`` passes
     its resolved config; ``flwr run`` uses ``context.run_config``."""
     app = ClientApp()
+    if override is None:
+        _log_through_flower()
 
     def config_of(context: Context) -> RunConfig:
         return override if override is not None else parse_config(dict(context.run_config))
@@ -100,6 +113,11 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
             content = RecordDict({"status": ConfigRecord(
                 {"status": status, "reason": str(exc), "site-id": site_id})})
             return Message(content=content, reply_to=msg)
+        m = reply.metrics
+        log.info("site %d round %d: trained on %d records; ε %.4f of its cap %g (δ=%g, "
+                 "per record); ledger %s", settings.site_id, int(msg.content["config"]
+                 ["server-round"]), reply.num_examples, m["epsilon"], settings.target_epsilon,
+                 settings.target_delta, settings.ledger_path)
         content = RecordDict({"arrays": to_array_record(reply.arrays),
                               "metrics": MetricRecord(reply.metrics),
                               "status": ConfigRecord({"status": "ok"})})

@@ -62,6 +62,10 @@ def test_tls_authenticated_federation_of_three_sites(tmp_path):
 
         proc = fed.run(RUN.format(out=out, cache=tmp_path / "server-cache", timeout=300.0))
         s = _summary(fed, out, proc)
+        # Sites see their progress (round, ε against their own cap) in their own log.
+        for site in range(3):
+            assert f"site {site} round 3: trained on" in fed.log(f"supernode-{site}")
+            assert "of its cap 8 " in fed.log(f"supernode-{site}")
 
     assert s["stop_reason"] == "completed"
     assert [r["sites_aggregated"] for r in s["rounds"]] == [3, 3, 3]
