@@ -67,3 +67,38 @@ def test_deployed_site_trains_on_its_own_npz(tmp_path):
                           num_classes=10)
     assert data.site_id == 4 and data.num_classes == 10
     assert len(data.train_y) == 30 and len(data.holdout_y) == 10
+
+
+def test_bad_site_data_declines_at_join_naming_the_file_and_records_nothing(tmp_path,
+                                                                            monkeypatch):
+    from flwr.app import ConfigRecord, Message
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+    from PIL import Image
+
+    from client.app import make_app
+    from common.heads import head_state, make_head
+    from common.records import to_array_record
+
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+    for c in ("0", "1"):
+        for i in range(4):
+            (tmp_path / "xray" / c).mkdir(parents=True, exist_ok=True)
+            Image.new("L", (8, 8), 30 * i).save(tmp_path / "xray" / c / f"{i}.png")
+    png = tmp_path / "xray" / "1" / "2.png"
+    png.write_bytes(png.read_bytes()[:20])
+    node = {**DEPLOYED, "data-path": f"imagefolder:{tmp_path / 'xray'}",
+            "ledger-path": str(tmp_path / "site" / "ledger.sqlite")}
+    request = {"server-round": 1, "num-rounds": 1, "local-epochs": 1, "batch-size": 2,
+               "learning-rate": 0.1, "momentum": 0.0, "clip-norm": 1.0, "noise-multiplier": 1.0}
+    head = head_state(make_head("linear", in_dim=64, num_classes=2))
+    msg = Message(content=RecordDict({"arrays": to_array_record(head),
+                                      "config": ConfigRecord(request)}),
+                  message_type="train", dst_node_id=5)
+    reply = make_app(RunConfig(backbone="identity"))(msg, _context(node))
+    status = reply.content.config_records["status"]
+    assert status["status"] == "site-data-error" and status["site-id"] == 2
+    assert "1/2.png" in status["reason"]
+    assert not (tmp_path / "site" / "ledger.sqlite").exists()
