@@ -77,12 +77,10 @@ def one_round(args) -> dict:
     if head_path.is_file():
         head = dict(np.load(head_path))
     else:
-        from common.backbones import get_backbone
         from common.heads import head_state, make_head
 
         dim = 64 if args.backbone == "identity" else 1280
         head = head_state(make_head("linear", in_dim=dim, num_classes=10, seed=0))
-        get_backbone  # noqa: B018 (imported only to match the real path's cost profile)
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 7, SUPERLINK_NODE_ID
     request = {"server-round": args.round, "num-rounds": args.rounds, "local-epochs": 1,
                "batch-size": 32, "learning-rate": 2.0, "momentum": 0.0, "clip-norm": 1.0,
