@@ -103,12 +103,8 @@ def cmd_simulate(args) -> int:
     _quiet_flower(args.verbose)
     summary = simulate(cfg)
     print_summary(summary)
-    print(f"results: {Path(resolve_out(summary, cfg, args.out))}")
+    print(f"results: {summary['run_dir']}")
     return 0
-
-
-def resolve_out(summary: dict, cfg: RunConfig, out: str | None) -> str:
-    return out or cfg.out_dir or "runs/"
 
 
 def cmd_compare(args) -> int:
