@@ -92,11 +92,13 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
     """Build the ClientApp. ``override`` is how ``fedtransfer simulate`` passes
     its resolved config; ``flwr run`` uses ``context.run_config``."""
     app = ClientApp()
-    if override is None:
-        _log_through_flower()
 
     def config_of(context: Context) -> RunConfig:
-        return override if override is not None else parse_config(dict(context.run_config))
+        if override is not None:
+            return override
+        # Under a SuperNode (never at import, which would also hit simulations).
+        _log_through_flower()
+        return parse_config(dict(context.run_config))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

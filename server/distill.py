@@ -113,26 +113,27 @@ def run_distillation(cfg: RunConfig, splits: Splits, test_features: np.ndarray,
     if spec.name == "mlp":  # standardise with public transfer-set statistics
         student.mean.copy_(pool_in.mean(0))
         student.scale.copy_(pool_in.std(0).clamp_min(1e-6))
+    # Training uses every core; only the speed comparison is single-threaded.
+    result = kd.distill(student, pool_in, kd.ensemble_logits(heads, pool_f),
+                        kd.to_student_input(pval.images, spec), pval.labels,
+                        epochs=cfg.distill_epochs, patience=cfg.distill_patience,
+                        temperature=cfg.distill_temperature, lr=cfg.distill_learning_rate,
+                        seed=cfg.seed)
+    test_in = kd.to_student_input(splits.test_x, spec)
+    student_test = classification_metrics(
+        kd.probs_from_logits(kd.student_logits(student, test_in)), splits.test_y)
+    teacher_test = classification_metrics(
+        kd.probs_from_logits(kd.ensemble_logits(heads, test_features)), splits.test_y)
+    sample = splits.test_x[:TIMING_RECORDS]
+
+    def teacher_fn(x):
+        f = torch.from_numpy(backbone.extract(x))
+        return sum(h(f) for h in heads) / len(heads)
+
+    def student_fn(x):
+        return student(kd.to_student_input(x, spec))
+
     with torch_threads(1):
-        result = kd.distill(student, pool_in, kd.ensemble_logits(heads, pool_f),
-                            kd.to_student_input(pval.images, spec), pval.labels,
-                            epochs=cfg.distill_epochs, patience=cfg.distill_patience,
-                            temperature=cfg.distill_temperature, lr=cfg.distill_learning_rate,
-                            seed=cfg.seed)
-        test_in = kd.to_student_input(splits.test_x, spec)
-        student_test = classification_metrics(
-            kd.probs_from_logits(kd.student_logits(student, test_in)), splits.test_y)
-        teacher_test = classification_metrics(
-            kd.probs_from_logits(kd.ensemble_logits(heads, test_features)), splits.test_y)
-        sample = splits.test_x[:TIMING_RECORDS]
-
-        def teacher_fn(x):
-            f = torch.from_numpy(backbone.extract(x))
-            return sum(h(f) for h in heads) / len(heads)
-
-        def student_fn(x):
-            return student(kd.to_student_input(x, spec))
-
         teacher_ms = kd.cpu_ms_per_image(teacher_fn, sample)
         student_ms = kd.cpu_ms_per_image(student_fn, sample)
     teacher_params = backbone.num_parameters() + sum(kd.num_parameters(h) for h in heads)
