@@ -177,3 +177,19 @@ def export_torchscript(path: str | Path, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     traced.save(str(out))
     return out
+
+
+def export_onnx(path: str | Path, out: str | Path) -> Path:
+    """Export the bundle's student to ONNX (opset 17; input ``images`` of shape
+    ``(N, *input_shape)`` float32 in [0, 1], dynamic batch; output ``logits``)."""
+    student, spec, _ = load_student(path)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.rand(2, *spec.input_shape)
+    with torch.no_grad():
+        # The TorchScript-based exporter: the dynamo one needs onnxscript and
+        # gains nothing for a small static CNN / MLP.
+        torch.onnx.export(student, (example,), str(out), input_names=["images"],
+                          output_names=["logits"], opset_version=17, dynamo=False,
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    return out

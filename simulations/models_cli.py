@@ -19,12 +19,14 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from common.modelio import export_torchscript, read_card
+    from common.modelio import export_onnx, export_torchscript, read_card
 
-    out = export_torchscript(args.model, args.out)
+    exporter = export_onnx if args.format == "onnx" else export_torchscript
+    out = exporter(args.model, args.out)
     card = read_card(args.model)
     spec = card["student"]["spec"]
-    print(f"TorchScript student {card['student']['architecture']} -> {out}\n"
+    kind = "ONNX" if args.format == "onnx" else "TorchScript"
+    print(f"{kind} student {card['student']['architecture']} -> {out}\n"
           f"input: float32 (N, {', '.join(str(v) for v in spec['input_shape'])}), pixels in [0, 1]; "
           f"output: logits over {json.dumps(card['classes'])}")
     return 0
@@ -45,7 +47,8 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_predict)
-    sp = sub.add_parser("export", help="export a delivered student to TorchScript")
+    sp = sub.add_parser("export", help="export a delivered student to TorchScript or ONNX")
     sp.add_argument("--model", required=True, help="a delivered card.json or its folder")
-    sp.add_argument("--out", required=True, help="output .pt file")
+    sp.add_argument("--out", required=True, help="output file (.pt for TorchScript, .onnx)")
+    sp.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
     sp.set_defaults(func=cmd_export)

@@ -88,6 +88,21 @@ def test_torchscript_export_matches_pytorch(tmp_path):
     assert torch.allclose(torch.jit.load(str(tmp_path / "cli.pt"))(x), expected, atol=1e-5)
 
 
+def test_onnx_export_matches_pytorch(tmp_path):
+    import onnxruntime as ort
+
+    card_path, student, _ = _bundle(tmp_path / "m")
+    assert cli_main(["export", "--model", str(tmp_path / "m"), "--format", "onnx", "--out",
+                     str(tmp_path / "student.onnx")]) == 0
+    session = ort.InferenceSession(str(tmp_path / "student.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    x = torch.rand(7, 1, 8, 8)  # a batch size the export never saw: the batch axis is dynamic
+    (logits,) = session.run(["logits"], {"images": x.numpy()})
+    with torch.no_grad():
+        expected = student.eval()(x).numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
 def test_predict_on_a_folder_of_pngs(tmp_path):
     _, student, _ = _bundle(tmp_path / "m")
     rng = np.random.default_rng(0)
