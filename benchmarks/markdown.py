@@ -35,9 +35,8 @@ def render(doc: dict, results_path: Path, plots: dict[str, Path], here: Path) ->
         f"{m.get('memory_gb')} GiB, GPU: {gpu['name'] if gpu else 'none'}; Python {m['python']}; {libs}.",
         "",
         "**Read the ratios, not the seconds.** On CPU the absolute times depend on whatever "
-        "else runs on the cores; while this file was produced, other engineers ran test "
-        "suites and Flower simulations on the same 2 cores, so absolute times are inflated "
-        "and noisy. Each ratio is measured inside one process with the arms interleaved "
+        "else runs on the cores (a shared 2-core machine here), so they are noisy. "
+        "Each ratio is measured inside one process with the arms interleaved "
         "(round by round, or repeat by repeat), so load hits both arms alike. Absolute "
         "times are meaningful only from a results file made on a GPU machine (none was "
         "available to this run).",
