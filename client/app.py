@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from client.site import (BudgetExhausted, RequestRejected, RoundRequest, SiteSettings,
                          evaluate_site, save_delivery, train_round)
 from common.config import RunConfig, parse_config
+from common.flowerlog import log_through_flower
 from common.records import from_array_record, to_array_record
 from common.sitedata import SiteDataError
 
@@ -77,17 +78,6 @@ def _request(msg: Message, context: Context) -> RoundRequest:
         noise_multiplier=float(c["noise-multiplier"]))
 
 
-def _log_through_flower() -> None:
-    """Under a SuperNode the ClientApp's only log sink is Flower's logger (the
-    SuperNode's output): send the site's own lines (round trained, declined) there."""
-    ours, flower = logging.getLogger("client"), logging.getLogger("flwr")
-    ours.setLevel(logging.INFO)
-    for handler in flower.handlers:
-        if handler not in ours.handlers:
-            ours.addHandler(handler)
-    ours.propagate = False
-
-
 def make_app(override: RunConfig | None = None) -> ClientApp:
     """Build the ClientApp. ``override`` is how ``fedtransfer simulate`` passes
     its resolved config; ``flwr run`` uses ``context.run_config``."""
@@ -97,7 +87,7 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
         if override is not None:
             return override
         # Under a SuperNode (never at import, which would also hit simulations).
-        _log_through_flower()
+        log_through_flower("client")
         return parse_config(dict(context.run_config))
 
     @app.train()
