@@ -125,10 +125,13 @@ def run_suite(st: S.BenchSettings) -> dict:
     part("communication", communication)
     part("privacy_utility", privacy_utility)
     part("scale", scale)
-    doc["deployment_vs_simulation"] = {
-        "measured": False,
-        "reason": "left out: the loopback SuperLink/SuperNode path needs its own process "
-                  "orchestration per round; see BENCHMARKS.md"}
+
+    def deployment_vs_simulation():
+        from benchmarks import deployment
+
+        return deployment.run(st.work_dir / "deployment")
+
+    part("deployment_vs_simulation", deployment_vs_simulation)
     doc["timings"]["total"] = time.perf_counter() - t_suite
     from benchmarks.schema import problems
 

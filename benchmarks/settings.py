@@ -16,7 +16,8 @@ from simulations.cli import resolve_config
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, float("inf"))
-PARTS = ("cached_vs_naive", "dp_overhead", "communication", "privacy_utility", "scale")
+PARTS = ("cached_vs_naive", "dp_overhead", "communication", "privacy_utility", "scale",
+         "deployment_vs_simulation")
 
 
 @dataclass(frozen=True)

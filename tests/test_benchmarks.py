@@ -136,3 +136,21 @@ def test_scale_point_runs_a_real_flower_simulation(tiny_npz, tmp_path):
     assert schema.problems({"machine": {"cpu_model": "", "cpu_cores": 1, "gpu": None,
                                         "libraries": {}}, "scale": [entry]}, ("scale",)) == []
     assert entry["peak_processes"] >= 2
+
+
+def test_deployment_split_is_computed_from_the_run_records():
+    from benchmarks.deployment import _split
+
+    def h(r, site, train, acc):
+        return {"round": r, "train_seconds": train, "privacy_seconds": acc,
+                "feature_seconds": 0.0, "site_seconds": train + acc + 0.5}
+
+    summary = {"rounds": [{"round": 1, "round_seconds": 50.0}, {"round": 2, "round_seconds": 10.0},
+                          {"round": 3, "round_seconds": 6.0}],
+               "sites": {"0": {"history": [h(1, 0, 9, 9), h(2, 0, 1.0, 2.0), h(3, 0, 1.0, 1.0)]},
+                         "1": {"history": [h(2, 1, 3.0, 2.0), h(3, 1, 1.0, 0.0)]}}}
+    out = _split(summary)  # round 1 (cold start) is left out
+    assert out["rounds"] == 2 and out["round_seconds"] == 8.0
+    assert out["site_train"] == 1.5 and out["site_accounting"] == 1.25
+    # Outside the site: wall minus the slowest site's work (5.5 s in round 2, 2.5 s in round 3).
+    assert out["outside_site"] == pytest.approx(((10.0 - 5.5) + (6.0 - 2.5)) / 2)
