@@ -17,13 +17,11 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.memory import PeakSampler
 from common import training
@@ -31,7 +29,7 @@ from common.backbones import Backbone, get_backbone, preprocess
 from common.data import fingerprint_arrays
 from common.features import cached_features
 from common.heads import head_state, load_head_state, make_head
-from common.privacy import Mechanism, calibrate_noise_multiplier, dp_plan, epsilon
+from common.privacy import calibrate_noise_multiplier, dp_plan, epsilon
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +40,7 @@ def backbone_features(module: nn.Module | None, x: torch.Tensor, image_size: int
     if module is None:  # identity backbone
         return x.reshape(len(x), -1).to(device)
     with torch.inference_mode():
-        f = module(preprocess(x.numpy(), image_size).to(device))
+        f = module(preprocess(x.cpu().numpy(), image_size).to(device))
         if f.ndim == 4:
             f = f.mean(dim=(2, 3))
         f = nn.functional.normalize(f.flatten(1).float(), dim=1)
@@ -55,60 +53,16 @@ def naive_train_dp(module: nn.Module | None, image_size: int, head: nn.Module, i
                    device: str = "cpu") -> training.TrainResult:
     """DP-SGD with the frozen backbone inside every step (the naive loop).
 
-    Only the head is wrapped by Opacus (the backbone is frozen and in eval
-    mode, as Opacus requires); otherwise this mirrors :func:`training.train_dp`
-    line for line: same loader seed, same noise generator, same clipping mode.
+    The same :func:`training.train_dp` as the cached arm (same loader seed,
+    noise generator and clipping mode), except that each Poisson batch of raw
+    images goes through the backbone before the head sees it.
     """
-    from opacus import PrivacyEngine
-
-    grad_sample_mode = "hooks" if isinstance(head, nn.Linear) else "ghost"
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
     if module is not None:
         module.to(device).eval()
-    head.to(device).train()
-    ds = TensorDataset(torch.as_tensor(images, dtype=torch.float32),
-                       torch.as_tensor(labels, dtype=torch.long))
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum)
-    crit = nn.CrossEntropyLoss()
-    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
-        engine = PrivacyEngine(accountant="prv", secure_mode=False)
-        kwargs = dict(module=head, optimizer=opt, data_loader=loader,
-                      noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
-                      poisson_sampling=True, noise_generator=noise_gen,
-                      grad_sample_mode=grad_sample_mode)
-        if grad_sample_mode == "ghost":
-            model, dp_opt, dp_crit, dp_loader = engine.make_private(criterion=crit, **kwargs)
-        else:
-            model, dp_opt, dp_loader = engine.make_private(**kwargs)
-            dp_crit = crit
-        steps, total, n = 0, 0.0, 0
-        for _ in range(epochs):
-            model.train()
-            for x, y in dp_loader:
-                feats = backbone_features(module, x, image_size, device)  # every step
-                y = y.to(device)
-                dp_opt.zero_grad(set_to_none=True)
-                loss = dp_crit(model(feats), y)
-                loss.backward()
-                dp_opt.step()
-                steps += 1
-                if len(y):
-                    total += float(loss.detach()) * len(y)
-                    n += len(y)
-    mechanisms = [Mechanism(noise_multiplier=s, sample_rate=q, steps=k)
-                  for s, q, k in engine.accountant.history]
-    if hasattr(model, "_close"):
-        model._close()
-    head.cpu()
-    return training.TrainResult(loss=total / max(n, 1), seconds=time.perf_counter() - t0,
-                                steps=steps, mechanisms=mechanisms,
-                                grad_sample_mode=grad_sample_mode)
+    return training.train_dp(
+        head, images, labels, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+        noise_multiplier=noise_multiplier, clip_norm=clip_norm, seed=seed, device=device,
+        inputs=lambda x: backbone_features(module, x, image_size, device))
 
 
 def subset(x: np.ndarray, y: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ import logging
 import secrets
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,12 +53,19 @@ def _loader(features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int
     return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=gen)
 
 
-def train_epoch(model: nn.Module, loader, optimizer, criterion, device: str) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss and the number of steps."""
+def train_epoch(model: nn.Module, loader, optimizer, criterion, device: str,
+                inputs: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """One pass over ``loader``; returns mean loss and the number of steps.
+
+    ``inputs`` maps each batch before the model sees it (the naive benchmark
+    runs the frozen backbone there, on every step); ``None`` feeds the batch as is.
+    """
     model.train()
     total, n, steps = 0.0, 0, 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
+        if inputs is not None:
+            x = inputs(x)
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(model(x), y)
         loss.backward()
@@ -90,8 +98,13 @@ def train_plain(head: nn.Module, features: np.ndarray, labels: np.ndarray, *, ep
 def train_dp(head: nn.Module, features: np.ndarray, labels: np.ndarray, *, epochs: int,
              batch_size: int, lr: float, noise_multiplier: float, clip_norm: float,
              momentum: float = 0.0, seed: int | None = None, device: str = "cpu",
-             grad_sample_mode: str = "auto") -> TrainResult:
+             grad_sample_mode: str = "auto",
+             inputs: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TrainResult:
     """DP-SGD on the head with Opacus: Poisson sampling, per-sample clipping.
+
+    ``features`` are normally the site's cached features; with ``inputs`` they
+    may be raw records that ``inputs`` turns into the head's input on every
+    step (only the head is wrapped by Opacus, so ``inputs`` must be frozen).
 
     ``seed=None`` (what sites use) draws the Poisson sampler's and the noise's
     seeds from the operating system's entropy pool. A seed derived from the
@@ -140,7 +153,7 @@ def train_dp(head: nn.Module, features: np.ndarray, labels: np.ndarray, *, epoch
             dp_crit = crit
         loss, steps = float("nan"), 0
         for _ in range(epochs):
-            stats = train_epoch(model, dp_loader, dp_opt, dp_crit, device)
+            stats = train_epoch(model, dp_loader, dp_opt, dp_crit, device, inputs)
             loss, steps = stats["loss"], steps + stats["steps"]
     mechanisms = [Mechanism(noise_multiplier=s, sample_rate=q, steps=n)
                   for s, q, n in engine.accountant.history]

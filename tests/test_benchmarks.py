@@ -57,6 +57,8 @@ def test_suite_writes_schema_complete_results(tiny_npz, tmp_path):
     assert len(cvn["speedup_per_round"]) == 2
     # same seeds, same σ/q/steps: both arms spend the same ε
     assert cvn["epsilon"]["naive"] == pytest.approx(cvn["epsilon"]["cached"])
+    # ... and train the same head from the same features: equal AUC, as claimed.
+    assert cvn["auc"]["naive"] == pytest.approx(cvn["auc"]["cached"], abs=0.01)
     rows = doc["privacy_utility"]
     assert {(r["epsilon"], r["setting"]) for r in rows} == {
         (2.0, "federated"), (2.0, "centralized"), (None, "federated"), (None, "centralized")}
