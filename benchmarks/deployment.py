@@ -11,8 +11,8 @@ the runtime around the site's work.
 The split per round comes from the run records: the site's own work (data,
 features, DP training, accounting) from ``summary.json`` → ``sites.*.history``,
 and the rest of the round (message transport, the ClientApp process start and
-imports that a SuperNode pays on every message, the evaluate message, server
-bookkeeping) as the round's wall time minus the slowest site's work.
+imports that a SuperNode pays on every message, server bookkeeping) as the
+round's wall time minus the slowest site's work.
 """
 
 from __future__ import annotations

@@ -250,7 +250,7 @@ def deployment_section(dep: dict | None) -> list[str]:
           "round after round 1, per site means; *outside the site* is the round's wall time "
           "minus the slowest site's own work: message transport, the fresh ClientApp process "
           "(start and imports of torch, Flower, Opacus) that a SuperNode pays for every train "
-          "and evaluate message, and server bookkeeping.", "",
+          "message (the site's holdout evaluation rides in it), and server bookkeeping.", "",
           "| runtime | s per round | site work | DP train | accounting | features | outside the site |",
           "|---|---|---|---|---|---|---|"]
     for name in ("simulation", "deployment"):
@@ -268,8 +268,9 @@ def deployment_section(dep: dict | None) -> list[str]:
 
 
 SCALE_TEXT = (
-    "**How cost grows.** Per round the server sends one train and one evaluate message to "
-    "every site, so the work per round is about (sites × per-call cost) / 2 actors. Training "
+    "**How cost grows.** Per round the server sends one train message to every site (its "
+    "holdout evaluation of the incoming head rides in the same message), so the work per "
+    "round is about (sites × per-call cost) / 2 actors. Training "
     "shrinks per site as records per site shrink (total records are fixed). The dataset is "
     "read and partitioned once per actor, not per call (the \"other\" column): before that "
     "fix every call re-partitioned all sites, which made a round O(sites²) (50 sites took "

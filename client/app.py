@@ -1,4 +1,9 @@
-"""Flower ClientApp: unpack the message, call :mod:`client.site`, pack the reply."""
+"""Flower ClientApp: unpack the message, call :mod:`client.site`, pack the reply.
+
+Two messages: ``train`` (which also evaluates the incoming global head on the
+site's holdout, so a round costs one ClientApp process per site, not two) and
+``query.deliver`` (save the final head and student, and evaluate that head).
+"""
 
 from __future__ import annotations
 
@@ -115,13 +120,6 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
                               "status": ConfigRecord({"status": "ok"})})
         return Message(content=content, reply_to=msg)
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        cfg = config_of(context)
-        settings = site_settings(cfg, context)
-        metrics = evaluate_site(cfg, settings, from_array_record(msg.content["arrays"]))
-        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-
     @app.query("deliver")
     def deliver(msg: Message, context: Context) -> Message:
         """The server's final head, student and card (``query.deliver``): save them."""
@@ -133,7 +131,14 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
                                      from_array_record(student) if student is not None else None)
         reply = ConfigRecord({"status": "saved", "site-id": settings.site_id, "path": str(path),
                               "sha256": digest})
-        return Message(content=RecordDict({"delivery": reply}), reply_to=msg)
+        records = {"delivery": reply}
+        try:  # the delivered head on the site's holdout (the last round's site metrics)
+            records["holdout"] = MetricRecord(evaluate_site(
+                cfg, settings, from_array_record(msg.content["head"])))
+        except ValueError as exc:  # SiteDataError, SiteConfigError, a head that does not fit
+            log.warning("site %d saved the delivery but could not evaluate it: %s",
+                        settings.site_id, exc)
+        return Message(content=RecordDict(records), reply_to=msg)
 
     return app
 

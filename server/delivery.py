@@ -3,7 +3,8 @@
 The message carries three records: ``head`` and (when distillation ran)
 ``student`` as ``ArrayRecord``s, and ``card`` as a ``ConfigRecord`` holding the
 model card as JSON. The ClientApp's ``@app.query("deliver")`` handler saves
-them and replies with the hashes it wrote, which are checked here.
+them and replies with the hashes it wrote, which are checked here, and with its
+holdout metrics of the delivered head.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def deliver(grid: Grid, *, card: dict, head: dict, student: dict | None, expecte
             "status": "saved" if ok else "mismatch", "node_id": node,
             "path": str(r.get("path", "")), "sha256": str(r.get("sha256", "")),
         }
+        holdout = msg.content.metric_records.get("holdout")
+        if holdout is not None:  # the site's holdout metrics of the delivered head
+            out[str(r.get("site-id"))]["holdout"] = dict(holdout)
         if not ok:
             log.warning("delivery to site %s: the site saved hash %s, expected %s", r.get("site-id"),
                         r.get("sha256"), expected_sha256)

@@ -30,7 +30,7 @@ from common.privacy import REPORTED_ACCOUNTANT, UNIT_OF_PRIVACY
 from common.records import from_array_record, to_array_record, train_request
 from server.delivery import DELIVER_MESSAGE_TYPE, deliver
 from server.distill import delivery_card, run_distillation, write_server_copy
-from server.strategy import HeadFedAvg
+from server.strategy import HeadFedAvg, holdout_row
 
 log = logging.getLogger("fedtransfer.server")
 
@@ -99,9 +99,10 @@ def _clean(x):
 def round_line(r: int, total: int, test: dict, strategy: HeadFedAvg, cfg: RunConfig) -> str:
     eps = " ".join(f"s{s.site_id}={s.epsilon:.3f}" for s in sorted(strategy.sites.values(),
                                                                      key=lambda s: s.site_id))
-    local = [e for s in strategy.sites.values() for e in s.evaluations if e["round"] == r]
-    local_acc = (f" | site holdout acc {np.mean([e['accuracy'] for e in local]):.3f}"
-                 if local else "")
+    # The sites evaluate the head they receive: round r's replies carry round r-1's head.
+    local = [e for s in strategy.sites.values() for e in s.evaluations if e["round"] == r - 1]
+    local_acc = (f" | sites' holdout acc of round {r - 1}'s head "
+                 f"{np.mean([e['accuracy'] for e in local]):.3f}" if local else "")
     hist = [h for s in strategy.sites.values() for h in s.history if h["round"] == r]
     timing = ""
     if hist:
@@ -122,8 +123,7 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
     (out / "config.toml").write_text(cfg.to_toml())
     ev = GlobalEval(cfg)
     arrays = head_state(ev.head())
-    strategy = HeadFedAvg(fraction_train=cfg.fraction_train, fraction_evaluate=1.0,
-                          min_train_nodes=cfg.min_sites, min_evaluate_nodes=cfg.min_sites,
+    strategy = HeadFedAvg(fraction_train=cfg.fraction_train, min_train_nodes=cfg.min_sites,
                           min_available_nodes=cfg.min_sites, aggregation=cfg.aggregation,
                           trim_fraction=cfg.trim_fraction, max_update_norm=cfg.max_update_norm,
                           max_site_weight=cfg.max_site_weight)
@@ -149,8 +149,6 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
         if agg is not None:
             arrays = from_array_record(agg)
         t_train = time.perf_counter() - t0
-        eval_msgs = strategy.configure_evaluate(r, to_array_record(arrays), ConfigRecord(), grid)
-        strategy.aggregate_evaluate(r, grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
         m = ev.metrics(arrays)
         rounds.append({"round": r, "sites_aggregated": int(agg_metrics["sites"]) if agg_metrics else 0,
                        "test": m["test"], "val": m["val"], "train_phase_seconds": t_train,
@@ -202,14 +200,19 @@ def finish(cfg: RunConfig, grid: Grid, *, run_id: str, out: Path, ev: GlobalEval
                                                                   "balanced_accuracy")},
                          outcome=outcome, sites=summary["sites"], unit=UNIT_OF_PRIVACY)
     server_card = read_card(write_server_copy(out, card, arrays, outcome))
+    delivered = deliver(grid, card=card, head=arrays, student=outcome.student if outcome else None,
+                        expected_sha256=server_card["sha256"], timeout=cfg.round_timeout)
     extra["delivery"] = {
         "message_type": DELIVER_MESSAGE_TYPE, "sha256": server_card["sha256"],
-        "server_copy": str(out / "models"),
-        "sites": deliver(grid, card=card, head=arrays,
-                         student=outcome.student if outcome else None,
-                         expected_sha256=server_card["sha256"], timeout=cfg.round_timeout),
+        "server_copy": str(out / "models"), "sites": delivered,
         "seconds": time.perf_counter() - t0,
     }
+    # The sites evaluated the delivered (last round's) head on their holdouts.
+    for site_id, outcome_ in delivered.items():
+        if "holdout" in outcome_ and site_id in summary["sites"]:
+            rows = summary["sites"][site_id]["holdout"]
+            summary["sites"][site_id]["holdout"] = [*rows, holdout_row(last_round,
+                                                                       outcome_["holdout"])]
     return extra
 
 

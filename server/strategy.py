@@ -3,8 +3,9 @@
 The aggregation maths is Flower's own (``aggregate_arrayrecords``, weighted by
 ``num-examples``). This subclass adds what a DP federation needs around it:
 it validates each reply before it can touch the global head, records every
-site's reported ε and mechanism per round, and stops sampling sites that
-declined because their budget is spent.
+site's reported ε and mechanism per round (and its holdout metrics of the
+previous round's head, which come in the same reply), and stops sampling sites
+that declined because their budget is spent.
 """
 
 from __future__ import annotations
@@ -151,6 +152,9 @@ class HeadFedAvg(FedAvg):
                 "privacy_seconds": float(metrics["privacy-seconds"]),
                 "site_seconds": float(metrics["site-seconds"]),
             })
+            if "holdout-round" in metrics:
+                site.evaluations.append(holdout_row(int(metrics["holdout-round"]), metrics,
+                                                    prefix="holdout-"))
             kept.append(msg)
         return kept
 
@@ -197,18 +201,12 @@ class HeadFedAvg(FedAvg):
         n = sum(int(m.content.metric_records["metrics"]["num-examples"]) for m in kept)
         return arrays, MetricRecord({"sites": len(kept), "num-examples": n})
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
-        out = []
-        for msg in replies:
-            if msg.has_error() or "metrics" not in msg.content.metric_records:
-                continue
-            m = msg.content.metric_records["metrics"]
-            site = self._site(msg, int(m.get("site-id", -1)))
-            row = {"round": server_round, **{k.replace("-", "_"): float(v) for k, v in m.items()
-                                             if k != "site-id"}}
-            site.evaluations.append(row)
-            out.append(msg)
-        if not out:
-            return None
-        return super().aggregate_evaluate(server_round, out)
+
+HOLDOUT_METRICS = ("num-examples", "accuracy", "balanced-accuracy", "auc", "loss")
+
+
+def holdout_row(head_round: int, metrics, prefix: str = "") -> dict:
+    """A site's holdout metrics of the global head after ``head_round``, as a
+    summary row (``round`` names the head evaluated, not the message's round)."""
+    return {"round": head_round, **{k.replace("-", "_"): float(metrics[prefix + k])
+                                    for k in HOLDOUT_METRICS if prefix + k in metrics}}

@@ -122,3 +122,25 @@ def test_same_seed_same_head_without_dp(tmp_path):
     assert a.metrics["epsilon"] == 0.0
     c = train_round(cfg.replace(seed=1), settings, _req(), _head(cfg), data=_data())
     assert any(not np.array_equal(a.arrays[k], c.arrays[k]) for k in a.arrays)
+
+
+def test_train_reply_carries_the_holdout_metrics_of_the_head_it_received(tmp_path):
+    """One message per site per round: the train reply evaluates the incoming
+    global head (the previous round's) on the site's holdout before training."""
+    from client.site import evaluate_site
+
+    cfg = _cfg(tmp_path)
+    settings = _settings(tmp_path, eps=4.0)
+    data = _data()
+    first = train_round(cfg, settings, _req(r=1), _head(cfg), data=data)
+    assert not any(k.startswith("holdout-") for k in first.metrics)  # round 1: a fresh head
+    incoming = first.arrays
+    second = train_round(cfg, settings, _req(r=2), incoming, data=data)
+    expected = evaluate_site(cfg, settings, incoming, data=data)
+    assert second.metrics["holdout-round"] == 1
+    for key in ("num-examples", "accuracy", "balanced-accuracy", "auc", "loss"):
+        assert second.metrics[f"holdout-{key}"] == pytest.approx(expected[key]), key
+    assert expected["num-examples"] == 16
+    # ... and of that head, not of the head it trained.
+    after = evaluate_site(cfg, settings, second.arrays, data=data)
+    assert after["loss"] != pytest.approx(second.metrics["holdout-loss"])

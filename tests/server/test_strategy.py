@@ -135,6 +135,20 @@ def test_accepted_reply_records_the_sites_epsilon_and_mechanism():
         "privacy_seconds": 0.1, "site_seconds": 0.3}]
 
 
+def test_holdout_metrics_in_a_train_reply_are_recorded_for_the_head_they_evaluated():
+    strategy = _strategy()
+    msgs = _configure(strategy, server_round=3)
+    holdout = {"holdout-round": 2, "holdout-num-examples": 16, "holdout-accuracy": 0.75,
+               "holdout-balanced-accuracy": 0.7, "holdout-auc": 0.8, "holdout-loss": 0.5}
+    strategy.aggregate_train(3, [_reply(msgs[11], _head([1, 1], [0]), _metrics(0, 4, **holdout)),
+                                 _reply(msgs[22], _head([3, 3], [0]), _metrics(1, 4))])
+    assert strategy.sites[0].evaluations == [{
+        "round": 2, "num_examples": 16.0, "accuracy": 0.75, "balanced_accuracy": 0.7,
+        "auc": 0.8, "loss": 0.5}]
+    assert strategy.sites[1].evaluations == []  # a reply without them is still aggregated
+    assert [h["round"] for h in strategy.sites[1].history] == [3]
+
+
 @pytest.mark.parametrize("bad_head, num_examples, reason", [
     (_head([math.nan, 1], [0]), 5, "contains NaN or Inf"),
     (_head([math.inf, 1], [0]), 5, "contains NaN or Inf"),
