@@ -166,6 +166,19 @@ class Loopback:
             "--database", str(self.root / "superlink.db")])
         self.wait_for("superlink", "Uvicorn running on https://", timeout=60)
 
+    def serverapp_pids(self) -> list[int]:
+        """The ServerApp processes the SuperLink started (found among its descendants
+        by pid, then told apart by their executable)."""
+        pids = []
+        for pid in descendants(self.procs["superlink"].pid):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(Path(a.decode(errors="replace")).name == "flwr-serverapp" for a in argv[:2]):
+                pids.append(pid)
+        return pids
+
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), *args], cwd=REPO, env=self.env, timeout=timeout,
                               capture_output=True, text=True, start_new_session=True)

@@ -6,6 +6,7 @@ sites produce. Marked ``deployment`` (excluded from ``make test``; run with
 from __future__ import annotations
 
 import json
+import os
 import signal
 
 import pytest
@@ -132,11 +133,13 @@ def test_site_killed_mid_round_then_rejoins(tmp_path):
     assert s["delivery"]["sites"]["2"]["status"] == "saved"
 
 
-def test_superlink_killed_mid_run_then_resumed(tmp_path):
-    """The coordinator's machine dies mid-round (SuperLink, SuperExec and ServerApp,
-    SIGKILL). It comes back on the same SQLite database, the sites reconnect by
-    themselves, and the documented command (the same run with ``resume=true``)
-    finishes the run from the last checkpoint."""
+@pytest.mark.parametrize("killed", ["superlink", "serverapp"])
+def test_coordinator_killed_mid_run_then_resumed(tmp_path, killed):
+    """The coordinator dies mid-round, SIGKILL: either its whole machine (SuperLink,
+    SuperExec and ServerApp), which comes back on the same SQLite database while
+    the sites reconnect by themselves, or only the ServerApp process. The
+    documented command (the same run with ``resume=true``) finishes the run from
+    the last checkpoint."""
     out = tmp_path / "run"
     run = RUN.format(out=out, cache=tmp_path / "server-cache", timeout=60.0).replace(
         "num-rounds=3", "num-rounds=4")
@@ -146,18 +149,23 @@ def test_superlink_killed_mid_run_then_resumed(tmp_path):
             fed.register(site)
             fed.start_supernode(site)
         fed.wait_online(3)
-        first = fed.run(run)
+        fed.run(run)
         # Round 3's train messages have reached every site: round 2 is checkpointed.
         for site in range(3):
             fed.wait_for(f"supernode-{site}", "Receiving: train message", count=3, timeout=400)
-        fed.stop("superlink", signal.SIGKILL)
-        fed.stop("flwr-run")  # the first `flwr run --stream` lost its SuperLink
+        if killed == "superlink":
+            fed.stop("superlink", signal.SIGKILL)
+        else:
+            (serverapp,) = fed.serverapp_pids()
+            os.kill(serverapp, signal.SIGKILL)
+        fed.stop("flwr-run")  # the first `flwr run --stream` lost its run
         state = json.loads((out / "checkpoint" / "state.json").read_text())
         done = state["round"]
         assert done == 2, state["round"]
         first_run_id = state["run_id"]
 
-        fed.start_superlink()  # same port, same --database: the registrations survive
+        if killed == "superlink":
+            fed.start_superlink()  # same port, same --database: the registrations survive
         fed.wait_online(3, timeout=120)
         assert all(fed.procs[f"supernode-{s}"].poll() is None for s in range(3))
         s = _summary(fed, out, fed.run(run + " resume=true"))
