@@ -1,4 +1,5 @@
-"""Deployment against simulation: one federation, two runtimes, per-round time split.
+"""Deployment against simulation, each with and without SecAgg+: one federation,
+two runtimes, per-round time split.
 
 *Deployment* is the real loopback path: a TLS SuperLink with SuperNode
 authentication and three SuperNodes, each training on its own ``.npz`` file,
@@ -46,24 +47,28 @@ def _split(summary: dict) -> dict:
     return out
 
 
-def _simulation(work: Path, rounds: int) -> dict:
+# The same runs with the heads summed under Flower's SecAgg+ (server/secagg.py).
+SECAGG = {"aggregation": "secagg+", "teacher": "global"}
+
+
+def _simulation(work: Path, rounds: int, extra: dict | None = None, tag: str = "sim") -> dict:
     from common.config import parse_config
     from simulations.simulate import simulate
 
-    cfg = parse_config({**RUN, "num-rounds": rounds, "out-dir": str(work / "sim"),
-                        "cache-dir": str(work / "sim-cache")})
+    cfg = parse_config({**RUN, **(extra or {}), "num-rounds": rounds,
+                        "out-dir": str(work / tag), "cache-dir": str(work / "sim-cache")})
     return simulate(cfg)
 
 
-def _deployment(work: Path, rounds: int) -> dict:
+def _deployment(work: Path, rounds: int, extra: dict | None = None, tag: str = "deploy") -> dict:
     from tests.loopback import Loopback
 
-    out = work / "deploy"
+    out = work / tag
     config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"
-                      for k, v in RUN.items())
+                      for k, v in {**RUN, **(extra or {})}.items())
     config += f" num-rounds={rounds} out-dir='{out}' cache-dir='{work / 'deploy-cache'}'"
     config = config.replace('"', "'")
-    with Loopback(work / "loopback", num_sites=RUN["num-sites"]) as fed:
+    with Loopback(work / f"loopback-{tag}", num_sites=RUN["num-sites"]) as fed:
         fed.start_superlink()
         for site in range(RUN["num-sites"]):
             fed.register(site)
@@ -76,13 +81,20 @@ def _deployment(work: Path, rounds: int) -> dict:
 
 
 def run(work_dir: Path, *, rounds: int = 4) -> dict:
+    """Four arms, one after the other: simulation and deployment, each with plain
+    FedAvg and with SecAgg+ (four messages per site per round instead of one)."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    sim = _split(_simulation(work_dir, rounds))
-    log.info("simulation: %.2f s per round (site %.2f s, outside the site %.2f s)",
-             sim["round_seconds"], sim["site_site_total"], sim["outside_site"])
-    dep = _split(_deployment(work_dir, rounds))
-    log.info("deployment: %.2f s per round (site %.2f s, outside the site %.2f s)",
-             dep["round_seconds"], dep["site_site_total"], dep["outside_site"])
-    return {"measured": True, "config": {**RUN, "num-rounds": rounds},
-            "simulation": sim, "deployment": dep,
-            "ratio_round_seconds": dep["round_seconds"] / sim["round_seconds"]}
+    arms = {"simulation": (_simulation, None), "simulation_secagg": (_simulation, SECAGG),
+            "deployment": (_deployment, None), "deployment_secagg": (_deployment, SECAGG)}
+    out: dict = {"measured": True, "config": {**RUN, "num-rounds": rounds}, "secagg": SECAGG}
+    for name, (runtime, extra) in arms.items():
+        out[name] = _split(runtime(work_dir, rounds, extra, tag=name))
+        log.info("%s: %.2f s per round (site %.2f s, outside the site %.2f s)", name,
+                 out[name]["round_seconds"], out[name]["site_site_total"],
+                 out[name]["outside_site"])
+    out["ratio_round_seconds"] = (out["deployment"]["round_seconds"]
+                                  / out["simulation"]["round_seconds"])
+    for runtime in ("simulation", "deployment"):
+        out[f"ratio_secagg_{runtime}"] = (out[f"{runtime}_secagg"]["round_seconds"]
+                                          / out[runtime]["round_seconds"])
+    return out

@@ -253,9 +253,11 @@ def deployment_section(dep: dict | None) -> list[str]:
           "message (the site's holdout evaluation rides in it), and server bookkeeping.", "",
           "| runtime | s per round | site work | DP train | accounting | features | outside the site |",
           "|---|---|---|---|---|---|---|"]
-    for name in ("simulation", "deployment"):
+    names = {"simulation": "simulation", "deployment": "deployment",
+             "simulation_secagg": "simulation, SecAgg+", "deployment_secagg": "deployment, SecAgg+"}
+    for name in [n for n in names if n in dep]:
         r = dep[name]
-        L.append(f"| {name} | {r['round_seconds']:.2f} | {r['site_site_total']:.2f} | "
+        L.append(f"| {names[name]} | {r['round_seconds']:.2f} | {r['site_site_total']:.2f} | "
                  f"{r['site_train']:.2f} | {r['site_accounting']:.2f} | "
                  f"{r['site_features']:.3f} | {r['outside_site']:.2f} |")
     L += ["", f"A deployed round takes **{dep['ratio_round_seconds']:.0f}×** a simulated one. "
@@ -264,6 +266,12 @@ def deployment_section(dep: dict | None) -> list[str]:
           "that cold process (Opacus import inside DP training, cold PRV accounting) is "
           "several times its warm cost in a Ray actor. `python -m simulations.latency` breaks "
           "one deployed site's process down further (README, \"Deploying on edge sites\").", ""]
+    if "ratio_secagg_deployment" in dep:
+        L += [f"SecAgg+ (`aggregation = \"secagg+\"`, Flower's SecAggPlusWorkflow) makes a round "
+              f"**{dep['ratio_secagg_simulation']:.1f}×** as long in simulation and "
+              f"**{dep['ratio_secagg_deployment']:.1f}×** as long deployed: a round is four "
+              "messages per site (setup, key sharing, masked heads, unmasking) instead of one, "
+              "and a deployed site starts a ClientApp process for each.", ""]
     return L
 
 

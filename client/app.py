@@ -3,6 +3,9 @@
 Two messages: ``train`` (which also evaluates the incoming global head on the
 site's holdout, so a round costs one ClientApp process per site, not two) and
 ``query.deliver`` (save the final head and student, and evaluate that head).
+With ``aggregation = "secagg+"`` a round is Flower's four SecAgg+ messages;
+``secagg_when_asked`` runs Flower's ``secaggplus_mod`` on them, which masks the
+head that ``train`` returns.
 """
 
 from __future__ import annotations
@@ -11,14 +14,19 @@ import json
 import logging
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
 from client.site import (BudgetExhausted, RequestRejected, RoundRequest, SiteSettings,
                          evaluate_site, save_delivery, train_round)
 from common.config import RunConfig, parse_config
 from common.flowerlog import log_through_flower
-from common.records import from_array_record, to_array_record
+from common.records import (HEAD_KEYS, from_array_record, head_from_parameters,
+                            head_to_parameters, to_array_record)
 from common.sitedata import SiteDataError
 
 log = logging.getLogger(__name__)
@@ -73,8 +81,20 @@ class SiteConfigError(ValueError):
     """The site's own node config is incomplete; it does not train."""
 
 
-def _request(msg: Message, context: Context) -> RoundRequest:
-    c = msg.content["config"]
+class SiteDeclined(RuntimeError):
+    """Under SecAgg+, a site that declines a round (why is in the message) drops out of it."""
+
+
+def secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``secaggplus_mod`` for the messages of a SecAgg+ round (they carry its
+    config record); every other message goes straight to the app."""
+    if msg.metadata.message_type == MessageType.TRAIN and \
+            RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def _request(c, context: Context) -> RoundRequest:
     return RoundRequest(
         run_id=str(context.run_id), server_round=int(c["server-round"]),
         num_rounds=int(c["num-rounds"]), local_epochs=int(c["local-epochs"]),
@@ -83,10 +103,32 @@ def _request(msg: Message, context: Context) -> RoundRequest:
         noise_multiplier=float(c["noise-multiplier"]))
 
 
+def _unpack_train(msg: Message):
+    """``(legacy, config, head)`` of a train message. With ``aggregation = "secagg+"``
+    Flower's SecAgg+ runs on its legacy workflow: the message holds ``fitins.*``
+    records, and the head's array names come in the config."""
+    if "fitins.parameters" in msg.content.array_records:
+        fitins = recorddict_to_fitins(msg.content, keep_input=True)
+        head = head_from_parameters(fitins.parameters, str(fitins.config.get(HEAD_KEYS, "")))
+        return True, fitins.config, head
+    return False, msg.content["config"], from_array_record(msg.content["arrays"])
+
+
+def _pack_train(msg: Message, reply, legacy: bool) -> Message:
+    if legacy:  # fitres.* records; secagg_when_asked masks the head before it leaves
+        fitres = FitRes(Status(Code.OK, "ok"), head_to_parameters(reply.arrays),
+                        reply.num_examples, dict(reply.metrics))
+        return Message(content=fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+    content = RecordDict({"arrays": to_array_record(reply.arrays),
+                          "metrics": MetricRecord(reply.metrics),
+                          "status": ConfigRecord({"status": "ok"})})
+    return Message(content=content, reply_to=msg)
+
+
 def make_app(override: RunConfig | None = None) -> ClientApp:
     """Build the ClientApp. ``override`` is how ``fedtransfer simulate`` passes
     its resolved config; ``flwr run`` uses ``context.run_config``."""
-    app = ClientApp()
+    app = ClientApp(mods=[secagg_when_asked])
 
     def config_of(context: Context) -> RunConfig:
         if override is not None:
@@ -99,26 +141,25 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         cfg = config_of(context)
         site_id = int(context.node_config.get("partition-id", context.node_config.get("site-id", -1)))
+        legacy, config, head = _unpack_train(msg)
         try:
             settings = site_settings(cfg, context)
-            reply = train_round(cfg, settings, _request(msg, context),
-                                from_array_record(msg.content["arrays"]))
+            reply = train_round(cfg, settings, _request(config, context), head)
         except (BudgetExhausted, RequestRejected, SiteDataError, SiteConfigError) as exc:
             status = {BudgetExhausted: "budget-exhausted", RequestRejected: "request-rejected",
                       SiteDataError: "site-data-error"}.get(type(exc), "site-config-error")
             log.warning("site %d declines round: %s", site_id, exc)
+            if legacy:  # SecAgg+ has no "declined" reply: the site drops out of the round
+                raise SiteDeclined(f"site {site_id} declines round ({status}): {exc}") from exc
             content = RecordDict({"status": ConfigRecord(
                 {"status": status, "reason": str(exc), "site-id": site_id})})
             return Message(content=content, reply_to=msg)
         m = reply.metrics
         log.info("site %d round %d: trained on %d records; ε %.4f of its cap %g (δ=%g, "
-                 "per record); ledger %s", settings.site_id, int(msg.content["config"]
-                 ["server-round"]), reply.num_examples, m["epsilon"], settings.target_epsilon,
+                 "per record); ledger %s", settings.site_id, int(config["server-round"]),
+                 reply.num_examples, m["epsilon"], settings.target_epsilon,
                  settings.target_delta, settings.ledger_path)
-        content = RecordDict({"arrays": to_array_record(reply.arrays),
-                              "metrics": MetricRecord(reply.metrics),
-                              "status": ConfigRecord({"status": "ok"})})
-        return Message(content=content, reply_to=msg)
+        return _pack_train(msg, reply, legacy)
 
     @app.query("deliver")
     def deliver(msg: Message, context: Context) -> Message:

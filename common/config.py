@@ -20,7 +20,9 @@ HEADS = ("linear", "mlp")
 DEVICES = ("auto", "cpu", "cuda")
 STUDENTS = ("cnn", "mlp")
 TEACHERS = ("auto", "global", "ensemble")
-AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
+# secagg+: weighted FedAvg over Flower's SecAgg+ masked sums (server/secagg.py); the
+# server sees only the sum, so it cannot validate, trim or cap single site updates.
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "secagg+")
 # Where the training hyperparameters came from. Tuning on the sites' private
 # records costs privacy that no ledger charges, so the run records say which.
 HYPERPARAMETER_SOURCES = ("unspecified", "public", "private")
@@ -58,10 +60,11 @@ class RunConfig:
     min_sites: int = 2
     round_timeout: float = 600.0
     # Robustness against broken or hostile site updates (server/aggregation.py)
-    aggregation: str = "fedavg"  # fedavg | median | trimmed-mean (Flower's FedMedian/FedTrimmedAvg maths)
+    aggregation: str = "fedavg"  # fedavg | median | trimmed-mean (Flower's FedMedian/FedTrimmedAvg maths) | secagg+
     trim_fraction: float = 0.2  # trimmed-mean: fraction cut at each end (Flower's beta)
     max_update_norm: float = 0.0  # L2 bound on (site head - global head); 0: derive from clip-norm, < 0: off
     max_site_weight: float = 1.0  # the largest share of the FedAvg weight one site's num-examples can carry
+    secagg_max_weight: float = 1000.0  # secagg+: the num-examples a site's quantised weight is scaled by (Flower's max_weight)
     resume: bool = False  # continue from <out-dir>/checkpoint (the last completed round)
     # Optimisation
     batch_size: int = 64
@@ -231,6 +234,21 @@ def _validate(cfg: RunConfig) -> None:
         raise bad("trim-fraction", f"must be in [0, 0.5), got {cfg.trim_fraction!r}")
     if not 0.0 < cfg.max_site_weight <= 1.0:
         raise bad("max-site-weight", f"must be in (0, 1], got {cfg.max_site_weight!r}")
+    if cfg.aggregation == "secagg+":
+        why = "the server sees only the SecAgg+ masked sum of the site heads"
+        if cfg.max_site_weight < 1.0:
+            raise bad("max-site-weight", f"cannot be capped with aggregation='secagg+': {why}")
+        if cfg.max_update_norm > 0:
+            raise bad("max-update-norm", f"cannot bound single updates with aggregation='secagg+': "
+                      f"{why}")
+        if cfg.teacher == "ensemble":
+            raise bad("teacher", f"'ensemble' needs each site's head; with aggregation='secagg+' "
+                      f"{why} (use 'global' or 'auto')")
+        if cfg.min_sites < 2:
+            raise bad("min-sites", "must be >= 2 with aggregation='secagg+' (a sum over one site "
+                      "hides nothing)")
+    if not cfg.secagg_max_weight > 0 or cfg.secagg_max_weight == float("inf"):
+        raise bad("secagg-max-weight", f"must be a finite number > 0, got {cfg.secagg_max_weight!r}")
     if cfg.resume and not cfg.out_dir:
         raise bad("resume", "needs out-dir: the run directory whose checkpoint/ to continue from")
     if cfg.max_update_norm != cfg.max_update_norm or cfg.max_update_norm == float("inf"):

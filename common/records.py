@@ -32,3 +32,26 @@ def train_request(cfg: RunConfig) -> dict[str, int | float]:
             "batch-size": cfg.batch_size, "learning-rate": cfg.learning_rate,
             "momentum": cfg.momentum, "clip-norm": cfg.clip_norm,
             "noise-multiplier": cfg.noise_multiplier}
+
+
+# SecAgg+ (``aggregation = "secagg+"``) runs on Flower's legacy workflow, whose
+# parameters are a list of arrays: the head's array names travel in the config.
+HEAD_KEYS = "head-keys"
+
+
+def head_to_parameters(arrays: dict[str, np.ndarray]):
+    from flwr.common import ndarrays_to_parameters
+
+    return ndarrays_to_parameters([np.ascontiguousarray(v) for v in arrays.values()])
+
+
+def head_from_parameters(parameters, keys: str) -> OrderedDict[str, np.ndarray]:
+    """A legacy parameter list as a head dict, named by the ``head-keys`` config value."""
+    from flwr.common import parameters_to_ndarrays
+
+    names = [k for k in str(keys).split(",") if k]
+    arrays = parameters_to_ndarrays(parameters)
+    if len(names) != len(arrays):
+        raise ValueError(f"'{HEAD_KEYS}' names {len(names)} arrays, the message holds "
+                         f"{len(arrays)}")
+    return OrderedDict(zip(names, arrays, strict=True))

@@ -127,6 +127,11 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
                           min_available_nodes=cfg.min_sites, aggregation=cfg.aggregation,
                           trim_fraction=cfg.trim_fraction, max_update_norm=cfg.max_update_norm,
                           max_site_weight=cfg.max_site_weight)
+    secagg = None
+    if cfg.aggregation == "secagg+":  # the server sees only the masked sum (server/secagg.py)
+        from server.secagg import SecAggRound
+
+        secagg = SecAggRound(cfg, strategy)
     rounds, first, resumed = [], 1, {}
     if cfg.resume:  # continue from the last completed round (server/resume.py)
         from server.resume import resume_state
@@ -143,9 +148,12 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
             break
         # num-rounds: the rounds this run still plans (sites calibrate σ to them)
         config = ConfigRecord({**train_request(cfg), "num-rounds": cfg.num_rounds - first + 1})
-        messages = list(strategy.configure_train(r, to_array_record(arrays), config, grid))
-        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
-        agg, agg_metrics = strategy.aggregate_train(r, replies)
+        if secagg is not None:
+            agg, agg_metrics = secagg(grid, r, arrays, config)
+        else:
+            messages = list(strategy.configure_train(r, to_array_record(arrays), config, grid))
+            replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+            agg, agg_metrics = strategy.aggregate_train(r, replies)
         if agg is not None:
             arrays = from_array_record(agg)
         t_train = time.perf_counter() - t0
@@ -166,6 +174,8 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
                             time.perf_counter() - t_run)
     if resumed:
         summary["resumed_from"] = resumed
+    if secagg is not None:
+        summary["secure_aggregation"] = secagg.protocol()
     summary.update(finish(cfg, grid, run_id=run_id, out=out, ev=ev, arrays=arrays,
                           strategy=strategy, last_round=rounds[-1]["round"] if rounds else 0,
                           summary=summary))

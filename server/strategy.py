@@ -96,15 +96,13 @@ class HeadFedAvg(FedAvg):
         return len([n for n in grid.get_node_ids() if n not in self.exhausted_nodes()])
 
     # -- aggregation -------------------------------------------------------
-    def _site(self, msg: Message, site_id: int) -> SiteRecord:
-        node_id = msg.metadata.src_node_id
+    def _site(self, node_id: int, site_id: int) -> SiteRecord:
         self._node_site[node_id] = site_id
         if site_id not in self.sites:
             self.sites[site_id] = SiteRecord(site_id=site_id, node_id=node_id)
         return self.sites[site_id]
 
-    def _drop(self, server_round: int, msg: Message, reason: str) -> None:
-        node = msg.metadata.src_node_id
+    def drop(self, server_round: int, node: int, reason: str) -> None:
         log.warning("round %d: dropped reply from node %d: %s", server_round, node, reason)
         self.dropped.append({"round": server_round, "node_id": node, "reason": reason})
 
@@ -112,51 +110,61 @@ class HeadFedAvg(FedAvg):
         """Validated replies that may be aggregated; everything else is logged."""
         kept = []
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error():
-                self._drop(server_round, msg, f"error reply: {msg.error.reason}")
+                self.drop(server_round, node, f"error reply: {msg.error.reason}")
                 continue
             status = msg.content.config_records.get("status")
             if status is not None and status.get("status") != "ok":
-                site = self._site(msg, int(status.get("site-id", -1)))
+                site = self._site(node, int(status.get("site-id", -1)))
                 site.status, site.reason = str(status["status"]), str(status.get("reason", ""))
                 log.warning("round %d: site %d declined: %s", server_round, site.site_id, site.reason)
                 continue
             if "arrays" not in msg.content.array_records or "metrics" not in msg.content.metric_records:
-                self._drop(server_round, msg, "reply lacks 'arrays' or 'metrics'")
+                self.drop(server_round, node, "reply lacks 'arrays' or 'metrics'")
                 continue
             metrics = msg.content.metric_records["metrics"]
             missing = [k for k in TRAIN_METRICS if k not in metrics]
             if missing:
-                self._drop(server_round, msg, f"reply lacks metrics {missing}")
+                self.drop(server_round, node, f"reply lacks metrics {missing}")
                 continue
             update = from_array_record(msg.content.array_records["arrays"])
             problem = update_problem(update, self._global or {}, metrics.get("num-examples"))
             problem = problem or self.norm_problem(update, metrics)
             if problem:
-                self._drop(server_round, msg, problem)
+                self.drop(server_round, node, problem)
                 continue
-            site = self._site(msg, int(metrics.get("site-id", -1)))
-            site.epsilon, site.delta = float(metrics["epsilon"]), float(metrics["delta"])
-            self.site_heads[site.site_id] = update
-            site.history.append({
-                "round": server_round,
-                "noise_multiplier": float(metrics["noise-multiplier"]),
-                "sample_rate": float(metrics["sample-rate"]),
-                "steps": int(metrics["steps"]),
-                "num_examples": int(metrics["num-examples"]),
-                "epsilon_after": site.epsilon,
-                "train_loss": float(metrics["train-loss"]),
-                "feature_seconds": float(metrics["feature-seconds"]),
-                "feature_cache_hit": bool(metrics["feature-cache-hit"]),
-                "train_seconds": float(metrics["train-seconds"]),
-                "privacy_seconds": float(metrics["privacy-seconds"]),
-                "site_seconds": float(metrics["site-seconds"]),
-            })
-            if "holdout-round" in metrics:
-                site.evaluations.append(holdout_row(int(metrics["holdout-round"]), metrics,
-                                                    prefix="holdout-"))
+            self.record_round(server_round, node, metrics, update)
             kept.append(msg)
         return kept
+
+    def record_round(self, server_round: int, node_id: int, metrics, head: dict | None = None
+                     ) -> SiteRecord:
+        """Book an accepted reply: the site's ε, mechanism and timings for the round,
+        its holdout metrics of the head it received, and (when the server may see
+        it) its head, an ensemble-teacher member."""
+        site = self._site(node_id, int(metrics.get("site-id", -1)))
+        site.epsilon, site.delta = float(metrics["epsilon"]), float(metrics["delta"])
+        if head is not None:
+            self.site_heads[site.site_id] = head
+        site.history.append({
+            "round": server_round,
+            "noise_multiplier": float(metrics["noise-multiplier"]),
+            "sample_rate": float(metrics["sample-rate"]),
+            "steps": int(metrics["steps"]),
+            "num_examples": int(metrics["num-examples"]),
+            "epsilon_after": site.epsilon,
+            "train_loss": float(metrics["train-loss"]),
+            "feature_seconds": float(metrics["feature-seconds"]),
+            "feature_cache_hit": bool(metrics["feature-cache-hit"]),
+            "train_seconds": float(metrics["train-seconds"]),
+            "privacy_seconds": float(metrics["privacy-seconds"]),
+            "site_seconds": float(metrics["site-seconds"]),
+        })
+        if "holdout-round" in metrics:
+            site.evaluations.append(holdout_row(int(metrics["holdout-round"]), metrics,
+                                                prefix="holdout-"))
+        return site
 
     def norm_bound(self, metrics) -> float | None:
         """The update norm bound for a reply, or ``None`` when none applies

@@ -59,6 +59,8 @@ def print_summary(s: dict) -> None:
         f"test: accuracy {_fmt(f['accuracy'])}  AUC {_fmt(f['auc'])}  "
         f"balanced accuracy {_fmt(f['balanced_accuracy'])}",
     ]
+    if "secure_aggregation" in s:
+        lines.append("aggregation: weighted FedAvg under SecAgg+ (the server saw only the masked sum)")
     p = s["privacy"]
     if p["dp"]:
         lines.append(f"privacy: ε per site ({p['accountant'].upper()} upper bound, δ={p['target_delta']:g}, "

@@ -193,3 +193,29 @@ def test_coordinator_killed_mid_run_then_resumed(tmp_path, killed):
         assert reported["epsilon"] == pytest.approx(ledger.epsilon(delta=1e-5), rel=1e-9)
         assert reported["epsilon"] <= 8.0 + 1e-9
         assert s["delivery"]["sites"][str(site)]["status"] == "saved"
+
+
+def test_secure_aggregation_on_real_supernodes(tmp_path):
+    """SecAgg+ over TLS and authenticated SuperNodes: every one of a round's four
+    messages starts a fresh ClientApp process, and the protocol state lives in
+    the SuperNode's context between them."""
+    out = tmp_path / "run"
+    run = RUN.format(out=out, cache=tmp_path / "server-cache", timeout=120.0).replace(
+        "num-rounds=3", "num-rounds=2") + " aggregation='secagg+' teacher='global' distill=false"
+    with Loopback(tmp_path) as fed:
+        fed.start_superlink()
+        for site in range(3):
+            fed.register(site)
+            fed.start_supernode(site)
+        fed.wait_online(3)
+        s = _summary(fed, out, fed.run(run))
+        assert fed.log("flwr-run").count("Secure aggregation completed") == 2
+
+    assert s["stop_reason"] == "completed"
+    assert s["secure_aggregation"]["protocol"].startswith("SecAgg+")
+    assert [r["sites_aggregated"] for r in s["rounds"]] == [3, 3]
+    assert s["final"]["auc"] > 0.8
+    for site in range(3):
+        ledger = _ledger_matches(fed, site, s)
+        assert [e.round for e in ledger.entries()] == [1, 2]
+        assert s["delivery"]["sites"][str(site)]["status"] == "saved"

@@ -12,50 +12,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from flwr.app import Context, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import make_app as make_client
 from common.config import RunConfig
 from common.ledger import Ledger
 from server.run import run_server
-
-NODES = (101, 202, 303)
-
-
-@pytest.fixture(autouse=True)
-def server_task_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-
-
-class ServerDied(RuntimeError):
-    pass
-
-
-class InProcessGrid:
-    """Delivers each message to the real ClientApp of site ``i`` (partition i)."""
-
-    def __init__(self, cfg: RunConfig, run_id: int, *, die_in_train_round: int | None = None):
-        self.app = make_client(cfg)
-        self.contexts = {n: Context(run_id=run_id, node_id=n, node_config={"partition-id": i},
-                                    state=RecordDict(), run_config={})
-                         for i, n in enumerate(NODES)}
-        self.die_in_train_round = die_in_train_round
-
-    def get_node_ids(self):
-        return list(NODES)
-
-    def send_and_receive(self, messages, timeout=None):
-        messages = list(messages)
-        replies = [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
-        kinds = {m.metadata.message_type for m in messages}
-        if "train" in kinds and self.die_in_train_round is not None:
-            if messages[0].content["config"]["server-round"] == self.die_in_train_round:
-                raise ServerDied("the ServerApp process died with round 3 in flight")
-        return replies
+from tests.inprocess import InProcessGrid, ServerDied
 
 
 def test_restarted_server_resumes_after_the_last_completed_round(tmp_path):

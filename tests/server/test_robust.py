@@ -18,8 +18,7 @@ from common.heads import head_state, make_head
 from common.records import from_array_record, to_array_record
 from server.aggregation import aggregate, capped_weights, clip_derived_bound, update_norm
 from server.strategy import HeadFedAvg
-from tests.server.test_strategy import (FakeGrid, _global, _head, _metrics, _reply,
-                                        server_task_identity)  # noqa: F401 (autouse fixture)
+from tests.server.test_strategy import FakeGrid, _global, _head, _metrics, _reply
 
 FIVE = (11, 22, 33, 44, 55)
 REQUEST = {"num-rounds": 3, "local-epochs": 1, "batch-size": 4, "learning-rate": 0.5,

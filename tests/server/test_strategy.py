@@ -12,23 +12,12 @@ import math
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.records import from_array_record, to_array_record
 from common.validation import update_problem
 from server.strategy import HeadFedAvg
 
 NODES = (11, 22, 33)
-
-
-@pytest.fixture(autouse=True)
-def server_task_identity(monkeypatch):
-    """Flower stamps each instruction Message with the running task's identity,
-    which its runtime sets before app code runs; a bare test process sets it here."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
 
 
 class FakeGrid:

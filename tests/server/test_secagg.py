@@ -1,0 +1,135 @@
+"""SecAgg+ over the site heads (``aggregation = "secagg+"``).
+
+Flower's own ``SecAggPlusWorkflow`` (server) and ``secaggplus_mod`` (site) run
+around the real ClientApp, with real DP-SGD and real ledgers, on an in-process
+grid (``tests/inprocess.py``). A spy on the site's ``train_round`` keeps each
+site's plaintext head, which the server never receives: the test computes the
+weighted mean by hand and checks the secure aggregate against it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import client.app
+from common.config import RunConfig
+from common.ledger import Ledger
+from server.run import run_server
+from server.secagg import CLIPPING_RANGE, QUANTIZATION_RANGE
+from tests.inprocess import NODES, InProcessGrid
+
+
+def _cfg(tmp_path, **kw) -> RunConfig:
+    base = dict(num_sites=3, min_sites=2, num_rounds=2, backbone="identity", partitioner="dirichlet",
+                batch_size=32, local_epochs=1, learning_rate=1.0, noise_multiplier=1.0,
+                target_epsilon=20.0, distill=False, teacher="global", aggregation="secagg+",
+                out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                ledger_dir=str(tmp_path / "sites"))
+    return RunConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def site_heads(monkeypatch):
+    """Each site's plaintext head and record count, per round, as trained."""
+    seen: dict[int, dict[int, tuple[dict, int]]] = {}
+    real = client.app.train_round
+
+    def spy(cfg, settings, req, head, data=None):
+        reply = real(cfg, settings, req, head, data)
+        seen.setdefault(req.server_round, {})[settings.site_id] = (reply.arrays,
+                                                                   reply.num_examples)
+        return reply
+
+    monkeypatch.setattr(client.app, "train_round", spy)
+    return seen
+
+
+def _weighted_mean(heads: dict[int, tuple[dict, int]]) -> dict[str, np.ndarray]:
+    total = sum(n for _, n in heads.values())
+    keys = next(iter(heads.values()))[0].keys()
+    return {k: sum(h[k].astype(np.float64) * n for h, n in heads.values()) / total for k in keys}
+
+
+def _tolerance(cfg: RunConfig, heads: dict[int, tuple[dict, int]]) -> float:
+    """SecAgg+ quantises each scaled head (head x n / max-weight) with stochastic rounding,
+    one step = 2 x clipping range / quantisation range; the sum of the sites' rounding
+    errors is then divided by the total scale. Twice that bound."""
+    step = 2 * CLIPPING_RANGE / QUANTIZATION_RANGE
+    total_scale = sum(n for _, n in heads.values()) / cfg.secagg_max_weight
+    return 2 * len(heads) * step / total_scale
+
+
+def test_secure_aggregate_is_the_weighted_mean_of_heads_the_server_never_sees(
+        tmp_path, site_heads):
+    cfg = _cfg(tmp_path)
+    grid = InProcessGrid(cfg, 1)
+    s = run_server(cfg, grid, run_id="1")
+
+    assert s["stop_reason"] == "completed"
+    assert [r["sites_aggregated"] for r in s["rounds"]] == [3, 3]
+    assert s["secure_aggregation"]["protocol"].startswith("SecAgg+")
+    final = load_file(str(tmp_path / "run" / "head.safetensors"))
+    expected = _weighted_mean(site_heads[2])
+    # The scaled heads sit inside SecAgg+'s clipping range, so only quantisation
+    # separates the two.
+    for h, n in site_heads[2].values():
+        assert max(np.abs(v).max() for v in h.values()) * n / cfg.secagg_max_weight < CLIPPING_RANGE
+    atol = _tolerance(cfg, site_heads[2])
+    assert atol < 1e-4
+    for k, v in expected.items():
+        assert final[k].dtype == np.float32 and final[k].shape == v.shape
+        np.testing.assert_allclose(final[k], v, rtol=0, atol=atol)
+    # The weights matter (the sites hold different record counts): the plain mean is off.
+    assert len({n for _, n in site_heads[2].values()}) == 3
+    plain = {k: np.mean([h[k] for h, _ in site_heads[2].values()], axis=0) for k in expected}
+    assert max(np.abs(final[k] - plain[k]).max() for k in plain) > 10 * atol
+    # ... and it is not just any head: it differs from every single site's head.
+    for h, _ in site_heads[2].values():
+        assert max(np.abs(final[k] - h[k]).max() for k in h) > 1e-3
+
+    # No plaintext head ever left a site: the train replies of the masked stage
+    # carry empty arrays; the masked vector travels as opaque bytes.
+    trained = [r for r in grid.replies if "fitres.metrics" in r.content.config_records]
+    assert len(trained) == 3 * 2
+    for reply in trained:
+        assert all(len(a) == 0 for a in reply.content.array_records.values())
+        assert "masked_params" in reply.content.config_records["secaggplus_configs"]
+
+    # DP is unchanged: one committed entry per site and round, ε from the ledger.
+    for sid in ("0", "1", "2"):
+        ledger = Ledger(tmp_path / "sites" / f"site-{sid}" / "ledger.sqlite")
+        assert [e.round for e in ledger.entries()] == [1, 2]
+        assert s["sites"][sid]["epsilon"] == pytest.approx(ledger.epsilon(delta=1e-5), rel=1e-9)
+        assert [h["round"] for h in s["sites"][sid]["history"]] == [1, 2]
+
+
+def test_a_site_that_declines_drops_out_and_the_others_are_still_aggregated(
+        tmp_path, site_heads):
+    cfg = _cfg(tmp_path, num_rounds=1)
+    # Site 2's own cap is far below one round at σ = 1: it declines before training.
+    grid = InProcessGrid(cfg, 1, node_config={2: {"target-epsilon": 0.01}})
+    s = run_server(cfg, grid, run_id="1")
+
+    assert [r["sites_aggregated"] for r in s["rounds"]] == [2]
+    assert sorted(site_heads[1]) == [0, 1]
+    final = load_file(str(tmp_path / "run" / "head.safetensors"))
+    for k, v in _weighted_mean(site_heads[1]).items():
+        np.testing.assert_allclose(final[k], v, rtol=0, atol=_tolerance(cfg, site_heads[1]))
+    errors = [r for r in grid.replies if r.has_error()]
+    assert len(errors) == 1 and "budget-exhausted" in errors[0].error.reason
+    assert errors[0].metadata.src_node_id == NODES[2]
+    assert Ledger(tmp_path / "sites" / "site-2" / "ledger.sqlite").entries() == []
+
+
+@pytest.mark.parametrize("setting, key", [
+    (dict(max_site_weight=0.5), "max-site-weight"),
+    (dict(max_update_norm=1.0), "max-update-norm"),
+    (dict(teacher="ensemble"), "teacher"),
+    (dict(min_sites=1), "min-sites"),
+    (dict(secagg_max_weight=0.0), "secagg-max-weight"),
+])
+def test_settings_that_need_single_site_heads_are_refused_with_secagg(tmp_path, setting, key):
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        _cfg(tmp_path, **setting)
