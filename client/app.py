@@ -25,7 +25,7 @@ from client.site import (BudgetExhausted, RequestRejected, RoundRequest, SiteSet
                          evaluate_site, save_delivery, train_round)
 from common.config import RunConfig, parse_config
 from common.flowerlog import log_through_flower
-from common.records import (HEAD_KEYS, from_array_record, head_from_parameters,
+from common.records import (HEAD_KEYS, declined_text, from_array_record, head_from_parameters,
                             head_to_parameters, to_array_record)
 from common.sitedata import SiteDataError
 
@@ -150,7 +150,7 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
                       SiteDataError: "site-data-error"}.get(type(exc), "site-config-error")
             log.warning("site %d declines round: %s", site_id, exc)
             if legacy:  # SecAgg+ has no "declined" reply: the site drops out of the round
-                raise SiteDeclined(f"site {site_id} declines round ({status}): {exc}") from exc
+                raise SiteDeclined(declined_text(site_id, context.node_id, status, str(exc))) from exc
             content = RecordDict({"status": ConfigRecord(
                 {"status": status, "reason": str(exc), "site-id": site_id})})
             return Message(content=content, reply_to=msg)

@@ -4,6 +4,7 @@ request's wire format. Flower types are imported lazily so that the maths in
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 import numpy as np
@@ -55,3 +56,18 @@ def head_from_parameters(parameters, keys: str) -> OrderedDict[str, np.ndarray]:
         raise ValueError(f"'{HEAD_KEYS}' names {len(names)} arrays, the message holds "
                          f"{len(arrays)}")
     return OrderedDict(zip(names, arrays, strict=True))
+
+
+# Under SecAgg+ a site that declines a round raises (the protocol has no "declined"
+# reply), and the server reads only the error text: this is its format.
+_DECLINED = re.compile(r"site (-?\d+) \(node (\d+)\) declines round \(([a-z-]+)\): (.*)", re.S)
+
+
+def declined_text(site_id: int, node_id: int, status: str, reason: str) -> str:
+    return f"site {site_id} (node {node_id}) declines round ({status}): {reason}"
+
+
+def parse_declined(text: str) -> tuple[int, int, str, str] | None:
+    """``(site id, node id, status, reason)`` from an error text made by :func:`declined_text`."""
+    m = _DECLINED.search(text)
+    return (int(m[1]), int(m[2]), m[3], m[4]) if m else None

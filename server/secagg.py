@@ -38,7 +38,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from common.records import HEAD_KEYS, head_from_parameters, head_to_parameters, to_array_record
+from common.records import (HEAD_KEYS, head_from_parameters, head_to_parameters, parse_declined,
+                            to_array_record)
 from common.validation import update_problem
 from server.strategy import TRAIN_METRICS, HeadFedAvg
 
@@ -72,7 +73,11 @@ class _Recorder(LegacyFedAvg):
 
     def aggregate_fit(self, server_round, results, failures):
         for failure in failures:
-            log.warning("round %d: secure aggregation lost a site: %s", server_round, failure)
+            declined = parse_declined(str(failure))
+            if declined is not None:  # the site said why; stop asking a spent site
+                self.strategy.mark(*declined, server_round=server_round)
+            else:
+                log.warning("round %d: secure aggregation lost a site: %s", server_round, failure)
         self.booked = []
         for proxy, fitres in results:
             metrics = fitres.metrics

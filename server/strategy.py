@@ -116,9 +116,8 @@ class HeadFedAvg(FedAvg):
                 continue
             status = msg.content.config_records.get("status")
             if status is not None and status.get("status") != "ok":
-                site = self._site(node, int(status.get("site-id", -1)))
-                site.status, site.reason = str(status["status"]), str(status.get("reason", ""))
-                log.warning("round %d: site %d declined: %s", server_round, site.site_id, site.reason)
+                self.mark(int(status.get("site-id", -1)), node, str(status["status"]),
+                          str(status.get("reason", "")), server_round=server_round)
                 continue
             if "arrays" not in msg.content.array_records or "metrics" not in msg.content.metric_records:
                 self.drop(server_round, node, "reply lacks 'arrays' or 'metrics'")
@@ -137,6 +136,13 @@ class HeadFedAvg(FedAvg):
             self.record_round(server_round, node, metrics, update)
             kept.append(msg)
         return kept
+
+    def mark(self, site_id: int, node_id: int, status: str, reason: str, *,
+             server_round: int) -> None:
+        """A site declined (``budget-exhausted`` ones are not sampled again)."""
+        site = self._site(node_id, site_id)
+        site.status, site.reason = status, reason
+        log.warning("round %d: site %d declined: %s", server_round, site_id, reason)
 
     def record_round(self, server_round: int, node_id: int, metrics, head: dict | None = None
                      ) -> SiteRecord:

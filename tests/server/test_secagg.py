@@ -107,19 +107,24 @@ def test_secure_aggregate_is_the_weighted_mean_of_heads_the_server_never_sees(
 
 def test_a_site_that_declines_drops_out_and_the_others_are_still_aggregated(
         tmp_path, site_heads):
-    cfg = _cfg(tmp_path, num_rounds=1)
+    cfg = _cfg(tmp_path, num_rounds=2)
     # Site 2's own cap is far below one round at σ = 1: it declines before training.
     grid = InProcessGrid(cfg, 1, node_config={2: {"target-epsilon": 0.01}})
     s = run_server(cfg, grid, run_id="1")
 
-    assert [r["sites_aggregated"] for r in s["rounds"]] == [2]
+    assert [r["sites_aggregated"] for r in s["rounds"]] == [2, 2]
     assert sorted(site_heads[1]) == [0, 1]
     final = load_file(str(tmp_path / "run" / "head.safetensors"))
-    for k, v in _weighted_mean(site_heads[1]).items():
-        np.testing.assert_allclose(final[k], v, rtol=0, atol=_tolerance(cfg, site_heads[1]))
+    for k, v in _weighted_mean(site_heads[2]).items():
+        np.testing.assert_allclose(final[k], v, rtol=0, atol=_tolerance(cfg, site_heads[2]))
+    # It said why, in its error; the server marked it and did not ask it again in round 2.
     errors = [r for r in grid.replies if r.has_error()]
-    assert len(errors) == 1 and "budget-exhausted" in errors[0].error.reason
+    assert len(errors) == 1 and "(budget-exhausted)" in errors[0].error.reason
     assert errors[0].metadata.src_node_id == NODES[2]
+    assert s["sites"]["2"]["status"] == "budget-exhausted"
+    round_2 = {r.metadata.src_node_id for r in grid.replies
+               if r.metadata.message_type == "train" and r.metadata.group_id == "2"}
+    assert round_2 == set(NODES[:2])
     assert Ledger(tmp_path / "sites" / "site-2" / "ledger.sqlite").entries() == []
 
 
