@@ -1,7 +1,7 @@
 """Real deployments on loopback: Flower's SuperLink and SuperNodes, TLS, SuperNode
 authentication, sites with their own data, ledgers and caps, and the faults real
 sites produce. Marked ``deployment`` (excluded from ``make test``; run with
-``make test-deployment``, about 10 minutes on 2 cores)."""
+``make test-deployment``, about 11 minutes on 2 cores)."""
 
 from __future__ import annotations
 
