@@ -90,6 +90,8 @@ def secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
     config record); every other message goes straight to the app."""
     if msg.metadata.message_type == MessageType.TRAIN and \
             RECORD_KEY_CONFIGS in msg.content.config_records:
+        # The mod narrates every stage at DEBUG, which Ray prints from each simulated site.
+        logging.getLogger("flwr").setLevel(logging.INFO)
         return secaggplus_mod(msg, context, call_next)
     return call_next(msg, context)
 
