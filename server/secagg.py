@@ -72,9 +72,11 @@ class _Recorder(LegacyFedAvg):
         return [(c, FitIns(parameters, dict(self.config))) for c in clients]
 
     def aggregate_fit(self, server_round, results, failures):
+        # A decline names its own node; believe it only for a node that did fail this round.
+        failed = set(self.nodes) - {proxy.node_id for proxy, _ in results}
         for failure in failures:
             declined = parse_declined(str(failure))
-            if declined is not None:  # the site said why; stop asking a spent site
+            if declined is not None and declined[1] in failed:  # stop asking a spent site
                 self.strategy.mark(*declined, server_round=server_round)
             else:
                 log.warning("round %d: secure aggregation lost a site: %s", server_round, failure)

@@ -128,6 +128,34 @@ def test_a_site_that_declines_drops_out_and_the_others_are_still_aggregated(
     assert Ledger(tmp_path / "sites" / "site-2" / "ledger.sqlite").entries() == []
 
 
+def test_a_decline_is_believed_only_for_a_node_that_failed_this_round():
+    """The node id in a decline is the site's own claim: a site cannot get another,
+    healthy node marked as spent (and no longer sampled)."""
+    from flwr.common import Code, FitRes, Parameters, Status
+
+    from common.records import declined_text
+    from server.secagg import _Recorder
+    from server.strategy import HeadFedAvg
+
+    class Proxy:
+        def __init__(self, node_id):
+            self.node_id = node_id
+
+    metrics = {"site-id": 0, "num-examples": 5, "epsilon": 1.0, "delta": 1e-5,
+               "noise-multiplier": 1.0, "sample-rate": 0.2, "steps": 5, "train-loss": 0.5,
+               "feature-seconds": 0.0, "feature-cache-hit": 1, "train-seconds": 0.1,
+               "privacy-seconds": 0.1, "site-seconds": 0.2}
+    ok = FitRes(Status(Code.OK, "ok"), Parameters([], ""), 5, metrics)
+    strategy = HeadFedAvg(min_train_nodes=2, min_available_nodes=2)
+    recorder = _Recorder(strategy)
+    recorder.nodes = [101, 202, 303]
+    lies = Exception(declined_text(1, 101, "budget-exhausted", "spent"))  # 101 replied fine
+    truth = Exception(declined_text(2, 303, "budget-exhausted", "spent"))
+    recorder.aggregate_fit(1, [(Proxy(101), ok)], [lies, truth])
+    assert strategy.exhausted_nodes() == {303}
+    assert strategy.sites[0].status == "active" and 1 not in strategy.sites
+
+
 @pytest.mark.parametrize("setting, key", [
     (dict(max_site_weight=0.5), "max-site-weight"),
     (dict(max_update_norm=1.0), "max-update-norm"),
