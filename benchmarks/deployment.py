@@ -69,11 +69,7 @@ def _deployment(work: Path, rounds: int, extra: dict | None = None, tag: str = "
     config += f" num-rounds={rounds} out-dir='{out}' cache-dir='{work / 'deploy-cache'}'"
     config = config.replace('"', "'")
     with Loopback(work / f"loopback-{tag}", num_sites=RUN["num-sites"]) as fed:
-        fed.start_superlink()
-        for site in range(RUN["num-sites"]):
-            fed.register(site)
-            fed.start_supernode(site)
-        fed.wait_online(RUN["num-sites"])
+        fed.start_federation()
         rc = fed.run(config).wait(timeout=900)
         if rc != 0:
             raise RuntimeError(f"flwr run exited {rc}: {fed.log('flwr-run')[-2000:]}")

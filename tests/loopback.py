@@ -179,6 +179,14 @@ class Loopback:
                 pids.append(pid)
         return pids
 
+    def start_federation(self) -> None:
+        """The SuperLink, every site's key registered, every site's SuperNode online."""
+        self.start_superlink()
+        for site in range(self.num_sites):
+            self.register(site)
+            self.start_supernode(site)
+        self.wait_online(self.num_sites)
+
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), *args], cwd=REPO, env=self.env, timeout=timeout,
                               capture_output=True, text=True, start_new_session=True)

@@ -42,3 +42,19 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 def fedtransfer_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "simulations.cli", *args]
+
+
+def simulate(out: Path, *settings: str, log: Path, timeout: float = 600) -> tuple[dict, str]:
+    """Run ``fedtransfer simulate --config demo --out OUT --set ...`` in its own process
+    group (stopped by pid when done or on failure); returns (summary.json, its output)."""
+    import json
+
+    from tests.conftest import REPO
+
+    args = fedtransfer_cmd("simulate", "--config", "demo", "--out", str(out),
+                           *[a for s in settings for a in ("--set", s)])
+    with running(args, log=log, cwd=REPO) as proc:
+        rc = proc.wait(timeout=timeout)
+    text = log.read_text(errors="replace")
+    assert rc == 0, text[-4000:]
+    return json.loads((out / "summary.json").read_text()), text

@@ -11,27 +11,18 @@ import pytest
 from common.data import load_dataset
 from common.modelio import file_sha256, load_student, verify_bundle
 from common.predict import load_predictor
-from tests.conftest import REPO
-from tests.procs import fedtransfer_cmd, running
+from tests.procs import simulate
 
 pytestmark = pytest.mark.integration
 
 
 def test_every_site_receives_head_student_and_a_matching_card(tmp_path):
     out = tmp_path / "run"
-    args = fedtransfer_cmd(
-        "simulate", "--config", "demo", "--out", str(out),
-        "--set", "num-sites=3", "--set", "num-rounds=2", "--set", "image-size=32",
-        "--set", "local-epochs=1", "--set", f"cache-dir={tmp_path / 'cache'}",
-        "--set", "distill-augment=2", "--set", "distill-epochs=8", "--set", "student-width=16")
-    log = tmp_path / "simulate.log"
-    with running(args, log=log, cwd=REPO) as proc:
-        rc = proc.wait(timeout=600)
-    text = log.read_text(errors="replace")
-    assert rc == 0, text[-4000:]
+    s, text = simulate(out, "num-sites=3", "num-rounds=2", "image-size=32", "local-epochs=1",
+                       f"cache-dir={tmp_path / 'cache'}", "distill-augment=2", "distill-epochs=8",
+                       "student-width=16", log=tmp_path / "simulate.log")
     assert "distilled student cnn" in text and "delivered to 3/3 sites" in text
 
-    s = json.loads((out / "summary.json").read_text())
     for who in ("teacher", "student"):
         for key in ("auc", "accuracy", "params", "cpu_ms_per_image"):
             assert s[who][key] > 0

@@ -44,11 +44,7 @@ def _ledger_matches(fed: Loopback, site: int, summary: dict) -> Ledger:
 def test_tls_authenticated_federation_of_three_sites(tmp_path):
     out = tmp_path / "run"
     with Loopback(tmp_path) as fed:
-        fed.start_superlink()
-        for site in range(3):
-            fed.register(site)
-            fed.start_supernode(site)
-        fed.wait_online(3)
+        fed.start_federation()
 
         # Refused: a key the coordinator never registered, no key at all, no CA certificate.
         fed.start_supernode(3, key=3, name="unregistered", retries=1)
@@ -97,11 +93,7 @@ def test_site_killed_mid_round_then_rejoins(tmp_path):
     run = RUN.format(out=out, cache=tmp_path / "server-cache", timeout=30.0).replace(
         "num-rounds=3", "num-rounds=5")
     with Loopback(tmp_path) as fed:
-        fed.start_superlink()
-        for site in range(3):
-            fed.register(site)
-            fed.start_supernode(site)
-        fed.wait_online(3)
+        fed.start_federation()
         proc = fed.run(run)
 
         # Round 2 reaches site 2: kill it (and its ClientApp) mid-round, like a power cut.
@@ -144,11 +136,7 @@ def test_coordinator_killed_mid_run_then_resumed(tmp_path, killed):
     run = RUN.format(out=out, cache=tmp_path / "server-cache", timeout=60.0).replace(
         "num-rounds=3", "num-rounds=4")
     with Loopback(tmp_path) as fed:
-        fed.start_superlink()
-        for site in range(3):
-            fed.register(site)
-            fed.start_supernode(site)
-        fed.wait_online(3)
+        fed.start_federation()
         fed.run(run)
         # Round 3's train messages have reached every site: round 2 is checkpointed.
         for site in range(3):
@@ -203,11 +191,7 @@ def test_secure_aggregation_on_real_supernodes(tmp_path):
     run = RUN.format(out=out, cache=tmp_path / "server-cache", timeout=120.0).replace(
         "num-rounds=3", "num-rounds=2") + " aggregation='secagg+' teacher='global' distill=false"
     with Loopback(tmp_path) as fed:
-        fed.start_superlink()
-        for site in range(3):
-            fed.register(site)
-            fed.start_supernode(site)
-        fed.wait_online(3)
+        fed.start_federation()
         s = _summary(fed, out, fed.run(run))
         assert fed.log("flwr-run").count("Secure aggregation completed") == 2
 

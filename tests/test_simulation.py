@@ -9,27 +9,18 @@ import pytest
 
 from common.ledger import Ledger
 from common.privacy import Mechanism, epsilon
-from tests.conftest import REPO
-from tests.procs import fedtransfer_cmd, running
+from tests.procs import simulate
 
 pytestmark = pytest.mark.integration
 
 
 def test_simulation_writes_a_complete_summary(tmp_path):
     out = tmp_path / "run"
-    args = fedtransfer_cmd(
-        "simulate", "--config", "demo", "--out", str(out),
-        "--set", "num-sites=3", "--set", "num-rounds=2", "--set", "image-size=32",
-        "--set", "local-epochs=1", "--set", f"cache-dir={tmp_path / 'cache'}",
-        "--set", "target-epsilon=3.0")
-    log = tmp_path / "simulate.log"
-    with running(args, log=log, cwd=REPO) as proc:
-        rc = proc.wait(timeout=600)
-    text = log.read_text(errors="replace")
-    assert rc == 0, text[-4000:]
+    small = ("num-sites=3", "num-rounds=2", "image-size=32", "local-epochs=1",
+             f"cache-dir={tmp_path / 'cache'}")
+    s, text = simulate(out, *small, "target-epsilon=3.0", log=tmp_path / "simulate.log")
     assert "round 2/2" in text and "ε (per record" in text
 
-    s = json.loads((out / "summary.json").read_text())
     for key in ("accuracy", "auc", "balanced_accuracy"):
         assert 0.0 <= s["final"][key] <= 1.0
     # 10 balanced digit classes: even 2 noisy rounds must beat chance by a margin.
@@ -72,18 +63,8 @@ def test_simulation_writes_a_complete_summary(tmp_path):
     # server ends the run cleanly instead of failing.
     before = {sid: len(Ledger(out / "sites" / f"site-{sid}" / "ledger.sqlite").entries())
               for sid in s["sites"]}
-    out2 = tmp_path / "run2"
-    args2 = fedtransfer_cmd(
-        "simulate", "--config", "demo", "--out", str(out2),
-        "--set", "num-sites=3", "--set", "num-rounds=2", "--set", "image-size=32",
-        "--set", "local-epochs=1", "--set", f"cache-dir={tmp_path / 'cache'}",
-        "--set", "target-epsilon=2.0", "--set", f"ledger-dir={out / 'sites'}")
-    log2 = tmp_path / "simulate2.log"
-    with running(args2, log=log2, cwd=REPO) as proc:
-        rc2 = proc.wait(timeout=600)
-    text2 = log2.read_text(errors="replace")
-    assert rc2 == 0, text2[-4000:]
-    s2 = json.loads((out2 / "summary.json").read_text())
+    s2, _ = simulate(tmp_path / "run2", *small, "target-epsilon=2.0",
+                     f"ledger-dir={out / 'sites'}", log=tmp_path / "simulate2.log")
     assert s2["rounds"][0]["sites_aggregated"] == 0
     assert "no site update could be aggregated" in s2["stop_reason"]
     for sid, site in s2["sites"].items():
@@ -96,17 +77,9 @@ def test_secure_aggregation_in_a_ray_simulation(tmp_path):
     """SecAgg+ under Flower's simulation runtime: each simulated node keeps the
     protocol state between the four messages of a round."""
     out = tmp_path / "run"
-    args = fedtransfer_cmd(
-        "simulate", "--config", "demo", "--out", str(out), "--set", "backbone=identity",
-        "--set", "num-sites=3", "--set", "num-rounds=2", "--set", "aggregation=secagg+",
-        "--set", "teacher=global", "--set", "distill=false",
-        "--set", f"cache-dir={tmp_path / 'cache'}")
-    log = tmp_path / "simulate.log"
-    with running(args, log=log, cwd=REPO) as proc:
-        rc = proc.wait(timeout=600)
-    text = log.read_text(errors="replace")
-    assert rc == 0, text[-4000:]
-    s = json.loads((out / "summary.json").read_text())
+    s, _ = simulate(out, "backbone=identity", "num-sites=3", "num-rounds=2", "aggregation=secagg+",
+                    "teacher=global", "distill=false", f"cache-dir={tmp_path / 'cache'}",
+                    log=tmp_path / "simulate.log")
     assert s["secure_aggregation"]["num_shares"] == 3
     assert [r["sites_aggregated"] for r in s["rounds"]] == [3, 3]
     assert s["final"]["auc"] > 0.9
