@@ -23,8 +23,8 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Real SuperLink + SuperNodes on loopback (TLS, SuperNode auth, faults): about
-# 6 minutes on 2 cores, so CI runs it nightly (.ci/run with CI_DEPLOYMENT=1), not per push.
+# Real SuperLink + SuperNodes on loopback (TLS, SuperNode auth, faults); .ci/run runs
+# it after `make test` (time: README, "Tests").
 test-deployment: install
 	$(BIN)/python -m pytest -q -m deployment
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from common.backbones import get_backbone
 from common.heads import head_state, make_head
-from common.records import to_array_record
+from common.protocol import to_array_record
 
 log = logging.getLogger(__name__)
 

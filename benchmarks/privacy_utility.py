@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from client.policy import scenario_policy
 from client.site import load_site_data, site_features
 from common import training
 from common.config import RunConfig
@@ -59,7 +60,7 @@ class Fixture:
         self.cfg = cfg
         self.sites = []
         for site_id in range(cfg.num_sites):
-            data = load_site_data(cfg, site_id)
+            data = load_site_data(cfg, scenario_policy(cfg, {"partition-id": site_id}))
             f = site_features(cfg, Path(cfg.cache_dir), data)
             self.sites.append((f.train, data.train_y))
         self.eval = GlobalEval(cfg)

@@ -19,15 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-from common import training
+from client.calibration import calibrated_sigma
+from client.policy import SiteSettings, check_policy, check_request
+from common import protocol, training
 from common.backbones import get_backbone
 from common.config import RunConfig
 from common.data import SiteData, load_dataset, site_data
 from common.features import cached_features
 from common.heads import head_state, load_head_state, make_head
 from common.ledger import Entry, Ledger, library_versions
-from client.calibration import calibrated_sigma
 from common.privacy import Mechanism, dp_plan, epsilon
+from common.protocol import RoundRequest
+from common.sitedata import own_site_data
 
 log = logging.getLogger(__name__)
 
@@ -43,77 +46,11 @@ class BudgetExhausted(RuntimeError):
         )
 
 
-class RequestRejected(ValueError):
-    """The server's round request is unsafe or malformed; nothing was touched."""
-
-
-@dataclass(frozen=True)
-class SiteSettings:
-    """The site's own settings. The server can neither see nor override them."""
-
-    site_id: int
-    ledger_path: Path
-    cache_dir: Path
-    dp: bool
-    target_epsilon: float
-    target_delta: float
-    min_noise_multiplier: float = 0.3
-    model_dir: Path | None = None  # delivered models; default: <ledger dir>/models
-    # A deployed site's own data (node config ``data-path``: a dataset spec such as
-    # ``imagefolder:<dir>``); None in simulation, where the site is a partition.
-    data_path: str | None = None
-    site_name: str = ""
-
-    @property
-    def models(self) -> Path:
-        return self.model_dir or self.ledger_path.parent / "models"
-
-
-@dataclass(frozen=True)
-class RoundRequest:
-    """What the server asks of a site for one round (all of it is checked)."""
-
-    run_id: str
-    server_round: int
-    num_rounds: int
-    local_epochs: int
-    batch_size: int
-    learning_rate: float
-    momentum: float
-    clip_norm: float
-    noise_multiplier: float  # 0: the site calibrates σ to its own cap
-
-
 @dataclass
 class SiteReply:
     arrays: OrderedDict[str, np.ndarray]
     num_examples: int
-    metrics: dict[str, float]
-
-
-def check_request(req: RoundRequest, num_records: int, settings: SiteSettings) -> None:
-    """Reject a hostile or buggy request before any data is used for training."""
-    problems = []
-    for key in ("server_round", "num_rounds", "local_epochs", "batch_size"):
-        value = getattr(req, key)
-        if not isinstance(value, int) or value < 1:
-            problems.append(f"{key.replace('_', '-')} must be an integer >= 1, got {value!r}")
-    for key in ("learning_rate", "clip_norm"):
-        value = getattr(req, key)
-        if not (isinstance(value, float | int) and math.isfinite(value) and value > 0):
-            problems.append(f"{key.replace('_', '-')} must be a finite number > 0, got {value!r}")
-    if not (math.isfinite(req.momentum) and 0 <= req.momentum < 1):
-        problems.append(f"momentum must be in [0, 1), got {req.momentum!r}")
-    sigma = req.noise_multiplier
-    if not math.isfinite(sigma) or sigma < 0:
-        problems.append(f"noise-multiplier must be >= 0 (0: the site calibrates), got {sigma!r}")
-    elif settings.dp and 0 < sigma < settings.min_noise_multiplier:
-        problems.append(f"noise-multiplier {sigma} is below this site's minimum "
-                        f"{settings.min_noise_multiplier}")
-    if isinstance(req.batch_size, int) and req.batch_size > num_records:
-        problems.append(f"batch-size {req.batch_size} exceeds this site's {num_records} training records")
-    if problems:
-        raise RequestRejected("request rejected by site: " + "; ".join(problems))
+    metrics: dict[str, float]  # built by common.protocol.train_metrics
 
 
 def head_classes(head: dict[str, np.ndarray]) -> int:
@@ -128,23 +65,27 @@ def _splits(spec: str, data_dir: str, seed: int):
     return load_dataset(spec, data_dir, seed)
 
 
-def load_site_data(cfg: RunConfig, site_id: int, data_path: str | None = None,
+def load_site_data(cfg: RunConfig, settings: SiteSettings,
                    num_classes: int | None = None) -> SiteData:
-    """A deployed site's own files (``data_path``), or its simulated partition.
+    """A deployed site's own files (``settings.data_path``), or its simulated partition.
+
+    The holdout fraction and its seed are the site's own (its policy); how the
+    records are read (image size and channels, class names) is declared, never
+    estimated from the other records.
 
     Raises:
         common.sitedata.SiteDataError: corrupt files, unknown labels or missing
             features at ``data_path`` (named); nothing has been trained or recorded.
     """
-    if data_path:
-        from common.sitedata import own_site_data
-
-        return own_site_data(data_path, site_id=site_id, holdout=cfg.site_holdout,
-                             seed=cfg.seed, num_classes=num_classes)
+    if settings.data_path:
+        return own_site_data(settings.data_path, site_id=settings.site_id,
+                             holdout=settings.holdout, seed=settings.holdout_seed,
+                             num_classes=num_classes, classes=settings.class_names,
+                             image_size=cfg.image_size, channels=cfg.image_channels)
     splits = _splits(cfg.dataset, cfg.data_dir, cfg.seed)
-    return site_data(splits, site_id=site_id, num_sites=cfg.num_sites,
+    return site_data(splits, site_id=settings.site_id, num_sites=cfg.num_sites,
                      partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
-                     holdout=cfg.site_holdout, shift=cfg.site_shift, seed=cfg.seed)
+                     holdout=settings.holdout, shift=cfg.site_shift, seed=cfg.seed)
 
 
 @dataclass
@@ -191,13 +132,18 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
                 global_head: dict[str, np.ndarray], data: SiteData | None = None) -> SiteReply:
     """One site round: check, project ε, train, commit the spend, then reply.
 
+    The reply carries only what :mod:`common.protocol` declares: the DP head
+    and public values. The training loss, the holdout metrics of the head it
+    received and the feature-cache flag stay in the site's log.
+
     Raises:
+        PolicyDeclined: the request is outside the site's policy; no record was read.
         RequestRejected: the request is unsafe; nothing was trained or recorded.
         BudgetExhausted: the round would pass the cap; nothing was trained.
     """
     t_start = time.perf_counter()
-    data = data if data is not None else load_site_data(
-        cfg, settings.site_id, settings.data_path, head_classes(global_head))
+    check_policy(req, settings)
+    data = data if data is not None else load_site_data(cfg, settings, head_classes(global_head))
     n = len(data.train_y)
     check_request(req, n, settings)
     ledger = Ledger(settings.ledger_path) if settings.dp else None
@@ -219,17 +165,16 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
     head = make_head(cfg.head, in_dim=feats.train.shape[1], num_classes=data.num_classes,
                      hidden_dim=cfg.hidden_dim, seed=cfg.seed)
     load_head_state(head, global_head)
-    # The incoming head is the global head after the previous round: evaluate it on
-    # the site's holdout here, in the train message, rather than in a separate
-    # evaluate message (a second process per site per round on a SuperNode).
-    holdout = (holdout_metrics(head, feats, prefix="holdout-") if req.server_round > 1 else {})
+    if req.server_round > 1:  # the incoming head is the previous round's global head
+        log.info("site %d: round %d's global head on the site's holdout (kept here): %s",
+                 settings.site_id, req.server_round - 1, holdout_metrics(head, feats))
     seed = cfg.seed + settings.site_id + 1000 * req.server_round
     device = training.resolve_device(cfg.device)
     if mech is None:
         result = training.train_plain(head, feats.train, data.train_y, epochs=req.local_epochs,
                                       batch_size=req.batch_size, lr=req.learning_rate,
                                       momentum=req.momentum, seed=seed, device=device)
-        eps = 0.0
+        eps = math.inf  # no DP: no finite guarantee, and every reply says so (dp = 0)
     else:
         result = training.train_dp(head, feats.train, data.train_y, epochs=req.local_epochs,
                                    batch_size=req.batch_size, lr=req.learning_rate,
@@ -247,22 +192,24 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
             # recorded (it happened); the update is withheld, so the released
             # output never carries more than the cap.
             raise BudgetExhausted(eps, settings.target_epsilon, eps, settings.target_delta)
-    metrics = {
+    log.info("site %d round %d (kept here): train loss %.4f, features %.2f s (cache %s)",
+             settings.site_id, req.server_round, result.loss, feats.seconds,
+             "hit" if feats.hit else "miss")
+    metrics = protocol.train_metrics({
         "site-id": settings.site_id,
         "num-examples": n,
+        "dp": int(settings.dp),
         "epsilon": eps,
         "delta": settings.target_delta if mech is not None else 0.0,
         "noise-multiplier": mech.noise_multiplier if mech is not None else 0.0,
         "sample-rate": result.mechanisms[0].sample_rate if result.mechanisms else 0.0,
         "steps": result.steps,
-        "train-loss": result.loss,
+        "ledger-entries": ledger.count() if ledger is not None else 0,
         "feature-seconds": feats.seconds,
-        "feature-cache-hit": int(feats.hit),
         "train-seconds": result.seconds,
         "privacy-seconds": privacy_seconds,
         "site-seconds": time.perf_counter() - t_start,
-        **({"holdout-round": req.server_round - 1, **holdout} if holdout else {}),
-    }
+    })
     return SiteReply(arrays=head_state(head), num_examples=n, metrics=metrics)
 
 
@@ -302,11 +249,10 @@ def evaluate_site(cfg: RunConfig, settings: SiteSettings,
                   ) -> dict[str, float]:
     """Evaluate a head (the delivered one) on the site's own holdout.
 
-    Only aggregate metrics leave the site, but they are not DP-noised: the run
-    summary lists them under ``privacy.not_charged`` so an auditor sees them.
+    For the site's own log: holdout metrics are computed from private records
+    without DP, so :mod:`common.protocol` forbids sending them.
     """
-    data = data if data is not None else load_site_data(
-        cfg, settings.site_id, settings.data_path, head_classes(global_head))
+    data = data if data is not None else load_site_data(cfg, settings, head_classes(global_head))
     feats = site_features(cfg, settings.cache_dir, data)
     head = make_head(cfg.head, in_dim=feats.holdout.shape[1], num_classes=data.num_classes,
                      hidden_dim=cfg.hidden_dim, seed=cfg.seed)

@@ -38,14 +38,16 @@ from common.privacy import UNIT_OF_PRIVACY, Mechanism, epsilon
 log = logging.getLogger(__name__)
 
 TRUST_MODEL = (
-    "Each site runs DP-SGD (Opacus) on its own machine and keeps its own ledger and ε cap. "
+    "Each site runs DP-SGD (Opacus) on its own machine and keeps its own ledger and ε cap; its "
+    "own policy (node config), never the run config, decides whether it uses DP, its cap and δ, "
+    "its holdout and what may leave it. "
     "The guarantee protects every training record of a site from the server, from the other "
     "sites and from anyone who later sees the released heads or the distilled student. "
     "The server is not trusted with data: aggregation of the noised heads, and distillation on "
     "public unlabelled data, are post-processing and cost no privacy. Each site must trust its "
-    "own machine, its copy of the code and Opacus, and its random number generator. Outside the "
-    "guarantee: anything a site sends that is not the noised head (see the hazards for what this "
-    "run sent unnoised)."
+    "own machine, its copy of the code and Opacus, and its random number generator. Besides the "
+    "noised head a site sends only values declared public (listed per site below); anything else "
+    "computed from its records is a hazard."
 )
 ACCOUNTANT_NOTE = (
     "ε is recomputed from the ledger's raw (σ, q, steps) tuples: PRV (Opacus, the reported upper "
@@ -173,6 +175,8 @@ class SiteAudit:
     chain_ok: bool = True
     fingerprints: list[str] = field(default_factory=list)
     hazards: list[Hazard] = field(default_factory=list)
+    # What the site sent the server in this run: {field, class, value} (common/protocol.py)
+    released: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -597,10 +601,15 @@ def audit_source(src: Source) -> RunAudit:
                                        f"the ledger charges run {run_id} but summary.json has no "
                                        "record of this site", sid))
         run.sites.append(site)
+    for site in run.sites:
+        if summary_sites.get(site.site):
+            site.released, more = released_values(site.site, summary_sites[site.site],
+                                                  privacy.get("released"))
+            site.hazards += more
     if summary is not None and summary.get("dp"):
         for item in privacy.get("not_charged") or []:
             run.hazards.append(Hazard("warning", "not-charged",
-                                      f"private data touched without an ε charge: {item}"))
+                                      f"sent without DP, declared public: {item}"))
         tuned = privacy.get("hyperparameters") or (summary.get("config") or {}).get(
             "hyperparameter-source")
         if tuned is not None and "private" in str(tuned).lower():
@@ -613,6 +622,48 @@ def audit_source(src: Source) -> RunAudit:
                                       "from (config key hyperparameter-source); if they were "
                                       "tuned on the sites' records, that tuning is uncharged"))
     return run
+
+
+# Run-record keys that can only come from values computed on private records without
+# DP (older runs sent them): the protocol field each one is.
+_FORBIDDEN_RECORDS = {"train_loss": "train-loss", "feature_cache_hit": "feature-cache-hit"}
+
+
+def released_values(site: str, ssite: dict, declared: dict | None) -> tuple[list[dict], list[Hazard]]:
+    """``(rows, hazards)``: every field the site's train replies carried, with its
+    privacy class (from the run's declared protocol) and its last value."""
+    hz: list[Hazard] = []
+    history = ssite.get("history") or []
+    last = history[-1] if history else {}
+    for key, name in _FORBIDDEN_RECORDS.items():
+        if any(key in h for h in history):
+            hz.append(Hazard("error", "forbidden-release",
+                             f"the site sent '{name}', computed from its private records "
+                             "without DP and charged to no ledger", site))
+    if ssite.get("holdout"):
+        hz.append(Hazard("error", "forbidden-release",
+                         "the site sent holdout metrics (accuracy / AUC / loss of its private "
+                         "holdout records) without DP, charged to no ledger", site))
+    if ssite.get("dp") is False:
+        hz.append(Hazard("error", "site-without-dp",
+                         "the site's own policy trained without DP (dp = false): its head "
+                         "carries no privacy guarantee", site))
+    if not history:
+        return [], hz
+    if not declared or "train" not in declared:
+        hz.append(Hazard("warning", "released-undeclared",
+                         "the run records do not declare the privacy class of what the sites "
+                         "sent (summary.json privacy.released)", site))
+        return [], hz
+    rows = []
+    for f in declared["train"]:
+        if f["class"] == "forbidden":
+            continue
+        key = f["field"].replace("-", "_")
+        value = {"arrays": "head (DP-SGD)", "site_id": site,
+                 "epsilon": ssite.get("epsilon")}.get(key, last.get(key))
+        rows.append({"field": f["field"], "class": f["class"], "value": value})
+    return rows, hz
 
 
 def cross_run_hazards(runs: Sequence[RunAudit], ledgers: dict[str, list[Entry]]) -> list[Hazard]:

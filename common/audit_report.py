@@ -45,6 +45,10 @@ def site_row(s: SiteAudit) -> dict[str, str]:
     }
 
 
+def _value(v) -> str:
+    return _f(v, 4) if isinstance(v, float) else str(v)
+
+
 def format_text(report: AuditReport) -> str:
     """The per-site table and the hazards, for a terminal."""
     lines = [f"unit of privacy: {report.unit_of_privacy}",
@@ -64,6 +68,10 @@ def format_text(report: AuditReport) -> str:
             lines.append("(no DP ledgers)")
         if run.final.get("accuracy") is not None:
             lines.append(f"test accuracy {_f(run.final['accuracy'])}  AUC {_f(run.final['auc'])}")
+        for s in run.sites:
+            if s.released:
+                lines.append(f"site {s.site} released: " + ", ".join(
+                    f"{r['field']}={_value(r['value'])} [{r['class']}]" for r in s.released))
         lines.append("")
     for e in report.empirical:
         lines += empirical_lines(e) + [""]
@@ -234,6 +242,13 @@ def render_html(report: AuditReport) -> str:
             parts.append(f"<img alt='cumulative epsilon, {e(run.label)}' "
                          f"src='data:image/png;base64,{img}'>")
         for s in run.sites:
+            if s.released:
+                parts.append(f"<details><summary>site {e(s.site)}: what it released to the server"
+                             "</summary><table><tr><th>field</th><th>privacy class</th>"
+                             "<th>last value</th></tr>")
+                parts += [f"<tr><td>{e(r['field'])}</td><td>{e(r['class'])}</td>"
+                          f"<td>{e(_value(r['value']))}</td></tr>" for r in s.released]
+                parts.append("</table></details>")
             if s.cumulative:
                 parts.append(f"<details><summary>site {e(s.site)}: spend per round</summary><table>"
                              "<tr><th>entry</th><th>run</th><th>round</th><th>ε PRV (recomputed)"

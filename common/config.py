@@ -51,6 +51,7 @@ class RunConfig:
     # Backbone and head
     backbone: str = "efficientnet-lite0"
     image_size: int = 64
+    image_channels: int = 1  # an image-folder site converts every image to this (1 or 3)
     head: str = "linear"
     hidden_dim: int = 128
     # Federated schedule
@@ -263,6 +264,8 @@ def _validate(cfg: RunConfig) -> None:
         raise bad("min-sites", "must be >= 1")
     if cfg.min_sites > cfg.num_sites:
         raise bad("min-sites", f"{cfg.min_sites} exceeds num-sites={cfg.num_sites}")
+    if cfg.image_channels not in (1, 3):
+        raise bad("image-channels", f"must be 1 or 3, got {cfg.image_channels!r}")
     if cfg.student_depth > 6:
         raise bad("student-depth", f"must be between 1 and 6, got {cfg.student_depth}")
     if cfg.student_width > 256:

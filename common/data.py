@@ -216,7 +216,7 @@ _PREFIXES: dict[str, Callable[[str, str, int], Splits]] = {
     "medmnist": _load_medmnist, "imagefolder": _load_local("imagefolder"),
     "csv": _load_local("csv")}
 DATASET_NAMES = ("digits", "medmnist:<name or path.npz>", "imagefolder:<dir>",
-                 "csv:<file>[?label=COL&missing=error|drop|zero|mean&site=COL]")
+                 "csv:<file>[?label=COL&missing=error|drop|zero&site=COL]")
 
 
 def load_dataset(spec: str, data_dir: str = "", seed: int = 0) -> Splits:

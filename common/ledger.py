@@ -133,6 +133,11 @@ class Ledger:
         """ε over the whole ledger, recomputed from the raw tuples."""
         return epsilon(self.history(), delta=delta, accountant=accountant)
 
+    def count(self) -> int:
+        """Entries in the ledger (the anchor a reply carries)."""
+        with self._connect() as con:
+            return int(con.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+
     def has_round(self, run_id: str, server_round: int) -> bool:
         with self._connect() as con:
             row = con.execute("SELECT 1 FROM entries WHERE run_id=? AND round=?",

@@ -107,17 +107,23 @@ def _rounds_that_fit(prior, sigma, q, steps, plan: Plan) -> int:
 
 
 def check_site(spec: str, plan: Plan, *, ledger: str | Path | None = None,
-               num_classes: int | None = None) -> SiteReport:
-    """Read ``spec`` and report on it (never raises for bad data: it is listed)."""
+               num_classes: int | None = None, classes: tuple[str, ...] | None = None
+               ) -> SiteReport:
+    """Read ``spec`` and report on it (never raises for bad data: it is listed).
+    ``classes``: the site's declared class names (node config ``class-names``)."""
     try:
-        s: Scan | None = scan(spec)
+        s: Scan | None = scan(spec, classes=classes)
     except SiteDataError as exc:
         return SiteReport(spec, "?", 0, [], {}, {}, [], [], {}, [], None, errors=[str(exc)])
     errors = [f"unreadable file {f}: {why}" for f, why in s.corrupt]
     errors += [p for p in s.label_problems if "is empty" not in p]
     errors += [f"column '{c}' has {n} missing or non-finite values (missing-value policy "
-               "'error'; choose drop, zero or mean with ?missing=...)"
+               "'error'; choose drop or zero with ?missing=...)"
                for c, n in s.nan_features.items()]
+    if s.class_source == "sorted":
+        errors.append(f"labels are names ({', '.join(s.classes)}), not integer indices: set "
+                      "class-names in the node config (and --class-names here) to the "
+                      "federation's class names, in its order")
     warnings = [p for p in s.label_problems if "is empty" in p]
     if num_classes is not None and len(s.classes) > num_classes:
         errors.append(f"{len(s.classes)} classes, the federation has {num_classes}")

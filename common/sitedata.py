@@ -6,9 +6,16 @@ skipped: :func:`scan_imagefolder` and :func:`scan_csv` give a :class:`Scan`
 turns a scan with any problem into a :class:`SiteDataError` naming the files,
 so a site with bad data fails at join time before anything touches its ledger.
 
-Label convention: class folders (or CSV label values) that are all integers
-are used as label indices, so a site that lacks class ``3`` still maps ``7``
-to 7; other names are sorted. A site must use the federation's class names.
+Label convention: with declared class names (a deployed site's ``class-names``)
+labels are mapped by name, and a name the declaration lacks is a problem
+(one differing only in case is named as such), never a silent reorder. Without
+a declaration, labels that are all integers are label indices (so a site that
+lacks class ``3`` still maps ``7`` to 7); other names are sorted, which depends
+on the names present, so a deployed site refuses that (:func:`own_site_data`).
+
+A deployed site reads each record on its own: every image is converted to the
+declared channel count and resized to the declared size, whatever the other
+images are.
 
 Spec strings (the dataset registry's syntax, also the node config's
 ``data-path``):
@@ -16,8 +23,9 @@ Spec strings (the dataset registry's syntax, also the node config's
 * ``imagefolder:<dir>``: ``<dir>/<class>/*.png|jpg|jpeg``;
 * ``csv:<file>[?label=COL&missing=POLICY&site=COL]``: numeric feature columns,
   a label column (default ``label``), an optional site column (dropped), and a
-  missing-value policy: ``error`` (default), ``drop`` (drop the row),
-  ``zero`` or ``mean`` (per-column mean of the observed values);
+  missing-value policy: ``error`` (default), ``drop`` (drop the row) or
+  ``zero``. There is no ``mean``: a fill value computed from the other records
+  would let one record change how every other record is treated;
 * ``medmnist:<file.npz>`` (or a bare ``.npz`` path);
 * a bare directory (an image folder) or a ``.csv`` path.
 """
@@ -34,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-MISSING_POLICIES = ("error", "drop", "zero", "mean")
+MISSING_POLICIES = ("error", "drop", "zero")
 _MISSING_TOKENS = ("", "na", "nan", "null", "none", "?")
 
 
@@ -56,6 +64,9 @@ class Scan:
     label_problems: list[str] = field(default_factory=list)
     nan_features: dict[str, int] = field(default_factory=dict)  # column -> missing count
     notes: list[str] = field(default_factory=list)
+    # How labels became indices: "declared" (class names given), "indices"
+    # (integer labels), or "sorted" (names sorted: depends on the names present).
+    class_source: str = "indices"
 
     @property
     def counts(self) -> dict[str, int]:
@@ -97,14 +108,28 @@ def parse_spec(spec: str) -> tuple[str, Path, dict[str, str]]:
     return kind, path, options
 
 
-def _class_names(names: list[str]) -> tuple[tuple[str, ...], dict[str, int]]:
-    """Integer names are label indices (0..max, gaps kept); else sorted order."""
+def _class_names(names: list[str], declared: tuple[str, ...] | None = None
+                 ) -> tuple[tuple[str, ...], dict[str, int], str, list[str]]:
+    """``(classes, index, source, problems)`` for the label names found.
+
+    Declared names map by name; otherwise integer names are label indices
+    (0..max, gaps kept), and other names are sorted.
+    """
+    if declared is not None:
+        problems = []
+        folded = {c.casefold(): c for c in declared}
+        for n in sorted(set(names) - set(declared)):
+            near = folded.get(n.casefold())
+            problems.append(f"label '{n}' differs only in case from the declared class '{near}'"
+                            if near else f"unknown label '{n}'; the declared classes are "
+                            f"{list(declared)}")
+        return tuple(declared), {c: i for i, c in enumerate(declared)}, "declared", problems
     if names and all(n.isdigit() for n in names):
         top = max(int(n) for n in names)
         classes = tuple(str(i) for i in range(top + 1))
-        return classes, {n: int(n) for n in names}
+        return classes, {n: int(n) for n in names}, "indices", []
     classes = tuple(sorted(names))
-    return classes, {n: i for i, n in enumerate(classes)}
+    return classes, {n: i for i, n in enumerate(classes)}, "sorted", []
 
 
 # --------------------------------------------------------------------------
@@ -112,13 +137,19 @@ def _class_names(names: list[str]) -> tuple[tuple[str, ...], dict[str, int]]:
 # --------------------------------------------------------------------------
 
 
-def scan_imagefolder(root: str | Path, *, size: tuple[int, int] | None = None) -> Scan:
+def scan_imagefolder(root: str | Path, *, size: tuple[int, int] | None = None,
+                     channels: int | None = None,
+                     classes: tuple[str, ...] | None = None) -> Scan:
     """Read ``root/<class>/*.png|jpg|jpeg`` with Pillow.
 
-    Images are converted to grayscale when every readable image is grayscale,
-    else to RGB, and resized (bilinear) to ``size`` or to the most common
-    size. Values are float32 in [0, 1].
+    With ``channels`` (1 or 3) and ``size`` declared, each image is converted
+    and resized (bilinear) on its own, as a deployed site does. Left to
+    ``None`` (a simulation's pooled dataset, a site-check report), images become
+    grayscale when every one is, else RGB, at the most common size.
+    Values are float32 in [0, 1].
     """
+    if channels not in (None, 1, 3):
+        raise SiteDataError(f"image channels must be 1 or 3, got {channels!r}")
     from PIL import Image, UnidentifiedImageError
 
     root = Path(root)
@@ -127,12 +158,14 @@ def scan_imagefolder(root: str | Path, *, size: tuple[int, int] | None = None) -
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not dirs:
         raise SiteDataError(f"{root}: no class sub-folders (expected {root}/<class>/*.png)")
-    classes, index = _class_names([d.name for d in dirs])
+    classes, index, source, label_problems = _class_names([d.name for d in dirs], classes)
     corrupt: list[tuple[str, str]] = []
     loaded: list[tuple[Image.Image, int]] = []
     sizes: Counter = Counter()
     notes: list[str] = []
     for d in dirs:
+        if d.name not in index:  # named in label_problems
+            continue
         for f in sorted(d.iterdir()):
             if f.name.startswith("."):
                 continue
@@ -149,9 +182,10 @@ def scan_imagefolder(root: str | Path, *, size: tuple[int, int] | None = None) -
             sizes[f"{img.width}x{img.height} {img.mode}"] += 1
             loaded.append((img, index[d.name]))
     got = Counter(lab for _, lab in loaded)
-    label_problems = [f"class '{c}' is empty (no readable image in {root / c})"
-                      for i, c in enumerate(classes) if not got.get(i)]
-    gray = bool(loaded) and all(im.mode in ("L", "1", "I", "I;16", "F") for im, _ in loaded)
+    label_problems += [f"class '{c}' is empty (no readable image in {root / c})"
+                       for i, c in enumerate(classes) if not got.get(i)]
+    gray = (channels == 1) if channels is not None else (
+        bool(loaded) and all(im.mode in ("L", "1", "I", "I;16", "F") for im, _ in loaded))
     if size is None and loaded:
         size = Counter(im.size for im, _ in loaded).most_common(1)[0][0]
     if loaded and len({im.size for im, _ in loaded}) > 1:
@@ -166,7 +200,7 @@ def scan_imagefolder(root: str | Path, *, size: tuple[int, int] | None = None) -
     x = np.stack(arrays) if arrays else np.zeros((0, 1, 1), np.float32)
     y = np.array([lab for _, lab in loaded], dtype=np.int64)
     return Scan("imagefolder", root, x, y, classes, image_sizes=sizes, corrupt=corrupt,
-                label_problems=label_problems, notes=notes)
+                label_problems=label_problems, notes=notes, class_source=source)
 
 
 # --------------------------------------------------------------------------
@@ -187,11 +221,15 @@ def scan_csv(path: str | Path, *, label: str = "label", missing: str = "error",
 
     ``missing`` is the explicit policy for empty / NA / NaN feature cells:
     ``error`` reports them as problems, ``drop`` drops those rows, ``zero``
-    fills 0, ``mean`` fills the column's mean of observed values. A ``site``
+    fills 0. Each is decided by the row alone. A ``site``
     column (if named) is dropped. ``classes`` fixes the class names (else
     integer labels are indices and other labels are sorted).
     """
     path = Path(path)
+    if missing == "mean":
+        raise SiteDataError("missing-value policy 'mean' is not offered: a fill value computed "
+                            "from the site's records lets one record change how every other "
+                            f"record is treated; allowed: {', '.join(MISSING_POLICIES)}")
     if missing not in MISSING_POLICIES:
         raise SiteDataError(f"missing-value policy {missing!r} unknown; "
                             f"allowed: {', '.join(MISSING_POLICIES)}")
@@ -236,11 +274,8 @@ def scan_csv(path: str | Path, *, label: str = "label", missing: str = "error",
             notes.append(f"missing values: dropped {int((~keep).sum())} rows (policy 'drop')")
             x, labels = x[keep], [lab for lab, k in zip(labels, keep, strict=True) if k]
         else:
-            fill = np.zeros(x.shape[1]) if missing == "zero" else np.nanmean(
-                np.where(bad_cells, np.nan, x), axis=0)
-            fill = np.where(np.isfinite(fill), fill, 0.0)
-            x = np.where(bad_cells, fill[None, :], x)
-            notes.append(f"missing values filled with the column {missing} (policy '{missing}')")
+            x = np.where(bad_cells, 0.0, x)
+            notes.append("missing values filled with 0 (policy 'zero')")
         notes.append("columns with missing values: " +
                      ", ".join(f"{c} ({n})" for c, n in nan_features.items()))
         nan_features = {}
@@ -248,20 +283,16 @@ def scan_csv(path: str | Path, *, label: str = "label", missing: str = "error",
     if missing_labels:
         label_problems.append(f"{len(missing_labels)} rows have no label in column '{label}'")
     names = sorted({lab for lab in labels if lab.lower() not in _MISSING_TOKENS})
-    if classes is None:
-        classes, index = _class_names(names)
-    else:
-        index = {c: i for i, c in enumerate(classes)}
-        unknown = sorted(set(names) - set(classes))
-        if unknown:
-            label_problems.append(f"unknown label(s) {unknown}; expected one of {list(classes)}")
+    classes, index, source, unknown = _class_names(names, classes)
+    label_problems += unknown
     for c in classes:
         if c not in names:
             label_problems.append(f"class '{c}' is empty (no row has this label)")
     y = np.array([index.get(lab, -1) for lab in labels], dtype=np.int64)
     keep = y >= 0
     return Scan("csv", path, x[keep].astype(np.float32), y[keep], tuple(classes), corrupt=corrupt,
-                label_problems=label_problems, nan_features=nan_features, notes=notes)
+                label_problems=label_problems, nan_features=nan_features, notes=notes,
+                class_source=source)
 
 
 def _is_number(text: str) -> bool:
@@ -298,26 +329,30 @@ def scan_npz(path: str | Path) -> Scan:
     return scan
 
 
-def scan(spec: str) -> Scan:
-    """Read a site's data from its spec (see the module doc)."""
+def scan(spec: str, *, size: tuple[int, int] | None = None, channels: int | None = None,
+         classes: tuple[str, ...] | None = None) -> Scan:
+    """Read a site's data from its spec (see the module doc). ``size``,
+    ``channels`` and ``classes`` are the declared reading (see
+    :func:`scan_imagefolder`); ``classes`` also applies to CSV labels."""
     kind, path, options = parse_spec(spec)
     if kind == "imagefolder":
-        return scan_imagefolder(path)
+        return scan_imagefolder(path, size=size, channels=channels, classes=classes)
     if kind == "csv":
         return scan_csv(path, label=options.get("label", "label"),
-                        missing=options.get("missing", "error"), site=options.get("site"))
+                        missing=options.get("missing", "error"), site=options.get("site"),
+                        classes=classes)
     return scan_npz(path)
 
 
-def read_site_records(spec: str) -> Scan:
+def read_site_records(spec: str, **reading) -> Scan:
     """The site's records, or :class:`SiteDataError` listing every problem.
 
     Used at join time: a site with corrupt files, unknown labels or missing
     features (under policy ``error``) does not train, and nothing is recorded.
     Empty classes are allowed here (a site may lack a class); ``site check``
-    reports them.
+    reports them. ``reading`` goes to :func:`scan`.
     """
-    s = scan(spec)
+    s = scan(spec, **reading)
     fatal = [p for p in s.problems() if "is empty" not in p]
     if fatal:
         raise SiteDataError(f"site data {spec}: " + "; ".join(fatal) +
@@ -352,12 +387,25 @@ def splits_from_records(name: str, s: Scan, seed: int):
 
 
 def own_site_data(spec: str, *, site_id: int, holdout: float, seed: int,
-                  num_classes: int | None = None):
+                  num_classes: int | None = None, classes: tuple[str, ...] | None = None,
+                  image_size: int = 64, channels: int = 1):
     """A deployed site's private data: *all* records at ``spec``, split into
-    training records and the site's own holdout (seeded by ``seed, site_id``)."""
+    training records and the site's own holdout (seeded by ``seed, site_id``).
+
+    Every record is read on its own: images are converted to ``channels`` and
+    resized to ``image_size`` each, labels are mapped by the declared
+    ``classes`` (or are integer indices). Nothing about one record depends on
+    the others, which per-sample clipping could not bound.
+    """
     from common.data import SiteData
 
-    s = read_site_records(spec)
+    s = read_site_records(spec, size=(image_size, image_size), channels=channels,
+                          classes=classes)
+    if s.class_source == "sorted":
+        raise SiteDataError(
+            f"site data {spec}: labels are names ({', '.join(s.classes)}), not integer indices; "
+            "set class-names in the site's node config to the federation's class names, in its "
+            "order (sorting the names found would let one record re-index every other)")
     k = num_classes or len(s.classes)
     if len(s.classes) > k:
         raise SiteDataError(f"site data {spec} has {len(s.classes)} classes "

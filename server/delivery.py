@@ -3,8 +3,8 @@
 The message carries three records: ``head`` and (when distillation ran)
 ``student`` as ``ArrayRecord``s, and ``card`` as a ``ConfigRecord`` holding the
 model card as JSON. The ClientApp's ``@app.query("deliver")`` handler saves
-them and replies with the hashes it wrote, which are checked here, and with its
-holdout metrics of the delivered head.
+them and replies with the hash of what it wrote, which is checked here (the
+receipt is all a site sends back: :data:`common.protocol.DELIVERY_REPLY`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.modelio import CARD_NAME
-from common.records import to_array_record
+from common.protocol import to_array_record
 
 log = logging.getLogger("fedtransfer.server")
 
@@ -53,11 +53,8 @@ def deliver(grid: Grid, *, card: dict, head: dict, student: dict | None, expecte
         ok = r.get("sha256") == expected_sha256 and r.get("status") == "saved"
         out[str(r.get("site-id"))] = {
             "status": "saved" if ok else "mismatch", "node_id": node,
-            "path": str(r.get("path", "")), "sha256": str(r.get("sha256", "")),
+            "sha256": str(r.get("sha256", "")),
         }
-        holdout = msg.content.metric_records.get("holdout")
-        if holdout is not None:  # the site's holdout metrics of the delivered head
-            out[str(r.get("site-id"))]["holdout"] = dict(holdout)
         if not ok:
             log.warning("delivery to site %s: the site saved hash %s, expected %s", r.get("site-id"),
                         r.get("sha256"), expected_sha256)

@@ -69,8 +69,7 @@ def resume_state(out: Path, strategy: HeadFedAvg, arrays: dict, *, num_rounds: i
         rec = SiteRecord(site_id=int(sid), node_id=int(s.get("node_id", -1)),
                          epsilon=float(s.get("epsilon") or 0.0), delta=float(s.get("delta") or 0.0),
                          status=str(s.get("status", "active")), reason=str(s.get("reason", "")),
-                         history=list(s.get("history", [])),
-                         evaluations=list(s.get("evaluations", [])))
+                         dp=bool(s.get("dp", True)), history=list(s.get("history", [])))
         strategy.sites[rec.site_id] = rec
         if rec.node_id >= 0:
             strategy._node_site[rec.node_id] = rec.site_id

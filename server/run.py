@@ -27,10 +27,10 @@ from common.features import cached_features
 from common.heads import head_state, load_head_state, make_head
 from common.modelio import read_card
 from common.privacy import REPORTED_ACCOUNTANT, UNIT_OF_PRIVACY
-from common.records import from_array_record, to_array_record, train_request
+from common.protocol import from_array_record, released_fields, to_array_record, train_request
 from server.delivery import DELIVER_MESSAGE_TYPE, deliver
 from server.distill import delivery_card, run_distillation, write_server_copy
-from server.strategy import HeadFedAvg, holdout_row
+from server.strategy import HeadFedAvg
 
 log = logging.getLogger("fedtransfer.server")
 
@@ -97,12 +97,8 @@ def _clean(x):
 
 
 def round_line(r: int, total: int, test: dict, strategy: HeadFedAvg, cfg: RunConfig) -> str:
-    eps = " ".join(f"s{s.site_id}={s.epsilon:.3f}" for s in sorted(strategy.sites.values(),
-                                                                     key=lambda s: s.site_id))
-    # The sites evaluate the head they receive: round r's replies carry round r-1's head.
-    local = [e for s in strategy.sites.values() for e in s.evaluations if e["round"] == r - 1]
-    local_acc = (f" | sites' holdout acc of round {r - 1}'s head "
-                 f"{np.mean([e['accuracy'] for e in local]):.3f}" if local else "")
+    eps = " ".join(f"s{s.site_id}={s.epsilon:.3f}" if s.dp else f"s{s.site_id}=no-DP"
+                   for s in sorted(strategy.sites.values(), key=lambda s: s.site_id))
     hist = [h for s in strategy.sites.values() for h in s.history if h["round"] == r]
     timing = ""
     if hist:
@@ -112,7 +108,7 @@ def round_line(r: int, total: int, test: dict, strategy: HeadFedAvg, cfg: RunCon
                   f" total {np.mean([h['site_seconds'] for h in hist]):.2f}")
     privacy = f" | ε (per record, δ={cfg.target_delta:g}) {eps}" if cfg.dp else " | no DP"
     return (f"round {r}/{total} | test acc {test['accuracy']:.3f} auc {test['auc']:.3f} "
-            f"bal {test['balanced_accuracy']:.3f}{local_acc}{privacy}{timing}")
+            f"bal {test['balanced_accuracy']:.3f}{privacy}{timing}")
 
 
 def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
@@ -217,12 +213,6 @@ def finish(cfg: RunConfig, grid: Grid, *, run_id: str, out: Path, ev: GlobalEval
         "server_copy": str(out / "models"), "sites": delivered,
         "seconds": time.perf_counter() - t0,
     }
-    # The sites evaluated the delivered (last round's) head on their holdouts.
-    for site_id, outcome_ in delivered.items():
-        if "holdout" in outcome_ and site_id in summary["sites"]:
-            rows = summary["sites"][site_id]["holdout"]
-            summary["sites"][site_id]["holdout"] = [*rows, holdout_row(last_round,
-                                                                       outcome_["holdout"])]
     return extra
 
 
@@ -242,8 +232,8 @@ def save_checkpoint(out: Path, server_round: int, arrays: dict, strategy: HeadFe
         "round": server_round, "run_id": run_id, "rounds": rounds or [],
         "dropped": strategy.dropped,
         "sites": {str(s.site_id): {"epsilon": s.epsilon, "delta": s.delta, "status": s.status,
-                                   "reason": s.reason, "node_id": s.node_id,
-                                   "history": s.history, "evaluations": s.evaluations}
+                                   "reason": s.reason, "node_id": s.node_id, "dp": s.dp,
+                                   "history": s.history}
                   for s in strategy.sites.values()}}))
 
 
@@ -253,13 +243,14 @@ def build_summary(cfg: RunConfig, run_id: str, ev: GlobalEval, arrays: dict, rou
     sites = {}
     for s in sorted(strategy.sites.values(), key=lambda s: s.site_id):
         sites[str(s.site_id)] = {
-            "epsilon": s.epsilon if cfg.dp else None,
-            "delta": s.delta if cfg.dp else None,
+            "dp": s.dp,
+            "epsilon": s.epsilon if s.dp else None,
+            "delta": s.delta if s.dp else None,
             "status": s.status, "reason": s.reason,
             "rounds_trained": len(s.history),
             "num_examples": s.history[-1]["num_examples"] if s.history else 0,
+            "ledger_entries": s.history[-1].get("ledger_entries") if s.history else None,
             "history": s.history,
-            "holdout": s.evaluations,
         }
     return {
         "run_id": run_id,
@@ -281,9 +272,12 @@ def build_summary(cfg: RunConfig, run_id: str, ev: GlobalEval, arrays: dict, rou
 
 
 def privacy_block(cfg: RunConfig) -> dict:
+    """The run's privacy facts. ``released`` lists every field a site may send and
+    its class (:mod:`common.protocol`), for the audit and for the reader."""
+    released = released_fields()
     if not cfg.dp:
         return {"dp": False, "unit": UNIT_OF_PRIVACY, "accountant": None,
-                "note": "non-private baseline: no ε guarantee"}
+                "note": "non-private baseline: no ε guarantee", "released": released}
     return {
         "dp": True,
         "unit": UNIT_OF_PRIVACY,
@@ -291,14 +285,18 @@ def privacy_block(cfg: RunConfig) -> dict:
         "mechanism": "DP-SGD (Opacus), Poisson sampling, per-sample clipping, Gaussian noise",
         "target_epsilon": cfg.target_epsilon,
         "target_delta": cfg.target_delta,
-        "trust_model": ("local DP-SGD at each site protects its records from the server and "
-                        "from other sites; aggregation is post-processing"),
+        "trust_model": ("each site's own policy (its node config) decides DP, its cap and δ, its "
+                        "holdout and what may leave; the run config only requests. Local DP-SGD "
+                        "protects a site's records from the server and the other sites; "
+                        "aggregation is post-processing"),
         "secure_rng": False,
         "hyperparameters": cfg.hyperparameter_source,
         **({"distillation": "post-processing: the student is distilled from the DP-trained heads "
                             "on public data only, so it costs no ε"} if cfg.distill else {}),
-        "not_charged": ["per-site holdout metrics (accuracy/AUC/loss) are reported to the "
-                        "server without DP noise",
-                        "each site's training-record count (num-examples, used as the FedAvg "
-                        "weight) is sent without DP noise"],
+        "released": released,
+        "not_charged": ["each site's exact training-record count (num-examples), and the "
+                        "schedule derived from it (sample-rate, steps), are declared public",
+                        "coarse timings (0.1 s) are declared public"],
+        "site_local": ["training loss", "holdout metrics", "feature-cache hits",
+                       "file and class names in data errors"],
     }

@@ -7,7 +7,7 @@ Message-API round loop (``server/run.py``), so checkpoints, resume, the round
 lines, distillation and delivery stay as they are.
 
 What the server sees per round: each site's plaintext metrics (its ε, δ,
-mechanism, record count and holdout metrics, as without SecAgg+) and the
+mechanism, record count and timings, as without SecAgg+) and the
 *sum* of the sites' quantised, masked heads, weighted by ``num-examples``
 (the protocol scales each head by ``num-examples / secagg-max-weight`` before
 masking). It never sees a single site's head. Therefore it cannot validate,
@@ -38,10 +38,10 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from common.records import (HEAD_KEYS, head_from_parameters, head_to_parameters, parse_declined,
-                            to_array_record)
+from common.protocol import (HEAD_KEYS, TRAIN_METRICS, head_from_parameters, head_to_parameters,
+                             parse_declined, to_array_record)
 from common.validation import update_problem
-from server.strategy import TRAIN_METRICS, HeadFedAvg
+from server.strategy import HeadFedAvg
 
 log = logging.getLogger("fedtransfer.server")
 

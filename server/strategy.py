@@ -3,9 +3,9 @@
 The aggregation maths is Flower's own (``aggregate_arrayrecords``, weighted by
 ``num-examples``). This subclass adds what a DP federation needs around it:
 it validates each reply before it can touch the global head, records every
-site's reported ε and mechanism per round (and its holdout metrics of the
-previous round's head, which come in the same reply), and stops sampling sites
-that declined because their budget is spent.
+site's reported ε and mechanism per round (only what :mod:`common.protocol`
+lets a site send), and stops sampling sites that declined because their
+budget is spent.
 """
 
 from __future__ import annotations
@@ -20,17 +20,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from common.records import from_array_record, to_array_record
+from common.protocol import BUDGET_EXHAUSTED, TRAIN_METRICS, from_array_record, to_array_record
 from common.validation import update_problem
 from server.aggregation import aggregate, clip_derived_bound, update_norm
 
 log = logging.getLogger("fedtransfer.server")
-
-# What a site's train reply must carry (see client.site.train_round).
-TRAIN_METRICS = ("site-id", "num-examples", "epsilon", "delta", "noise-multiplier",
-                 "sample-rate", "steps", "train-loss", "feature-seconds", "feature-cache-hit",
-                 "train-seconds", "privacy-seconds", "site-seconds")
-
 
 @dataclass
 class SiteRecord:
@@ -40,10 +34,10 @@ class SiteRecord:
     node_id: int
     epsilon: float = 0.0
     delta: float = 0.0
+    dp: bool = True  # what the site's own policy says (every reply declares it)
     status: str = "active"
     reason: str = ""
     history: list[dict] = field(default_factory=list)
-    evaluations: list[dict] = field(default_factory=list)
 
 
 class HeadFedAvg(FedAvg):
@@ -72,7 +66,7 @@ class HeadFedAvg(FedAvg):
 
     # -- sampling ----------------------------------------------------------
     def exhausted_nodes(self) -> set[int]:
-        return {s.node_id for s in self.sites.values() if s.status == "budget-exhausted"}
+        return {s.node_id for s in self.sites.values() if s.status == BUDGET_EXHAUSTED}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -146,11 +140,12 @@ class HeadFedAvg(FedAvg):
 
     def record_round(self, server_round: int, node_id: int, metrics, head: dict | None = None
                      ) -> SiteRecord:
-        """Book an accepted reply: the site's ε, mechanism and timings for the round,
-        its holdout metrics of the head it received, and (when the server may see
-        it) its head, an ensemble-teacher member."""
+        """Book an accepted reply: the site's ε, mechanism, ledger anchor and
+        coarse timings for the round, and (when the server may see it) its head,
+        an ensemble-teacher member."""
         site = self._site(node_id, int(metrics.get("site-id", -1)))
         site.epsilon, site.delta = float(metrics["epsilon"]), float(metrics["delta"])
+        site.dp = bool(metrics["dp"])
         if head is not None:
             self.site_heads[site.site_id] = head
         site.history.append({
@@ -160,16 +155,13 @@ class HeadFedAvg(FedAvg):
             "steps": int(metrics["steps"]),
             "num_examples": int(metrics["num-examples"]),
             "epsilon_after": site.epsilon,
-            "train_loss": float(metrics["train-loss"]),
+            "dp": site.dp,
+            "ledger_entries": int(metrics["ledger-entries"]),
             "feature_seconds": float(metrics["feature-seconds"]),
-            "feature_cache_hit": bool(metrics["feature-cache-hit"]),
             "train_seconds": float(metrics["train-seconds"]),
             "privacy_seconds": float(metrics["privacy-seconds"]),
             "site_seconds": float(metrics["site-seconds"]),
         })
-        if "holdout-round" in metrics:
-            site.evaluations.append(holdout_row(int(metrics["holdout-round"]), metrics,
-                                                prefix="holdout-"))
         return site
 
     def norm_bound(self, metrics) -> float | None:
@@ -214,13 +206,3 @@ class HeadFedAvg(FedAvg):
                 method=self.aggregation, trim=self.trim_fraction, max_share=self.max_site_weight))
         n = sum(int(m.content.metric_records["metrics"]["num-examples"]) for m in kept)
         return arrays, MetricRecord({"sites": len(kept), "num-examples": n})
-
-
-HOLDOUT_METRICS = ("num-examples", "accuracy", "balanced-accuracy", "auc", "loss")
-
-
-def holdout_row(head_round: int, metrics, prefix: str = "") -> dict:
-    """A site's holdout metrics of the global head after ``head_round``, as a
-    summary row (``round`` names the head evaluated, not the message's round)."""
-    return {"round": head_round, **{k.replace("-", "_"): float(metrics[prefix + k])
-                                    for k in HOLDOUT_METRICS if prefix + k in metrics}}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from client.policy import scenario_policy
 from client.site import load_site_data, site_features
 from common import training
 from common.config import RunConfig
@@ -32,7 +33,7 @@ def run_centralized(cfg: RunConfig) -> dict:
     # runs the backbone again when a federated run has already filled the cache.
     feats_x, feats_y, feat_seconds = [], [], 0.0
     for site_id in range(cfg.num_sites):
-        data = load_site_data(cfg, site_id)
+        data = load_site_data(cfg, scenario_policy(cfg, {"partition-id": site_id}))
         f = site_features(cfg, Path(cfg.cache_dir), data)
         feats_x.append(f.train)
         feats_y.append(data.train_y)

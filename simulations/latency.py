@@ -67,7 +67,7 @@ def one_round(args) -> dict:
     import numpy as np
 
     from common.config import RunConfig
-    from common.records import to_array_record
+    from common.protocol import to_array_record
 
     root = Path(args.out)
     cfg = RunConfig(backbone=args.backbone, image_size=args.image_size, num_rounds=args.rounds,
@@ -105,7 +105,6 @@ def one_round(args) -> dict:
     out["accounting"] = float(m["privacy-seconds"])
     out["dp-train"] = float(m["train-seconds"])
     out["data"] = float(m["site-seconds"]) - out["features"] - out["accounting"] - out["dp-train"]
-    out["cache hit"] = int(m["feature-cache-hit"])
     t = time.perf_counter()
     size = len(message_to_proto(reply).SerializeToString())
     out["serialize"] = time.perf_counter() - t

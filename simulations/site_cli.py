@@ -15,7 +15,9 @@ def cmd_site_check(args) -> int:
     plan = Plan(target_epsilon=args.cap, target_delta=args.delta, num_rounds=args.rounds,
                 local_epochs=args.epochs, batch_size=args.batch_size,
                 noise_multiplier=args.noise_multiplier, holdout=args.holdout)
-    report = check_site(args.data, plan, ledger=args.ledger, num_classes=args.num_classes)
+    classes = tuple(c.strip() for c in args.class_names.split(",")) if args.class_names else None
+    report = check_site(args.data, plan, ledger=args.ledger, num_classes=args.num_classes,
+                        classes=classes)
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json
           else format_report(report))
     return 0 if report.ok else 1
@@ -38,7 +40,7 @@ def add_site_commands(sub) -> None:
                         "run (exit 1 when not ready)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("--data", required=True, help="imagefolder:<dir>, csv:<file>[?label=COL&"
-                   "missing=error|drop|zero|mean&site=COL], medmnist:<file.npz>, or a bare "
+                   "missing=error|drop|zero&site=COL], medmnist:<file.npz>, or a bare "
                    "directory / .csv / .npz path (the node config's data-path)")
     c.add_argument("--cap", type=float, default=4.0, help="the site's ε cap (target-epsilon)")
     c.add_argument("--delta", type=float, default=1e-5, help="the site's δ (target-delta)")
@@ -50,6 +52,8 @@ def add_site_commands(sub) -> None:
     c.add_argument("--holdout", type=float, default=0.2, help="the site's holdout fraction")
     c.add_argument("--ledger", help="the site's ledger: its earlier spend counts")
     c.add_argument("--num-classes", type=int, help="the federation's class count")
+    c.add_argument("--class-names", help="the federation's class names in order, comma-separated "
+                   "(the node config's class-names)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=cmd_site_check)
 

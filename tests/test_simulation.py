@@ -33,8 +33,11 @@ def test_simulation_writes_a_complete_summary(tmp_path):
         assert [h["round"] for h in site["history"]] == [1, 2]
         for h in site["history"]:
             assert h["noise_multiplier"] > 0 and 0 < h["sample_rate"] <= 1 and h["steps"] >= 1
-        # Round 1 extracts features; round 2 reads them from the cache.
-        assert [h["feature_cache_hit"] for h in site["history"]] == [False, True]
+        # The cache flag stays at the site; timings arrive only to 0.1 s.
+        assert all("feature_cache_hit" not in h and "train_loss" not in h
+                   for h in site["history"])
+        assert all(round(h["site_seconds"] * 10) == pytest.approx(h["site_seconds"] * 10)
+                   for h in site["history"])
         # The reported ε is the ledger's, recomputed from its raw tuples.
         ledger = Ledger(out / "sites" / f"site-{sid}" / "ledger.sqlite")
         assert ledger.verify_chain() == []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from client.app import SiteConfigError, site_settings
+from client.policy import SiteConfigError, site_settings
 from client.site import load_site_data
 from common.config import RunConfig
 
@@ -27,7 +27,7 @@ def test_deployed_site_takes_every_setting_from_its_node_config():
     # The server asks for a larger cap and other paths: none of it is used.
     cfg = RunConfig(target_epsilon=50.0, target_delta=0.1, cache_dir="/server/cache",
                     ledger_dir="/server/ledgers", out_dir="/server/run")
-    s = site_settings(cfg, _context(DEPLOYED))
+    s = site_settings(cfg, DEPLOYED, simulated=True)
     assert (s.site_id, s.site_name, s.data_path) == (2, "st-mary", "imagefolder:/data/xray")
     assert (s.target_epsilon, s.target_delta) == (1.5, 1e-6)
     assert s.ledger_path == Path("/site/ledger.sqlite")
@@ -36,7 +36,7 @@ def test_deployed_site_takes_every_setting_from_its_node_config():
 
 def test_deployed_site_defaults_stay_on_the_site():
     node = {k: v for k, v in DEPLOYED.items() if k not in ("cache-dir", "model-dir")}
-    s = site_settings(RunConfig(cache_dir="/server/cache"), _context(node))
+    s = site_settings(RunConfig(cache_dir="/server/cache"), node, simulated=False)
     assert s.cache_dir == Path("/site/cache") and s.models == Path("/site/models")
 
 
@@ -46,12 +46,12 @@ def test_a_deployed_site_must_set_its_own_cap_ledger_and_data(key):
     if key == "data-path":
         node.pop("site-id")  # no partition-id either: this is a real site
     with pytest.raises(SiteConfigError, match=key):
-        site_settings(RunConfig(), _context(node))
+        site_settings(RunConfig(), node, simulated=False)
 
 
 def test_simulated_partition_keeps_the_scenario_cap():
     s = site_settings(RunConfig(target_epsilon=3.0, out_dir="/r"),
-                      _context({"partition-id": 1, "num-partitions": 3}))
+                      {"partition-id": 1, "num-partitions": 3}, simulated=True)
     assert (s.site_id, s.target_epsilon, s.data_path) == (1, 3.0, None)
     assert s.ledger_path == Path("/r/sites/site-1/ledger.sqlite")
 
@@ -63,14 +63,16 @@ def test_deployed_site_trains_on_its_own_npz(tmp_path):
         arrays[f"{split}_images"] = rng.integers(0, 255, (n, 8, 8), dtype=np.uint8)
         arrays[f"{split}_labels"] = (np.arange(n) % 3).reshape(n, 1)
     np.savez(tmp_path / "mine.npz", **arrays)
-    data = load_site_data(RunConfig(site_holdout=0.25), 4, f"medmnist:{tmp_path / 'mine.npz'}",
+    node = {**DEPLOYED, "site-id": 4, "holdout": 0.25,
+            "data-path": f"medmnist:{tmp_path / 'mine.npz'}"}
+    data = load_site_data(RunConfig(site_holdout=0.9), site_settings(RunConfig(), node,
+                                                                     simulated=False),
                           num_classes=10)
     assert data.site_id == 4 and data.num_classes == 10
     assert len(data.train_y) == 30 and len(data.holdout_y) == 10
 
 
-def test_bad_site_data_declines_at_join_naming_the_file_and_records_nothing(tmp_path,
-                                                                            monkeypatch):
+def test_bad_site_data_declines_at_join_and_records_nothing(tmp_path, monkeypatch, caplog):
     from flwr.app import ConfigRecord, Message
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
@@ -78,7 +80,7 @@ def test_bad_site_data_declines_at_join_naming_the_file_and_records_nothing(tmp_
 
     from client.app import make_app
     from common.heads import head_state, make_head
-    from common.records import to_array_record
+    from common.protocol import to_array_record
 
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     monkeypatch.setattr(TaskIdentity, "_run_id", 7)
@@ -97,8 +99,10 @@ def test_bad_site_data_declines_at_join_naming_the_file_and_records_nothing(tmp_
     msg = Message(content=RecordDict({"arrays": to_array_record(head),
                                       "config": ConfigRecord(request)}),
                   message_type="train", dst_node_id=5)
-    reply = make_app(RunConfig(backbone="identity"))(msg, _context(node))
+    with caplog.at_level("WARNING", logger="client.app"):
+        reply = make_app(RunConfig(backbone="identity", image_size=8))(msg, _context(node))
     status = reply.content.config_records["status"]
     assert status["status"] == "site-data-error" and status["site-id"] == 2
-    assert "1/2.png" in status["reason"]
+    # The file's name stays in the site's own log; the server gets a reason code.
+    assert "1/2.png" in caplog.text and "png" not in status["reason"]
     assert not (tmp_path / "site" / "ledger.sqlite").exists()

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.site import (BudgetExhausted, RoundRequest, SiteSettings, evaluate_site,
-                         train_round)
+from client.policy import SiteSettings
+from client.site import BudgetExhausted, evaluate_site, train_round
 from common.audit import (audit, audit_site, cross_run_hazards, discover, epsilon_three_ways,
                           group_history, pld_epsilon, read_ledger)
 from common.audit_report import format_text, render_html
@@ -27,6 +27,7 @@ from common.data import SiteData
 from common.heads import head_state, make_head
 from common.ledger import Entry, Ledger
 from common.privacy import Mechanism, epsilon
+from common.protocol import RoundRequest, released_fields
 from simulations.cli import main as cli_main
 from tests.conftest import REPO
 
@@ -82,7 +83,8 @@ def make_run(run_dir: Path, *, eps: float = 2.0, rounds: int = 2, run_id: str = 
                         "status": "active", "num_examples": history[-1]["num_examples"],
                         "history": history}},
         "privacy": {"dp": True, "target_epsilon": eps, "target_delta": DELTA,
-                    "not_charged": ["per-site holdout metrics"]},
+                    "not_charged": ["num-examples (declared public)"],
+                    "released": released_fields()},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return summary
@@ -115,6 +117,37 @@ def _append(ledger: Ledger, *, sigma=1.0, q=0.1, steps=10, delta=DELTA, n=1000,
         delta=delta, sampler=sampler, secure_rng=True, accountant="prv",
         accountant_version="opacus-1.6.0", libraries="{}", dataset_size=n, data_fingerprint=fp,
         epsilon_after=epsilon(hist, delta=delta) if eps_after is None else eps_after))
+
+
+# -- what left the sites -------------------------------------------------------
+def test_audit_lists_what_each_site_released_with_its_privacy_class(run_copy):
+    report = audit([run_copy])
+    (site,) = report.runs[0].sites
+    rows = {r["field"]: r for r in site.released}
+    assert rows["arrays"]["class"] == "dp"
+    assert rows["num-examples"] == {"field": "num-examples", "class": "public", "value": 80}
+    assert rows["epsilon"]["value"] == pytest.approx(site.epsilon_reported)
+    assert "train-loss" not in rows and not any(k.startswith("holdout") for k in rows)
+    assert not report.has_errors, format_text(report)
+    assert "site 0 released: arrays=head (DP-SGD) [dp], site-id=0 [public]" in format_text(report)
+    assert "what it released to the server" in render_html(report)
+
+
+@pytest.mark.parametrize("edit, code", [
+    (lambda s: s["sites"]["0"]["history"][-1].update(train_loss=0.69), "forbidden-release"),
+    (lambda s: s["sites"]["0"]["history"][-1].update(feature_cache_hit=True), "forbidden-release"),
+    (lambda s: s["sites"]["0"].update(holdout=[{"round": 1, "accuracy": 0.9}]),
+     "forbidden-release"),
+    (lambda s: s["sites"]["0"].update(dp=False), "site-without-dp"),
+])
+def test_audit_fails_a_run_whose_sites_sent_unnoised_values_or_trained_without_dp(
+        run_copy, edit, code):
+    summary = json.loads((run_copy / "summary.json").read_text())
+    edit(summary)
+    (run_copy / "summary.json").write_text(json.dumps(summary))
+    report = audit([run_copy])
+    assert code in _codes(report, "error")
+    assert cli_main(["audit", str(run_copy), "--out", str(run_copy / "audit")]) == 1
 
 
 # -- accountants -------------------------------------------------------------

@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord
 
 from common import training
 from common.heads import head_state, make_head
-from common.records import from_array_record, to_array_record
+from common.protocol import from_array_record, to_array_record
 from server.aggregation import aggregate, capped_weights, clip_derived_bound, update_norm
 from server.strategy import HeadFedAvg
 from tests.server.test_strategy import FakeGrid, _global, _head, _metrics, _reply

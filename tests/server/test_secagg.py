@@ -133,7 +133,7 @@ def test_a_decline_is_believed_only_for_a_node_that_failed_this_round():
     healthy node marked as spent (and no longer sampled)."""
     from flwr.common import Code, FitRes, Parameters, Status
 
-    from common.records import declined_text
+    from common.protocol import declined_text
     from server.secagg import _Recorder
     from server.strategy import HeadFedAvg
 
@@ -142,8 +142,8 @@ def test_a_decline_is_believed_only_for_a_node_that_failed_this_round():
             self.node_id = node_id
 
     metrics = {"site-id": 0, "num-examples": 5, "epsilon": 1.0, "delta": 1e-5,
-               "noise-multiplier": 1.0, "sample-rate": 0.2, "steps": 5, "train-loss": 0.5,
-               "feature-seconds": 0.0, "feature-cache-hit": 1, "train-seconds": 0.1,
+               "noise-multiplier": 1.0, "sample-rate": 0.2, "steps": 5, "dp": 1,
+               "ledger-entries": 1, "feature-seconds": 0.0, "train-seconds": 0.1,
                "privacy-seconds": 0.1, "site-seconds": 0.2}
     ok = FitRes(Status(Code.OK, "ok"), Parameters([], ""), 5, metrics)
     strategy = HeadFedAvg(min_train_nodes=2, min_available_nodes=2)

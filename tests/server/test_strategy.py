@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from common.records import from_array_record, to_array_record
+from common.protocol import from_array_record, to_array_record
 from common.validation import update_problem
 from server.strategy import HeadFedAvg
 
@@ -37,7 +37,7 @@ def _global() -> dict[str, np.ndarray]:
 def _metrics(site_id: int, num_examples, **extra) -> MetricRecord:
     m = {"site-id": site_id, "num-examples": num_examples, "epsilon": 0.5 + site_id,
          "delta": 1e-5, "noise-multiplier": 1.1, "sample-rate": 0.25, "steps": 4,
-         "train-loss": 0.7, "feature-seconds": 0.01, "feature-cache-hit": 1,
+         "dp": 1, "ledger-entries": 1, "feature-seconds": 0.01,
          "train-seconds": 0.2, "privacy-seconds": 0.1, "site-seconds": 0.3}
     m.update(extra)
     return MetricRecord(m)
@@ -119,23 +119,9 @@ def test_accepted_reply_records_the_sites_epsilon_and_mechanism():
     assert (site.node_id, site.epsilon, site.delta) == (22, 1.5, 1e-5)
     assert site.history == [{
         "round": 1, "noise_multiplier": 1.1, "sample_rate": 0.25, "steps": 4,
-        "num_examples": 3, "epsilon_after": 1.5, "train_loss": 0.7,
-        "feature_seconds": 0.01, "feature_cache_hit": True, "train_seconds": 0.2,
+        "num_examples": 3, "epsilon_after": 1.5, "dp": True, "ledger_entries": 1,
+        "feature_seconds": 0.01, "train_seconds": 0.2,
         "privacy_seconds": 0.1, "site_seconds": 0.3}]
-
-
-def test_holdout_metrics_in_a_train_reply_are_recorded_for_the_head_they_evaluated():
-    strategy = _strategy()
-    msgs = _configure(strategy, server_round=3)
-    holdout = {"holdout-round": 2, "holdout-num-examples": 16, "holdout-accuracy": 0.75,
-               "holdout-balanced-accuracy": 0.7, "holdout-auc": 0.8, "holdout-loss": 0.5}
-    strategy.aggregate_train(3, [_reply(msgs[11], _head([1, 1], [0]), _metrics(0, 4, **holdout)),
-                                 _reply(msgs[22], _head([3, 3], [0]), _metrics(1, 4))])
-    assert strategy.sites[0].evaluations == [{
-        "round": 2, "num_examples": 16.0, "accuracy": 0.75, "balanced_accuracy": 0.7,
-        "auc": 0.8, "loss": 0.5}]
-    assert strategy.sites[1].evaluations == []  # a reply without them is still aggregated
-    assert [h["round"] for h in strategy.sites[1].history] == [3]
 
 
 @pytest.mark.parametrize("bad_head, num_examples, reason", [

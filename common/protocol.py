@@ -1,0 +1,261 @@
+"""The wire protocol between the server and the sites: one home for every field.
+
+The server sends a :class:`RoundRequest` (the ``config`` record of a ``train``
+message) and the global head. A site answers with one of three replies: a
+trained head with its metrics, a decline with a status code, or (after the
+last round) a delivery receipt.
+
+Every value that leaves a site has a privacy class (:class:`Privacy`):
+
+* ``dp``: a differentially private release charged to the site's ledger (the
+  DP-SGD head);
+* ``public``: declared public. It is a function of the request, the site's own
+  policy and its record count only, never of the records' values; the run
+  summary and the audit list it as such;
+* ``forbidden``: computed from private records without DP (a training loss,
+  holdout metrics, a feature-cache flag, file or class names). It never leaves;
+  the site logs it locally.
+
+:func:`train_metrics` and :func:`decline` are the only ways a site builds a
+reply, and they refuse a key without a class. A test enumerates the classes, so
+adding a field means declaring it here first.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from enum import Enum
+
+import numpy as np
+
+
+class Privacy(str, Enum):
+    DP = "dp"
+    PUBLIC = "public"
+    FORBIDDEN = "forbidden"
+
+
+@dataclass(frozen=True)
+class Field:
+    key: str
+    privacy: Privacy
+    meaning: str
+
+
+# Timings are declared public only at this resolution: they depend on the record
+# count (public) and the hardware, and coarse values carry no per-record signal
+# worth having. The site's own log keeps the exact values.
+TIMING_RESOLUTION_S = 0.1
+
+_P, _DP, _F = Privacy.PUBLIC, Privacy.DP, Privacy.FORBIDDEN
+
+TRAIN_REPLY = (
+    Field("arrays", _DP, "the head trained with DP-SGD (Opacus), charged to the ledger"),
+    Field("site-id", _P, "the site's id (its own node config)"),
+    Field("num-examples", _P, "the site's exact training-record count (the FedAvg weight)"),
+    Field("dp", _P, "1 when the site's own policy trains with DP-SGD, 0 when it does not"),
+    Field("epsilon", _P, "cumulative ε from the site's ledger (a function of σ, q, steps, δ)"),
+    Field("delta", _P, "the site's δ (its own policy)"),
+    Field("noise-multiplier", _P, "σ of the round (calibrated from the cap and the plan)"),
+    Field("sample-rate", _P, "q of the round (from batch size and record count)"),
+    Field("steps", _P, "DP-SGD steps of the round (from epochs and record count)"),
+    Field("ledger-entries", _P, "entries in the site's ledger after the round (an anchor)"),
+    Field("feature-seconds", _P, f"seconds for features, to {TIMING_RESOLUTION_S} s"),
+    Field("train-seconds", _P, f"seconds of training, to {TIMING_RESOLUTION_S} s"),
+    Field("privacy-seconds", _P, f"seconds of accounting, to {TIMING_RESOLUTION_S} s"),
+    Field("site-seconds", _P, f"seconds the site spent on the round, to {TIMING_RESOLUTION_S} s"),
+    # Computed from private records without DP: logged at the site, never sent.
+    Field("train-loss", _F, "training loss on private batches (a membership oracle)"),
+    Field("feature-cache-hit", _F, "whether the site's data changed since the last run"),
+    Field("holdout-metrics", _F, "accuracy / AUC / loss on the site's holdout records"),
+)
+DECLINE_REPLY = (
+    Field("status", _P, "a status code (see STATUSES)"),
+    Field("reason", _P, "why, built from the request, the policy and public values only"),
+    Field("site-id", _P, "the site's id"),
+)
+DELIVERY_REPLY = (
+    Field("status", _P, "'saved'"),
+    Field("site-id", _P, "the site's id"),
+    Field("sha256", _P, "hash of the bundle the site saved (what the server sent, plus the "
+                        "site's own ε)"),
+)
+REPLIES = {"train": TRAIN_REPLY, "decline": DECLINE_REPLY, "delivery": DELIVERY_REPLY}
+_TRAIN = {f.key: f for f in TRAIN_REPLY}
+TIMING_KEYS = ("feature-seconds", "train-seconds", "privacy-seconds", "site-seconds")
+# What a train reply must carry (all public or DP; the server drops a reply without them).
+TRAIN_METRICS = tuple(f.key for f in TRAIN_REPLY if f.privacy is _P)
+
+OK = "ok"
+BUDGET_EXHAUSTED = "budget-exhausted"
+REQUEST_REJECTED = "request-rejected"
+POLICY_DECLINED = "policy-declined"
+SITE_DATA_ERROR = "site-data-error"
+SITE_CONFIG_ERROR = "site-config-error"
+STATUSES = (OK, BUDGET_EXHAUSTED, REQUEST_REJECTED, POLICY_DECLINED, SITE_DATA_ERROR,
+            SITE_CONFIG_ERROR)
+# A site-data error names files and classes in the site's log only.
+SITE_DATA_REASON = ("the site's data cannot be used as its node config describes it; the "
+                    "site's own log names the files (run `fedtransfer site check` there)")
+
+
+def released_fields() -> dict[str, list[dict[str, str]]]:
+    """Every field a site may send, by reply, with its privacy class (for the run
+    summary and the audit)."""
+    return {name: [{"field": f.key, "class": f.privacy.value, "meaning": f.meaning}
+                   for f in reply] for name, reply in REPLIES.items()}
+
+
+def train_metrics(values: dict[str, float]) -> dict[str, float]:
+    """The metrics of a train reply, checked against :data:`TRAIN_REPLY`.
+
+    Raises:
+        ValueError: a key without a privacy class, a forbidden key, or a
+            missing public key. This is a bug at the site, never sent.
+    """
+    unknown = sorted(set(values) - set(_TRAIN))
+    if unknown:
+        raise ValueError(f"reply field(s) {unknown} have no privacy class in common/protocol.py")
+    forbidden = sorted(k for k in values if _TRAIN[k].privacy is _F)
+    if forbidden:
+        raise ValueError(f"reply field(s) {forbidden} are computed from private records "
+                         "without DP and may not leave the site")
+    missing = [k for k in TRAIN_METRICS if k not in values]
+    if missing:
+        raise ValueError(f"train reply lacks {missing}")
+    out = {}
+    for k, v in values.items():
+        if k in TIMING_KEYS:
+            v = round(float(v) / TIMING_RESOLUTION_S) * TIMING_RESOLUTION_S
+        out[k] = v
+    return out
+
+
+def decline(site_id: int, status: str, reason: str) -> dict[str, int | str]:
+    """A decline's fields. The caller builds ``reason`` from public values only."""
+    if status not in STATUSES or status == OK:
+        raise ValueError(f"unknown decline status {status!r}; allowed: {', '.join(STATUSES[1:])}")
+    return {"status": status, "reason": reason, "site-id": int(site_id)}
+
+
+# --------------------------------------------------------------------------
+# Server -> site: the round request
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """What the server asks of a site for one round. It is only a request: the
+    site checks it against its own policy (:mod:`client.policy`)."""
+
+    run_id: str
+    server_round: int
+    num_rounds: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float
+    clip_norm: float
+    noise_multiplier: float  # 0: the site calibrates σ to its own cap
+    dp: bool = True  # the federation asks for DP-SGD; a site trains only as its policy allows
+
+
+REQUEST_KEYS = tuple(f.name.replace("_", "-") for f in fields(RoundRequest) if f.name != "run_id")
+
+
+def train_request(cfg) -> dict[str, int | float | bool]:
+    """The per-round training config the server sends (``server-round`` is added
+    by the strategy). ``cfg`` is a :class:`common.config.RunConfig`."""
+    return {"num-rounds": cfg.num_rounds, "local-epochs": cfg.local_epochs,
+            "batch-size": cfg.batch_size, "learning-rate": cfg.learning_rate,
+            "momentum": cfg.momentum, "clip-norm": cfg.clip_norm,
+            "noise-multiplier": cfg.noise_multiplier, "dp": bool(cfg.dp)}
+
+
+def parse_request(config, run_id: str) -> RoundRequest:
+    """A :class:`RoundRequest` from a message's config record.
+
+    Raises:
+        ValueError: a missing key or a value of the wrong type, naming the key.
+    """
+    missing = [k for k in REQUEST_KEYS if k not in config and k != "dp"]
+    if missing:
+        raise ValueError(f"the round request lacks {missing}")
+
+    def num(key: str, kind):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"request field '{key}' must be a number, got {value!r}")
+        if kind is int:
+            if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+                raise ValueError(f"request field '{key}' must be an integer, got {value!r}")
+            return int(value)
+        return float(value)
+
+    dp = config.get("dp", True)
+    if not isinstance(dp, bool | int):
+        raise ValueError(f"request field 'dp' must be a boolean, got {dp!r}")
+    return RoundRequest(
+        run_id=str(run_id), server_round=num("server-round", int),
+        num_rounds=num("num-rounds", int), local_epochs=num("local-epochs", int),
+        batch_size=num("batch-size", int), learning_rate=num("learning-rate", float),
+        momentum=num("momentum", float), clip_norm=num("clip-norm", float),
+        noise_multiplier=num("noise-multiplier", float), dp=bool(dp))
+
+
+# --------------------------------------------------------------------------
+# Arrays <-> Flower records (Flower is imported lazily: common/ stays
+# importable without it)
+# --------------------------------------------------------------------------
+
+
+def to_array_record(arrays: dict[str, np.ndarray]):
+    from flwr.app import Array, ArrayRecord  # lazy: Flower is optional below the apps
+
+    return ArrayRecord(array_dict=OrderedDict((k, Array(np.ascontiguousarray(v)))
+                                              for k, v in arrays.items()))
+
+
+def from_array_record(record) -> OrderedDict[str, np.ndarray]:
+    return OrderedDict((k, v.numpy()) for k, v in record.items())
+
+
+# SecAgg+ (``aggregation = "secagg+"``) runs on Flower's legacy workflow, whose
+# parameters are a list of arrays: the head's array names travel in the config.
+HEAD_KEYS = "head-keys"
+
+
+def head_to_parameters(arrays: dict[str, np.ndarray]):
+    from flwr.common import ndarrays_to_parameters  # lazy: see to_array_record
+
+    return ndarrays_to_parameters([np.ascontiguousarray(v) for v in arrays.values()])
+
+
+def head_from_parameters(parameters, keys: str) -> OrderedDict[str, np.ndarray]:
+    """A legacy parameter list as a head dict, named by the ``head-keys`` config value."""
+    from flwr.common import parameters_to_ndarrays  # lazy: see to_array_record
+
+    names = [k for k in str(keys).split(",") if k]
+    arrays = parameters_to_ndarrays(parameters)
+    if len(names) != len(arrays):
+        raise ValueError(f"'{HEAD_KEYS}' names {len(names)} arrays, the message holds "
+                         f"{len(arrays)}")
+    return OrderedDict(zip(names, arrays, strict=True))
+
+
+# Under SecAgg+ a site that declines a round raises (the protocol has no "declined"
+# reply), and the server reads only the error text: this is its format.
+_DECLINED = re.compile(r"site (-?\d+) \(node (\d+)\) declines round \(([a-z-]+)\): (.*)", re.S)
+
+
+def declined_text(site_id: int, node_id: int, status: str, reason: str) -> str:
+    return f"site {site_id} (node {node_id}) declines round ({status}): {reason}"
+
+
+def parse_declined(text: str) -> tuple[int, int, str, str] | None:
+    """``(site id, node id, status, reason)`` from an error text made by :func:`declined_text`."""
+    m = _DECLINED.search(text)
+    return (int(m[1]), int(m[2]), m[3], m[4]) if m else None

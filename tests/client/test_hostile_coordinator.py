@@ -1,0 +1,305 @@
+"""A hostile coordinator against a deployed site.
+
+Every test drives the real ClientApp, as ``flwr run`` would start it under a
+SuperNode: the module's own ``client.app.app`` (no scenario override), a
+deployed node config, and a run config and messages the server chose. The
+site is 400 records of scikit-learn digits in a MedMNIST-style ``.npz``, as in
+the issue's reproduction.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+import client.app as client_app
+from common import protocol
+from common.data import load_dataset
+from common.heads import head_state, make_head
+from common.ledger import Ledger
+from common.protocol import from_array_record, to_array_record
+from common.sitedata import SiteDataError, own_site_data, scan_imagefolder
+
+N = 400
+TARGET = 7  # the record whose membership the server tries to learn
+
+
+@pytest.fixture(autouse=True)
+def _flower_task(monkeypatch):
+    # A ClientApp reply needs Flower's task identity, as a SuperNode sets it.
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+    monkeypatch.setattr(client_app, "log_through_flower", lambda *a: None)
+
+
+def _digits(n: int = N, *, without: int | None = None):
+    s = load_dataset("digits", seed=0)
+    x = (s.train_x[:n + 1] * 255).round().astype(np.uint8)
+    y = s.train_y[:n + 1]
+    keep = [i for i in range(n + 1) if i != (n if without is None else without)]
+    return x[keep], y[keep]
+
+
+def _npz(path, x, y):
+    """A MedMNIST-style file; all of its splits are the site's records."""
+    a, b = int(len(x) * 0.8), int(len(x) * 0.9)
+    y = y.reshape(-1, 1)
+    np.savez(path, train_images=x[:a], train_labels=y[:a], val_images=x[a:b],
+             val_labels=y[a:b], test_images=x[b:], test_labels=y[b:])
+    return path
+
+
+def _site(tmp_path, name="site", *, x=None, y=None, **policy) -> dict:
+    if x is None:
+        x, y = _digits()
+    root = tmp_path / name
+    root.mkdir(parents=True, exist_ok=True)
+    return {"site-id": 3, "data-path": f"medmnist:{_npz(root / 'data.npz', x, y)}",
+            "ledger-path": str(root / "ledger.sqlite"), "cache-dir": str(root / "cache"),
+            "target-epsilon": 2.0, "target-delta": 1e-5, **policy}
+
+
+# The server's run config: it tries to take over what only the site decides.
+HOSTILE_RUN = {"backbone": "identity", "image-size": 8, "dp": False, "site-holdout": 0.95,
+               "seed": 123, "target-epsilon": 1000.0, "target-delta": 0.5,
+               "out-dir": "/tmp/server-chosen", "cache-dir": "/tmp/server-cache"}
+
+
+def _train(node: dict, *, run: dict | None = None, head=None, **request) -> Message:
+    req = {"server-round": 1, "num-rounds": 2, "local-epochs": 1, "batch-size": 32,
+           "learning-rate": 0.5, "momentum": 0.0, "clip-norm": 1.0, "noise-multiplier": 0.0,
+           "dp": True, **request}
+    head = head if head is not None else head_state(make_head("linear", in_dim=64, num_classes=10))
+    msg = Message(content=RecordDict({"arrays": to_array_record(head),
+                                      "config": ConfigRecord(req)}),
+                  message_type="train", dst_node_id=5)
+    ctx = Context(run_id=9, node_id=5, node_config=node, state=RecordDict(),
+                  run_config={**HOSTILE_RUN, "dp": True, **(run or {})})
+    return client_app.app(msg, ctx)
+
+
+def _status(reply: Message) -> dict:
+    return dict(reply.content.config_records["status"])
+
+
+def _entries(node: dict) -> int:
+    return Ledger(node["ledger-path"]).count()
+
+
+# -- 1. DP cannot be switched off by the server ------------------------------
+def test_the_server_cannot_switch_dp_off(tmp_path):
+    node = _site(tmp_path)
+    reply = _train(node, run={"dp": False}, dp=False)
+    status = _status(reply)
+    assert status["status"] == protocol.POLICY_DECLINED
+    assert "only with DP-SGD" in status["reason"]
+    assert not reply.content.array_records  # no head left the site
+    assert _entries(node) == 0
+    # The same request with DP trains and charges the site's own ledger.
+    ok = _train(node)
+    assert _status(ok)["status"] == "ok" and _entries(node) == 1
+    m = ok.content.metric_records["metrics"]
+    assert m["dp"] == 1 and 0 < m["epsilon"] <= 2.0 and m["delta"] == 1e-5
+
+
+def test_a_site_that_opts_out_of_dp_says_so_in_every_reply(tmp_path):
+    node = _site(tmp_path, dp=False)
+    assert _status(_train(node))["status"] == protocol.POLICY_DECLINED  # asked for DP: refused
+    m = _train(node, dp=False).content.metric_records["metrics"]
+    assert m["dp"] == 0 and m["epsilon"] == float("inf")
+
+
+@pytest.mark.parametrize("request_, words", [
+    (dict(**{"noise-multiplier": 0.05}), "below this site's minimum"),
+    (dict(**{"num-rounds": 1000}), "exceeds the site's max-rounds"),
+    (dict(**{"server-round": 101}), "exceeds the site's max-rounds"),
+])
+def test_requests_outside_the_policy_are_declined_before_data_is_read(tmp_path, request_, words):
+    node = _site(tmp_path)
+    node["data-path"] = f"medmnist:{tmp_path / 'no-such-file.npz'}"  # never opened
+    status = _status(_train(node, **request_))
+    assert status["status"] == protocol.POLICY_DECLINED and words in status["reason"]
+    assert _entries(node) == 0
+
+
+def test_too_many_steps_in_a_round_are_refused(tmp_path):
+    node = _site(tmp_path, **{"max-steps": 50})
+    status = _status(_train(node, **{"batch-size": 1}))
+    assert status["status"] == protocol.REQUEST_REJECTED and "max-steps 50" in status["reason"]
+    assert _entries(node) == 0
+
+
+# -- 2. No unnoised value computed from the records leaves ------------------
+def _metrics_of(reply: Message) -> dict:
+    assert _status(reply)["status"] == "ok", _status(reply)
+    return dict(reply.content.metric_records["metrics"])
+
+
+def test_the_training_loss_never_leaves_and_public_values_do_not_depend_on_a_record(tmp_path):
+    """The issue's membership attack: batch = N and a tiny learning rate used to make
+    the reported loss an exact membership oracle. Now the reply holds the DP head and
+    values fixed by N and the request; replacing one record changes none of them."""
+    x, y = _digits()
+    x2, y2 = x.copy(), y.copy()
+    other, _ = _digits(N + 1)
+    x2[TARGET], y2[TARGET] = other[N], (y[TARGET] + 1) % 10  # replace-one neighbour
+    attack = {"batch-size": 320, "learning-rate": 1e-12}
+    a = _metrics_of(_train(_site(tmp_path, "with", x=x, y=y), **attack))
+    b = _metrics_of(_train(_site(tmp_path, "without", x=x2, y=y2), **attack))
+    assert set(a) == set(protocol.TRAIN_METRICS)
+    assert not {"train-loss", "feature-cache-hit"} & set(a)
+    assert not any(k.startswith("holdout") for k in a)
+    data_free = [k for k in a if k not in protocol.TIMING_KEYS]
+    assert {k: a[k] for k in data_free} == {k: b[k] for k in data_free}
+    for k in protocol.TIMING_KEYS:  # coarse, declared public
+        assert round(a[k] / protocol.TIMING_RESOLUTION_S) * protocol.TIMING_RESOLUTION_S == \
+            pytest.approx(a[k])
+
+
+def test_every_field_a_site_can_send_has_a_privacy_class():
+    declared = protocol.released_fields()
+    assert set(declared) == {"train", "decline", "delivery"}
+    for reply in declared.values():
+        for f in reply:
+            assert f["class"] in {"dp", "public", "forbidden"} and f["meaning"]
+    with pytest.raises(ValueError, match="no privacy class"):
+        protocol.train_metrics({k: 0 for k in protocol.TRAIN_METRICS} | {"new-field": 1})
+    with pytest.raises(ValueError, match="may not leave the site"):
+        protocol.train_metrics({k: 0 for k in protocol.TRAIN_METRICS} | {"train-loss": 0.1})
+
+
+# -- 3. The site sizes its holdout; delivery is no oracle --------------------
+def test_the_site_sizes_its_own_holdout(tmp_path):
+    m = _metrics_of(_train(_site(tmp_path)))  # the run config asks for site-holdout = 0.95
+    assert m["num-examples"] == N - round(0.2 * N)
+    m = _metrics_of(_train(_site(tmp_path, "own", holdout=0.1)))
+    assert m["num-examples"] == N - round(0.1 * N)
+
+
+def _deliver(node: dict, head: dict) -> Message:
+    card = {"run_id": "9", "classes": [str(i) for i in range(10)]}
+    msg = Message(content=RecordDict({"head": to_array_record(head),
+                                      "card": ConfigRecord({"json": json.dumps(card)})}),
+                  message_type="query.deliver", dst_node_id=5)
+    ctx = Context(run_id=9, node_id=5, node_config=node, state=RecordDict(),
+                  run_config=dict(HOSTILE_RUN, dp=True))
+    return client_app.app(msg, ctx)
+
+
+def test_repeated_delivery_queries_learn_nothing_about_the_holdout(tmp_path):
+    """The issue's attack: ~30 deliver queries with crafted heads used to read the
+    holdout's label counts from the returned metrics, with no budget check."""
+    x, y = _digits()
+    y_flip = y.copy()
+    y_flip[:40] = (y_flip[:40] + 1) % 10  # another holdout content, same record count
+    sites = {"a": _site(tmp_path, "a", x=x, y=y), "b": _site(tmp_path, "b", x=x, y=y_flip)}
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        head = {"weight": rng.normal(size=(10, 64)).astype(np.float32),
+                "bias": rng.normal(size=10).astype(np.float32)}
+        replies = {k: _deliver(node, head) for k, node in sites.items()}
+        for reply in replies.values():
+            assert set(reply.content.config_records) == {"delivery"}
+            assert not reply.content.metric_records and not reply.content.array_records
+            assert set(reply.content.config_records["delivery"]) == {
+                f["field"] for f in protocol.released_fields()["delivery"]}
+        a, b = (dict(r.content.config_records["delivery"]) for r in replies.values())
+        assert a == b  # identical whatever the holdout holds
+    assert all(_entries(node) == 0 for node in sites.values())
+
+
+# -- 4. One record cannot change how the others are read ---------------------
+def test_mean_imputation_is_refused(tmp_path):
+    path = tmp_path / "labs.csv"
+    path.write_text("bp,chol,label\n120,200,0\n,210,1\n100000,190,0\n130,,1\n")
+    with pytest.raises(SiteDataError, match="'mean' is not offered"):
+        own_site_data(f"csv:{path}?missing=mean", site_id=0, holdout=0.25, seed=0)
+    node = {**_site(tmp_path), "data-path": f"csv:{path}?missing=mean"}
+    status = _status(_train(node))
+    assert status["status"] == protocol.SITE_DATA_ERROR and "labs.csv" not in status["reason"]
+    assert _entries(node) == 0
+
+
+def test_label_names_map_by_the_declared_classes_not_by_the_names_present(tmp_path):
+    rows = "a,b,label\n" + "".join(f"{i},{i % 3},{'pneumonia' if i % 2 else 'normal'}\n"
+                                   for i in range(20))
+    one_more = rows + "5,5,covid\n"
+    (tmp_path / "site.csv").write_text(rows)
+    (tmp_path / "plus.csv").write_text(one_more)
+    # Without declared names, sorting the names present would let one record re-index
+    # every other: a deployed site refuses.
+    with pytest.raises(SiteDataError, match="set class-names"):
+        own_site_data(f"csv:{tmp_path / 'site.csv'}", site_id=0, holdout=0.2, seed=0)
+    classes = ("normal", "pneumonia")
+    base = own_site_data(f"csv:{tmp_path / 'site.csv'}", site_id=0, holdout=0.2, seed=0,
+                         classes=classes)
+    assert set(base.train_y) | set(base.holdout_y) == {0, 1}
+    # One record with a label the federation does not have is named, never re-indexed.
+    with pytest.raises(SiteDataError, match="unknown label 'covid'"):
+        own_site_data(f"csv:{tmp_path / 'plus.csv'}", site_id=0, holdout=0.2, seed=0,
+                      classes=classes)
+
+
+def test_one_image_does_not_change_how_the_others_are_read(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("0", "1"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(
+                tmp_path / "imgs" / c / f"{i}.png")
+    before = scan_imagefolder(tmp_path / "imgs", size=(8, 8), channels=1)
+    # A large RGB image: under "most common size, RGB if any image is" it changed the
+    # size or the channels of every other record.
+    for k in range(5):
+        Image.fromarray(rng.integers(0, 255, (30, 20, 3), dtype=np.uint8)).save(
+            tmp_path / "imgs" / "1" / f"z{k}.png")
+    after = scan_imagefolder(tmp_path / "imgs", size=(8, 8), channels=1)
+    others = list(range(8))  # files are read in sorted order: the new z*.png come last
+    np.testing.assert_array_equal(before.x, after.x[others])
+    assert after.x.shape[1:] == (8, 8)
+
+
+# -- 5. No fallback to the server's settings ---------------------------------
+def test_a_node_without_data_path_never_takes_the_servers_settings(tmp_path):
+    ledger = tmp_path / "server-chosen"
+    status = _status(_train({"partition-id": 0, "num-partitions": 1},
+                            run={"out-dir": str(ledger), "target-epsilon": 1000.0}))
+    assert status["status"] == protocol.SITE_CONFIG_ERROR and "data-path" in status["reason"]
+    assert not ledger.exists()
+
+
+def test_unknown_node_config_keys_are_named(tmp_path):
+    status = _status(_train({**_site(tmp_path), "target-epsilom": 9.0}))
+    assert status["status"] == protocol.SITE_CONFIG_ERROR
+    assert "target-epsilom" in status["reason"]
+
+
+def test_a_policy_file_holds_the_site_policy(tmp_path):
+    node = _site(tmp_path)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'ledger-path = "{node["ledger-path"]}"\ntarget-epsilon = 1.5\n'
+                      f'target-delta = 1e-6\nholdout = 0.25\n')
+    m = _metrics_of(_train({"data-path": node["data-path"], "policy-file": str(policy),
+                            "cache-dir": node["cache-dir"]}))
+    assert m["delta"] == 1e-6 and m["epsilon"] <= 1.5 and m["num-examples"] == N - 100
+
+
+def test_the_head_that_leaves_is_the_dp_head(tmp_path):
+    """The head in the reply moved from the server's head (it trained) and the
+    ledger charged the round before the reply existed."""
+    node = _site(tmp_path)
+    start = head_state(make_head("linear", in_dim=64, num_classes=10, seed=1))
+    reply = _train(node, head=start)
+    out = from_array_record(reply.content.array_records["arrays"])
+    assert any(not np.array_equal(out[k], start[k]) for k in start)
+    entry = Ledger(node["ledger-path"]).entries()[-1]
+    assert entry.noise_multiplier >= 0.3 and entry.sampler == "poisson"
+    assert reply.content.metric_records["metrics"]["ledger-entries"] == 1
