@@ -30,7 +30,7 @@ from client.policy import scenario_policy
 from client.site import load_site_data, site_features
 from common import training
 from common.config import RunConfig
-from common.heads import head_state, load_head_state, make_head
+from common.heads import head_state, load_head_state
 from common.privacy import calibrate_noise_multiplier, dp_plan, epsilon
 from server.run import GlobalEval
 

@@ -21,7 +21,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.privacy import Mechanism, calibrate_noise_multiplier, compress
+from common.privacy import LEDGER_ACCOUNTANT, Mechanism, calibrate_noise_multiplier, compress
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def calibrated_sigma(cache_dir: str | Path, *, target_epsilon: float, delta: flo
                      sample_rate: float, steps: int, prior: Sequence[Mechanism] = ()) -> float:
     """:func:`common.privacy.calibrate_noise_multiplier`, memoised under ``cache_dir``."""
     key = {"target_epsilon": float(target_epsilon), "delta": float(delta),
-           "sample_rate": float(sample_rate), "steps": int(steps), "accountant": "prv",
+           "sample_rate": float(sample_rate), "steps": int(steps), "accountant": LEDGER_ACCOUNTANT,
            "prior": [list(m.as_tuple()) for m in compress(prior)]}
     text = json.dumps(key, sort_keys=True)
     path = Path(cache_dir) / "calibration" / f"{hashlib.sha256(text.encode()).hexdigest()}.json"

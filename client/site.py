@@ -10,6 +10,7 @@ the update.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import logging
 import math
 import time
@@ -28,7 +29,7 @@ from common.data import SiteData, load_dataset, site_data
 from common.features import cached_features
 from common.heads import head_state, load_head_state, make_head
 from common.ledger import Entry, Ledger, library_versions
-from common.privacy import Mechanism, dp_plan, epsilon
+from common.privacy import LEDGER_ACCOUNTANT, Mechanism, dp_plan, epsilon
 from common.protocol import RoundRequest
 from common.sitedata import own_site_data
 
@@ -224,8 +225,6 @@ def commit_spend(ledger: Ledger, settings: SiteSettings, req: RoundRequest,
     exactly that mechanism, the projected ε *is* the ε after, and the PRV
     computation is not repeated.
     """
-    import opacus
-
     history = ledger.history()
     eps_after = epsilon(history, delta=settings.target_delta) if not mechanisms else 0.0
     for m in mechanisms:
@@ -238,7 +237,8 @@ def commit_spend(ledger: Ledger, settings: SiteSettings, req: RoundRequest,
             run_id=req.run_id, round=req.server_round,
             noise_multiplier=m.noise_multiplier, sample_rate=m.sample_rate, steps=m.steps,
             clip_norm=req.clip_norm, delta=settings.target_delta, sampler="poisson",
-            secure_rng=False, accountant="prv", accountant_version=f"opacus-{opacus.__version__}",
+            secure_rng=False, accountant=LEDGER_ACCOUNTANT,
+            accountant_version=f"dp-accounting-{importlib.metadata.version('dp-accounting')}",
             libraries=library_versions(), dataset_size=len(data.train_y),
             data_fingerprint=data.fingerprint, epsilon_after=eps_after))
     return eps_after

@@ -1,11 +1,12 @@
 """The privacy audit: read ledgers and run records, recompute ε, flag hazards.
 
 Flower-free and read-only. The audit never trusts a stored ε: it recomputes
-every site's spend from the ledger's raw mechanism tuples three ways,
+every site's spend from the ledger's raw mechanism tuples,
 
-* PRV, Opacus's accountant (the value the sites report, an upper bound);
-* PLD, Google's ``dp-accounting`` (an independent implementation, the cross-check);
-* RDP, Opacus's (a looser upper bound, for reference),
+* for replace-one neighbours (what the sites report and enforce: their record
+  counts are public) with PLD, Google's ``dp-accounting``;
+* for add/remove neighbours three ways, beside it: PRV (Opacus), PLD, and RDP
+  (Opacus, looser), the first two cross-checking each other;
 
 and compares the ledger with what the run's ``summary.json`` says the sites
 reported. GDP is never used: it is not an upper bound.
@@ -15,7 +16,7 @@ Inputs (see :func:`discover`): a run directory (``summary.json`` plus
 recursively for run directories and ledgers.
 
 Unit of privacy: one training record at one site (sample-level DP,
-add/remove neighbours).
+replace-one neighbours).
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ import re
 import sqlite3
 import time
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from common.ledger import Entry, verify_chain
-from common.privacy import UNIT_OF_PRIVACY, Mechanism, epsilon
+from common.privacy import (ADD_REMOVE, LEDGER_ACCOUNTANT, REPLACE_ONE,
+                            UNIT_OF_PRIVACY, Mechanism, epsilon)
+from common.privacy import compress as group_history
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +53,12 @@ TRUST_MODEL = (
     "computed from its records is a hazard."
 )
 ACCOUNTANT_NOTE = (
-    "ε is recomputed from the ledger's raw (σ, q, steps) tuples: PRV (Opacus, the reported upper "
-    "bound), PLD (Google dp-accounting, independent cross-check, pessimistic upper bound) and RDP "
-    "(Opacus, looser upper bound). GDP is never used: it can under-report ε."
+    "ε is recomputed from the ledger's raw (σ, q, steps) tuples. Reported and enforced: "
+    "replace-one neighbours (each site's record count is public), PLD (Google dp-accounting, "
+    "pessimistic upper bound; the only implementation here for replace-one with Poisson "
+    "sampling). Beside it, add/remove neighbours three ways: PRV (Opacus), PLD and RDP (Opacus, "
+    "looser), so the two relations can be compared and the two add/remove implementations "
+    "cross-checked. GDP is never used: it can under-report ε."
 )
 HYPERPARAMETER_ASSUMPTION = (
     "Assumed, not verified: learning rate, clip norm, batch size, epochs and rounds were fixed "
@@ -81,50 +87,24 @@ _COLUMNS = [f.name for f in fields(Entry)]
 # --------------------------------------------------------------------------
 # Accounting (pure)
 # --------------------------------------------------------------------------
-def group_history(history: Iterable[Mechanism]) -> list[Mechanism]:
-    """Merge tuples with the same (σ, q), summing steps.
-
-    Composition is commutative, so this changes no ε; it only makes the
-    accountants' self-composition cheaper.
-    """
-    steps: dict[tuple[float, float], int] = {}
-    for m in history:
-        key = (float(m.noise_multiplier), float(m.sample_rate))
-        steps[key] = steps.get(key, 0) + int(m.steps)
-    return [Mechanism(noise_multiplier=s, sample_rate=q, steps=n) for (s, q), n in steps.items()]
-
-
 def pld_epsilon(history: Sequence[Mechanism], *, delta: float,
-                discretization: float = PLD_DISCRETIZATION) -> float:
-    """ε upper bound from Google's ``dp-accounting`` PLD accountant.
-
-    Each tuple is ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))`` self-composed
-    ``steps`` times, with add/remove neighbours (the library's pessimistic,
-    upper-bound discretisation).
-    """
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
-    if not history:
-        return 0.0
-    import dp_accounting
-    from dp_accounting.pld import pld_privacy_accountant
-
-    acc = pld_privacy_accountant.PLDAccountant(
-        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-        value_discretization_interval=discretization)
-    for m in group_history(history):
-        event = dp_accounting.PoissonSampledDpEvent(
-            m.sample_rate, dp_accounting.GaussianDpEvent(m.noise_multiplier))
-        acc.compose(event, int(m.steps))
-    return float(acc.get_epsilon(delta))
+                discretization: float = PLD_DISCRETIZATION, neighbours: str = ADD_REMOVE) -> float:
+    """ε upper bound from Google's ``dp-accounting`` PLD accountant (pessimistic
+    discretisation), each tuple a ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))``
+    self-composed ``steps`` times."""
+    return epsilon(history, delta=delta, accountant="pld", neighbours=neighbours,
+                   interval=discretization)
 
 
 def epsilon_three_ways(history: Sequence[Mechanism], *, delta: float) -> dict[str, float]:
-    """``{"prv": ..., "pld": ..., "rdp": ...}``: three upper bounds at ``delta``."""
+    """The reported relation and the other one, beside each other:
+    ``replace_one`` (PLD: what the sites report and enforce, since their record
+    counts are public), and add/remove three ways: ``prv``, ``pld``, ``rdp``."""
     grouped = group_history(history)
-    return {"prv": epsilon(grouped, delta=delta, accountant="prv"),
+    return {"replace_one": pld_epsilon(grouped, delta=delta, neighbours=REPLACE_ONE),
+            "prv": epsilon(grouped, delta=delta, accountant="prv", neighbours=ADD_REMOVE),
             "pld": pld_epsilon(grouped, delta=delta),
-            "rdp": epsilon(grouped, delta=delta, accountant="rdp")}
+            "rdp": epsilon(grouped, delta=delta, accountant="rdp", neighbours=ADD_REMOVE)}
 
 
 def report_tolerance(bound: float) -> float:
@@ -195,7 +175,7 @@ class RunAudit:
 
     @property
     def max_epsilon(self) -> float | None:
-        vals = [s.epsilon["prv"] for s in self.sites if "prv" in s.epsilon]
+        vals = [s.epsilon["replace_one"] for s in self.sites if "replace_one" in s.epsilon]
         return max(vals) if vals else None
 
 
@@ -447,6 +427,20 @@ def audit_site(site: str, entries: Sequence[Entry], *, ledger_path: str | None =
     sizes = sorted({int(e.dataset_size) for e in entries})
     n = sizes[0] if sizes else (int(summary_site["num_examples"])
                                  if summary_site.get("num_examples") else None)
+    # An impossible tuple (σ <= 0, q outside (0, 1], steps <= 0) has no ε: name it,
+    # account the rest, and fail the audit rather than crash.
+    impossible = []
+    for e in entries:
+        try:
+            e.mechanism
+        except (ValueError, TypeError) as exc:
+            impossible.append(e)
+            hz.append(Hazard("error", "impossible-mechanism",
+                             f"entry {e.seq} (run {e.run_id} round {e.round}) holds σ="
+                             f"{e.noise_multiplier!r}, q={e.sample_rate!r}, steps={e.steps!r}: "
+                             f"{exc}; no ε can be derived from it, and ε below leaves it out",
+                             site))
+    entries = [e for e in entries if e not in impossible]
     history = [e.mechanism for e in entries]
     if not entries and summary_site.get("history"):
         # No ledger (e.g. the pooled centralized baseline): fall back to what the
@@ -467,11 +461,17 @@ def audit_site(site: str, entries: Sequence[Entry], *, ledger_path: str | None =
                          "non-cryptographic PRNG (seeded from OS entropy at the site, never from "
                          "the run config) without Opacus's secure_mode, so ε assumes that seed "
                          "stays secret and ignores floating-point attacks on the noise", site))
-    accountants = sorted({e.accountant for e in entries if e.accountant != "prv"})
+    add_remove = [e.seq for e in entries if e.accountant == "prv"]
+    if add_remove:
+        hz.append(Hazard("error", "add-remove-with-public-count",
+                         f"entries {add_remove} were accounted for add/remove neighbours, yet the "
+                         "site released its exact record count: the guarantee that holds is "
+                         "replace-one, which the audit reports (and checks against the cap)", site))
+    accountants = sorted({e.accountant for e in entries} - {LEDGER_ACCOUNTANT, "prv"})
     if accountants:
         hz.append(Hazard("warning", "unexpected-accountant",
-                         f"entries were accounted with {accountants}; the audit recomputes PRV, "
-                         "PLD and RDP regardless", site))
+                         f"entries were accounted with {accountants}; the audit recomputes "
+                         "replace-one PLD and add/remove PRV, PLD and RDP regardless", site))
     if delta is not None and n:
         if delta >= 1.0 / n:
             hz.append(Hazard("error", "delta-too-large",
@@ -482,7 +482,8 @@ def audit_site(site: str, entries: Sequence[Entry], *, ledger_path: str | None =
                              f"δ={delta:g} is not well below 1/N = {1.0 / n:.3g} (N = {n}); "
                              f"use δ ≤ {DELTA_FRACTION_OF_INV_N:g}/N", site))
 
-    # ε three ways over the whole history, and cumulative PRV per entry.
+    # ε over the whole history (both relations), and the reported relation per entry,
+    # recomputed exactly as a site computes it (PLD, replace-one, the sites' interval).
     eps: dict[str, float] = {}
     cumulative: list[dict] = []
     if history and delta is not None:
@@ -491,14 +492,17 @@ def audit_site(site: str, entries: Sequence[Entry], *, ledger_path: str | None =
             prefix = group_history(history[: i + 1])
             recomputed = epsilon(prefix, delta=float(e.delta))
             cumulative.append({"seq": e.seq, "run_id": e.run_id, "round": e.round,
-                               "epsilon_prv": recomputed, "epsilon_stored": e.epsilon_after,
+                               "epsilon": recomputed, "epsilon_stored": e.epsilon_after,
                                "delta": e.delta})
+            if e.accountant == "prv":  # an add/remove cache: flagged above, compared as such
+                recomputed = epsilon(prefix, delta=float(e.delta), accountant="prv",
+                                     neighbours=ADD_REMOVE)
             tol = report_tolerance(recomputed)
             if e.epsilon_after < recomputed - tol:
                 hz.append(Hazard("error", "stored-epsilon-too-low",
                                  f"entry {e.seq} (run {e.run_id} round {e.round}) stores "
                                  f"ε={e.epsilon_after:.4f} but its history recomputes to "
-                                 f"{recomputed:.4f} (PRV, δ={e.delta:g})", site))
+                                 f"{recomputed:.4f} ({e.accountant}, δ={e.delta:g})", site))
             elif e.epsilon_after > recomputed + tol:
                 hz.append(Hazard("warning", "stored-epsilon-mismatch",
                                  f"entry {e.seq} stores ε={e.epsilon_after:.4f}, above the "
@@ -507,11 +511,17 @@ def audit_site(site: str, entries: Sequence[Entry], *, ledger_path: str | None =
         prv, pld = eps["prv"], eps["pld"]
         if abs(prv - pld) > AGREE_ABS_TOL + AGREE_REL_TOL * max(prv, pld):
             hz.append(Hazard("warning", "accountants-disagree",
-                             f"PRV ε={prv:.4f} and PLD ε={pld:.4f} differ by more than their "
-                             "expected numerical error", site))
-        if cap is not None and max(prv, pld) > cap + report_tolerance(cap):
+                             f"add/remove: PRV ε={prv:.4f} and PLD ε={pld:.4f} differ by more "
+                             "than their expected numerical error", site))
+        if eps["replace_one"] < max(prv, pld) - report_tolerance(prv):
+            hz.append(Hazard("error", "relation-inconsistent",
+                             f"replace-one ε={eps['replace_one']:.4f} is below add/remove "
+                             f"ε={max(prv, pld):.4f}, which cannot be", site))
+        spent = max(eps["replace_one"], cumulative[-1]["epsilon"] if cumulative else 0.0)
+        if cap is not None and spent > cap + report_tolerance(cap):
             hz.append(Hazard("error", "cap-exceeded",
-                             f"recomputed ε={max(prv, pld):.4f} exceeds the cap {cap:g}", site))
+                             f"recomputed ε={spent:.4f} (replace-one) exceeds the cap {cap:g}",
+                             site))
 
     # What the server was told.
     reported = summary_site.get("epsilon")
@@ -519,22 +529,20 @@ def audit_site(site: str, entries: Sequence[Entry], *, ledger_path: str | None =
         # The site reported ε over its ledger up to its last entry for this run.
         idx = max((i for i, e in enumerate(entries) if e.run_id == run_id), default=None)
         if idx is not None:
-            prefix = history[: idx + 1]
-            bound_prv = cumulative[idx]["epsilon_prv"]
-            bound_pld = pld_epsilon(prefix, delta=delta) if idx < len(entries) - 1 else eps["pld"]
-            bound = max(bound_prv, bound_pld)
+            bound = cumulative[idx]["epsilon"]
+            if idx == len(entries) - 1:
+                bound = max(bound, eps["replace_one"])
             if float(reported) < bound - report_tolerance(bound):
                 hz.append(Hazard("error", "reported-epsilon-too-low",
                                  f"summary.json reports ε={float(reported):.4f} but the ledger "
-                                 f"recomputes to {bound:.4f} (max of PRV {bound_prv:.4f} and "
-                                 f"PLD {bound_pld:.4f}, δ={delta:g}); allowed error "
-                                 f"{report_tolerance(bound):.4f}", site))
+                                 f"recomputes to {bound:.4f} (PLD, replace-one, δ={delta:g}); "
+                                 f"allowed error {report_tolerance(bound):.4f}", site))
     elif reported is not None and eps and not entries:
-        bound = max(eps["prv"], eps["pld"])
+        bound = eps["replace_one"]
         if float(reported) < bound - report_tolerance(bound):
             hz.append(Hazard("error", "reported-epsilon-too-low",
                              f"summary.json reports ε={float(reported):.4f} but its own history "
-                             f"recomputes to {bound:.4f}", site))
+                             f"recomputes to {bound:.4f} (PLD, replace-one)", site))
     if summary_site and run_id is not None and entries:
         hz += compare_with_summary(site, entries, run_id, summary_site)
 
@@ -597,9 +605,10 @@ def audit_source(src: Source) -> RunAudit:
                           summary_site=ssite, run_id=run_id, cap=cap,
                           delta=delta if lf.entries else None)
         if summary is not None and ssite is None and run_id in site.run_ids:
-            site.hazards.append(Hazard("warning", "site-not-in-summary",
+            site.hazards.append(Hazard("error", "site-not-in-summary",
                                        f"the ledger charges run {run_id} but summary.json has no "
-                                       "record of this site", sid))
+                                       "record of this site: spend is missing from the run "
+                                       "records", sid))
         run.sites.append(site)
     for site in run.sites:
         if summary_sites.get(site.site):
@@ -689,7 +698,7 @@ def cross_run_hazards(runs: Sequence[RunAudit], ledgers: dict[str, list[Entry]])
             f"the same site data (fingerprint {fp[:12]}…) was trained in {len(files)} ledgers "
             f"({', '.join(sorted(files))}); each bounds only its own runs. If these runs were "
             f"compared to pick hyperparameters or a model, the records' total spend is their "
-            f"composition: ε={composed:.3f} (PRV, δ={delta:g})"))
+            f"composition: ε={composed:.3f} (PLD, replace-one, δ={delta:g})"))
     return hazards
 
 

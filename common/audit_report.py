@@ -38,8 +38,9 @@ def site_row(s: SiteAudit) -> dict[str, str]:
         "σ": _rng(s.sigma_range), "q": _rng(s.q_range),
         "δ": "n/a" if s.delta is None else f"{s.delta:g}",
         "N": "n/a" if s.dataset_size is None else str(s.dataset_size),
-        "ε PRV": _f(s.epsilon.get("prv")), "ε PLD": _f(s.epsilon.get("pld")),
-        "ε RDP": _f(s.epsilon.get("rdp")), "reported": _f(s.epsilon_reported),
+        "ε replace-one": _f(s.epsilon.get("replace_one")),
+        "ε add/rm PRV": _f(s.epsilon.get("prv")), "PLD": _f(s.epsilon.get("pld")),
+        "RDP": _f(s.epsilon.get("rdp")), "reported": _f(s.epsilon_reported),
         "cap": _f(s.cap, 2), "chain": "ok" if s.chain_ok else "BROKEN",
         "status": s.status, "hazards": f"{errors}E {warnings}W",
     }
@@ -115,7 +116,7 @@ def _png(fig) -> str:
 
 
 def plot_cumulative(run: RunAudit) -> str | None:
-    """Cumulative PRV ε per site over its ledger entries, against each cap."""
+    """Cumulative ε (PLD, replace-one) per site over its ledger entries, against each cap."""
     sites = [s for s in run.sites if s.cumulative]
     if not sites:
         return None
@@ -130,7 +131,7 @@ def plot_cumulative(run: RunAudit) -> str | None:
     for i, s in enumerate(sites):
         color = f"C{i % 10}"
         xs = list(range(len(s.cumulative) + 1))
-        ys = [0.0] + [p["epsilon_prv"] for p in s.cumulative]
+        ys = [0.0] + [p["epsilon"] for p in s.cumulative]
         ax.plot(xs, ys, marker="o", color=color, label=f"site {s.site}")
         if s.cap is not None and s.cap not in caps:
             caps.add(s.cap)
@@ -138,7 +139,7 @@ def plot_cumulative(run: RunAudit) -> str | None:
             ax.annotate(f"cap ε={s.cap:g}", xy=(1, s.cap), xytext=(2, 3),
                         textcoords="offset points", color="crimson", fontsize=8)
     ax.set_xlabel("ledger entry (one per round the site trained, in order)")
-    ax.set_ylabel("cumulative ε (PRV upper bound)")
+    ax.set_ylabel("cumulative ε (PLD upper bound, replace-one)")
     delta = next((s.delta for s in sites if s.delta is not None), None)
     ax.set_title(f"{run.label}: ε per site over rounds (δ={delta:g})" if delta else run.label,
                  fontsize=10)
@@ -175,7 +176,7 @@ def plot_privacy_utility(runs: list[RunAudit]) -> str | None:
             if r.final.get(metric) is not None:
                 ax.axhline(r.final[metric], linestyle=style, color=f"C{(j + 2) % 10}",
                            label=f"{r.label} (no DP) {metric}")
-    ax.set_xlabel("ε of the most-spent site (PRV upper bound)")
+    ax.set_xlabel("ε of the most-spent site (PLD upper bound, replace-one)")
     ax.set_ylabel("test metric")
     ax.set_title("privacy-utility", fontsize=10)
     ax.grid(alpha=0.3)
@@ -251,10 +252,10 @@ def render_html(report: AuditReport) -> str:
                 parts.append("</table></details>")
             if s.cumulative:
                 parts.append(f"<details><summary>site {e(s.site)}: spend per round</summary><table>"
-                             "<tr><th>entry</th><th>run</th><th>round</th><th>ε PRV (recomputed)"
+                             "<tr><th>entry</th><th>run</th><th>round</th><th>ε replace-one (recomputed)"
                              "</th><th>ε stored</th></tr>")
                 parts += [f"<tr><td>{p['seq']}</td><td>{e(str(p['run_id']))}</td>"
-                          f"<td>{p['round']}</td><td>{_f(p['epsilon_prv'], 4)}</td>"
+                          f"<td>{p['round']}</td><td>{_f(p['epsilon'], 4)}</td>"
                           f"<td>{_f(p['epsilon_stored'], 4)}</td></tr>" for p in s.cumulative]
                 parts.append("</table></details>")
     if report.empirical:

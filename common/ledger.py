@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from common.privacy import Mechanism, epsilon
+from common.privacy import REPORTED_ACCOUNTANT, Mechanism, epsilon
 
 GENESIS = "0" * 64
 SCHEMA_VERSION = 1
@@ -129,7 +129,7 @@ class Ledger:
         """Mechanism tuples of every entry (optionally without one run's)."""
         return [e.mechanism for e in self.entries() if e.run_id != exclude_run]
 
-    def epsilon(self, *, delta: float, accountant: str = "prv") -> float:
+    def epsilon(self, *, delta: float, accountant: str = REPORTED_ACCOUNTANT) -> float:
         """ε over the whole ledger, recomputed from the raw tuples."""
         return epsilon(self.history(), delta=delta, accountant=accountant)
 

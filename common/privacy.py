@@ -6,11 +6,23 @@ ran. ε is always derived from the whole history, never stored on its own and
 never reset between rounds (the Flower Opacus example rebuilds its
 ``PrivacyEngine`` each round and so reports per-round ε only).
 
-Unit of privacy: one training record at one site (sample-level DP,
-add/remove neighbours).
+Unit of privacy: one training record at one site. **Neighbours: replace-one.**
+A site releases its exact record count (the FedAvg weight, and the sample rate
+and steps it implies), so two datasets an observer cannot already tell apart
+have the same size and differ in one record's value. Add/remove ε, which
+assumes the size is secret, would understate what a site spends; the audit
+shows it beside the reported value so the difference is visible.
 
-Accountants: ``prv`` (Opacus's PRV accountant; the reported upper bound) and
-``rdp`` (looser). GDP is deliberately absent: it is not a valid upper bound.
+Accountants (every one an upper bound):
+
+* ``pld``: Google ``dp-accounting``'s privacy loss distribution, pessimistic
+  discretisation. The only one here that supports replace-one for Poisson
+  subsampling, so it is the reported, enforced and calibrating accountant.
+* ``prv``: Opacus's PRV accountant (add/remove only): the audit's
+  independent cross-check of the add/remove value.
+* ``rdp``: Opacus's RDP (add/remove only, looser).
+
+GDP is deliberately absent: it is not a valid upper bound.
 """
 
 from __future__ import annotations
@@ -21,11 +33,18 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-UNIT_OF_PRIVACY = (
-    "one training record at one site (sample-level DP, add/remove neighbours)"
-)
-ACCOUNTANTS = ("prv", "rdp")
-REPORTED_ACCOUNTANT = "prv"
+REPLACE_ONE = "replace-one"
+ADD_REMOVE = "add-remove"
+NEIGHBOURS = REPLACE_ONE  # the relation of every ε this product reports and enforces
+UNIT_OF_PRIVACY = ("one training record at one site (sample-level DP, replace-one neighbours: "
+                   "each site's record count is public)")
+ACCOUNTANTS = ("pld", "prv", "rdp")
+REPORTED_ACCOUNTANT = "pld"
+# What a ledger entry records as its accountant: the accountant and the relation.
+LEDGER_ACCOUNTANT = f"{REPORTED_ACCOUNTANT}/{NEIGHBOURS}"
+# The sites' PLD discretisation. Pessimistic rounding keeps ε an upper bound; at
+# ε ≈ 1 this interval overstates it by under 0.001 (the audit recomputes at 1e-4).
+PLD_INTERVAL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -48,18 +67,39 @@ class Mechanism:
         return (float(self.noise_multiplier), float(self.sample_rate), int(self.steps))
 
 
-def _accountant(name: str, history: Iterable[Mechanism]):
-    from opacus.accountants import PRVAccountant, RDPAccountant
+def _opacus_accountant(name: str, history: Iterable[Mechanism]):
+    from opacus.accountants import PRVAccountant, RDPAccountant  # lazy: heavy import
 
-    if name == "prv":
-        acc = PRVAccountant()
-    elif name == "rdp":
-        acc = RDPAccountant()
-    else:
-        raise ValueError(f"unknown accountant {name!r}. Valid: {', '.join(ACCOUNTANTS)} "
-                         "(GDP is not offered: it can under-report ε)")
+    acc = PRVAccountant() if name == "prv" else RDPAccountant()
     acc.history = [m.as_tuple() for m in compress(history)]
     return acc
+
+
+def _pld_accountant(neighbours: str, interval: float):
+    import dp_accounting  # lazy: only sites and auditors account
+    from dp_accounting.pld import pld_privacy_accountant
+
+    relation = (dp_accounting.NeighboringRelation.REPLACE_ONE if neighbours == REPLACE_ONE
+                else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    return pld_privacy_accountant.PLDAccountant(neighboring_relation=relation,
+                                                value_discretization_interval=interval)
+
+
+def _dp_event(history: Iterable[Mechanism]):
+    """The history as one ``dp-accounting`` event (equal (σ, q) entries merged)."""
+    import dp_accounting  # lazy: see _pld_accountant
+
+    return dp_accounting.ComposedDpEvent([
+        dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+            m.sample_rate, dp_accounting.GaussianDpEvent(m.noise_multiplier)), int(m.steps))
+        for m in compress(history)])
+
+
+def _pld_epsilon(history: Sequence[Mechanism], delta: float, neighbours: str,
+                 interval: float) -> float:
+    acc = _pld_accountant(neighbours, interval)
+    acc.compose(_dp_event(history))
+    return float(acc.get_epsilon(delta))
 
 
 def compress(history: Iterable[Mechanism]) -> list[Mechanism]:
@@ -78,17 +118,32 @@ def compress(history: Iterable[Mechanism]) -> list[Mechanism]:
     return [Mechanism(noise_multiplier=s, sample_rate=q, steps=n) for (s, q), n in merged.items()]
 
 
-def epsilon(history: Sequence[Mechanism], *, delta: float, accountant: str = "prv") -> float:
-    """ε upper bound at ``delta`` for the composition of ``history`` (0 if empty)."""
+def epsilon(history: Sequence[Mechanism], *, delta: float, accountant: str = REPORTED_ACCOUNTANT,
+            neighbours: str = NEIGHBOURS, interval: float = PLD_INTERVAL) -> float:
+    """ε upper bound at ``delta`` for the composition of ``history`` (0 if empty).
+
+    ``interval`` is PLD's discretisation (ignored by ``prv`` and ``rdp``, which
+    support add/remove neighbours only).
+    """
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {accountant!r}. Valid: {', '.join(ACCOUNTANTS)} "
+                         "(GDP is not offered: it can under-report ε)")
+    if neighbours not in (REPLACE_ONE, ADD_REMOVE):
+        raise ValueError(f"unknown neighbour relation {neighbours!r}; valid: {REPLACE_ONE}, "
+                         f"{ADD_REMOVE}")
+    if accountant != "pld" and neighbours != ADD_REMOVE:
+        raise ValueError(f"Opacus's {accountant} accountant supports add/remove neighbours only")
     if not history:
         return 0.0
+    if accountant == "pld":
+        return _pld_epsilon(history, delta, neighbours, interval)
     with warnings.catch_warnings():
         # PRV sizes its domain with an RDP bound; Opacus warns when that helper
         # bound is not tight. It does not loosen the PRV result.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(_accountant(accountant, history).get_epsilon(delta=delta))
+        return float(_opacus_accountant(accountant, history).get_epsilon(delta=delta))
 
 
 def dp_plan(num_records: int, *, batch_size: int, epochs: int) -> tuple[float, int]:
@@ -105,9 +160,11 @@ def dp_plan(num_records: int, *, batch_size: int, epochs: int) -> tuple[float, i
 
 def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float,
                                steps: int, prior: Sequence[Mechanism] = (),
-                               accountant: str = "prv", tolerance: float = 0.005) -> float:
-    """Smallest σ (to ``tolerance``) such that ``prior`` plus ``steps`` more
-    steps at ``(σ, sample_rate)`` stays within ``target_epsilon`` at ``delta``.
+                               tolerance: float = 0.005) -> float:
+    """Smallest σ (to ``tolerance``, relative) such that ``prior`` plus ``steps``
+    more steps at ``(σ, sample_rate)`` stays within ``target_epsilon`` at
+    ``delta``, for the reported accountant and neighbour relation. The σ returned
+    always fits: it is the feasible end of the search bracket.
 
     A pure function of its arguments, memoised: a site calibrates once per run
     and every later round of that run (in the same process) reuses the answer.
@@ -117,35 +174,39 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_ra
             10^4 fits.
     """
     return _calibrate(target_epsilon, delta, sample_rate, steps, tuple(compress(prior)),
-                      accountant, tolerance)
+                      tolerance)
 
 
 @functools.lru_cache(maxsize=256)
 def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-               prior: tuple[Mechanism, ...], accountant: str, tolerance: float) -> float:
+               prior: tuple[Mechanism, ...], tolerance: float) -> float:
     """The memoised core of :func:`calibrate_noise_multiplier` (hashable arguments)."""
-    spent = epsilon(prior, delta=delta, accountant=accountant)
+    spent = epsilon(prior, delta=delta)
     if spent >= target_epsilon:
         raise ValueError(
             f"budget exhausted: spent ε={spent:.4f} already reaches the cap {target_epsilon} "
             f"(δ={delta}); no further training fits"
         )
 
-    def eps_at(sigma: float) -> float:
-        return epsilon([*prior, Mechanism(sigma, sample_rate, steps)], delta=delta,
-                       accountant=accountant)
+    import dp_accounting  # lazy: see _pld_accountant
 
-    lo, hi = 0.1, 1.0
-    while eps_at(hi) > target_epsilon:
-        lo, hi = hi, hi * 2
-        if hi > 1e4:
-            raise ValueError(f"no noise multiplier <= 1e4 reaches ε={target_epsilon}")
-    if eps_at(lo) <= target_epsilon:
-        return lo
-    while hi - lo > tolerance * hi:
-        mid = 0.5 * (lo + hi)
-        if eps_at(mid) > target_epsilon:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    def eps_at(sigma: float) -> float:
+        return epsilon([*prior, Mechanism(sigma, sample_rate, steps)], delta=delta)
+
+    # Brent's method (dp-accounting's calibration) on the reported accountant. σ
+    # below 0.25 is never searched: it makes PLD's support huge, and no site's σ
+    # floor allows it.
+    try:
+        sigma = float(dp_accounting.calibrate_dp_mechanism(
+            lambda: _pld_accountant(NEIGHBOURS, PLD_INTERVAL),
+            lambda s: _dp_event([*prior, Mechanism(s, sample_rate, steps)]),
+            target_epsilon, delta, dp_accounting.LowerEndpointAndGuess(0.25, 1.0),
+            tol=tolerance))
+    except dp_accounting.mechanism_calibration.NoBracketIntervalFoundError as exc:
+        raise ValueError(f"no noise multiplier reaches ε={target_epsilon}: {exc}") from exc
+    sigma = max(sigma, 0.25)
+    # Brent returns σ within tol of the optimum, possibly just on the wrong side:
+    # step up until the plan fits, so the guard never declines a calibrated round.
+    while eps_at(sigma) > target_epsilon:
+        sigma *= 1.0 + tolerance
+    return sigma

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from common import distill as kd
+from common.privacy import LEDGER_ACCOUNTANT
 from common.backbones import get_backbone
 from common.config import RunConfig
 from common.data import Splits, fingerprint_arrays
@@ -191,7 +192,7 @@ def delivery_card(cfg: RunConfig, *, run_id: str, server_round: int, classes: li
             "epsilon_per_site": eps if cfg.dp else None,
             "epsilon_max": max(known) if (cfg.dp and known) else None,
             "delta": cfg.target_delta if cfg.dp else None,
-            "accountant": "prv" if cfg.dp else None,
+            "accountant": LEDGER_ACCOUNTANT if cfg.dp else None,
             "distillation": PRIVACY_NOTE,
         },
     }

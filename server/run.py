@@ -26,7 +26,7 @@ from common.data import fingerprint_arrays, load_dataset
 from common.features import cached_features
 from common.heads import head_state, load_head_state, make_head
 from common.modelio import read_card
-from common.privacy import REPORTED_ACCOUNTANT, UNIT_OF_PRIVACY
+from common.privacy import NEIGHBOURS, REPORTED_ACCOUNTANT, UNIT_OF_PRIVACY
 from common.protocol import from_array_record, released_fields, to_array_record, train_request
 from server.delivery import DELIVER_MESSAGE_TYPE, deliver
 from server.distill import delivery_card, run_distillation, write_server_copy
@@ -106,7 +106,8 @@ def round_line(r: int, total: int, test: dict, strategy: HeadFedAvg, cfg: RunCon
                   f" train {np.mean([h['train_seconds'] for h in hist]):.2f}"
                   f" accounting {np.mean([h['privacy_seconds'] for h in hist]):.2f}"
                   f" total {np.mean([h['site_seconds'] for h in hist]):.2f}")
-    privacy = f" | ε (per record, δ={cfg.target_delta:g}) {eps}" if cfg.dp else " | no DP"
+    privacy = (f" | ε (per record, replace-one, δ={cfg.target_delta:g}) {eps}" if cfg.dp
+               else " | no DP")
     return (f"round {r}/{total} | test acc {test['accuracy']:.3f} auc {test['auc']:.3f} "
             f"bal {test['balanced_accuracy']:.3f}{privacy}{timing}")
 
@@ -282,6 +283,7 @@ def privacy_block(cfg: RunConfig) -> dict:
         "dp": True,
         "unit": UNIT_OF_PRIVACY,
         "accountant": REPORTED_ACCOUNTANT,
+        "neighbours": NEIGHBOURS,
         "mechanism": "DP-SGD (Opacus), Poisson sampling, per-sample clipping, Gaussian noise",
         "target_epsilon": cfg.target_epsilon,
         "target_delta": cfg.target_delta,
@@ -295,7 +297,8 @@ def privacy_block(cfg: RunConfig) -> dict:
                             "on public data only, so it costs no ε"} if cfg.distill else {}),
         "released": released,
         "not_charged": ["each site's exact training-record count (num-examples), and the "
-                        "schedule derived from it (sample-rate, steps), are declared public",
+                        "schedule derived from it (sample-rate, steps), are declared public; ε "
+                        "is therefore for replace-one neighbours",
                         "coarse timings (0.1 s) are declared public"],
         "site_local": ["training loss", "holdout metrics", "feature-cache hits",
                        "file and class names in data errors"],

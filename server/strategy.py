@@ -126,6 +126,13 @@ class HeadFedAvg(FedAvg):
             problem = problem or self.norm_problem(update, metrics)
             if problem:
                 self.drop(server_round, node, problem)
+                # The site spent ε on this round whether or not its update is used:
+                # book the spend, and why its update was not aggregated.
+                try:
+                    self.record_round(server_round, node, metrics, dropped=problem)
+                except (ValueError, TypeError, OverflowError) as exc:  # garbage metrics too
+                    log.warning("round %d: node %d's spend could not be booked: %s",
+                                server_round, node, exc)
                 continue
             self.record_round(server_round, node, metrics, update)
             kept.append(msg)
@@ -138,8 +145,8 @@ class HeadFedAvg(FedAvg):
         site.status, site.reason = status, reason
         log.warning("round %d: site %d declined: %s", server_round, site_id, reason)
 
-    def record_round(self, server_round: int, node_id: int, metrics, head: dict | None = None
-                     ) -> SiteRecord:
+    def record_round(self, server_round: int, node_id: int, metrics, head: dict | None = None,
+                     *, dropped: str | None = None) -> SiteRecord:
         """Book an accepted reply: the site's ε, mechanism, ledger anchor and
         coarse timings for the round, and (when the server may see it) its head,
         an ensemble-teacher member."""
@@ -161,6 +168,7 @@ class HeadFedAvg(FedAvg):
             "train_seconds": float(metrics["train-seconds"]),
             "privacy_seconds": float(metrics["privacy-seconds"]),
             "site_seconds": float(metrics["site-seconds"]),
+            **({"dropped": dropped} if dropped else {}),
         })
         return site
 

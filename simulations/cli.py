@@ -63,7 +63,8 @@ def print_summary(s: dict) -> None:
         lines.append("aggregation: weighted FedAvg under SecAgg+ (the server saw only the masked sum)")
     p = s["privacy"]
     if p["dp"]:
-        lines.append(f"privacy: ε per site ({p['accountant'].upper()} upper bound, δ={p['target_delta']:g}, "
+        lines.append(f"privacy: ε per site ({p['accountant'].upper()} upper bound, "
+                     f"{p.get('neighbours', 'add-remove')} neighbours, δ={p['target_delta']:g}, "
                      f"cap ε={p['target_epsilon']:g}); unit: {p['unit']}")
     else:
         lines.append("privacy: none (non-private baseline)")

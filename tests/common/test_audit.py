@@ -471,3 +471,25 @@ def test_render_html_without_plots_when_nothing_to_plot(tmp_path):
     page = render_html(report)
     assert "<img" not in page and "PASS" in page
     assert replace(report, hazards=[]).has_errors is False
+
+
+def test_an_impossible_sigma_is_a_named_error_not_a_crash(run_copy):
+    """A ledger edited behind the triggers' back to σ = 0: the audit names the entry
+    and exits 1 (it used to crash with exit 2)."""
+    path = run_copy / "sites" / "site-0" / "ledger.sqlite"
+    con = sqlite3.connect(path)
+    con.execute("DROP TRIGGER entries_no_update")
+    con.execute("UPDATE entries SET noise_multiplier = 0 WHERE seq = 1")
+    con.commit()
+    con.close()
+    report = audit([run_copy])
+    assert "impossible-mechanism" in _codes(report, "error")
+    assert cli_main(["audit", str(run_copy), "--out", str(run_copy / "audit")]) == 1
+
+
+def test_spend_missing_from_the_summary_is_an_error(run_copy):
+    summary = json.loads((run_copy / "summary.json").read_text())
+    summary["sites"] = {}  # the server dropped every reply and never listed the site
+    (run_copy / "summary.json").write_text(json.dumps(summary))
+    report = audit([run_copy])
+    assert "site-not-in-summary" in _codes(report, "error")

@@ -14,7 +14,8 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.privacy import (ACCOUNTANTS, REPORTED_ACCOUNTANT, Mechanism,
+from common.privacy import (ACCOUNTANTS, ADD_REMOVE, NEIGHBOURS, REPLACE_ONE,
+                            REPORTED_ACCOUNTANT, UNIT_OF_PRIVACY, Mechanism,
                             calibrate_noise_multiplier, dp_plan, epsilon)
 
 DELTA = 1e-5
@@ -34,7 +35,7 @@ def test_epsilon_after_each_round_equals_one_accountant_fed_step_by_step(name, a
         for _ in range(mech.steps):
             single.step(noise_multiplier=mech.noise_multiplier, sample_rate=mech.sample_rate)
         expected = single.get_epsilon(delta=DELTA)
-        got = epsilon(ROUNDS[:r], delta=DELTA, accountant=name)
+        got = epsilon(ROUNDS[:r], delta=DELTA, accountant=name, neighbours=ADD_REMOVE)
         assert got == pytest.approx(expected, rel=1e-9), f"round {r}"
         eps.append(got)
     assert 0 < eps[0] < eps[1] < eps[2]
@@ -48,21 +49,38 @@ def test_cumulative_epsilon_is_more_than_any_single_round():
 
 
 def test_rdp_is_the_looser_bound():
-    assert epsilon(ROUNDS[:1], delta=DELTA, accountant="rdp") > epsilon(ROUNDS[:1], delta=DELTA)
+    assert epsilon(ROUNDS[:1], delta=DELTA, accountant="rdp", neighbours=ADD_REMOVE) > \
+        epsilon(ROUNDS[:1], delta=DELTA, accountant="prv", neighbours=ADD_REMOVE)
 
 
 def test_empty_history_spends_nothing():
     assert epsilon([], delta=DELTA) == 0.0
 
 
-def test_prv_is_the_reported_accountant_and_gdp_is_not_offered():
-    assert REPORTED_ACCOUNTANT == "prv"
-    assert set(ACCOUNTANTS) == {"prv", "rdp"}
-    with pytest.raises(ValueError, match="unknown accountant 'gdp'.*Valid: prv, rdp"):
+def test_pld_replace_one_is_reported_and_gdp_is_not_offered():
+    assert (REPORTED_ACCOUNTANT, NEIGHBOURS) == ("pld", REPLACE_ONE)
+    assert "replace-one" in UNIT_OF_PRIVACY
+    assert set(ACCOUNTANTS) == {"pld", "prv", "rdp"}
+    with pytest.raises(ValueError, match="unknown accountant 'gdp'.*Valid: pld, prv, rdp"):
         epsilon(ROUNDS, delta=DELTA, accountant="gdp")
-    with pytest.raises(ValueError, match="'gdp'"):
-        calibrate_noise_multiplier(target_epsilon=1.0, delta=DELTA, sample_rate=0.1, steps=5,
-                                   accountant="gdp")
+    # Opacus's accountants cannot do replace-one: asking is an error, never a silent add/remove.
+    with pytest.raises(ValueError, match="add/remove neighbours only"):
+        epsilon(ROUNDS, delta=DELTA, accountant="prv")
+
+
+@pytest.mark.parametrize("sigma, q, steps, prv", [
+    (1.0, 0.01, 10_000, 6.20),  # the environment notes' worked vectors (add/remove, PRV)
+    (2.0, 0.01, 10_000, 2.17),
+    (1.0, 0.05, 1_000, 10.997),
+])
+def test_replace_one_costs_more_than_add_remove_and_pld_agrees_with_prv(sigma, q, steps, prv):
+    history = [Mechanism(sigma, q, steps)]
+    add_remove = epsilon(history, delta=DELTA, neighbours=ADD_REMOVE)
+    assert add_remove == pytest.approx(prv, abs=0.03)  # PLD (dp-accounting) against PRV (Opacus)
+    replace_one = epsilon(history, delta=DELTA)
+    # Replacing a record is removing one and adding another: more than add/remove, at
+    # most what group privacy over two changes gives (2ε at these δ).
+    assert add_remove * 1.3 < replace_one <= 2 * add_remove + 0.05
 
 
 @pytest.mark.parametrize("delta", [0.0, 1.0, -1e-5, 1.5, math.nan])
@@ -77,7 +95,7 @@ Q, STEPS = 0.2, 6
 
 @pytest.fixture(scope="module")
 def fresh_sigma() -> float:
-    """σ calibrated with PRV for a site that has spent nothing yet."""
+    """σ calibrated (PLD, replace-one) for a site that has spent nothing yet."""
     return calibrate_noise_multiplier(target_epsilon=TARGET, delta=DELTA, sample_rate=Q,
                                       steps=STEPS)
 
@@ -93,23 +111,22 @@ def test_calibrated_sigma_fits_the_target_and_uses_most_of_it(fresh_sigma):
 
 
 def test_calibration_accounts_for_the_prior_spend(fresh_sigma):
-    # RDP here keeps the bisection fast; the search is the same for any accountant.
-    prior = ROUNDS[:1]
+    prior = ROUNDS[1:2]  # σ 1, q 0.1, 5 steps: ε 2.69 (replace-one)
     sigma = calibrate_noise_multiplier(target_epsilon=TARGET, delta=DELTA, sample_rate=Q,
-                                       steps=STEPS, prior=prior, accountant="rdp")
+                                       steps=STEPS, prior=prior)
     spent = epsilon([*prior, Mechanism(noise_multiplier=sigma, sample_rate=Q, steps=STEPS)],
-                    delta=DELTA, accountant="rdp")
+                    delta=DELTA)
     assert 0.98 * TARGET <= spent <= TARGET
     # Ignoring the prior (the fresh σ) would overspend.
     ignoring = epsilon([*prior, Mechanism(noise_multiplier=fresh_sigma, sample_rate=Q,
-                                          steps=STEPS)], delta=DELTA, accountant="rdp")
+                                          steps=STEPS)], delta=DELTA)
     assert ignoring > TARGET
     assert sigma > fresh_sigma
 
 
 def test_calibration_refuses_when_the_prior_already_spent_the_budget():
-    # ROUNDS[:1] alone spends ε ≈ 2.36 at δ = 1e-5 (PRV).
-    with pytest.raises(ValueError, match="budget exhausted: spent ε=2.36"):
+    # ROUNDS[:1] alone spends ε ≈ 2.69 at δ = 1e-5 (PLD, replace-one; 2.35 add/remove).
+    with pytest.raises(ValueError, match=r"budget exhausted: spent ε=2\.69\d* already reaches the cap 2"):
         calibrate_noise_multiplier(target_epsilon=2.0, delta=DELTA, sample_rate=0.1,
                                    steps=5, prior=ROUNDS[:1])
 
@@ -172,4 +189,5 @@ def test_compress_merges_equal_mechanisms_without_changing_epsilon():
     assert compress(history) == [Mechanism(2.0, 0.05, 90), b]
     raw = PRVAccountant()
     raw.history = [m.as_tuple() for m in history]  # uncompressed, straight to Opacus
-    assert epsilon(history, delta=1e-5) == pytest.approx(raw.get_epsilon(delta=1e-5), abs=0.02)
+    assert epsilon(history, delta=1e-5, accountant="prv", neighbours=ADD_REMOVE) == \
+        pytest.approx(raw.get_epsilon(delta=1e-5), abs=0.02)

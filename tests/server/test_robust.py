@@ -189,3 +189,20 @@ def test_every_kind_of_hostile_update_is_dropped_under_every_rule(aggregation):
     assert len(strategy.dropped) == len(hostile)
     for drop, (_, _, words) in zip(strategy.dropped, hostile, strict=True):
         assert words in drop["reason"]
+
+
+def test_a_dropped_update_still_books_the_sites_spend():
+    """The site spent ε on the round whether or not the server uses its update: the
+    spend reaches the run records with the reason the update was dropped."""
+    strategy = _strategy(max_update_norm=1e-9)  # drops every update
+    arrays, _ = _run(strategy, [_head([1, 1], [0])] * 2, [4, 4], nodes=FIVE[:2])
+    assert arrays is None
+    for sid in (0, 1):
+        (row,) = strategy.sites[sid].history
+        assert row["dropped"].startswith("update norm") and row["epsilon_after"] == 0.5 + sid
+    assert sid not in strategy.site_heads
+    # A reply whose metrics are garbage is dropped without crashing the server.
+    bad = _strategy()
+    _run(bad, [_head([1, 1], [0]), _head([1, 1], [0])], [4, math.nan], nodes=FIVE[:2])
+    assert [d["reason"] for d in bad.dropped] == ["num-examples must be a positive integer, got nan"]
+    assert 1 not in bad.sites
