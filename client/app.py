@@ -63,11 +63,12 @@ def _unpack_train(msg: Message):
 def _pack_train(msg: Message, reply, legacy: bool) -> Message:
     if legacy:  # fitres.* records; secagg_when_asked masks the head before it leaves
         fitres = FitRes(Status(Code.OK, "ok"), head_to_parameters(reply.arrays),
-                        reply.num_examples, dict(reply.metrics))
+                        reply.num_examples, {**reply.metrics, "ledger-head": reply.ledger_head})
         return Message(content=fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
     content = RecordDict({"arrays": to_array_record(reply.arrays),
                           "metrics": MetricRecord(reply.metrics),
-                          "status": ConfigRecord({"status": "ok"})})
+                          "status": ConfigRecord({"status": "ok",
+                                                  "ledger-head": reply.ledger_head})})
     return Message(content=content, reply_to=msg)
 
 

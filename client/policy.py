@@ -62,6 +62,7 @@ class SiteSettings:
     max_rounds: int = 100  # the most rounds one run may ask of this site
     max_steps: int = 10_000  # the most DP-SGD steps one round may take
     class_names: tuple[str, ...] | None = None  # labels by name, in the federation's order
+    ledger_key: Path | None = None  # the chain's HMAC key; default <ledger-path>.key
 
     @property
     def models(self) -> Path:
@@ -73,6 +74,8 @@ class SiteSettings:
 POLICY_KEYS = {
     "data-path": "the site's data: imagefolder:<dir>, csv:<file>?..., medmnist:<file.npz> (required)",
     "ledger-path": "the site's privacy ledger, SQLite (required)",
+    "ledger-key": "the ledger chain's secret key, a file outside the ledger (default: "
+                  "<ledger-path>.key, made on first use)",
     "target-epsilon": "the site's ε cap over all runs (required)",
     "target-delta": "the site's δ (required)",
     "dp": "true (default): train only with DP-SGD; false: this site trains without DP, says "
@@ -212,7 +215,8 @@ def _parse_policy(node: dict, *, data_path: str | None) -> SiteSettings:
         holdout_seed=_number(node, "holdout-seed", int, 0),
         max_rounds=_number(node, "max-rounds", int, 100, low=1),
         max_steps=_number(node, "max-steps", int, 10_000, low=1),
-        class_names=classes)
+        class_names=classes,
+        ledger_key=Path(str(node["ledger-key"])) if "ledger-key" in node else None)
 
 
 def site_settings(cfg: RunConfig, node: dict, *, simulated: bool) -> SiteSettings:

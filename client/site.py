@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from client.calibration import calibrated_sigma
-from client.policy import SiteSettings, check_policy, check_request
+from client.policy import PolicyDeclined, SiteSettings, check_policy, check_request
 from common import protocol, training
 from common.backbones import get_backbone
 from common.config import RunConfig
@@ -52,6 +52,7 @@ class SiteReply:
     arrays: OrderedDict[str, np.ndarray]
     num_examples: int
     metrics: dict[str, float]  # built by common.protocol.train_metrics
+    ledger_head: str = ""  # the anchor (keyed hash of the ledger's last entry)
 
 
 def head_classes(head: dict[str, np.ndarray]) -> int:
@@ -109,6 +110,28 @@ def site_features(cfg: RunConfig, cache_dir: Path, data: SiteData) -> SiteFeatur
     return SiteFeatures(tr.features, ho.features, data, tr.seconds + ho.seconds, tr.hit and ho.hit)
 
 
+def check_cap(ledger: Ledger, settings: SiteSettings) -> None:
+    """The ledger keeps the cap of its first use. A policy may lower it (stricter),
+    never raise it or change δ: that is ``fedtransfer site raise-cap``, an explicit,
+    recorded action of the site's operator.
+
+    Raises:
+        PolicyDeclined: the policy's cap is above the recorded one, or δ differs.
+    """
+    recorded = ledger.cap()
+    if recorded is None:
+        ledger.record_cap(epsilon=settings.target_epsilon, delta=settings.target_delta,
+                          reason="first use")
+        return
+    cap, delta = recorded
+    if settings.target_epsilon > cap or settings.target_delta != delta:
+        raise PolicyDeclined(
+            f"the cap in force (ε={settings.target_epsilon:g}, δ={settings.target_delta:g}) differs "
+            f"from the one this site's ledger recorded (ε={cap:g}, δ={delta:g}); raising a cap or "
+            "changing δ is an explicit site action: fedtransfer site raise-cap --ledger "
+            f"{settings.ledger_path} --epsilon ... --reason '...'")
+
+
 def plan_noise(req: RoundRequest, settings: SiteSettings, ledger: Ledger,
                num_records: int) -> tuple[float, Mechanism, list[Mechanism]]:
     """σ for this round and the mechanism it will run, plus the full prior history.
@@ -147,10 +170,11 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
     data = data if data is not None else load_site_data(cfg, settings, head_classes(global_head))
     n = len(data.train_y)
     check_request(req, n, settings)
-    ledger = Ledger(settings.ledger_path) if settings.dp else None
+    ledger = Ledger(settings.ledger_path, settings.ledger_key) if settings.dp else None
     mech = None
     t_privacy = time.perf_counter()
     if ledger is not None:
+        check_cap(ledger, settings)
         try:
             sigma, mech, history = plan_noise(req, settings, ledger, n)
         except ValueError as exc:  # calibration found no σ: the cap is already spent
@@ -211,7 +235,8 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
         "privacy-seconds": privacy_seconds,
         "site-seconds": time.perf_counter() - t_start,
     })
-    return SiteReply(arrays=head_state(head), num_examples=n, metrics=metrics)
+    anchor = ledger.head()[1] if ledger is not None else ""
+    return SiteReply(arrays=head_state(head), num_examples=n, metrics=metrics, ledger_head=anchor)
 
 
 def commit_spend(ledger: Ledger, settings: SiteSettings, req: RoundRequest,
@@ -281,7 +306,8 @@ def save_delivery(settings: SiteSettings, card: dict, head: dict[str, np.ndarray
 
     own = None
     if settings.dp and settings.ledger_path.is_file():
-        own = Ledger(settings.ledger_path).epsilon(delta=settings.target_delta)
+        own = Ledger(settings.ledger_path, settings.ledger_key).epsilon(
+            delta=settings.target_delta)
     card = {**card, "site": {"site_id": settings.site_id, "epsilon_own_ledger": own,
                              "delta": settings.target_delta if settings.dp else None,
                              "unit": UNIT_OF_PRIVACY}}

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from common.ledger import Entry, verify_chain
+from common.ledger import Entry, default_key_path, read_key, verify_chain
 from common.privacy import (ADD_REMOVE, LEDGER_ACCOUNTANT, REPLACE_ONE,
                             UNIT_OF_PRIVACY, Mechanism, epsilon)
 from common.privacy import compress as group_history
@@ -81,6 +81,7 @@ AGREE_ABS_TOL = 0.05
 AGREE_REL_TOL = 0.01
 DELTA_FRACTION_OF_INV_N = 0.1
 _TRIGGERS = ("entries_no_update", "entries_no_delete")
+_CAP_TRIGGERS = ("caps_no_update", "caps_no_delete")
 _COLUMNS = [f.name for f in fields(Entry)]
 
 
@@ -134,6 +135,10 @@ class LedgerFile:
     path: Path
     entries: list[Entry]
     triggers: tuple[str, ...]
+    caps: list[dict] = field(default_factory=list)  # the site's recorded caps, oldest first
+    seal: str | None = None  # the keyed seal over (count, last hash)
+    key: bytes | None = field(default=None, repr=False)  # the chain key, when found
+    key_path: str | None = None
 
 
 @dataclass
@@ -157,6 +162,8 @@ class SiteAudit:
     hazards: list[Hazard] = field(default_factory=list)
     # What the site sent the server in this run: {field, class, value} (common/protocol.py)
     released: list[dict] = field(default_factory=list)
+    anchors_matched: int = 0  # replies whose (count, head hash) the ledger matches
+    chain: str = ""  # "keyed, verified" / "keyed, unverified" / "unkeyed" / "broken"
 
 
 @dataclass
@@ -242,12 +249,23 @@ def read_ledger(path: str | Path) -> LedgerFile:
         rows = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM entries ORDER BY seq").fetchall()
         triggers = tuple(sorted(r[0] for r in con.execute(
             "SELECT name FROM sqlite_master WHERE type='trigger'")))
+        caps = [dict(zip(("seq", "epsilon", "delta", "created_at", "reason"), r, strict=True))
+                for r in con.execute("SELECT seq, epsilon, delta, created_at, reason FROM caps "
+                                     "ORDER BY seq")] if "caps" in tables else []
+        row = con.execute("SELECT value FROM meta WHERE key='seal'").fetchone() \
+            if "meta" in tables else None
     except sqlite3.DatabaseError as exc:
         raise ValueError(f"{path} is not a readable SQLite ledger: {exc}") from exc
     finally:
         con.close()
-    entries = [Entry(**dict(zip(_COLUMNS, row, strict=True))) for row in rows]
-    return LedgerFile(path=path, entries=entries, triggers=triggers)
+    entries = [Entry(**dict(zip(_COLUMNS, r, strict=True))) for r in rows]
+    # The site's chain key, if the auditor has it beside the ledger (the default
+    # place a site keeps it; a site may keep it elsewhere and hand it over).
+    key_path = default_key_path(path)
+    key = read_key(key_path) if key_path.is_file() else None
+    return LedgerFile(path=path, entries=entries, triggers=triggers, caps=caps,
+                      seal=str(row[0]) if row else None, key=key,
+                      key_path=str(key_path) if key is not None else None)
 
 
 def is_ledger(path: Path) -> bool:
@@ -344,32 +362,58 @@ def _range(values: list[float]) -> tuple[float, float] | None:
     return (min(values), max(values)) if values else None
 
 
-def _history_by_round(entries: Sequence[Entry], run_id: str) -> dict[int, list[Entry]]:
-    out: dict[int, list[Entry]] = {}
-    for e in entries:
-        if e.run_id == run_id:
-            out.setdefault(int(e.round), []).append(e)
-    return out
+def anchor_hazards(site: str, entries: Sequence[Entry], summary_site: dict
+                   ) -> tuple[list[Hazard], int]:
+    """The ledger against the anchors its replies carried (entry count and keyed head
+    hash, recorded by the server): a deleted row or a rebuilt chain cannot match.
+    Returns the hazards and how many anchors matched."""
+    hazards, matched = [], 0
+    for h in summary_site.get("history") or []:
+        count, head = h.get("ledger_entries"), h.get("ledger_head")
+        if not count or not head:
+            continue
+        where = f"round {h.get('round')} of run {h.get('run_id') or '?'}"
+        if int(count) > len(entries):
+            hazards.append(Hazard("error", "ledger-truncated",
+                                  f"the site's reply for {where} anchored {int(count)} ledger "
+                                  f"entries; the ledger now holds {len(entries)}", site))
+        elif entries[int(count) - 1].hash != head:
+            hazards.append(Hazard("error", "anchor-mismatch",
+                                  f"entry {int(count)}'s hash differs from the anchor the site "
+                                  f"sent for {where}: the ledger was rewritten", site))
+        else:
+            matched += 1
+    return hazards, matched
 
 
 def compare_with_summary(site: str, entries: Sequence[Entry], run_id: str,
                          summary_site: dict) -> list[Hazard]:
-    """Ledger entries of ``run_id`` against the server's per-site history."""
+    """Ledger entries against the server's per-site history, matched by (run, round).
+
+    Each history row names the run it came from (a resumed run keeps the rows of
+    the run it resumed); rows without one belong to ``run_id``.
+    """
     hazards = []
-    ledger_rounds = _history_by_round(entries, run_id)
-    reported = {int(h["round"]): h for h in summary_site.get("history") or []}
-    for r in sorted(set(reported) - set(ledger_rounds)):
+    reported = {(str(h.get("run_id") or run_id), int(h["round"])): h
+                for h in summary_site.get("history") or []}
+    runs = {r for r, _ in reported} | {run_id}
+    ledger_rounds: dict[tuple[str, int], list[Entry]] = {}
+    for e in entries:
+        if e.run_id in runs:
+            ledger_rounds.setdefault((e.run_id, int(e.round)), []).append(e)
+    for run, r in sorted(set(reported) - set(ledger_rounds)):
         hazards.append(Hazard("error", "update-without-ledger-entry",
-                              f"the server aggregated round {r} from this site but its ledger has "
-                              f"no entry for run {run_id} round {r}: an update left the site "
-                              "without its spend being recorded (or the entry was deleted)", site))
-    for r in sorted(set(ledger_rounds) - set(reported)):
+                              f"the server recorded round {r} of run {run} from this site but its "
+                              f"ledger has no entry for it: an update left the site without its "
+                              "spend being recorded (or the entry was deleted)", site))
+    for run, r in sorted(set(ledger_rounds) - set(reported)):
         hazards.append(Hazard("warning", "charged-not-released",
-                              f"the ledger charges round {r} of run {run_id} but the server never "
-                              "aggregated it (site stopped after committing, or its reply was "
-                              "dropped); counting it is conservative", site))
-    for r in sorted(set(reported) & set(ledger_rounds)):
-        h, es = reported[r], ledger_rounds[r]
+                              f"the ledger charges round {r} of run {run} but the run records do "
+                              "not list it (site stopped after committing, or the server died "
+                              "before recording it); counting it is conservative", site))
+    for key in sorted(set(reported) & set(ledger_rounds)):
+        h, es = reported[key], ledger_rounds[key]
+        r = key[1]
         sigmas = {round(e.noise_multiplier, 12) for e in es}
         qs = {round(e.sample_rate, 12) for e in es}
         steps = sum(e.steps for e in es)
@@ -393,7 +437,8 @@ def compare_with_summary(site: str, entries: Sequence[Entry], run_id: str,
 def audit_site(site: str, entries: Sequence[Entry], *, ledger_path: str | None = None,
                triggers: Sequence[str] = _TRIGGERS, summary_site: dict | None = None,
                run_id: str | None = None, cap: float | None = None,
-               delta: float | None = None) -> SiteAudit:
+               delta: float | None = None, caps: Sequence[dict] = (),
+               key: bytes | None = None, sealed: str | None = None) -> SiteAudit:
     """Audit one site's ledger entries (and, when given, what the server recorded).
 
     Args:
@@ -401,19 +446,51 @@ def audit_site(site: str, entries: Sequence[Entry], *, ledger_path: str | None =
         entries: the ledger's rows in ``seq`` order.
         summary_site: ``summary.json``'s ``sites.<id>`` block, if any.
         run_id: the run ``summary_site`` belongs to.
-        cap: the site's ε cap, if known.
+        cap: the ε cap the run records state (the server's view).
+        caps: the caps the site's ledger recorded; the last one is the cap the
+            site enforced, and it is the one checked.
+        key, sealed: the site's chain key (if the auditor has it) and the ledger's
+            seal; with the key, the chain and the seal are verified.
         delta: δ to report ε at; defaults to the ledger's (last) δ.
     """
     hz: list[Hazard] = []
     entries = list(entries)
-    chain = verify_chain(entries)
+    chain = verify_chain(entries, key=key, sealed=sealed)
     for problem in chain:
         hz.append(Hazard("error", "broken-hash-chain", f"ledger hash chain broken: {problem}", site))
+    if entries and not all(e.keyed for e in entries):
+        hz.append(Hazard("error", "unkeyed-chain",
+                         f"{sum(not e.keyed for e in entries)} entries carry an unkeyed hash: "
+                         "whoever can edit the file can rebuild that chain after changing a row",
+                         site))
+    elif entries and key is None:
+        hz.append(Hazard("warning", "chain-unverified",
+                         "the chain is keyed and the site's key was not given (it is looked for "
+                         "beside the ledger as <ledger>.key): linkage checked, contents not", site))
+    anchor_hz, anchors = anchor_hazards(site, entries, summary_site or {})
+    hz += anchor_hz
+    chain_state = ("n/a" if not entries else "broken" if chain
+                   else "unkeyed" if not all(e.keyed for e in entries)
+                   else "keyed, verified" if key is not None else "keyed, unverified")
     missing = [t for t in _TRIGGERS if t not in triggers]
+    missing += [t for t in _CAP_TRIGGERS if caps and t not in triggers]
     if entries and missing:
-        hz.append(Hazard("warning", "append-only-triggers-missing",
+        hz.append(Hazard("error", "append-only-triggers-missing",
                          f"the ledger's append-only triggers {', '.join(missing)} are gone: "
                          "someone altered the file's schema (rows may have been edited)", site))
+    if caps:
+        own = float(caps[-1]["epsilon"])
+        for before, after in zip(caps, caps[1:], strict=False):
+            if after["epsilon"] > before["epsilon"] or after["delta"] != before["delta"]:
+                hz.append(Hazard("warning", "cap-raised",
+                                 f"the site raised its cap from ε={before['epsilon']:g} "
+                                 f"(δ={before['delta']:g}) to ε={after['epsilon']:g} "
+                                 f"(δ={after['delta']:g}): {after['reason']}", site))
+        if cap is not None and abs(float(cap) - own) > 1e-12:
+            hz.append(Hazard("warning", "cap-differs-from-run-records",
+                             f"the site enforced its own cap ε={own:g} (its ledger); the run "
+                             f"records say {float(cap):g}; the audit checks the site's", site))
+        cap = own
     summary_site = summary_site or {}
     status = str(summary_site.get("status") or ("ledger only" if entries else "no entries"))
     deltas = sorted({float(e.delta) for e in entries})
@@ -555,7 +632,7 @@ def audit_site(site: str, entries: Sequence[Entry], *, ledger_path: str | None =
         q_range=_range([m.sample_rate for m in history]),
         delta=delta, dataset_size=n, cap=cap, status=status, epsilon=eps,
         epsilon_reported=float(reported) if reported is not None else None,
-        cumulative=cumulative, chain_ok=not chain,
+        cumulative=cumulative, chain_ok=not chain, anchors_matched=anchors, chain=chain_state,
         fingerprints=sorted({e.data_fingerprint for e in entries}), hazards=hz)
 
 
@@ -603,7 +680,8 @@ def audit_source(src: Source) -> RunAudit:
         lf = read_ledger(src.ledgers[sid])
         site = audit_site(sid, lf.entries, ledger_path=str(lf.path), triggers=lf.triggers,
                           summary_site=ssite, run_id=run_id, cap=cap,
-                          delta=delta if lf.entries else None)
+                          delta=delta if lf.entries else None, caps=lf.caps, key=lf.key,
+                          sealed=lf.seal)
         if summary is not None and ssite is None and run_id in site.run_ids:
             site.hazards.append(Hazard("error", "site-not-in-summary",
                                        f"the ledger charges run {run_id} but summary.json has no "

@@ -41,7 +41,8 @@ def site_row(s: SiteAudit) -> dict[str, str]:
         "ε replace-one": _f(s.epsilon.get("replace_one")),
         "ε add/rm PRV": _f(s.epsilon.get("prv")), "PLD": _f(s.epsilon.get("pld")),
         "RDP": _f(s.epsilon.get("rdp")), "reported": _f(s.epsilon_reported),
-        "cap": _f(s.cap, 2), "chain": "ok" if s.chain_ok else "BROKEN",
+        "cap": _f(s.cap, 2), "chain": s.chain or ("ok" if s.chain_ok else "BROKEN"),
+        "anchors": str(s.anchors_matched),
         "status": s.status, "hazards": f"{errors}E {warnings}W",
     }
 
@@ -235,7 +236,8 @@ def render_html(report: AuditReport) -> str:
             parts.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in rows[0]) + "</tr>")
             for r in rows:
                 parts.append("<tr>" + "".join(
-                    f"<td class='{'error' if v == 'BROKEN' else ''}'>{e(v)}</td>"
+                    f"<td class='{'error' if v in ('BROKEN', 'broken', 'unkeyed') else ''}'>"
+                    f"{e(v)}</td>"
                     for v in r.values()) + "</tr>")
             parts.append("</table>")
         img = plot_cumulative(run)

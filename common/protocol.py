@@ -63,6 +63,8 @@ TRAIN_REPLY = (
     Field("sample-rate", _P, "q of the round (from batch size and record count)"),
     Field("steps", _P, "DP-SGD steps of the round (from epochs and record count)"),
     Field("ledger-entries", _P, "entries in the site's ledger after the round (an anchor)"),
+    Field("ledger-head", _P, "keyed hash of the ledger's last entry (an anchor; without the "
+                             "site's key it reveals nothing about the site's data)"),
     Field("feature-seconds", _P, f"seconds for features, to {TIMING_RESOLUTION_S} s"),
     Field("train-seconds", _P, f"seconds of training, to {TIMING_RESOLUTION_S} s"),
     Field("privacy-seconds", _P, f"seconds of accounting, to {TIMING_RESOLUTION_S} s"),
@@ -87,7 +89,9 @@ REPLIES = {"train": TRAIN_REPLY, "decline": DECLINE_REPLY, "delivery": DELIVERY_
 _TRAIN = {f.key: f for f in TRAIN_REPLY}
 TIMING_KEYS = ("feature-seconds", "train-seconds", "privacy-seconds", "site-seconds")
 # What a train reply must carry (all public or DP; the server drops a reply without them).
-TRAIN_METRICS = tuple(f.key for f in TRAIN_REPLY if f.privacy is _P)
+# The anchor hash is text: it travels in the reply's status record, not in its metrics.
+TRAIN_STATUS = ("ledger-head",)
+TRAIN_METRICS = tuple(f.key for f in TRAIN_REPLY if f.privacy is _P and f.key not in TRAIN_STATUS)
 
 OK = "ok"
 BUDGET_EXHAUSTED = "budget-exhausted"
@@ -116,7 +120,7 @@ def train_metrics(values: dict[str, float]) -> dict[str, float]:
         ValueError: a key without a privacy class, a forbidden key, or a
             missing public key. This is a bug at the site, never sent.
     """
-    unknown = sorted(set(values) - set(_TRAIN))
+    unknown = sorted(set(values) - set(_TRAIN) | set(values) & set(TRAIN_STATUS))
     if unknown:
         raise ValueError(f"reply field(s) {unknown} have no privacy class in common/protocol.py")
     forbidden = sorted(k for k in values if _TRAIN[k].privacy is _F)

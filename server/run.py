@@ -124,6 +124,7 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
                           min_available_nodes=cfg.min_sites, aggregation=cfg.aggregation,
                           trim_fraction=cfg.trim_fraction, max_update_norm=cfg.max_update_norm,
                           max_site_weight=cfg.max_site_weight)
+    strategy.run_id = run_id
     secagg = None
     if cfg.aggregation == "secagg+":  # the server sees only the masked sum (server/secagg.py)
         from server.secagg import SecAggRound

@@ -60,6 +60,7 @@ class HeadFedAvg(FedAvg):
         self.sites: dict[int, SiteRecord] = {}
         self._node_site: dict[int, int] = {}
         self._global: dict | None = None
+        self.run_id = ""  # stamped on each history row, so a resumed run's rows keep theirs
         self.dropped: list[dict] = []
         # The last accepted head per site (a DP release): the ensemble teacher's members.
         self.site_heads: dict[int, dict] = {}
@@ -129,12 +130,14 @@ class HeadFedAvg(FedAvg):
                 # The site spent ε on this round whether or not its update is used:
                 # book the spend, and why its update was not aggregated.
                 try:
-                    self.record_round(server_round, node, metrics, dropped=problem)
+                    self.record_round(server_round, node, metrics, dropped=problem,
+                                      ledger_head=str((status or {}).get("ledger-head", "")))
                 except (ValueError, TypeError, OverflowError) as exc:  # garbage metrics too
                     log.warning("round %d: node %d's spend could not be booked: %s",
                                 server_round, node, exc)
                 continue
-            self.record_round(server_round, node, metrics, update)
+            self.record_round(server_round, node, metrics, update,
+                              ledger_head=str((status or {}).get("ledger-head", "")))
             kept.append(msg)
         return kept
 
@@ -146,30 +149,38 @@ class HeadFedAvg(FedAvg):
         log.warning("round %d: site %d declined: %s", server_round, site_id, reason)
 
     def record_round(self, server_round: int, node_id: int, metrics, head: dict | None = None,
-                     *, dropped: str | None = None) -> SiteRecord:
-        """Book an accepted reply: the site's ε, mechanism, ledger anchor and
-        coarse timings for the round, and (when the server may see it) its head,
-        an ensemble-teacher member."""
-        site = self._site(node_id, int(metrics.get("site-id", -1)))
-        site.epsilon, site.delta = float(metrics["epsilon"]), float(metrics["delta"])
-        site.dp = bool(metrics["dp"])
-        if head is not None:
-            self.site_heads[site.site_id] = head
-        site.history.append({
+                     *, dropped: str | None = None, ledger_head: str = "") -> SiteRecord:
+        """Book a reply's spend: the site's ε, mechanism, ledger anchor and coarse
+        timings for the round, why its update was dropped (if it was), and (when
+        the server may see it) its head, an ensemble-teacher member.
+
+        Raises:
+            ValueError, TypeError, OverflowError: metrics that are not numbers;
+                nothing is booked.
+        """
+        epsilon, delta = float(metrics["epsilon"]), float(metrics["delta"])
+        row = {
             "round": server_round,
+            "run_id": self.run_id,
             "noise_multiplier": float(metrics["noise-multiplier"]),
             "sample_rate": float(metrics["sample-rate"]),
             "steps": int(metrics["steps"]),
             "num_examples": int(metrics["num-examples"]),
-            "epsilon_after": site.epsilon,
-            "dp": site.dp,
+            "epsilon_after": epsilon,
+            "dp": bool(metrics["dp"]),
             "ledger_entries": int(metrics["ledger-entries"]),
+            "ledger_head": ledger_head,
             "feature_seconds": float(metrics["feature-seconds"]),
             "train_seconds": float(metrics["train-seconds"]),
             "privacy_seconds": float(metrics["privacy-seconds"]),
             "site_seconds": float(metrics["site-seconds"]),
             **({"dropped": dropped} if dropped else {}),
-        })
+        }
+        site = self._site(node_id, int(metrics.get("site-id", -1)))
+        site.epsilon, site.delta, site.dp = epsilon, delta, row["dp"]
+        if head is not None:
+            self.site_heads[site.site_id] = head
+        site.history.append(row)
         return site
 
     def norm_bound(self, metrics) -> float | None:

@@ -23,6 +23,24 @@ def cmd_site_check(args) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_raise_cap(args) -> int:
+    """Record a new cap in the site's ledger: an explicit, logged operator action."""
+    from common.ledger import Ledger
+
+    ledger = Ledger(args.ledger)
+    old = ledger.cap()
+    if old is not None and args.epsilon < old[0] and args.delta == old[1]:
+        print(f"the node config can lower the cap by itself (ε {old[0]:g} is in force); "
+              "nothing recorded")
+        return 1
+    ledger.record_cap(epsilon=args.epsilon, delta=args.delta, reason=args.reason)
+    print(f"{args.ledger}: cap ε={args.epsilon:g} δ={args.delta:g} recorded (was "
+          f"{'none' if old is None else f'ε={old[0]:g} δ={old[1]:g}'}); reason: {args.reason}. "
+          "Set the same target-epsilon / target-delta in the node config; the audit lists "
+          "every raise.")
+    return 0
+
+
 def cmd_deploy_certs(args) -> int:
     from common.certs import make_deployment_keys
 
@@ -56,6 +74,13 @@ def add_site_commands(sub) -> None:
                    "(the node config's class-names)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=cmd_site_check)
+    r = site.add_parser("raise-cap", help="record a new ε cap (or δ) in the site's ledger: the "
+                        "only way to raise it; the audit lists every raise with its reason")
+    r.add_argument("--ledger", required=True, help="the site's ledger (node config ledger-path)")
+    r.add_argument("--epsilon", type=float, required=True, help="the new cap")
+    r.add_argument("--delta", type=float, required=True, help="δ (the same as before, usually)")
+    r.add_argument("--reason", required=True, help="why, for the audit")
+    r.set_defaults(func=cmd_raise_cap)
 
     dp = sub.add_parser("deploy", help="a coordinator's deployment helpers")
     dep = dp.add_subparsers(dest="deploy_command", required=True)

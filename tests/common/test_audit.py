@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -71,9 +72,10 @@ def make_run(run_dir: Path, *, eps: float = 2.0, rounds: int = 2, run_id: str = 
         reply = train_round(cfg, settings, _req(run=run_id, r=r, rounds=rounds), head, data=data)
         head = reply.arrays
         m = reply.metrics
-        history.append({"round": r, "noise_multiplier": m["noise-multiplier"],
+        history.append({"round": r, "run_id": run_id, "noise_multiplier": m["noise-multiplier"],
                         "sample_rate": m["sample-rate"], "steps": m["steps"],
-                        "num_examples": m["num-examples"], "epsilon_after": m["epsilon"]})
+                        "num_examples": m["num-examples"], "epsilon_after": m["epsilon"],
+                        "ledger_entries": m["ledger-entries"], "ledger_head": reply.ledger_head})
     final = evaluate_site(cfg, settings, head, data=data)
     summary = {
         "run_id": run_id, "mode": "federated", "dp": True, "dataset": "synthetic",
@@ -163,11 +165,12 @@ def test_accountant_vectors(sigma, q, steps, prv, rdp):
     # An independent implementation (Google dp-accounting PLD) agrees with PRV.
     assert eps["pld"] == pytest.approx(eps["prv"], abs=0.05)
     assert eps["prv"] < eps["rdp"]
+    assert eps["replace_one"] > 1.5 * eps["pld"]  # the reported relation, beside it
 
 
 def test_heterogeneous_history_prv_and_pld():
     hist = [Mechanism(1.0, 0.01, 5000), Mechanism(2.0, 0.02, 2500)]
-    prv = epsilon(hist, delta=DELTA)
+    prv = epsilon(hist, delta=DELTA, accountant="prv", neighbours="add-remove")
     pld = pld_epsilon(hist, delta=DELTA)
     assert prv == pytest.approx(4.89, abs=0.01)
     assert pld == pytest.approx(4.89, abs=0.01)
@@ -196,12 +199,18 @@ def test_honest_run_has_no_errors_and_recomputes_the_reported_epsilon(honest_run
     assert site.rounds == 2 and site.total_steps == sum(
         h["steps"] for h in summary["sites"]["0"]["history"])
     assert site.cap == 2.0 and site.delta == DELTA and site.dataset_size == 80
-    assert site.epsilon["prv"] == pytest.approx(summary["sites"]["0"]["epsilon"], rel=1e-9)
-    assert abs(site.epsilon["pld"] - site.epsilon["prv"]) < 0.05
+    # The reported relation (replace-one, PLD at the sites' interval) recomputes exactly;
+    # the audit's finer interval agrees within PLD's discretisation.
+    assert site.cumulative[-1]["epsilon"] == pytest.approx(summary["sites"]["0"]["epsilon"],
+                                                          rel=1e-9)
+    assert site.epsilon["replace_one"] == pytest.approx(summary["sites"]["0"]["epsilon"],
+                                                        abs=0.01)
+    assert abs(site.epsilon["pld"] - site.epsilon["prv"]) < 0.05  # add/remove, two ways
     assert site.epsilon["rdp"] > site.epsilon["prv"]
-    assert site.epsilon["prv"] <= 2.0
+    assert site.epsilon["prv"] < site.epsilon["replace_one"] <= 2.0
     assert [p["round"] for p in site.cumulative] == [1, 2]
-    assert site.cumulative[0]["epsilon_prv"] < site.cumulative[1]["epsilon_prv"]
+    assert site.cumulative[0]["epsilon"] < site.cumulative[1]["epsilon"]
+    assert site.chain == "keyed, verified" and site.anchors_matched == 2
     # The site's RNG is not secure and the holdout metrics are not charged: warnings.
     assert {"secure-rng-off", "not-charged"} <= _codes(report, "warning")
     text = format_text(report)
@@ -222,7 +231,7 @@ def test_cli_json_is_machine_readable(honest_run, tmp_path, capsys):
     assert cli_main(["audit", str(honest_run), "--json", "--out", str(tmp_path / "o")]) == 0
     data = json.loads(capsys.readouterr().out)
     site = data["runs"][0]["sites"][0]
-    assert set(site["epsilon"]) == {"prv", "pld", "rdp"}
+    assert set(site["epsilon"]) == {"replace_one", "prv", "pld", "rdp"}
     assert data["counts"]["error"] == 0
 
 
@@ -239,8 +248,8 @@ def test_edited_row_breaks_the_chain_and_fails_the_cli(run_copy, tmp_path, capsy
     con.close()
 
     report = audit([run_copy])
-    assert {"broken-hash-chain", "ledger-summary-mismatch"} <= _codes(report, "error")
-    assert "append-only-triggers-missing" in _codes(report, "warning")
+    assert {"broken-hash-chain", "ledger-summary-mismatch",
+            "append-only-triggers-missing"} <= _codes(report, "error")
     assert not report.runs[0].sites[0].chain_ok
     capsys.readouterr()
     assert cli_main(["audit", str(path), "--out", str(tmp_path / "o")]) == 1
@@ -415,8 +424,8 @@ def test_refusal_is_machine_readable_and_the_audit_confirms_the_cap(run_copy):
     assert Ledger(settings.ledger_path).entries() == before  # nothing trained or recorded
     report = audit([run_copy])
     (site,) = report.runs[0].sites
-    assert site.epsilon["prv"] == pytest.approx(spent, abs=1e-4)
-    assert site.epsilon["prv"] <= cap and "cap-exceeded" not in _codes(report)
+    assert site.cumulative[-1]["epsilon"] == pytest.approx(spent, abs=1e-4)
+    assert site.epsilon["replace_one"] <= cap and "cap-exceeded" not in _codes(report)
 
 
 # -- the HTML report in a real browser ----------------------------------------
@@ -493,3 +502,93 @@ def test_spend_missing_from_the_summary_is_an_error(run_copy):
     (run_copy / "summary.json").write_text(json.dumps(summary))
     report = audit([run_copy])
     assert "site-not-in-summary" in _codes(report, "error")
+
+
+# -- seeded lies: a ledger whose history was rewritten -----------------------
+def _rewrite(path: Path, sql: str, *, key: bytes | None = None) -> None:
+    """What someone with the file (but perhaps not the key) can do: drop the triggers,
+    edit rows, and rebuild the chain with ``key`` (or unkeyed)."""
+    from common.ledger import GENESIS, seal
+
+    con = sqlite3.connect(path)
+    con.execute("DROP TRIGGER entries_no_update")
+    con.execute("DROP TRIGGER entries_no_delete")
+    con.execute(sql)
+    rows = con.execute("SELECT seq FROM entries ORDER BY seq").fetchall()
+    con.commit()
+    con.close()
+    entries = read_ledger(path).entries
+    prev, con = GENESIS, sqlite3.connect(path)
+    for e in entries:
+        fixed = Entry(**{**dataclasses.asdict(e), "prev_hash": prev, "hash": ""})
+        h = fixed.content_hash(key)
+        con.execute("UPDATE entries SET prev_hash=?, hash=? WHERE seq=?", (prev, h, e.seq))
+        prev = h
+    if key is not None:
+        con.execute("INSERT OR REPLACE INTO meta VALUES ('seal', ?)", (seal(key, len(rows), prev),))
+    con.commit()
+    con.close()
+
+
+def _summary_epsilon_to_match(run_dir: Path) -> None:
+    from common.privacy import epsilon as eps_of
+
+    led = read_ledger(run_dir / "sites" / "site-0" / "ledger.sqlite")
+    s = json.loads((run_dir / "summary.json").read_text())
+    s["sites"]["0"]["epsilon"] = eps_of([e.mechanism for e in led.entries], delta=DELTA)
+    for h, e in zip(s["sites"]["0"]["history"], led.entries, strict=True):
+        h["noise_multiplier"] = e.noise_multiplier
+    (run_dir / "summary.json").write_text(json.dumps(s))
+
+
+def test_a_chain_rebuilt_without_the_key_fails(run_copy):
+    path = run_copy / "sites" / "site-0" / "ledger.sqlite"
+    _rewrite(path, "UPDATE entries SET noise_multiplier = noise_multiplier * 2")
+    _summary_epsilon_to_match(run_copy)
+    report = audit([run_copy])
+    assert {"unkeyed-chain", "anchor-mismatch"} <= _codes(report, "error"), format_text(report)
+
+
+def test_a_chain_rebuilt_with_a_new_key_is_caught_by_the_servers_anchors(run_copy):
+    path = run_copy / "sites" / "site-0" / "ledger.sqlite"
+    forged = os.urandom(32)
+    (path.parent / "ledger.sqlite.key").write_bytes(forged)  # the forger's own key
+    _rewrite(path, "UPDATE entries SET noise_multiplier = noise_multiplier * 2", key=forged)
+    _summary_epsilon_to_match(run_copy)
+    report = audit([run_copy])
+    (site,) = report.runs[0].sites
+    assert site.chain == "keyed, verified"  # self-consistent under the forged key...
+    assert "anchor-mismatch" in _codes(report, "error")  # ...but not what the site sent
+    assert site.anchors_matched == 0
+
+
+def test_deleting_the_newest_row_fails_even_for_a_ledger_audited_alone(run_copy):
+    path = run_copy / "sites" / "site-0" / "ledger.sqlite"
+    con = sqlite3.connect(path)
+    con.execute("DROP TRIGGER entries_no_delete")
+    con.execute("DELETE FROM entries WHERE seq = (SELECT MAX(seq) FROM entries)")
+    con.commit()
+    con.close()
+    report = audit([path])  # the ledger file on its own: no summary, no anchors
+    assert {"broken-hash-chain", "append-only-triggers-missing"} <= _codes(report, "error")
+    assert any("seal" in h.message for h in report.all_hazards())
+    assert cli_main(["audit", str(path), "--out", str(run_copy / "audit")]) == 1
+
+
+def test_the_audit_checks_the_cap_the_site_enforced_not_the_servers(run_copy):
+    """The run records say cap 4; the site's ledger recorded 2 at first use and a
+    (seeded) lower cap in force. The site's cap is the one checked."""
+    path = run_copy / "sites" / "site-0" / "ledger.sqlite"
+    s = json.loads((run_copy / "summary.json").read_text())
+    s["privacy"]["target_epsilon"] = 4.0
+    (run_copy / "summary.json").write_text(json.dumps(s))
+    report = audit([run_copy])
+    (site,) = report.runs[0].sites
+    assert site.cap == 2.0 and "cap-differs-from-run-records" in _codes(report, "warning")
+    con = sqlite3.connect(path)
+    con.execute("INSERT INTO caps (epsilon, delta, created_at, reason) VALUES (1.0, ?, 0, 'x')",
+                (DELTA,))
+    con.commit()
+    con.close()
+    report = audit([run_copy])
+    assert "cap-exceeded" in _codes(report, "error")

@@ -58,3 +58,49 @@ def test_restarted_server_resumes_after_the_last_completed_round(tmp_path):
 def test_resume_needs_an_out_dir():
     with pytest.raises(ValueError, match="'resume': needs out-dir"):
         RunConfig(resume=True)
+
+
+def _resumable(tmp_path, **kw) -> RunConfig:
+    # Ledgers under <run>/sites, where the audit finds them.
+    return RunConfig(num_sites=3, min_sites=2, num_rounds=3, backbone="identity",
+                     partitioner="iid", batch_size=32, local_epochs=1, learning_rate=1.0,
+                     distill=False, out_dir=str(tmp_path / "run"),
+                     cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def test_an_honest_resumed_run_passes_the_audit(tmp_path):
+    from common.audit import audit
+    from common.audit_report import format_text
+
+    cfg = _resumable(tmp_path, noise_multiplier=1.0, target_epsilon=20.0)
+    with pytest.raises(ServerDied):
+        run_server(cfg, InProcessGrid(cfg, 1, die_in_train_round=3), run_id="1")
+    run_server(cfg.replace(resume=True), InProcessGrid(cfg, 2), run_id="2")
+    report = audit([tmp_path / "run"])
+    assert not report.has_errors, format_text(report)
+    (run,) = report.runs
+    for site in run.sites:
+        # Rounds 1-2 of run 1 and 3 of run 2 are matched by (run, round); the interrupted
+        # round 3 of run 1 was charged but never recorded: conservative, a warning.
+        assert site.anchors_matched == 3 and site.chain == "keyed, verified"
+        assert [h.code for h in site.hazards if h.severity == "warning"].count(
+            "charged-not-released") == 1
+
+
+def test_a_resume_cannot_raise_the_cap(tmp_path):
+    """Resuming with a larger target-epsilon used to take every site past its
+    original cap. The ledger keeps the cap of its first use: the sites decline."""
+    cfg = _resumable(tmp_path, target_epsilon=4.0)
+    with pytest.raises(ServerDied):
+        run_server(cfg, InProcessGrid(cfg, 1, die_in_train_round=3), run_id="1")
+    raised = cfg.replace(resume=True, target_epsilon=8.0)
+    s = run_server(raised, InProcessGrid(raised, 2), run_id="2")
+    for sid in ("0", "1", "2"):
+        ledger = Ledger(tmp_path / "run" / "sites" / f"site-{sid}" / "ledger.sqlite")
+        assert ledger.cap() == (4.0, 1e-5)
+        assert ledger.epsilon(delta=1e-5) <= 4.0
+        assert s["sites"][sid]["status"] == "policy-declined"
+        assert "raise-cap" in s["sites"][sid]["reason"]
+    # Round 3 was asked of every site, and every site declined it: nothing after the raise.
+    assert [r["sites_aggregated"] for r in s["rounds"]] == [3, 3, 0]
+    assert s["stop_reason"].startswith("stopped")

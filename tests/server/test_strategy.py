@@ -118,9 +118,9 @@ def test_accepted_reply_records_the_sites_epsilon_and_mechanism():
     site = strategy.sites[1]
     assert (site.node_id, site.epsilon, site.delta) == (22, 1.5, 1e-5)
     assert site.history == [{
-        "round": 1, "noise_multiplier": 1.1, "sample_rate": 0.25, "steps": 4,
+        "round": 1, "run_id": "", "noise_multiplier": 1.1, "sample_rate": 0.25, "steps": 4,
         "num_examples": 3, "epsilon_after": 1.5, "dp": True, "ledger_entries": 1,
-        "feature_seconds": 0.01, "train_seconds": 0.2,
+        "ledger_head": "", "feature_seconds": 0.01, "train_seconds": 0.2,
         "privacy_seconds": 0.1, "site_seconds": 0.3}]
 
 
@@ -150,7 +150,10 @@ def test_bad_reply_is_dropped_with_a_logged_reason_and_leaves_the_mean_alone(
     assert strategy.dropped[0]["node_id"] == 33 and strategy.dropped[0]["round"] == 1
     assert reason in strategy.dropped[0]["reason"]
     assert any("node 33" in r.getMessage() and reason in r.getMessage() for r in caplog.records)
-    assert 2 not in strategy.sites  # a dropped reply does not count as the site's spend
+    # The site spent ε on the round all the same: the spend is booked, with why its
+    # update was not used, and its head is no ensemble member.
+    (row,) = strategy.sites[2].history
+    assert reason in row["dropped"] and 2 not in strategy.site_heads
 
 
 def test_error_reply_is_dropped():
