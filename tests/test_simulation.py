@@ -26,7 +26,7 @@ def test_simulation_writes_a_complete_summary(tmp_path):
     # 10 balanced digit classes: even 2 noisy rounds must beat chance by a margin.
     assert s["final"]["auc"] > 0.7
     assert [r["round"] for r in s["rounds"]] == [1, 2]
-    assert s["privacy"]["accountant"] == "prv"
+    assert (s["privacy"]["accountant"], s["privacy"]["neighbours"]) == ("pld", "replace-one")
     assert "one training record at one site" in s["privacy"]["unit"]
     assert sorted(s["sites"]) == ["0", "1", "2"]
     for sid, site in s["sites"].items():
@@ -41,6 +41,8 @@ def test_simulation_writes_a_complete_summary(tmp_path):
         # The reported ε is the ledger's, recomputed from its raw tuples.
         ledger = Ledger(out / "sites" / f"site-{sid}" / "ledger.sqlite")
         assert ledger.verify_chain() == []
+        assert all(e.keyed for e in ledger.entries()) and ledger.cap() == (3.0, 1e-5)
+        assert [h["ledger_entries"] for h in site["history"]] == [1, 2]
         tuples = [Mechanism(h["noise_multiplier"], h["sample_rate"], h["steps"])
                   for h in site["history"]]
         assert site["epsilon"] == pytest.approx(epsilon(tuples, delta=site["delta"]), rel=1e-9)
@@ -57,9 +59,12 @@ def test_simulation_writes_a_complete_summary(tmp_path):
     audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert audit["counts"]["error"] == 0
     for site in audit["runs"][0]["sites"]:
-        assert site["chain_ok"] and site["epsilon"]["prv"] == pytest.approx(
+        assert site["chain_ok"] and site["chain"] == "keyed, verified"
+        assert site["anchors_matched"] == 2
+        assert site["cumulative"][-1]["epsilon"] == pytest.approx(
             s["sites"][site["site"]]["epsilon"], rel=1e-9)
-        assert abs(site["epsilon"]["pld"] - site["epsilon"]["prv"]) < 0.05
+        assert abs(site["epsilon"]["pld"] - site["epsilon"]["prv"]) < 0.05  # add/remove
+        assert site["epsilon"]["replace_one"] > site["epsilon"]["prv"]
 
     # A second run on the same site ledgers, with caps below what run 1 spent:
     # every site declines before training, nothing new is recorded, and the
