@@ -794,19 +794,20 @@ def library_versions() -> dict[str, str]:
 
 def empirical_hazards(result: dict) -> list[Hazard]:
     """Findings of one canary audit (see :func:`common.empirical.audit_run_site`)."""
-    dp, control, site = result["dp"], result["control"], str(result["site"])
+    dp, site = result["dp"], str(result["site"])
     hazards = []
-    if dp["epsilon_claimed"] is not None and dp["epsilon_lower"] > dp["epsilon_claimed"]:
+    if dp["epsilon_lower"] > dp["epsilon_claimed"]:
         hazards.append(Hazard("error", "empirical-exceeds-claimed",
                               f"the canary audit proves ε ≥ {dp['epsilon_lower']:.3f} at "
                               f"{dp['confidence']:.0%} confidence but the accountant claims "
-                              f"ε ≤ {dp['epsilon_claimed']:.3f}: the implementation leaks more "
-                              "than it accounts for", site))
-    if control["epsilon_lower"] < 0.5 * control["ceiling"]:
+                              f"ε ≤ {dp['epsilon_claimed']:.3f} (add/remove): the implementation "
+                              "leaks more than it accounts for", site))
+    if result["power"]["smallest_ratio_caught"] is None:
+        worst = max(result["controls"], key=lambda c: c["epsilon_true"] / c["epsilon_claimed"])
         hazards.append(Hazard("warning", "empirical-audit-weak",
-                              f"without noise the canaries only prove ε ≥ "
-                              f"{control['epsilon_lower']:.3f} (ceiling {control['ceiling']:.3f}): "
-                              "the attack is too weak for the DP result to mean much", site))
+                              f"the canaries did not catch even {worst['label']} (true ε "
+                              f"{worst['epsilon_true']:.3f} against a claim of "
+                              f"{worst['epsilon_claimed']:.3f}): the DP result means little", site))
     return hazards
 
 

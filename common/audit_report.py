@@ -88,18 +88,23 @@ def format_text(report: AuditReport) -> str:
 
 
 def empirical_lines(e: dict) -> list[str]:
-    dp, ctl = e["dp"], e["control"]
-    return [
+    mech, power = e["mechanism"], e["power"]
+    ratio = power["smallest_ratio_caught"]
+    lines = [
         f"empirical audit, site {e['site']} of {e['run']} ({e['records']} records, "
-        f"{dp['m']} canaries):",
-        f"  DP (σ={dp['noise_multiplier']:.3f}, q={dp['sample_rate']:.3g}, {dp['steps']} steps): "
-        f"ε_lower {dp['epsilon_lower']:.3f} ≤ claimed ε {_f(dp['epsilon_claimed'])} "
-        f"(δ={dp['delta']:g}); ceiling for {dp['r']} guesses {dp['ceiling']:.3f}; "
-        f"{dp['v']}/{dp['r']} correct",
-        f"  control, no DP: ε_lower {ctl['epsilon_lower']:.3f} (ceiling {ctl['ceiling']:.3f}; "
-        f"{ctl['v']}/{ctl['r']} correct)",
-        f"  method: {e['method']}",
+        f"{power['canaries']} gradient canaries, {power['seconds']:.1f} s): the site's mechanism "
+        f"σ={mech['noise_multiplier']:.3f}, q={mech['sample_rate']:.4g}, {mech['steps']} steps, "
+        f"clip {mech['clip_norm']:g}, δ={mech['delta']:g} (ε add/remove)",
     ]
+    for run in [e["dp"], *e["controls"]]:
+        verdict = "CAUGHT" if run["caught"] else "not caught"
+        lines.append(f"  {run['label']:<18} σ={run['noise_multiplier']:.3f}: true ε "
+                     f"{run['epsilon_true']:.3f}, claimed {run['epsilon_claimed']:.3f}, proven "
+                     f"ε ≥ {run['epsilon_lower']:.3f} ({run['v']}/{run['r']} right) -> {verdict}")
+    lines.append(f"  power: catches a true/claimed ε ratio of {ratio:.2f} at "
+                 f"{power['confidence']:.0%}" if ratio is not None else
+                 "  power: caught none of the mis-calibrated controls")
+    return lines
 
 
 def to_json(report: AuditReport) -> str:

@@ -9,13 +9,20 @@ paper's Theorem 5.2), which gives a p-value for each ε and so a lower bound
 on ε at a chosen confidence. It is a check that the implementation is sound,
 never a certificate: the lower bound must stay below the claimed upper bound.
 
-Canaries here are crafted inputs for a site's head on its cached features.
-The feature vector is widened by ``m`` coordinates that are zero for every
-real record, and canary ``i`` is the scaled unit vector on coordinate
-``d + i`` with a random label. Its gradient then touches only its own column of
-the head's first layer (a "Dirac" canary), which is the strongest input-space
-canary for this model. Membership is scored white-box, by how much the
-canary's loss fell from the initial to the final head.
+It audits the site's own mechanism: the σ, sample rate, steps and clip norm of
+the site's ledger for the run, with Opacus's real DP-SGD (Poisson sampling,
+per-sample clipping, Gaussian noise) on the site's real cached features.
+Canaries are *gradient* canaries (the paper's white-box setting): canary ``i``
+is a record whose per-sample gradient is a large multiple of the unit vector
+on its own parameter ``c_i`` (an ``nn.Embedding`` row that no real record
+touches), so after clipping it adds exactly ``C`` to ``c_i`` each time it is
+sampled, and the noise adds ``N(0, σ²C²)`` each step. The final ``c_i`` is the
+score: the strongest statistic for this mechanism, with no model in the way.
+
+The non-DP control that always wins is gone. The controls are mis-calibrated
+DP: the same training at σ/2 and σ/4 while claiming the ε of σ. The audit's
+power is the smallest true-to-claimed ε ratio it catches at the confidence
+level, reported with the number of canaries and the time it took.
 """
 
 from __future__ import annotations
@@ -132,110 +139,155 @@ def audit_scores(scores: np.ndarray, included: np.ndarray, *, delta: float,
 
 
 # --------------------------------------------------------------------------
-# Canaries on a head (torch)
+# Gradient canaries on the site's mechanism (torch, Opacus)
 # --------------------------------------------------------------------------
+CONTROL_DIVISORS = (2.0, 4.0)  # the mis-calibrated controls: σ/2 and σ/4 claiming σ's ε
+# PLD's discretisation for the ε of a control: coarse keeps memory bounded at small σ
+# (PRV at σ/32 of a demo site's σ took about 18 GB); pessimistic, so still an upper bound.
+CONTROL_PLD_INTERVAL = 1e-2
+
+
 @dataclass(frozen=True)
-class CanaryRun:
-    dp: bool
-    noise_multiplier: float
+class MechanismRun:
+    """One training run with gradient canaries, and what it proves."""
+
+    label: str
+    noise_multiplier: float  # σ that ran
+    claimed_noise_multiplier: float  # σ whose ε is claimed
     sample_rate: float
     steps: int
-    epsilon_claimed: float | None  # PRV upper bound for this very training run
+    clip_norm: float
     delta: float
+    epsilon_true: float  # add/remove ε of what ran (the canary game adds or removes)
+    epsilon_claimed: float  # add/remove ε of what is claimed
     epsilon_lower: float
     ceiling: float
     r: int
     v: int
     m: int
     confidence: float
-    train_loss: float
+    seconds: float
+
+    @property
+    def caught(self) -> bool:
+        return self.epsilon_lower > self.epsilon_claimed
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "caught": self.caught}
 
 
-def add_canaries(features: np.ndarray, labels: np.ndarray, *, m: int, num_classes: int,
-                 seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Widen features by ``m`` canary coordinates and draw which canaries are in.
+def run_gradient_canaries(features: np.ndarray, labels: np.ndarray, *, num_classes: int,
+                          noise_multiplier: float, sample_rate: float, steps: int,
+                          clip_norm: float, delta: float, m: int = 1000,
+                          learning_rate: float = 1.0, claimed_noise_multiplier: float | None = None,
+                          label: str = "site mechanism", seed: int = 0,
+                          confidence: float = 0.95) -> MechanismRun:
+    """Train once with Opacus at exactly (σ, q, steps, C), with ``m`` gradient
+    canaries each included with probability ½, and bound ε from below.
 
-    Returns ``(train_x, train_y, included, canary_x, canary_y)``.
+    ``claimed_noise_multiplier`` (default: σ) is the σ whose ε the run claims; a
+    smaller σ that runs is a mis-calibrated control.
     """
+    import time
+
+    import torch
+    from opacus import GradSampleModule
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizer
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from common.heads import make_head
+    from common.privacy import ADD_REMOVE, Mechanism, epsilon
+
     if m < 2:
         raise ValueError(f"need at least 2 canaries, got m={m}")
+    claimed = noise_multiplier if claimed_noise_multiplier is None else claimed_noise_multiplier
+    t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    n, d = features.shape
-    scale = float(np.median(np.linalg.norm(features, axis=1))) or 1.0
-    canary_x = np.zeros((m, d + m), dtype=np.float32)
-    canary_x[np.arange(m), d + np.arange(m)] = scale
-    canary_y = rng.integers(0, num_classes, m)
     included = rng.random(m) < 0.5
-    real_x = np.concatenate([features.astype(np.float32), np.zeros((n, m), np.float32)], axis=1)
-    train_x = np.concatenate([real_x, canary_x[included]])
-    train_y = np.concatenate([labels, canary_y[included]])
-    return train_x, train_y, included, canary_x, canary_y
+    n, d = features.shape
+    k = int(included.sum())
+    x = np.concatenate([features.astype(np.float32), np.zeros((k, d), np.float32)])
+    y = np.concatenate([labels.astype(np.int64), np.zeros(k, np.int64)])
+    idx = np.concatenate([np.full(n, m), np.flatnonzero(included)]).astype(np.int64)
+    flag = np.concatenate([np.zeros(n, np.float32), np.ones(k, np.float32)])
 
+    class CanaryModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = make_head("linear", in_dim=d, num_classes=num_classes, seed=seed)
+            self.canary = nn.Embedding(m + 1, 1)  # row m: the real records' (never moved)
+            nn.init.zeros_(self.canary.weight)
 
-def _canary_losses(head, canary_x: np.ndarray, canary_y: np.ndarray) -> np.ndarray:
-    import torch
+        def forward(self, xb, ib):
+            return self.head(xb), self.canary(ib).squeeze(-1)
 
-    with torch.no_grad():
-        head.eval()
-        logits = head(torch.as_tensor(canary_x))
-        loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(canary_y, dtype=torch.long),
-                                                 reduction="none")
-    return loss.numpy().astype(float)
-
-
-def run_canaries(features: np.ndarray, labels: np.ndarray, *, num_classes: int,
-                 noise_multiplier: float, clip_norm: float, batch_size: int, epochs: int,
-                 learning_rate: float, delta: float, m: int = 1000, head: str = "linear",
-                 hidden_dim: int = 128, seed: int = 0, confidence: float = 0.95) -> CanaryRun:
-    """Train a head once with canaries and return ε_lower next to the claimed ε.
-
-    ``noise_multiplier = 0`` is the non-private control: plain SGD, no clipping.
-    """
-    import torch
-    from torch import nn
-
-    from common import training
-    from common.heads import make_head
-    from common.privacy import ADD_REMOVE, dp_plan, epsilon
-
-    train_x, train_y, included, canary_x, canary_y = add_canaries(
-        features, labels, m=m, num_classes=num_classes, seed=seed)
-    model = make_head(head, in_dim=train_x.shape[1], num_classes=num_classes,
-                      hidden_dim=hidden_dim, seed=seed)
-    first = next(mod for mod in model.modules() if isinstance(mod, nn.Linear))
-    d = features.shape[1]
-    with torch.no_grad():
-        first.weight[:, d:] = 0.0  # canary columns start at zero: no signal before training
-    # The same labels on an all-zero input isolate what the bias alone did, so
-    # the score is the canary's own column's effect (white-box).
-    null_x = np.zeros_like(canary_x)
-    before = _canary_losses(model, canary_x, canary_y) - _canary_losses(model, null_x, canary_y)
-    dp = noise_multiplier > 0
-    if dp:
-        res = training.train_dp(model, train_x, train_y, epochs=epochs, batch_size=batch_size,
-                                lr=learning_rate, noise_multiplier=noise_multiplier,
-                                clip_norm=clip_norm, seed=seed)
-        # The one-run test's game adds or removes canaries: compare with add/remove ε.
-        claimed = epsilon(res.mechanisms, delta=delta, neighbours=ADD_REMOVE)
-        q, steps = res.mechanisms[0].sample_rate, sum(x.steps for x in res.mechanisms)
-    else:
-        res = training.train_plain(model, train_x, train_y, epochs=epochs, batch_size=batch_size,
-                                   lr=learning_rate, seed=seed)
-        claimed = None
-        q, steps = dp_plan(len(train_y), batch_size=batch_size, epochs=epochs)[0], res.steps
-    after = _canary_losses(model, canary_x, canary_y) - _canary_losses(model, null_x, canary_y)
-    scores = before - after  # loss drop: higher = "in"
+    torch.manual_seed(seed)
+    model = GradSampleModule(CanaryModel())
+    optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=learning_rate),
+                            noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
+                            expected_batch_size=max(1, round(sample_rate * len(y))),
+                            generator=torch.Generator().manual_seed(seed + 1))
+    data = TensorDataset(torch.as_tensor(x), torch.as_tensor(y), torch.as_tensor(idx),
+                         torch.as_tensor(flag))
+    loader = DPDataLoader(data, sample_rate=sample_rate,
+                          generator=torch.Generator().manual_seed(seed + 2))
+    # A canary's gradient is -scale on its own row: far above the clip norm, so it is
+    # clipped to exactly C, the most one record may move the model.
+    scale = 1e3 * clip_norm
+    done = 0
+    while done < steps:
+        for xb, yb, ib, fb in loader:
+            if done == steps:
+                break
+            optimizer.zero_grad()
+            logits, c = model(xb, ib)
+            ce = nn.functional.cross_entropy(logits, yb, reduction="none") if len(yb) else c
+            loss = ((1 - fb) * ce - fb * scale * c).mean() if len(yb) else c.sum() * 0
+            loss.backward()
+            optimizer.step()
+            done += 1
+    scores = model._module.canary.weight.detach().numpy()[:m, 0].astype(float)
     g = audit_scores(scores, included, delta=delta, confidence=confidence)
-    if claimed is not None and g.epsilon_lower > claimed:
+
+    def eps(sigma: float) -> float:
+        return epsilon([Mechanism(sigma, sample_rate, steps)], delta=delta, accountant="pld",
+                       neighbours=ADD_REMOVE, interval=CONTROL_PLD_INTERVAL)
+
+    run = MechanismRun(label=label, noise_multiplier=noise_multiplier,
+                       claimed_noise_multiplier=claimed, sample_rate=sample_rate, steps=steps,
+                       clip_norm=clip_norm, delta=delta, epsilon_true=eps(noise_multiplier),
+                       epsilon_claimed=eps(claimed), epsilon_lower=g.epsilon_lower,
+                       ceiling=g.ceiling, r=g.r, v=g.v, m=m, confidence=confidence,
+                       seconds=time.perf_counter() - t0)
+    if claimed == noise_multiplier and run.caught:
         log.error("empirical ε_lower %.3f exceeds the claimed upper bound %.3f: a privacy bug",
-                  g.epsilon_lower, claimed)
-    return CanaryRun(dp=dp, noise_multiplier=noise_multiplier, sample_rate=q, steps=steps,
-                     epsilon_claimed=claimed, delta=delta, epsilon_lower=g.epsilon_lower,
-                     ceiling=g.ceiling, r=g.r, v=g.v, m=m, confidence=confidence,
-                     train_loss=res.loss)
+                  run.epsilon_lower, run.epsilon_claimed)
+    return run
+
+
+def audit_mechanism(features: np.ndarray, labels: np.ndarray, *, num_classes: int,
+                    noise_multiplier: float, sample_rate: float, steps: int, clip_norm: float,
+                    delta: float, m: int = 1000, seed: int = 0, confidence: float = 0.95,
+                    divisors: tuple[float, ...] = CONTROL_DIVISORS) -> dict:
+    """The site's mechanism and the mis-calibrated controls, with the audit's power."""
+    common_args = dict(num_classes=num_classes, sample_rate=sample_rate, steps=steps,
+                       clip_norm=clip_norm, delta=delta, m=m, confidence=confidence)
+    honest = run_gradient_canaries(features, labels, noise_multiplier=noise_multiplier,
+                                   seed=seed, **common_args)
+    controls = [run_gradient_canaries(features, labels, noise_multiplier=noise_multiplier / k,
+                                      claimed_noise_multiplier=noise_multiplier,
+                                      label=f"σ/{k:g} claiming σ", seed=seed + 17 * (i + 1),
+                                      **common_args)
+                for i, k in enumerate(divisors)]
+    caught = [c for c in controls if c.caught]
+    ratio = min((c.epsilon_true / c.epsilon_claimed for c in caught), default=None)
+    return {"mechanism": {"noise_multiplier": noise_multiplier, "sample_rate": sample_rate,
+                          "steps": steps, "clip_norm": clip_norm, "delta": delta},
+            "dp": honest.to_dict(), "controls": [c.to_dict() for c in controls],
+            "power": {"smallest_ratio_caught": ratio, "canaries": m, "confidence": confidence,
+                      "seconds": honest.seconds + sum(c.seconds for c in controls)}}
 
 
 # --------------------------------------------------------------------------
@@ -243,15 +295,13 @@ def run_canaries(features: np.ndarray, labels: np.ndarray, *, num_classes: int,
 # --------------------------------------------------------------------------
 def audit_run_site(run_dir, summary: dict, *, site: str | None = None, m: int = 1000,
                    seed: int = 0, confidence: float = 0.95) -> dict:
-    """Canary audit of one site of a run: the DP run and a non-private control.
-
-    The site's real training records (their cached features) are used with the
-    run's σ, clip norm, batch size, learning rate and as many epochs as the
-    whole run gave the site (local epochs × rounds).
-    """
+    """Canary audit of one site of a simulated run: its own mechanism, from its ledger
+    (σ, q, steps and clip norm of the run's entries), on its real training records,
+    next to the σ/2 and σ/4 controls."""
     import tomllib
     from pathlib import Path
 
+    from common.audit import read_ledger
     from common.backbones import get_backbone
     from common.config import parse_config
     from common.data import load_dataset, site_data
@@ -273,7 +323,17 @@ def audit_run_site(run_dir, summary: dict, *, site: str | None = None, m: int = 
     if site not in sites:
         raise ValueError(f"site {site!r} did not train in {run_dir}; sites that did: "
                          f"{', '.join(sorted(sites))}")
-    sigma = float(sites[site]["history"][-1]["noise_multiplier"])
+    ledger = run_dir / "sites" / f"site-{site}" / "ledger.sqlite"
+    run_ids = {str(h.get("run_id") or summary.get("run_id")) for h in sites[site]["history"]}
+    entries = [e for e in read_ledger(ledger).entries if e.run_id in run_ids] \
+        if ledger.is_file() else []
+    if not entries:
+        raise ValueError(f"site {site} has no ledger entries for this run at {ledger}: the "
+                         "empirical audit audits the mechanism the ledger recorded")
+    if len({(e.noise_multiplier, e.sample_rate, e.clip_norm) for e in entries}) > 1:
+        raise ValueError(f"site {site}'s entries for this run mix (σ, q, clip) values; the "
+                         "one-run audit needs one mechanism")
+    e0 = entries[0]
     splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
     data = site_data(splits, site_id=int(site), num_sites=cfg.num_sites,
                      partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
@@ -281,18 +341,19 @@ def audit_run_site(run_dir, summary: dict, *, site: str | None = None, m: int = 
     feats = cached_features(get_backbone(cfg.backbone, cfg.image_size), data.train_x,
                             cache_dir=cfg.cache_dir, device=resolve_device(cfg.device),
                             data_fingerprint=data.fingerprint + ":train").features
-    common_args = dict(num_classes=data.num_classes, clip_norm=cfg.clip_norm,
-                       batch_size=cfg.batch_size, epochs=cfg.local_epochs * cfg.num_rounds,
-                       learning_rate=cfg.learning_rate, delta=cfg.target_delta, m=m,
-                       head=cfg.head, hidden_dim=cfg.hidden_dim, seed=seed, confidence=confidence)
-    log.info("empirical audit of site %s: %d records, %d canaries, σ=%.3f", site, len(feats), m,
-             sigma)
-    private = run_canaries(feats, data.train_y, noise_multiplier=sigma, **common_args)
-    control = run_canaries(feats, data.train_y, noise_multiplier=0.0, **common_args)
+    steps = sum(e.steps for e in entries)
+    log.info("empirical audit of site %s: %d records, %d canaries, σ=%.3f, q=%.4f, %d steps",
+             site, len(feats), m, e0.noise_multiplier, e0.sample_rate, steps)
+    result = audit_mechanism(feats, data.train_y, num_classes=data.num_classes,
+                             noise_multiplier=e0.noise_multiplier, sample_rate=e0.sample_rate,
+                             steps=steps, clip_norm=e0.clip_norm, delta=e0.delta, m=m,
+                             seed=seed, confidence=confidence)
     return {"run": str(run_dir), "site": site, "records": int(len(feats)),
-            "site_epsilon": sites[site].get("epsilon"), "dp": private.to_dict(),
-            "control": control.to_dict(),
-            "method": ("Steinke, Nasr & Jagielski 2023, one training run: m canaries each "
-                       "included with probability 1/2, white-box loss-drop scores, guesses on the "
-                       f"top/bottom k for k fixed in advance (Bonferroni over {len(GUESS_FRACTIONS)} "
-                       f"sizes), {confidence:.0%} confidence. A lower bound, not a certificate.")}
+            "site_epsilon": sites[site].get("epsilon"), **result,
+            "method": ("Steinke, Nasr & Jagielski 2023, one training run, white-box gradient "
+                       "canaries: m canaries each included with probability 1/2, each moving only "
+                       "its own parameter by the clip norm when sampled, scored by that parameter; "
+                       "guesses on the top/bottom k for k fixed in advance (Bonferroni over "
+                       f"{len(GUESS_FRACTIONS)} sizes), {confidence:.0%} confidence. Controls: σ/2 "
+                       "and σ/4 while claiming σ's ε. A lower bound, not a certificate; ε here is "
+                       "for add/remove neighbours, the canary game's relation.")}

@@ -448,10 +448,25 @@ def test_report_renders_with_its_plots_in_headless_chromium(honest_run, tmp_path
     (baseline / "summary.json").write_text(json.dumps(s_nodp))
     out = tmp_path / "report"
     assert cli_main(["audit", str(honest_run), str(baseline), "--out", str(out)]) == 0
+    # The same report with an empirical audit of the site's mechanism (synthetic
+    # features, the run's σ and q), so the page shows its power too.
+    from common.audit_report import write_report
+    from common.empirical import audit_mechanism
+
+    report = audit([honest_run, baseline])
+    rng = np.random.default_rng(0)
+    mech = audit_mechanism(rng.normal(size=(200, 6)).astype(np.float32), rng.integers(0, 2, 200),
+                           num_classes=2, noise_multiplier=1.0, sample_rate=0.2, steps=10,
+                           clip_norm=1.0, delta=DELTA, m=200, seed=0)
+    report.empirical.append({"run": str(honest_run), "site": "0", "records": 200, **mech})
+    write_report(report, out)
     page = (out / "report.html").read_text()
     imgs = re.findall(r"<img alt='([^']*)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'>", page)
     assert {"privacy-utility plot", "cumulative epsilon, run"} <= {alt for alt, _ in imgs}
     assert "one training record at one site" in page and "Trust model" in page
+    # Both neighbour relations, the anchors matched, the empirical audit's power.
+    assert "ε replace-one" in page and "ε add/rm PRV" in page and "<th>anchors</th>" in page
+    assert "σ/4 claiming σ" in page and "power:" in page
 
     shot = tmp_path / "shot.png"
     profile = tmp_path / "profile"

@@ -9,8 +9,8 @@ import pytest
 from scipy import stats
 
 from common.audit import empirical_hazards
-from common.empirical import (audit_scores, count_guesses, epsilon_lower_bound, p_value,
-                              run_canaries)
+from common.empirical import (audit_mechanism, audit_scores, count_guesses, epsilon_lower_bound,
+                              p_value, run_gradient_canaries)
 
 
 def test_p_value_reduces_to_a_binomial_tail():
@@ -63,48 +63,80 @@ def _features(n=300, d=8, seed=0):
     return x, y
 
 
-@pytest.mark.parametrize("sigma", [0.6, 1.5])
-def test_lower_bound_never_exceeds_the_claimed_upper_bound(sigma):
+@pytest.mark.parametrize("sigma", [0.8, 2.0])
+def test_an_honest_mechanism_is_never_caught(sigma):
     x, y = _features()
-    run = run_canaries(x, y, num_classes=3, noise_multiplier=sigma, clip_norm=1.0, batch_size=32,
-                       epochs=3, learning_rate=1.0, delta=1e-5, m=400, seed=3)
-    assert run.dp and run.epsilon_claimed is not None
-    assert 0.0 <= run.epsilon_lower <= run.epsilon_claimed
-    assert run.epsilon_lower <= run.ceiling
+    run = run_gradient_canaries(x, y, num_classes=3, noise_multiplier=sigma, sample_rate=0.2,
+                                steps=20, clip_norm=1.0, delta=1e-5, m=400, seed=3)
+    assert run.epsilon_claimed == run.epsilon_true > 0
+    assert 0.0 <= run.epsilon_lower <= run.epsilon_claimed and not run.caught
+    assert run.epsilon_lower <= run.ceiling and run.steps == 20 and run.sample_rate == 0.2
 
 
-def test_control_without_noise_detects_the_leak():
+def test_mis_calibrated_controls_are_caught_and_power_is_reported():
+    """σ/4 while claiming σ's ε is a lie the gradient canaries must catch; the
+    audit reports the smallest true/claimed ratio it caught."""
     x, y = _features()
-    run = run_canaries(x, y, num_classes=3, noise_multiplier=0.0, clip_norm=1.0, batch_size=32,
-                       epochs=3, learning_rate=1.0, delta=1e-5, m=400, seed=3)
-    assert not run.dp and run.epsilon_claimed is None
-    assert run.v == run.r and run.epsilon_lower == pytest.approx(run.ceiling) and run.ceiling > 3
+    # One-run audits are weak: with m canaries they cannot prove more than their ceiling
+    # (about 4.7 for m = 1000). 4000 canaries catch σ/4 here (true ε 24.5 against a
+    # claim of 2.2); σ/2 (6.6) is beyond them.
+    result = audit_mechanism(x, y, num_classes=3, noise_multiplier=2.0, sample_rate=0.2,
+                             steps=20, clip_norm=1.0, delta=1e-5, m=4000, seed=1)
+    honest, (half, quarter) = result["dp"], result["controls"]
+    assert not honest["caught"] and quarter["caught"]
+    assert quarter["epsilon_true"] > 2 * quarter["epsilon_claimed"]
+    ratio = result["power"]["smallest_ratio_caught"]
+    assert ratio is not None and ratio <= quarter["epsilon_true"] / quarter["epsilon_claimed"]
+    assert result["power"]["canaries"] == 4000 and result["power"]["seconds"] > 0
+    assert empirical_hazards({"site": "0", **result}) == []
 
 
 def test_empirical_hazards():
-    base = {"epsilon_lower": 0.2, "epsilon_claimed": 2.0, "confidence": 0.95, "ceiling": 4.0}
-    ok = {"site": "0", "dp": base, "control": {**base, "epsilon_lower": 4.0}}
+    base = {"epsilon_lower": 0.2, "epsilon_claimed": 2.0, "epsilon_true": 2.0,
+            "confidence": 0.95, "label": "site mechanism", "caught": False}
+    control = {**base, "label": "σ/4 claiming σ", "epsilon_true": 9.0, "epsilon_lower": 4.0,
+               "caught": True}
+    ok = {"site": "0", "dp": base, "controls": [control],
+          "power": {"smallest_ratio_caught": 4.5}}
     assert empirical_hazards(ok) == []
-    bad = {**ok, "dp": {**base, "epsilon_lower": 2.5}, "control": {**base, "epsilon_lower": 0.1}}
+    bad = {**ok, "dp": {**base, "epsilon_lower": 2.5},
+           "controls": [{**control, "epsilon_lower": 0.1, "caught": False}],
+           "power": {"smallest_ratio_caught": None}}
     assert {(h.severity, h.code) for h in empirical_hazards(bad)} == {
         ("error", "empirical-exceeds-claimed"), ("warning", "empirical-audit-weak")}
 
 
-def test_audit_run_site_on_a_run_directory(tmp_path):
-    """The run's own config (digits, identity features) and the σ its site used."""
+def test_audit_run_site_audits_the_mechanism_in_the_sites_ledger(tmp_path):
+    """The run's own config (digits, identity features) and the σ, q, steps and clip
+    norm that the site's ledger recorded for the run."""
+    from client.policy import scenario_policy
+    from client.site import train_round
     from common.config import RunConfig
     from common.empirical import audit_run_site
+    from common.heads import head_state, make_head
+    from common.protocol import RoundRequest
 
     cfg = RunConfig(dataset="digits", backbone="identity", num_sites=2, local_epochs=1,
-                    num_rounds=2, batch_size=32, cache_dir=str(tmp_path / "cache"))
+                    num_rounds=2, batch_size=32, noise_multiplier=1.5,
+                    out_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"))
     (tmp_path / "config.toml").write_text(cfg.to_toml())
-    summary = {"sites": {"1": {"epsilon": 3.0, "history": [{"noise_multiplier": 1.1}]},
-                         "0": {"history": []}}}
+    settings = scenario_policy(cfg, {"partition-id": 1})
+    head = head_state(make_head("linear", in_dim=64, num_classes=10))
+    history = []
+    for r in (1, 2):
+        req = RoundRequest(run_id="7", server_round=r, num_rounds=2, local_epochs=1,
+                           batch_size=32, learning_rate=0.5, momentum=0.0, clip_norm=1.0,
+                           noise_multiplier=1.5)
+        reply = train_round(cfg, settings, req, head)
+        history.append({"round": r, "run_id": "7"})
+    summary = {"run_id": "7", "sites": {"1": {"epsilon": reply.metrics["epsilon"],
+                                              "history": history}, "0": {"history": []}}}
     result = audit_run_site(tmp_path, summary, m=200, seed=1)
     assert result["site"] == "1" and result["records"] > 100
-    dp, control = result["dp"], result["control"]
-    assert dp["noise_multiplier"] == 1.1 and dp["steps"] > 0
-    assert dp["epsilon_lower"] <= dp["epsilon_claimed"]
-    assert control["epsilon_lower"] > dp["epsilon_lower"]
+    mech = result["mechanism"]
+    assert mech["noise_multiplier"] == 1.5 and mech["clip_norm"] == 1.0
+    assert mech["steps"] == 2 * reply.metrics["steps"]
+    assert mech["sample_rate"] == reply.metrics["sample-rate"]
+    assert not result["dp"]["caught"] and len(result["controls"]) == 2
     with pytest.raises(ValueError, match="did not train"):
         audit_run_site(tmp_path, summary, site="0", m=200)
