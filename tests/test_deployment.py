@@ -90,7 +90,9 @@ def test_tls_authenticated_federation_of_three_sites(tmp_path):
 
 def test_site_killed_mid_round_then_rejoins(tmp_path):
     out = tmp_path / "run"
-    run = RUN.format(out=out, cache=tmp_path / "server-cache", timeout=30.0).replace(
+    # 60 s per round: a slow but live site (a cold ClientApp process on a loaded 2-core
+    # machine takes 15-25 s) must not be mistaken for the killed one.
+    run = RUN.format(out=out, cache=tmp_path / "server-cache", timeout=60.0).replace(
         "num-rounds=3", "num-rounds=5")
     with Loopback(tmp_path) as fed:
         fed.start_federation()
