@@ -747,8 +747,8 @@ def released_values(site: str, ssite: dict, declared: dict | None) -> tuple[list
         if f["class"] == "forbidden":
             continue
         key = f["field"].replace("-", "_")
-        value = {"arrays": "head (DP-SGD)", "site_id": site,
-                 "epsilon": ssite.get("epsilon")}.get(key, last.get(key))
+        value = {"arrays": "head (DP-SGD)", "site_id": site, "epsilon": ssite.get("epsilon"),
+                 "delta": ssite.get("delta")}.get(key, last.get(key))
         rows.append({"field": f["field"], "class": f["class"], "value": value})
     return rows, hz
 
