@@ -139,6 +139,8 @@ def check_site(spec: str, plan: Plan, *, ledger: str | Path | None = None,
             prior = Ledger(ledger).history()
         n_train = n - max(1, int(round(n * plan.holdout)))
         estimate = estimate_epsilon(n_train, plan, prior)
+        if not estimate.fits:  # a site that would decline rounds is not ready to join
+            errors.append(f"the planned run does not fit: {estimate.note}")
     return SiteReport(spec=spec, kind=s.kind, num_records=n, classes=list(s.classes),
                       counts=s.counts, image_sizes=dict(s.image_sizes),
                       corrupt=[{"file": f, "reason": why} for f, why in s.corrupt],

@@ -249,6 +249,7 @@ def scan_csv(path: str | Path, *, label: str = "label", missing: str = "error",
     feature_cols = [i for i, h in enumerate(header) if h not in drop]
     li = header.index(label)
     corrupt, labels, feats = [], [], []
+    non_numeric: dict[str, tuple[tuple[int, str] | None, int]] = {}  # column -> (first, rows)
     for lineno, row in enumerate(rows[1:], start=2):
         if not row or all(not c.strip() for c in row):
             continue
@@ -258,11 +259,18 @@ def scan_csv(path: str | Path, *, label: str = "label", missing: str = "error",
         try:
             values = [_number(row[i]) for i in feature_cols]
         except ValueError:
-            bad = [header[i] for i in feature_cols if not _is_number(row[i])]
-            corrupt.append((f"{path.name}:{lineno}", f"non-numeric value in {', '.join(bad)}"))
+            for i in feature_cols:
+                if not _is_number(row[i]):
+                    first, count = non_numeric.get(header[i], (None, 0))
+                    non_numeric[header[i]] = (first or (lineno, row[i].strip()), count + 1)
             continue
         labels.append(row[li].strip())
         feats.append(values)
+    for col, ((line, text), count) in non_numeric.items():
+        corrupt.append((f"{path.name}:{line}" if count == 1 else f"{path.name} column '{col}'",
+                        f"non-numeric value in {col}" if count == 1 else
+                        f"non-numeric values in {count} rows (first at line {line}: {text!r}); "
+                        "feature columns must be numbers"))
     x = np.array(feats, dtype=np.float64).reshape(len(feats), len(feature_cols))
     bad_cells = ~np.isfinite(x)
     nan_features = {header[c]: int(n) for c, n in zip(feature_cols, bad_cells.sum(0), strict=True)

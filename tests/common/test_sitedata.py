@@ -168,3 +168,22 @@ def test_site_check_command_exit_status_and_json(tmp_path, capsys):
     assert main(["site", "check", "--data", str(root), "--json"]) == 1
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] is False and doc["corrupt"][0]["file"] == "0/img1.png"
+
+
+def test_a_non_numeric_column_is_named_once_not_row_by_row(tmp_path):
+    path = tmp_path / "labs.csv"
+    path.write_text("age,ward,label\n" + "".join(f"{40 + i},north,{i % 2}\n" for i in range(50)))
+    s = scan(f"csv:{path}")
+    assert s.corrupt == [("labs.csv column 'ward'",
+                          "non-numeric values in 50 rows (first at line 2: 'north'); feature "
+                          "columns must be numbers")]
+
+
+def test_site_check_fails_when_the_planned_rounds_would_be_refused(tmp_path, capsys):
+    root = _folder(tmp_path / "site", per_class=10)
+    # A tiny cap with a fixed σ: the plan does not fit, so rounds would be declined.
+    assert main(["site", "check", "--data", f"imagefolder:{root}", "--cap", "0.1",
+                 "--batch-size", "8", "--rounds", "5", "--noise-multiplier", "0.5"]) == 1
+    out = capsys.readouterr().out
+    assert "NOT READY" in out and "does not fit" in out and "ready to join" not in out.replace(
+        "NOT READY", "")
