@@ -17,6 +17,7 @@ coordinator choose the site's cap, ledger and data.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import tomllib
@@ -26,6 +27,8 @@ from pathlib import Path
 from common.config import RunConfig
 from common.protocol import RoundRequest
 from common.privacy import dp_plan
+
+log = logging.getLogger(__name__)
 
 
 class SiteConfigError(ValueError):
@@ -131,9 +134,12 @@ def _read_policy_file(path: str) -> dict:
         with p.open("rb") as fh:
             data = tomllib.load(fh)
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise SiteConfigError(f"policy-file {p}: cannot read it ({exc})") from exc
+        # The site's log has the path (the exception chain); the server gets no path.
+        log.warning("policy-file %s: %s", p, exc)
+        raise SiteConfigError(f"the site's policy-file cannot be read ({type(exc).__name__})") \
+            from exc
     if "policy-file" in data:
-        raise SiteConfigError(f"policy-file {p}: may not name another policy-file")
+        raise SiteConfigError("the site's policy-file may not name another policy-file")
     return data
 
 

@@ -128,8 +128,8 @@ def check_cap(ledger: Ledger, settings: SiteSettings) -> None:
         raise PolicyDeclined(
             f"the cap in force (ε={settings.target_epsilon:g}, δ={settings.target_delta:g}) differs "
             f"from the one this site's ledger recorded (ε={cap:g}, δ={delta:g}); raising a cap or "
-            "changing δ is an explicit site action: fedtransfer site raise-cap --ledger "
-            f"{settings.ledger_path} --epsilon ... --reason '...'")
+            "changing δ is an explicit site action: fedtransfer site raise-cap --ledger <the "
+            "site's ledger> --epsilon ... --reason '...'")
 
 
 def plan_noise(req: RoundRequest, settings: SiteSettings, ledger: Ledger,
@@ -220,6 +220,7 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
     log.info("site %d round %d (kept here): train loss %.4f, features %.2f s (cache %s)",
              settings.site_id, req.server_round, result.loss, feats.seconds,
              "hit" if feats.hit else "miss")
+    anchor = ledger.head() if ledger is not None else (0, "")
     metrics = protocol.train_metrics({
         "site-id": settings.site_id,
         "num-examples": n,
@@ -229,14 +230,14 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
         "noise-multiplier": mech.noise_multiplier if mech is not None else 0.0,
         "sample-rate": result.mechanisms[0].sample_rate if result.mechanisms else 0.0,
         "steps": result.steps,
-        "ledger-entries": ledger.count() if ledger is not None else 0,
+        "ledger-entries": anchor[0],
         "feature-seconds": feats.seconds,
         "train-seconds": result.seconds,
         "privacy-seconds": privacy_seconds,
         "site-seconds": time.perf_counter() - t_start,
     })
-    anchor = ledger.head()[1] if ledger is not None else ""
-    return SiteReply(arrays=head_state(head), num_examples=n, metrics=metrics, ledger_head=anchor)
+    return SiteReply(arrays=head_state(head), num_examples=n, metrics=metrics,
+                     ledger_head=anchor[1])
 
 
 def commit_spend(ledger: Ledger, settings: SiteSettings, req: RoundRequest,

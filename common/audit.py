@@ -835,7 +835,9 @@ def audit(paths: Sequence[str | Path], *, empirical: bool = False, site: str | N
             raise ValueError("--empirical needs at least one federated DP run directory "
                              "(with summary.json and config.toml)")
         for src in targets:
-            result = audit_run_site(src.path, src.summary, site=site, m=canaries, seed=seed)
+            entries = {sid: read_ledger(p).entries for sid, p in src.ledgers.items()}
+            result = audit_run_site(src.path, src.summary, entries, site=site, m=canaries,
+                                    seed=seed)
             report.empirical.append(result)
             report.hazards += empirical_hazards(result)
     return report

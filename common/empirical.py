@@ -293,15 +293,15 @@ def audit_mechanism(features: np.ndarray, labels: np.ndarray, *, num_classes: in
 # --------------------------------------------------------------------------
 # On a run directory
 # --------------------------------------------------------------------------
-def audit_run_site(run_dir, summary: dict, *, site: str | None = None, m: int = 1000,
-                   seed: int = 0, confidence: float = 0.95) -> dict:
+def audit_run_site(run_dir, summary: dict, ledgers: dict, *, site: str | None = None,
+                   m: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict:
     """Canary audit of one site of a simulated run: its own mechanism, from its ledger
     (σ, q, steps and clip norm of the run's entries), on its real training records,
-    next to the σ/2 and σ/4 controls."""
+    next to the σ/2 and σ/4 controls. ``ledgers`` maps site id to that site's
+    ledger entries (as the audit read them)."""
     import tomllib
     from pathlib import Path
 
-    from common.audit import read_ledger
     from common.backbones import get_backbone
     from common.config import parse_config
     from common.data import load_dataset, site_data
@@ -323,12 +323,10 @@ def audit_run_site(run_dir, summary: dict, *, site: str | None = None, m: int = 
     if site not in sites:
         raise ValueError(f"site {site!r} did not train in {run_dir}; sites that did: "
                          f"{', '.join(sorted(sites))}")
-    ledger = run_dir / "sites" / f"site-{site}" / "ledger.sqlite"
     run_ids = {str(h.get("run_id") or summary.get("run_id")) for h in sites[site]["history"]}
-    entries = [e for e in read_ledger(ledger).entries if e.run_id in run_ids] \
-        if ledger.is_file() else []
+    entries = [e for e in ledgers.get(site, []) if e.run_id in run_ids]
     if not entries:
-        raise ValueError(f"site {site} has no ledger entries for this run at {ledger}: the "
+        raise ValueError(f"site {site} has no ledger entries for this run under {run_dir}: the "
                          "empirical audit audits the mechanism the ledger recorded")
     if len({(e.noise_multiplier, e.sample_rate, e.clip_norm) for e in entries}) > 1:
         raise ValueError(f"site {site}'s entries for this run mix (σ, q, clip) values; the "

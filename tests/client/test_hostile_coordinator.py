@@ -303,3 +303,10 @@ def test_the_head_that_leaves_is_the_dp_head(tmp_path):
     entry = Ledger(node["ledger-path"]).entries()[-1]
     assert entry.noise_multiplier >= 0.3 and entry.sampler == "poisson"
     assert reply.content.metric_records["metrics"]["ledger-entries"] == 1
+
+
+def test_a_missing_policy_file_is_named_without_the_sites_paths(tmp_path):
+    missing = tmp_path / "secret-dir" / "policy.toml"
+    status = _status(_train({"data-path": "medmnist:/nowhere.npz", "policy-file": str(missing)}))
+    assert status["status"] == protocol.SITE_CONFIG_ERROR
+    assert "policy-file cannot be read" in status["reason"] and "secret-dir" not in status["reason"]

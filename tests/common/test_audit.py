@@ -497,15 +497,20 @@ def test_render_html_without_plots_when_nothing_to_plot(tmp_path):
     assert replace(report, hazards=[]).has_errors is False
 
 
+def _sql(path: Path, *statements: str) -> None:
+    """Edit a ledger behind its triggers' back, as someone with the file can."""
+    con = sqlite3.connect(path)
+    for sql in statements:
+        con.execute(sql)
+    con.commit()
+    con.close()
+
+
 def test_an_impossible_sigma_is_a_named_error_not_a_crash(run_copy):
     """A ledger edited behind the triggers' back to σ = 0: the audit names the entry
     and exits 1 (it used to crash with exit 2)."""
-    path = run_copy / "sites" / "site-0" / "ledger.sqlite"
-    con = sqlite3.connect(path)
-    con.execute("DROP TRIGGER entries_no_update")
-    con.execute("UPDATE entries SET noise_multiplier = 0 WHERE seq = 1")
-    con.commit()
-    con.close()
+    _sql(run_copy / "sites" / "site-0" / "ledger.sqlite", "DROP TRIGGER entries_no_update",
+         "UPDATE entries SET noise_multiplier = 0 WHERE seq = 1")
     report = audit([run_copy])
     assert "impossible-mechanism" in _codes(report, "error")
     assert cli_main(["audit", str(run_copy), "--out", str(run_copy / "audit")]) == 1
@@ -579,11 +584,8 @@ def test_a_chain_rebuilt_with_a_new_key_is_caught_by_the_servers_anchors(run_cop
 
 def test_deleting_the_newest_row_fails_even_for_a_ledger_audited_alone(run_copy):
     path = run_copy / "sites" / "site-0" / "ledger.sqlite"
-    con = sqlite3.connect(path)
-    con.execute("DROP TRIGGER entries_no_delete")
-    con.execute("DELETE FROM entries WHERE seq = (SELECT MAX(seq) FROM entries)")
-    con.commit()
-    con.close()
+    _sql(path, "DROP TRIGGER entries_no_delete",
+         "DELETE FROM entries WHERE seq = (SELECT MAX(seq) FROM entries)")
     report = audit([path])  # the ledger file on its own: no summary, no anchors
     assert {"broken-hash-chain", "append-only-triggers-missing"} <= _codes(report, "error")
     assert any("seal" in h.message for h in report.all_hazards())

@@ -84,6 +84,7 @@ def test_mis_calibrated_controls_are_caught_and_power_is_reported():
                              steps=20, clip_norm=1.0, delta=1e-5, m=4000, seed=1)
     honest, (half, quarter) = result["dp"], result["controls"]
     assert not honest["caught"] and quarter["caught"]
+    assert half["epsilon_claimed"] < half["epsilon_true"] < quarter["epsilon_true"]
     assert quarter["epsilon_true"] > 2 * quarter["epsilon_claimed"]
     ratio = result["power"]["smallest_ratio_caught"]
     assert ratio is not None and ratio <= quarter["epsilon_true"] / quarter["epsilon_claimed"]
@@ -131,7 +132,10 @@ def test_audit_run_site_audits_the_mechanism_in_the_sites_ledger(tmp_path):
         history.append({"round": r, "run_id": "7"})
     summary = {"run_id": "7", "sites": {"1": {"epsilon": reply.metrics["epsilon"],
                                               "history": history}, "0": {"history": []}}}
-    result = audit_run_site(tmp_path, summary, m=200, seed=1)
+    from common.audit import read_ledger
+
+    ledgers = {"1": read_ledger(tmp_path / "sites" / "site-1" / "ledger.sqlite").entries}
+    result = audit_run_site(tmp_path, summary, ledgers, m=200, seed=1)
     assert result["site"] == "1" and result["records"] > 100
     mech = result["mechanism"]
     assert mech["noise_multiplier"] == 1.5 and mech["clip_norm"] == 1.0
@@ -139,4 +143,4 @@ def test_audit_run_site_audits_the_mechanism_in_the_sites_ledger(tmp_path):
     assert mech["sample_rate"] == reply.metrics["sample-rate"]
     assert not result["dp"]["caught"] and len(result["controls"]) == 2
     with pytest.raises(ValueError, match="did not train"):
-        audit_run_site(tmp_path, summary, site="0", m=200)
+        audit_run_site(tmp_path, summary, ledgers, site="0", m=200)
