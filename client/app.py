@@ -1,7 +1,8 @@
 """Flower ClientApp: unpack the message, call :mod:`client.site`, pack the reply.
 
-Two messages: ``train`` and ``query.deliver`` (save the final head and
-student). The site evaluates the heads it receives on its holdout for its own
+Three messages: ``query.scaling`` (before round 1, only for ``dp``-scaled
+features: the site's DP sums), ``train`` and ``query.deliver`` (save the final
+head and student). The site evaluates the heads it receives on its holdout for its own
 log only; every reply is built from :mod:`common.protocol`, which declares the
 privacy class of each field that leaves the site.
 With ``aggregation = "secagg+"`` a round is Flower's four SecAgg+ messages;
@@ -14,21 +15,50 @@ from __future__ import annotations
 import json
 import logging
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
+from flwr.compat.common.recorddict_compat import (
+    fitres_to_recorddict,
+    recorddict_to_fitins,
+)
 
-from client.policy import (PolicyDeclined, RequestRejected, SiteConfigError, SiteSettings,
-                           in_flower_simulation, site_settings)
-from client.site import BudgetExhausted, evaluate_site, save_delivery, train_round
+from client.policy import (
+    PolicyDeclined,
+    RequestRejected,
+    SiteConfigError,
+    SiteSettings,
+    in_flower_simulation,
+    site_settings,
+)
+from client.site import (
+    BudgetExhausted,
+    evaluate_site,
+    save_delivery,
+    scaling_release,
+    train_round,
+)
 from common import protocol
 from common.config import RunConfig, parse_config
 from common.flowerlog import log_through_flower
-from common.protocol import (HEAD_KEYS, declined_text, from_array_record, head_from_parameters,
-                             head_to_parameters, parse_request, to_array_record)
+from common.protocol import (
+    HEAD_KEYS,
+    declined_text,
+    from_array_record,
+    head_from_parameters,
+    head_to_parameters,
+    parse_request,
+    to_array_record,
+)
 from common.sitedata import SiteDataError
 
 log = logging.getLogger(__name__)
@@ -145,12 +175,37 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
                                   from_array_record(student) if student is not None else None)
         try:
             log.info("site %d: the delivered head on its holdout (kept here): %s",
-                     settings.site_id, evaluate_site(cfg, settings, head))
+                     settings.site_id, evaluate_site(cfg, settings, head,
+                                                     card_schema=card.get("schema")))
         except ValueError as exc:  # SiteDataError, a head that does not fit
             log.warning("site %d saved the delivery but could not evaluate it: %s",
                         settings.site_id, exc)
         reply = ConfigRecord({"status": "saved", "site-id": settings.site_id, "sha256": digest})
         return Message(content=RecordDict({"delivery": reply}), reply_to=msg)
+
+    @app.query("scaling")
+    def scaling(msg: Message, context: Context) -> Message:
+        """DP feature scaling before round 1 (``query.scaling``): the site's noisy
+        clipped sums, charged to its ledger first (:func:`client.site.scaling_release`)."""
+        site_id = int(context.node_config.get("partition-id", context.node_config.get("site-id", -1)))
+        try:
+            cfg, settings = setup(context)
+            site_id = settings.site_id
+            try:
+                req = parse_request(msg.content.config_records["config"], str(context.run_id))
+            except (ValueError, KeyError) as exc:
+                raise RequestRejected(f"request rejected by site: {exc}") from exc
+            sums, metrics, anchor = scaling_release(cfg, settings, req)
+        except (BudgetExhausted, RequestRejected, PolicyDeclined, SiteDataError,
+                SiteConfigError) as exc:
+            status, reason = _decline(exc, site_id)
+            log.warning("site %d declines the scaling query: %s", site_id, exc)
+            content = RecordDict({"status": ConfigRecord(protocol.decline(site_id, status, reason))})
+            return Message(content=content, reply_to=msg)
+        content = RecordDict({"sums": to_array_record({"sums": sums}),
+                              "metrics": MetricRecord(metrics),
+                              "status": ConfigRecord({"status": "ok", "ledger-head": anchor})})
+        return Message(content=content, reply_to=msg)
 
     return app
 

@@ -21,7 +21,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.privacy import LEDGER_ACCOUNTANT, Mechanism, calibrate_noise_multiplier, compress
+from common.privacy import (
+    LEDGER_ACCOUNTANT,
+    Mechanism,
+    calibrate_noise_multiplier,
+    compress,
+)
 
 log = logging.getLogger(__name__)
 

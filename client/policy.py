@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import RunConfig
-from common.protocol import RoundRequest
 from common.privacy import dp_plan
+from common.protocol import RoundRequest
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ the update.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
 import logging
@@ -21,8 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from client.calibration import calibrated_sigma
-from client.policy import PolicyDeclined, SiteSettings, check_policy, check_request
-from common import protocol, training
+from client.policy import (
+    PolicyDeclined,
+    RequestRejected,
+    SiteSettings,
+    check_policy,
+    check_request,
+)
+from common import protocol, scaling, training
 from common.backbones import get_backbone
 from common.config import RunConfig
 from common.data import SiteData, load_dataset, site_data
@@ -31,7 +38,8 @@ from common.heads import head_state, load_head_state, make_head
 from common.ledger import Entry, Ledger, library_versions
 from common.privacy import LEDGER_ACCOUNTANT, Mechanism, dp_plan, epsilon
 from common.protocol import RoundRequest
-from common.sitedata import own_site_data
+from common.schema import Schema, SchemaError
+from common.sitedata import SiteDataError, own_site_data
 
 log = logging.getLogger(__name__)
 
@@ -61,33 +69,73 @@ def head_classes(head: dict[str, np.ndarray]) -> int:
 
 
 @functools.lru_cache(maxsize=2)
-def _splits(spec: str, data_dir: str, seed: int):
+def _splits(spec: str, data_dir: str, seed: int, schema_json: str = ""):
     """The simulated federation's dataset, read once per process (arrays are
-    never modified downstream)."""
-    return load_dataset(spec, data_dir, seed)
+    never modified downstream); a CSV's columns mapped by the schema's names."""
+    return load_dataset(spec, data_dir, seed,
+                        schema=Schema.from_json(schema_json) if schema_json else None)
 
 
-def load_site_data(cfg: RunConfig, settings: SiteSettings,
-                   num_classes: int | None = None) -> SiteData:
+def request_schema(req: RoundRequest, settings: SiteSettings, *, fitted: bool = True
+                   ) -> Schema | None:
+    """The federation's schema from the request (``None`` from an old server).
+
+    Raises:
+        RequestRejected: the schema is malformed, or (``fitted``) a tabular
+            schema lacks scaling constants.
+        SiteDataError: the site's own declared class names differ from the
+            federation's (named in the site's log).
+    """
+    if not req.schema:
+        return None
+    try:
+        schema = Schema.from_json(req.schema)
+        if fitted and not schema.fitted:
+            raise SchemaError(f"features {[f.name for f in schema.features if not f.fitted]} "
+                              "have no scaling constants yet")
+    except SchemaError as exc:
+        raise RequestRejected(f"request rejected by site: schema: {exc}") from exc
+    if settings.class_names is not None and tuple(settings.class_names) != schema.classes:
+        raise SiteDataError(f"this site's class-names {list(settings.class_names)} differ from "
+                            f"the federation's schema classes {list(schema.classes)}")
+    return schema
+
+
+def load_site_data(cfg: RunConfig, settings: SiteSettings, num_classes: int | None = None,
+                   schema: Schema | None = None, *, scaled: bool = True) -> SiteData:
     """A deployed site's own files (``settings.data_path``), or its simulated partition.
 
     The holdout fraction and its seed are the site's own (its policy); how the
-    records are read (image size and channels, class names) is declared, never
-    estimated from the other records.
+    records are read (image size and channels, class names, the columns of a
+    CSV by name) is declared, never estimated from the other records. With
+    ``scaled``, tabular records are clipped, centred and scaled by the
+    schema's public or DP constants (:meth:`Schema.transform`).
 
     Raises:
         common.sitedata.SiteDataError: corrupt files, unknown labels or missing
             features at ``data_path`` (named); nothing has been trained or recorded.
     """
     if settings.data_path:
-        return own_site_data(settings.data_path, site_id=settings.site_id,
-                             holdout=settings.holdout, seed=settings.holdout_seed,
-                             num_classes=num_classes, classes=settings.class_names,
-                             image_size=cfg.image_size, channels=cfg.image_channels)
-    splits = _splits(cfg.dataset, cfg.data_dir, cfg.seed)
-    return site_data(splits, site_id=settings.site_id, num_sites=cfg.num_sites,
-                     partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
-                     holdout=settings.holdout, shift=cfg.site_shift, seed=cfg.seed)
+        classes = schema.classes if schema is not None else settings.class_names
+        try:
+            data = own_site_data(settings.data_path, site_id=settings.site_id,
+                                 holdout=settings.holdout, seed=settings.holdout_seed,
+                                 num_classes=num_classes, classes=classes,
+                                 image_size=cfg.image_size, channels=cfg.image_channels,
+                                 schema=schema if schema is not None and schema.features else None)
+        except SchemaError as exc:
+            raise SiteDataError(str(exc)) from exc
+    else:
+        mapping = schema if schema is not None and schema.features else None
+        splits = _splits(cfg.dataset, cfg.data_dir, cfg.seed,
+                         mapping.to_json() if mapping is not None else "")
+        data = site_data(splits, site_id=settings.site_id, num_sites=cfg.num_sites,
+                         partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
+                         holdout=settings.holdout, shift=cfg.site_shift, seed=cfg.seed)
+    if scaled and schema is not None and schema.input == "tabular":
+        data = dataclasses.replace(data, train_x=schema.transform(data.train_x),
+                                   holdout_x=schema.transform(data.holdout_x))
+    return data
 
 
 @dataclass
@@ -144,7 +192,10 @@ def plan_noise(req: RoundRequest, settings: SiteSettings, ledger: Ledger,
     history = ledger.history()
     sigma = req.noise_multiplier
     if sigma == 0:
-        before_run = ledger.history(exclude_run=req.run_id)
+        # Everything before this run's training rounds: earlier runs, and this
+        # run's round-0 releases (DP feature scaling), so σ is the same every round.
+        before_run = [e.mechanism for e in ledger.entries()
+                      if e.run_id != req.run_id or e.round == 0]
         sigma = calibrated_sigma(
             settings.cache_dir, target_epsilon=settings.target_epsilon, delta=settings.target_delta,
             sample_rate=q, steps=steps * req.num_rounds, prior=before_run)
@@ -167,7 +218,9 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
     """
     t_start = time.perf_counter()
     check_policy(req, settings)
-    data = data if data is not None else load_site_data(cfg, settings, head_classes(global_head))
+    schema = request_schema(req, settings)
+    data = data if data is not None else load_site_data(cfg, settings, head_classes(global_head),
+                                                        schema)
     n = len(data.train_y)
     check_request(req, n, settings)
     ledger = Ledger(settings.ledger_path, settings.ledger_key) if settings.dp else None
@@ -240,6 +293,70 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
                      ledger_head=anchor[1])
 
 
+def scaling_release(cfg: RunConfig, settings: SiteSettings, req: RoundRequest
+                    ) -> tuple[np.ndarray, dict[str, float], str]:
+    """The site's DP release for ``dp`` feature scaling (``query.scaling``):
+    noisy clipped sums over its training records, charged to its ledger as
+    round 0 *before* they leave (:mod:`common.scaling`).
+
+    Returns ``(sums, metrics, ledger head)``. One release per run: a repeated
+    query (averaging the noise away) is declined.
+
+    Raises:
+        PolicyDeclined, RequestRejected, BudgetExhausted, SiteDataError: as for
+            a round; nothing is released or recorded.
+    """
+    t_start = time.perf_counter()
+    check_policy(req, settings)
+    schema = request_schema(req, settings, fitted=False)
+    if schema is None or not schema.needs("dp"):
+        raise RequestRejected("request rejected by site: a scaling query needs a schema with "
+                              "'dp'-scaled features")
+    if not 0 < req.scaling_budget <= 0.5:
+        raise RequestRejected(f"request rejected by site: scaling-budget must be in (0, 0.5] of "
+                              f"the cap, got {req.scaling_budget!r}")
+    data = load_site_data(cfg, settings, len(schema.classes), schema, scaled=False)
+    vectors, bound = schema.scaling_vectors(data.train_x)
+    n = len(data.train_y)
+    if not settings.dp:  # the site's own policy: no DP, exact sums, and the reply says so
+        sums, mech, eps, anchor = vectors.sum(axis=0), None, math.inf, (0, "")
+    else:
+        ledger = Ledger(settings.ledger_path, settings.ledger_key)
+        check_cap(ledger, settings)
+        if ledger.has_round(req.run_id, 0):
+            raise RequestRejected("request rejected by site: this run's scaling release was "
+                                  "already made (one per run)")
+        sigma = scaling.scaling_sigma(cap=settings.target_epsilon, delta=settings.target_delta,
+                                      budget=req.scaling_budget,
+                                      floor=settings.min_noise_multiplier)
+        mech = scaling.mechanism(sigma)
+        history = ledger.history()
+        eps = epsilon([*history, mech], delta=settings.target_delta)
+        if eps > settings.target_epsilon:
+            spent = epsilon(history, delta=settings.target_delta)
+            raise BudgetExhausted(spent, settings.target_epsilon, eps, settings.target_delta)
+        sums = scaling.noisy_sum(vectors, norm_bound=bound, sigma=sigma)
+        ledger.append(Entry(
+            run_id=req.run_id, round=0, noise_multiplier=sigma, sample_rate=1.0, steps=1,
+            clip_norm=bound, delta=settings.target_delta, sampler=scaling.SAMPLER,
+            secure_rng=True, accountant=LEDGER_ACCOUNTANT,
+            accountant_version=f"dp-accounting-{importlib.metadata.version('dp-accounting')}",
+            libraries=library_versions(), dataset_size=n, data_fingerprint=data.fingerprint,
+            epsilon_after=eps))
+        anchor = ledger.head()
+    log.info("site %d: DP scaling release of %d features over %d records (σ=%s), ε %.4f",
+             settings.site_id, len(schema.needs("dp")), n, mech and mech.noise_multiplier, eps)
+    metrics = protocol.train_metrics({
+        "site-id": settings.site_id, "num-examples": n, "dp": int(settings.dp), "epsilon": eps,
+        "delta": settings.target_delta if mech is not None else 0.0,
+        "noise-multiplier": mech.noise_multiplier if mech is not None else 0.0,
+        "sample-rate": 1.0 if mech is not None else 0.0, "steps": 1 if mech is not None else 0,
+        "ledger-entries": anchor[0], "feature-seconds": 0.0, "train-seconds": 0.0,
+        "privacy-seconds": time.perf_counter() - t_start,
+        "site-seconds": time.perf_counter() - t_start})
+    return sums, metrics, anchor[1]
+
+
 def commit_spend(ledger: Ledger, settings: SiteSettings, req: RoundRequest,
                  mechanisms: list[Mechanism], data: SiteData,
                  known: tuple[list[Mechanism], Mechanism, float] | None = None) -> float:
@@ -271,14 +388,16 @@ def commit_spend(ledger: Ledger, settings: SiteSettings, req: RoundRequest,
 
 
 def evaluate_site(cfg: RunConfig, settings: SiteSettings,
-                  global_head: dict[str, np.ndarray], data: SiteData | None = None
-                  ) -> dict[str, float]:
+                  global_head: dict[str, np.ndarray], data: SiteData | None = None,
+                  card_schema: dict | None = None) -> dict[str, float]:
     """Evaluate a head (the delivered one) on the site's own holdout.
 
     For the site's own log: holdout metrics are computed from private records
     without DP, so :mod:`common.protocol` forbids sending them.
     """
-    data = data if data is not None else load_site_data(cfg, settings, head_classes(global_head))
+    if data is None:
+        schema = Schema.from_dict(card_schema) if card_schema else None
+        data = load_site_data(cfg, settings, head_classes(global_head), schema)
     feats = site_features(cfg, settings.cache_dir, data)
     head = make_head(cfg.head, in_dim=feats.holdout.shape[1], num_classes=data.num_classes,
                      hidden_dim=cfg.hidden_dim, seed=cfg.seed)

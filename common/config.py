@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("federated", "centralized")
-PARTITIONERS = ("iid", "dirichlet")
+PARTITIONERS = ("iid", "dirichlet", "site")  # site: the records' own sites (natural)
 HEADS = ("linear", "mlp")
 DEVICES = ("auto", "cpu", "cuda")
 STUDENTS = ("cnn", "mlp")
@@ -52,6 +52,10 @@ class RunConfig:
     backbone: str = "efficientnet-lite0"
     image_size: int = 64
     image_channels: int = 1  # an image-folder site converts every image to this (1 or 3)
+    # The federation's schema (common/schema.py): a [schema] table in the scenario file, JSON
+    # text, or a .toml/.json path. Empty: derived from the dataset (classes; a CSV's columns).
+    schema: str = ""
+    scaling_budget: float = 0.1  # dp scaling: the share of each site's cap its scaling release spends
     head: str = "linear"
     hidden_dim: int = 128
     # Federated schedule
@@ -129,6 +133,10 @@ def _toml_value(value: Any) -> str:
 def _coerce(key: str, value: Any) -> Any:
     """Convert one raw value to the field's type, or raise naming the key."""
     kind = _TYPES[key]
+    if key == "schema" and isinstance(value, Mapping):  # a [schema] table: canonical JSON
+        import json
+
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -290,6 +298,16 @@ def _validate(cfg: RunConfig) -> None:
         raise bad("site-shift", f"must be in [0, 1], got {cfg.site_shift!r}")
     if not 0.0 <= cfg.momentum < 1.0:
         raise bad("momentum", f"must be in [0, 1), got {cfg.momentum!r}")
+    if not 0.0 < cfg.scaling_budget <= 0.5:
+        raise bad("scaling-budget", f"must be in (0, 0.5] (the share of each site's ε cap spent "
+                  f"on DP feature scaling), got {cfg.scaling_budget!r}")
+    if cfg.schema:
+        from common.schema import SchemaError, load_schema
+
+        try:
+            load_schema(cfg.schema)
+        except SchemaError as exc:
+            raise bad("schema", str(exc)) from exc
     if not 0 <= cfg.noise_multiplier < float("inf"):  # also rejects NaN
         raise bad("noise-multiplier", f"must be a finite number >= 0 (0 means: calibrate to "
                   f"target-epsilon), got {cfg.noise_multiplier!r}")

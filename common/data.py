@@ -40,6 +40,12 @@ class Splits:
     val_y: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
+    columns: tuple[str, ...] = ()  # tabular: the design columns (schema order)
+    # Natural sites (``partitioner = "site"``): site names, and each record's site index.
+    site_names: tuple[str, ...] = ()
+    train_site: np.ndarray | None = None
+    val_site: np.ndarray | None = None
+    test_site: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
@@ -198,32 +204,87 @@ def read_medmnist_npz(path: str | Path) -> Splits:
     )
 
 
-def _load_local(kind: str) -> Callable[[str, str, int], Splits]:
+def _load_local(kind: str) -> Callable[..., Splits]:
     """``imagefolder:<dir>`` / ``csv:<file>``: a site's own files (common.sitedata),
-    split 70/10/20 (seeded). Any corrupt file or bad label is an error naming it."""
+    split 70/10/20 (seeded; site by site where records carry their site). Any
+    corrupt file or bad label is an error naming it. A ``schema`` maps CSV
+    columns and class names by name."""
 
-    def load(rest: str, data_dir: str, seed: int) -> Splits:
+    def load(rest: str, data_dir: str, seed: int, schema=None) -> Splits:
         from common.sitedata import read_site_records, splits_from_records
 
         spec = f"{kind}:{rest}"
-        return splits_from_records(spec, read_site_records(spec), seed)
+        classes = schema.classes if schema is not None else None
+        return splits_from_records(spec, read_site_records(spec, classes=classes, schema=schema),
+                                   seed)
 
     return load
 
 
+def _load_breast_cancer_hospitals(rest: str, data_dir: str, seed: int, schema=None) -> Splits:
+    """scikit-learn's breast-cancer data (569 records, 30 features) as a CSV of
+    hospitals (:func:`breast_cancer_hospitals_csv`), read like any site CSV."""
+    path = breast_cancer_hospitals_csv(Path(data_dir or ".fedtransfer/data"))
+    return _load_local("csv")(f"{path}?label=diagnosis&site=hospital", data_dir, seed, schema)
+
+
+def breast_cancer_hospitals_csv(folder: Path, *, num_sites: int = 4) -> Path:
+    """Write (once) scikit-learn's breast-cancer records as a CSV with a
+    ``hospital`` column and a ``diagnosis`` label (class names), and return it.
+
+    The hospitals are built deterministically: records are dealt to
+    ``num_sites`` hospitals with a per-class Dirichlet(1.0) share (seed 0), so
+    hospitals differ in size and case mix. Test data for the natural
+    partition, not a claim about real hospitals.
+    """
+    from sklearn.datasets import load_breast_cancer
+
+    path = Path(folder) / f"breast-cancer-{num_sites}-hospitals.csv"
+    if path.is_file():
+        return path
+    bunch = load_breast_cancer()
+    rng = np.random.default_rng(0)
+    site = np.empty(len(bunch.target), dtype=np.int64)
+    for c in np.unique(bunch.target):
+        idx = rng.permutation(np.flatnonzero(bunch.target == c))
+        share = rng.dirichlet(np.ones(num_sites))
+        cuts = (np.cumsum(share)[:-1] * len(idx)).astype(int)
+        for s, part in enumerate(np.split(idx, cuts)):
+            site[part] = s
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow([*bunch.feature_names, "hospital", "diagnosis"])
+        for x, s, y in zip(bunch.data, site, bunch.target, strict=True):
+            w.writerow([*(repr(float(v)) for v in x), f"hospital-{s + 1}", bunch.target_names[y]])
+    os.replace(tmp, path)
+    return path
+
+
 _REGISTRY: dict[str, Callable[[str, int], Splits]] = {"digits": _load_digits}
-_PREFIXES: dict[str, Callable[[str, str, int], Splits]] = {
+_PREFIXES: dict[str, Callable[..., Splits]] = {
     "medmnist": _load_medmnist, "imagefolder": _load_local("imagefolder"),
     "csv": _load_local("csv")}
-DATASET_NAMES = ("digits", "medmnist:<name or path.npz>", "imagefolder:<dir>",
-                 "csv:<file>[?label=COL&missing=error|drop|zero&site=COL]")
+_TABULAR = {"breast-cancer-hospitals": _load_breast_cancer_hospitals}
+DATASET_NAMES = ("digits", "breast-cancer-hospitals", "medmnist:<name or path.npz>",
+                 "imagefolder:<dir>[?site=folder]",
+                 "csv:<file>[?label=COL&missing=error|drop|zero&site=COL]",
+                 "csv:<dir of per-site .csv files>")
 
 
-def load_dataset(spec: str, data_dir: str = "", seed: int = 0) -> Splits:
-    """Load a dataset by registry name, e.g. ``digits`` or ``medmnist:pneumoniamnist``."""
+def load_dataset(spec: str, data_dir: str = "", seed: int = 0, schema=None) -> Splits:
+    """Load a dataset by registry name, e.g. ``digits`` or ``medmnist:pneumoniamnist``.
+    ``schema`` (:class:`common.schema.Schema`) maps a CSV's columns and classes by name."""
     if spec in _REGISTRY:
         return _REGISTRY[spec](data_dir, seed)
+    if spec in _TABULAR:
+        return _TABULAR[spec]("", data_dir, seed, schema)
     prefix, sep, rest = spec.partition(":")
+    if sep and prefix in ("imagefolder", "csv") and rest:
+        return _PREFIXES[prefix](rest, data_dir, seed, schema)
     if sep and prefix in _PREFIXES and rest:
         return _PREFIXES[prefix](rest, data_dir, seed)
     raise ValueError(f"unknown dataset {spec!r}. Valid: {', '.join(DATASET_NAMES)}")
@@ -281,6 +342,24 @@ def _partition(labels: np.ndarray, *, num_sites: int, partitioner: str, alpha: f
     return [np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(num_sites)]
 
 
+def check_natural_sites(splits: Splits, num_sites: int) -> None:
+    """``partitioner = "site"`` needs records that carry their site, one site per
+    simulated site.
+
+    Raises:
+        ValueError: naming what is missing or the site count the data holds.
+    """
+    if splits.train_site is None:
+        raise ValueError(
+            f"partitioner 'site' needs records that carry their site: dataset {splits.name!r} "
+            "has none (use csv:<file>?site=COL, csv:<dir of per-site files>, "
+            "imagefolder:<dir>?site=folder, or breast-cancer-hospitals)")
+    if num_sites != len(splits.site_names):
+        raise ValueError(f"num-sites = {num_sites}, but dataset {splits.name!r} holds "
+                         f"{len(splits.site_names)} sites ({', '.join(splits.site_names)}); "
+                         f"set num-sites = {len(splits.site_names)}")
+
+
 def apply_site_shift(images: np.ndarray, *, site_id: int, strength: float, seed: int) -> np.ndarray:
     """Simulate a hospital's scanner: per-site contrast, brightness and noise.
 
@@ -304,10 +383,12 @@ def site_data(splits: Splits, *, site_id: int, num_sites: int, partitioner: str,
     """The private data of hospital ``site_id``: its partition, split train/holdout."""
     if not 0 <= site_id < num_sites:
         raise ValueError(f"site id {site_id} out of range for {num_sites} sites")
-    parts = partition_indices(
-        splits.train_y, num_sites=num_sites, partitioner=partitioner, alpha=alpha, seed=seed
-    )
-    idx = parts[site_id]
+    if partitioner == "site":
+        check_natural_sites(splits, num_sites)
+        idx = np.flatnonzero(splits.train_site == site_id)
+    else:
+        idx = partition_indices(splits.train_y, num_sites=num_sites, partitioner=partitioner,
+                                alpha=alpha, seed=seed)[site_id]
     rng = np.random.default_rng([seed, site_id, 104729])
     idx = rng.permutation(idx)
     n_hold = max(1, int(round(len(idx) * holdout)))

@@ -85,7 +85,17 @@ DELIVERY_REPLY = (
     Field("sha256", _P, "hash of the bundle the site saved (what the server sent, plus the "
                         "site's own ε)"),
 )
-REPLIES = {"train": TRAIN_REPLY, "decline": DECLINE_REPLY, "delivery": DELIVERY_REPLY}
+# Before round 1, for features with ``dp`` scaling (common/schema.py): each site's
+# noisy clipped sums (the Gaussian mechanism through OpenDP), charged to its
+# ledger as round 0, with the same public metrics as a train reply.
+SCALING_REPLY = (
+    Field("sums", _DP, "the site's clipped per-feature sums plus Gaussian noise (OpenDP), "
+                       "charged to the ledger as round 0"),
+    *(f for f in TRAIN_REPLY if f.privacy is not _DP),
+)
+SCALING_MESSAGE_TYPE = "query.scaling"
+REPLIES = {"train": TRAIN_REPLY, "scaling": SCALING_REPLY, "decline": DECLINE_REPLY,
+           "delivery": DELIVERY_REPLY}
 _TRAIN = {f.key: f for f in TRAIN_REPLY}
 TIMING_KEYS = ("feature-seconds", "train-seconds", "privacy-seconds", "site-seconds")
 # What a train reply must carry (all public or DP; the server drops a reply without them).
@@ -165,18 +175,24 @@ class RoundRequest:
     clip_norm: float
     noise_multiplier: float  # 0: the site calibrates σ to its own cap
     dp: bool = True  # the federation asks for DP-SGD; a site trains only as its policy allows
+    # The federation's fitted schema (common/schema.py), canonical JSON; "" in old requests.
+    schema: str = ""
+    scaling_budget: float = 0.1  # query.scaling: the share of the site's cap to spend
 
 
+_OPTIONAL = ("dp", "schema", "scaling-budget")
 REQUEST_KEYS = tuple(f.name.replace("_", "-") for f in fields(RoundRequest) if f.name != "run_id")
 
 
-def train_request(cfg) -> dict[str, int | float | bool]:
+def train_request(cfg, schema_json: str = "") -> dict[str, int | float | bool | str]:
     """The per-round training config the server sends (``server-round`` is added
-    by the strategy). ``cfg`` is a :class:`common.config.RunConfig`."""
+    by the strategy). ``cfg`` is a :class:`common.config.RunConfig`; ``schema_json``
+    the fitted schema's canonical JSON."""
     return {"num-rounds": cfg.num_rounds, "local-epochs": cfg.local_epochs,
             "batch-size": cfg.batch_size, "learning-rate": cfg.learning_rate,
             "momentum": cfg.momentum, "clip-norm": cfg.clip_norm,
-            "noise-multiplier": cfg.noise_multiplier, "dp": bool(cfg.dp)}
+            "noise-multiplier": cfg.noise_multiplier, "dp": bool(cfg.dp),
+            "schema": schema_json, "scaling-budget": cfg.scaling_budget}
 
 
 def parse_request(config, run_id: str) -> RoundRequest:
@@ -185,7 +201,7 @@ def parse_request(config, run_id: str) -> RoundRequest:
     Raises:
         ValueError: a missing key or a value of the wrong type, naming the key.
     """
-    missing = [k for k in REQUEST_KEYS if k not in config and k != "dp"]
+    missing = [k for k in REQUEST_KEYS if k not in config and k not in _OPTIONAL]
     if missing:
         raise ValueError(f"the round request lacks {missing}")
 
@@ -207,7 +223,16 @@ def parse_request(config, run_id: str) -> RoundRequest:
         num_rounds=num("num-rounds", int), local_epochs=num("local-epochs", int),
         batch_size=num("batch-size", int), learning_rate=num("learning-rate", float),
         momentum=num("momentum", float), clip_norm=num("clip-norm", float),
-        noise_multiplier=num("noise-multiplier", float), dp=bool(dp))
+        noise_multiplier=num("noise-multiplier", float), dp=bool(dp),
+        schema=_text(config, "schema"),
+        scaling_budget=num("scaling-budget", float) if "scaling-budget" in config else 0.1)
+
+
+def _text(config, key: str) -> str:
+    value = config.get(key, "")
+    if not isinstance(value, str):
+        raise ValueError(f"request field '{key}' must be text, got {type(value).__name__}")
+    return value
 
 
 # --------------------------------------------------------------------------

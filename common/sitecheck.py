@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common.privacy import (UNIT_OF_PRIVACY, Mechanism, calibrate_noise_multiplier, dp_plan,
                             epsilon)
+from common.schema import Schema, SchemaError
 from common.sitedata import Scan, SiteDataError, scan
 
 
@@ -54,7 +55,7 @@ class SiteReport:
     image_sizes: dict[str, int]
     corrupt: list[dict[str, str]]
     label_problems: list[str]
-    nan_features: dict[str, int]
+    column_problems: list[str]
     notes: list[str]
     estimate: Estimate | None
     errors: list[str] = field(default_factory=list)
@@ -107,19 +108,24 @@ def _rounds_that_fit(prior, sigma, q, steps, plan: Plan) -> int:
 
 
 def check_site(spec: str, plan: Plan, *, ledger: str | Path | None = None,
-               num_classes: int | None = None, classes: tuple[str, ...] | None = None
-               ) -> SiteReport:
+               num_classes: int | None = None, classes: tuple[str, ...] | None = None,
+               schema: Schema | None = None) -> SiteReport:
     """Read ``spec`` and report on it (never raises for bad data: it is listed).
-    ``classes``: the site's declared class names (node config ``class-names``)."""
+    ``classes``: the site's declared class names (node config ``class-names``);
+    ``schema``: the federation's schema (classes, and a CSV's columns by name)."""
+    if schema is not None:
+        if classes is not None and tuple(classes) != schema.classes:
+            return SiteReport(spec, "?", 0, [], {}, {}, [], [], [], [], None, errors=[
+                f"class names {list(classes)} differ from the schema's {list(schema.classes)}"])
+        classes = schema.classes
     try:
-        s: Scan | None = scan(spec, classes=classes)
-    except SiteDataError as exc:
-        return SiteReport(spec, "?", 0, [], {}, {}, [], [], {}, [], None, errors=[str(exc)])
+        s: Scan | None = scan(spec, classes=classes,
+                              schema=schema if schema is not None and schema.features else None)
+    except (SiteDataError, SchemaError) as exc:
+        return SiteReport(spec, "?", 0, [], {}, {}, [], [], [], [], None, errors=[str(exc)])
     errors = [f"unreadable file {f}: {why}" for f, why in s.corrupt]
     errors += [p for p in s.label_problems if "is empty" not in p]
-    errors += [f"column '{c}' has {n} missing or non-finite values (missing-value policy "
-               "'error'; choose drop or zero with ?missing=...)"
-               for c, n in s.nan_features.items()]
+    errors += s.column_problems
     if s.class_source == "sorted":
         errors.append(f"labels are names ({', '.join(s.classes)}), not integer indices: set "
                       "class-names in the node config (and --class-names here) to the "
@@ -144,7 +150,7 @@ def check_site(spec: str, plan: Plan, *, ledger: str | Path | None = None,
     return SiteReport(spec=spec, kind=s.kind, num_records=n, classes=list(s.classes),
                       counts=s.counts, image_sizes=dict(s.image_sizes),
                       corrupt=[{"file": f, "reason": why} for f, why in s.corrupt],
-                      label_problems=s.label_problems, nan_features=dict(s.nan_features),
+                      label_problems=s.label_problems, column_problems=list(s.column_problems),
                       notes=[*warnings, *s.notes], estimate=estimate, errors=errors)
 
 

@@ -33,13 +33,14 @@ Spec strings (the dataset registry's syntax, also the node config's
 from __future__ import annotations
 
 import csv
-import math
 import urllib.parse
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
+from common.schema import ID_COLUMN, Feature, Schema, SchemaError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MISSING_POLICIES = ("error", "drop", "zero")
@@ -62,7 +63,9 @@ class Scan:
     image_sizes: Counter = field(default_factory=Counter)  # "WxH MODE" -> count
     corrupt: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
     label_problems: list[str] = field(default_factory=list)
-    nan_features: dict[str, int] = field(default_factory=dict)  # column -> missing count
+    column_problems: list[str] = field(default_factory=list)  # one line per bad column
+    columns: tuple[str, ...] = ()  # a CSV's design columns (schema order)
+    sites: np.ndarray | None = None  # each record's site (a CSV's site column, a site folder)
     notes: list[str] = field(default_factory=list)
     # How labels became indices: "declared" (class names given), "indices"
     # (integer labels), or "sorted" (names sorted: depends on the names present).
@@ -76,8 +79,7 @@ class Scan:
     def problems(self) -> list[str]:
         out = [f"unreadable file {f}: {why}" for f, why in self.corrupt]
         out += self.label_problems
-        out += [f"column '{c}' has {n} missing or non-finite values" for c, n in
-                self.nan_features.items()]
+        out += self.column_problems
         return out
 
 
@@ -208,29 +210,30 @@ def scan_imagefolder(root: str | Path, *, size: tuple[int, int] | None = None,
 # --------------------------------------------------------------------------
 
 
-def _number(text: str) -> float:
-    t = text.strip()
-    if t.lower() in _MISSING_TOKENS:
-        return math.nan
-    return float(t)  # ValueError for non-numeric text
+def scan_csv(path: str | Path, *, label: str | None = None, missing: str | None = None,
+             site: str | None = None, classes: tuple[str, ...] | None = None,
+             schema: Schema | None = None) -> Scan:
+    """Read a CSV's feature columns *by name* and its label column.
 
+    With a ``schema`` (:mod:`common.schema`) the columns map onto its features
+    by name: a column it does not know, one differing only in case, or a
+    missing required one is a :class:`~common.schema.SchemaError`; categorical
+    columns are one-hot over the declared levels. Without one, every column
+    but the label, site and ``id`` columns is a numeric feature. ``x`` is the
+    unscaled design matrix (``Schema.transform`` scales it).
 
-def scan_csv(path: str | Path, *, label: str = "label", missing: str = "error",
-             site: str | None = None, classes: tuple[str, ...] | None = None) -> Scan:
-    """Read a CSV of numeric feature columns and a label column.
-
-    ``missing`` is the explicit policy for empty / NA / NaN feature cells:
-    ``error`` reports them as problems, ``drop`` drops those rows, ``zero``
-    fills 0. Each is decided by the row alone. A ``site``
-    column (if named) is dropped. ``classes`` fixes the class names (else
-    integer labels are indices and other labels are sorted).
+    ``missing`` (default: the schema's, else ``error``) is the policy for
+    empty / NA / NaN cells: ``error`` reports them, ``drop`` drops those rows,
+    ``zero`` leaves them for the transform to set to the feature's centre.
+    Each is decided by the row alone. ``site`` names the column holding each
+    record's site (kept in ``Scan.sites``, never a feature).
     """
     path = Path(path)
     if missing == "mean":
         raise SiteDataError("missing-value policy 'mean' is not offered: a fill value computed "
                             "from the site's records lets one record change how every other "
                             f"record is treated; allowed: {', '.join(MISSING_POLICIES)}")
-    if missing not in MISSING_POLICIES:
+    if missing is not None and missing not in MISSING_POLICIES:
         raise SiteDataError(f"missing-value policy {missing!r} unknown; "
                             f"allowed: {', '.join(MISSING_POLICIES)}")
     if not path.is_file():
@@ -243,72 +246,61 @@ def scan_csv(path: str | Path, *, label: str = "label", missing: str = "error",
     if not rows:
         raise SiteDataError(f"{path}: empty file")
     header = [h.strip() for h in rows[0]]
+    label = label or (schema.label if schema is not None else "label")
     if label not in header:
         raise SiteDataError(f"{path}: no label column '{label}' (columns: {', '.join(header)})")
-    drop = {label} | ({site} if site else set())
-    feature_cols = [i for i, h in enumerate(header) if h not in drop]
-    li = header.index(label)
-    corrupt, labels, feats = [], [], []
-    non_numeric: dict[str, tuple[tuple[int, str] | None, int]] = {}  # column -> (first, rows)
+    if site and site not in header:
+        raise SiteDataError(f"{path}: no site column '{site}' (columns: {', '.join(header)})")
+    if schema is None:  # every other column a numeric feature, unscaled
+        names = [h for h in header if h not in (label, site, ID_COLUMN)]
+        schema = Schema(classes=tuple(classes or ()), input="tabular",
+                        features=tuple(Feature(name=n) for n in names))
+    schema = replace(schema, label=label, missing=missing or schema.missing)
+    body, corrupt = [], []
     for lineno, row in enumerate(rows[1:], start=2):
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) != len(header):
             corrupt.append((f"{path.name}:{lineno}", f"{len(row)} fields, header has {len(header)}"))
             continue
-        try:
-            values = [_number(row[i]) for i in feature_cols]
-        except ValueError:
-            for i in feature_cols:
-                if not _is_number(row[i]):
-                    first, count = non_numeric.get(header[i], (None, 0))
-                    non_numeric[header[i]] = (first or (lineno, row[i].strip()), count + 1)
-            continue
-        labels.append(row[li].strip())
-        feats.append(values)
-    for col, ((line, text), count) in non_numeric.items():
-        corrupt.append((f"{path.name}:{line}" if count == 1 else f"{path.name} column '{col}'",
-                        f"non-numeric value in {col}" if count == 1 else
-                        f"non-numeric values in {count} rows (first at line {line}: {text!r}); "
-                        "feature columns must be numbers"))
-    x = np.array(feats, dtype=np.float64).reshape(len(feats), len(feature_cols))
-    bad_cells = ~np.isfinite(x)
-    nan_features = {header[c]: int(n) for c, n in zip(feature_cols, bad_cells.sum(0), strict=True)
-                    if n}
+        body.append(row)
+    try:
+        x, column_problems = schema.encode([h for h in header if h != site], [
+            [c for h, c in zip(header, row, strict=True) if h != site] for row in body],
+            where=f"{path.name}: ")
+    except SchemaError as exc:
+        raise SiteDataError(str(exc)) from exc
+    li = header.index(label)
+    labels = [row[li].strip() for row in body]
+    sites = [row[header.index(site)].strip() for row in body] if site else None
     notes, label_problems = [], []
-    if nan_features and missing != "error":
-        if missing == "drop":
-            keep = ~bad_cells.any(1)
-            notes.append(f"missing values: dropped {int((~keep).sum())} rows (policy 'drop')")
-            x, labels = x[keep], [lab for lab, k in zip(labels, keep, strict=True) if k]
-        else:
-            x = np.where(bad_cells, 0.0, x)
-            notes.append("missing values filled with 0 (policy 'zero')")
-        notes.append("columns with missing values: " +
-                     ", ".join(f"{c} ({n})" for c, n in nan_features.items()))
-        nan_features = {}
+    rows_bad = np.isnan(x).any(axis=1)
+    if rows_bad.any() and schema.missing == "drop" and not column_problems:
+        keep = ~rows_bad
+        notes.append(f"missing values: dropped {int(rows_bad.sum())} rows (policy 'drop')")
+        x, labels = x[keep], [lab for lab, k in zip(labels, keep, strict=True) if k]
+        sites = [s for s, k in zip(sites, keep, strict=True) if k] if sites is not None else None
+    elif rows_bad.any() and schema.missing == "zero" and not column_problems:
+        notes.append(f"missing values in {int(rows_bad.sum())} rows set to each feature's centre "
+                     "(policy 'zero')")
     missing_labels = [i for i, lab in enumerate(labels) if lab.lower() in _MISSING_TOKENS]
     if missing_labels:
         label_problems.append(f"{len(missing_labels)} rows have no label in column '{label}'")
     names = sorted({lab for lab in labels if lab.lower() not in _MISSING_TOKENS})
-    classes, index, source, unknown = _class_names(names, classes)
+    declared = classes or (schema.classes or None)
+    found, index, source, unknown = _class_names(names, declared)
     label_problems += unknown
-    for c in classes:
+    for c in found:
         if c not in names:
             label_problems.append(f"class '{c}' is empty (no row has this label)")
     y = np.array([index.get(lab, -1) for lab in labels], dtype=np.int64)
     keep = y >= 0
-    return Scan("csv", path, x[keep].astype(np.float32), y[keep], tuple(classes), corrupt=corrupt,
-                label_problems=label_problems, nan_features=nan_features, notes=notes,
-                class_source=source)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        _number(text)
-        return True
-    except ValueError:
-        return False
+    out = Scan("csv", path, x[keep].astype(np.float32), y[keep], tuple(found), corrupt=corrupt,
+               label_problems=label_problems, notes=notes, class_source=source,
+               column_problems=column_problems, columns=tuple(schema.columns))
+    if sites is not None:
+        out.sites = np.array([s for s, k in zip(sites, keep, strict=True) if k], dtype=object)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -338,18 +330,71 @@ def scan_npz(path: str | Path) -> Scan:
 
 
 def scan(spec: str, *, size: tuple[int, int] | None = None, channels: int | None = None,
-         classes: tuple[str, ...] | None = None) -> Scan:
+         classes: tuple[str, ...] | None = None, schema: Schema | None = None) -> Scan:
     """Read a site's data from its spec (see the module doc). ``size``,
     ``channels`` and ``classes`` are the declared reading (see
-    :func:`scan_imagefolder`); ``classes`` also applies to CSV labels."""
+    :func:`scan_imagefolder`); ``classes`` also applies to CSV labels, and a
+    ``schema`` maps CSV columns by name (:func:`scan_csv`).
+
+    Natural sites: ``csv:<file>?site=COL`` keeps each row's site; ``csv:<dir>``
+    reads every ``<dir>/*.csv`` as one site named by its file;
+    ``imagefolder:<dir>?site=folder`` reads ``<dir>/<site>/<class>/*``.
+    """
     kind, path, options = parse_spec(spec)
     if kind == "imagefolder":
+        if options.get("site") == "folder":
+            return _concat_sites([(d.name, scan_imagefolder(d, size=size, channels=channels,
+                                                            classes=classes))
+                                  for d in _site_dirs(path, "*/")])
+        if options.get("site"):
+            raise SiteDataError(f"{spec}: for an image folder, site=folder is the only site "
+                                "option (<dir>/<site>/<class>/*)")
         return scan_imagefolder(path, size=size, channels=channels, classes=classes)
     if kind == "csv":
-        return scan_csv(path, label=options.get("label", "label"),
-                        missing=options.get("missing", "error"), site=options.get("site"),
-                        classes=classes)
+        reading = dict(label=options.get("label"), missing=options.get("missing"),
+                       classes=classes, schema=schema)
+        if path.is_dir():
+            return _concat_sites([(f.stem, scan_csv(f, **reading)) for f in _site_dirs(path, "*.csv")])
+        return scan_csv(path, site=options.get("site"), **reading)
     return scan_npz(path)
+
+
+def _site_dirs(path: Path, pattern: str) -> list[Path]:
+    found = sorted(p for p in path.glob(pattern.rstrip("/"))
+                   if not p.name.startswith(".") and (p.is_dir() if pattern.endswith("/")
+                                                      else p.is_file()))
+    if len(found) < 1:
+        raise SiteDataError(f"{path}: no site {'folders' if pattern.endswith('/') else 'files'} "
+                            f"({pattern})")
+    return found
+
+
+def _concat_sites(parts: list[tuple[str, Scan]]) -> Scan:
+    """One scan over several sites' scans (each record keeps its site's name).
+    Every site is read with the same declared classes, so the indices agree;
+    undeclared names must agree across sites."""
+    first = parts[0][1]
+    for name, s in parts[1:]:
+        if s.classes != first.classes:
+            raise SiteDataError(f"site '{name}' has classes {list(s.classes)}, site "
+                                f"'{parts[0][0]}' has {list(first.classes)}: declare the "
+                                "federation's classes (schema) so every site maps by name")
+        if s.columns != first.columns:
+            raise SiteDataError(f"site '{name}' has columns {list(s.columns)}, site "
+                                f"'{parts[0][0]}' has {list(first.columns)}")
+    xs = [s.x for _, s in parts if len(s.y)]
+    out = Scan(first.kind, first.path.parent,
+               np.concatenate(xs) if xs else first.x, np.concatenate([s.y for _, s in parts]),
+               first.classes, class_source=first.class_source, columns=first.columns)
+    for name, s in parts:
+        out.image_sizes.update(s.image_sizes)
+        out.corrupt += [(f"{name}/{f}", why) for f, why in s.corrupt]
+        out.label_problems += [f"site '{name}': {p}" for p in s.label_problems
+                               if "is empty" not in p]
+        out.column_problems += [f"site '{name}': {p}" for p in s.column_problems]
+        out.notes += [f"site '{name}': {n}" for n in s.notes]
+    out.sites = np.concatenate([np.full(len(s.y), name, dtype=object) for name, s in parts])
+    return out
 
 
 def read_site_records(spec: str, **reading) -> Scan:
@@ -373,12 +418,12 @@ def read_site_records(spec: str, **reading) -> Scan:
 def splits_from_records(name: str, s: Scan, seed: int):
     """A seeded 70/10/20 train/val/test split (stratified where every class
     has enough records), so ``imagefolder:`` and ``csv:`` work as registry
-    datasets in simulations too."""
+    datasets in simulations too. Records that carry their site are split
+    site by site (each site its own train/val/test, as FLamby does), and the
+    splits keep each record's site."""
     from sklearn.model_selection import train_test_split
 
     from common.data import Splits
-
-    idx = np.arange(len(s.y))
 
     def split(ids, size):
         counts = np.bincount(s.y[ids])
@@ -388,27 +433,49 @@ def splits_from_records(name: str, s: Scan, seed: int):
         except ValueError:  # too few records of some class for a stratified split
             return train_test_split(ids, test_size=size, random_state=seed)
 
-    rest, test = split(idx, 0.2)
-    train, val = split(rest, 0.125)
-    return Splits(name=name, classes=s.classes, train_x=s.x[train], train_y=s.y[train],
-                  val_x=s.x[val], val_y=s.y[val], test_x=s.x[test], test_y=s.y[test])
+    groups = [np.arange(len(s.y))]
+    site_names: tuple[str, ...] = ()
+    if s.sites is not None:
+        site_names = tuple(sorted(set(s.sites.tolist())))
+        groups = [np.flatnonzero(s.sites == n) for n in site_names]
+        small = [n for n, g in zip(site_names, groups, strict=True) if len(g) < 10]
+        if small:
+            raise SiteDataError(f"{name}: site(s) {small} have fewer than 10 records; too few "
+                                "for their own train/val/test split")
+    parts = {"train": [], "val": [], "test": []}
+    for g in groups:
+        rest, test = split(g, 0.2)
+        train, val = split(rest, 0.125)
+        parts["train"].append(train), parts["val"].append(val), parts["test"].append(test)
+    idx = {k: np.concatenate(v) for k, v in parts.items()}
+    site_of = None
+    if s.sites is not None:
+        code = {n: i for i, n in enumerate(site_names)}
+        site_of = np.array([code[v] for v in s.sites], dtype=np.int64)
+    return Splits(name=name, classes=s.classes, train_x=s.x[idx["train"]], train_y=s.y[idx["train"]],
+                  val_x=s.x[idx["val"]], val_y=s.y[idx["val"]], test_x=s.x[idx["test"]],
+                  test_y=s.y[idx["test"]], columns=s.columns, site_names=site_names,
+                  train_site=None if site_of is None else site_of[idx["train"]],
+                  val_site=None if site_of is None else site_of[idx["val"]],
+                  test_site=None if site_of is None else site_of[idx["test"]])
 
 
 def own_site_data(spec: str, *, site_id: int, holdout: float, seed: int,
                   num_classes: int | None = None, classes: tuple[str, ...] | None = None,
-                  image_size: int = 64, channels: int = 1):
+                  image_size: int = 64, channels: int = 1, schema: Schema | None = None):
     """A deployed site's private data: *all* records at ``spec``, split into
     training records and the site's own holdout (seeded by ``seed, site_id``).
 
     Every record is read on its own: images are converted to ``channels`` and
     resized to ``image_size`` each, labels are mapped by the declared
     ``classes`` (or are integer indices). Nothing about one record depends on
-    the others, which per-sample clipping could not bound.
+    the others, which per-sample clipping could not bound. With a ``schema``,
+    CSV columns map onto its features by name (the design matrix, unscaled).
     """
     from common.data import SiteData
 
     s = read_site_records(spec, size=(image_size, image_size), channels=channels,
-                          classes=classes)
+                          classes=classes, schema=schema)
     if s.class_source == "sorted":
         raise SiteDataError(
             f"site data {spec}: labels are names ({', '.join(s.classes)}), not integer indices; "

@@ -22,12 +22,18 @@ from safetensors.numpy import save_file
 from common import training
 from common.backbones import get_backbone
 from common.config import RunConfig
-from common.data import fingerprint_arrays, load_dataset
+from common.data import fingerprint_arrays
 from common.features import cached_features
 from common.heads import head_state, load_head_state, make_head
 from common.modelio import read_card
 from common.privacy import NEIGHBOURS, REPORTED_ACCOUNTANT, UNIT_OF_PRIVACY
-from common.protocol import from_array_record, released_fields, to_array_record, train_request
+from common.protocol import (
+    from_array_record,
+    released_fields,
+    to_array_record,
+    train_request,
+)
+from common.schema import Schema, federation
 from server.delivery import DELIVER_MESSAGE_TYPE, deliver
 from server.distill import delivery_card, run_distillation, write_server_copy
 from server.strategy import HeadFedAvg
@@ -40,20 +46,25 @@ def default_out_dir(cfg: RunConfig) -> Path:
 
 
 class GlobalEval:
-    """The server's public splits (validation and test) as cached features."""
+    """The server's public splits (validation and test) as cached features, in
+    the federation's schema (tabular records scaled by its constants). Where
+    the records carry their site (a natural partition), test metrics are also
+    given per site and as the mean over sites (FLamby's cross-silo protocol)."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, splits=None, schema: Schema | None = None):
         t0 = time.perf_counter()
-        splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
+        if splits is None or schema is None:
+            splits, schema = federation(cfg, dp_as_public=True)
         backbone = get_backbone(cfg.backbone, cfg.image_size)
         device = training.resolve_device(cfg.device)
 
         def feats(x, y, tag):
+            x = schema.transform(x)
             fp = fingerprint_arrays(x, y) + f":{tag}"
             return cached_features(backbone, x, data_fingerprint=fp, cache_dir=cfg.cache_dir,
                                    device=device).features
 
-        self.splits = splits  # raw public splits (val, test) for distillation; train is never used
+        self.splits, self.schema = splits, schema  # raw public splits (val, test) for distillation
         self.test_x, self.test_y = feats(splits.test_x, splits.test_y, "test"), splits.test_y
         self.val_x, self.val_y = feats(splits.val_x, splits.val_y, "val"), splits.val_y
         self.num_classes = splits.num_classes
@@ -67,10 +78,24 @@ class GlobalEval:
                          hidden_dim=self.cfg.hidden_dim, seed=self.cfg.seed)
         return load_head_state(head, arrays) if arrays is not None else head
 
-    def metrics(self, arrays: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    def metrics(self, arrays: dict[str, np.ndarray]) -> dict[str, dict]:
         head = self.head(arrays)
-        return {"test": training.evaluate(head, self.test_x, self.test_y),
-                "val": training.evaluate(head, self.val_x, self.val_y)}
+        out = {"test": training.evaluate(head, self.test_x, self.test_y),
+               "val": training.evaluate(head, self.val_x, self.val_y)}
+        if self.splits.test_site is not None:
+            out["test_sites"] = per_site_metrics(head, self.test_x, self.test_y,
+                                                 self.splits.test_site, self.splits.site_names)
+        return out
+
+
+def per_site_metrics(head, x: np.ndarray, y: np.ndarray, site: np.ndarray,
+                     names: tuple[str, ...]) -> dict:
+    """Test metrics on each site's own test split, and their unweighted mean over
+    sites (each hospital counts once, as in FLamby)."""
+    sites = {n: training.evaluate(head, x[site == i], y[site == i]) for i, n in enumerate(names)}
+    keys = ("accuracy", "balanced_accuracy", "auc")
+    mean = {k: float(np.nanmean([m[k] for m in sites.values()])) for k in keys}
+    return {"mean_over_sites": mean, "sites": sites}
 
 
 def _atomic_json(path: Path, data: dict) -> None:
@@ -96,7 +121,7 @@ def _clean(x):
     return x
 
 
-def round_line(r: int, total: int, test: dict, strategy: HeadFedAvg, cfg: RunConfig) -> str:
+def round_line(r: int, total: int, m: dict, strategy: HeadFedAvg, cfg: RunConfig) -> str:
     eps = " ".join(f"s{s.site_id}={s.epsilon:.3f}" if s.dp else f"s{s.site_id}=no-DP"
                    for s in sorted(strategy.sites.values(), key=lambda s: s.site_id))
     hist = [h for s in strategy.sites.values() for h in s.history if h["round"] == r]
@@ -108,8 +133,13 @@ def round_line(r: int, total: int, test: dict, strategy: HeadFedAvg, cfg: RunCon
                   f" total {np.mean([h['site_seconds'] for h in hist]):.2f}")
     privacy = (f" | ε (per record, replace-one, δ={cfg.target_delta:g}) {eps}" if cfg.dp
                else " | no DP")
+    test = m["test"]
+    sites = ""
+    if "test_sites" in m:
+        mean = m["test_sites"]["mean_over_sites"]
+        sites = f" | per-site test: mean acc {mean['accuracy']:.3f} auc {mean['auc']:.3f}"
     return (f"round {r}/{total} | test acc {test['accuracy']:.3f} auc {test['auc']:.3f} "
-            f"bal {test['balanced_accuracy']:.3f}{privacy}{timing}")
+            f"bal {test['balanced_accuracy']:.3f}{sites}{privacy}{timing}")
 
 
 def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
@@ -118,13 +148,19 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
     out = default_out_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(cfg.to_toml())
-    ev = GlobalEval(cfg)
-    arrays = head_state(ev.head())
+    splits, schema = federation(cfg)
     strategy = HeadFedAvg(fraction_train=cfg.fraction_train, min_train_nodes=cfg.min_sites,
                           min_available_nodes=cfg.min_sites, aggregation=cfg.aggregation,
                           trim_fraction=cfg.trim_fraction, max_update_norm=cfg.max_update_norm,
                           max_site_weight=cfg.max_site_weight)
     strategy.run_id = run_id
+    if schema.needs("dp"):  # DP feature scaling before round 1 (server/scaling.py)
+        from server.scaling import fit_dp_scaling
+
+        schema = fit_dp_scaling(grid, cfg, schema, strategy)
+    ev = GlobalEval(cfg, splits, schema)
+    (out / "schema.json").write_text(json.dumps(schema.to_dict(), indent=2))
+    arrays = head_state(ev.head())
     secagg = None
     if cfg.aggregation == "secagg+":  # the server sees only the masked sum (server/secagg.py)
         from server.secagg import SecAggRound
@@ -145,7 +181,8 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
             log.warning(stop_reason)
             break
         # num-rounds: the rounds this run still plans (sites calibrate σ to them)
-        config = ConfigRecord({**train_request(cfg), "num-rounds": cfg.num_rounds - first + 1})
+        config = ConfigRecord({**train_request(cfg, schema.to_json()),
+                               "num-rounds": cfg.num_rounds - first + 1})
         if secagg is not None:
             agg, agg_metrics = secagg(grid, r, arrays, config)
         else:
@@ -157,9 +194,11 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
         t_train = time.perf_counter() - t0
         m = ev.metrics(arrays)
         rounds.append({"round": r, "sites_aggregated": int(agg_metrics["sites"]) if agg_metrics else 0,
-                       "test": m["test"], "val": m["val"], "train_phase_seconds": t_train,
+                       "test": m["test"], "val": m["val"],
+                       **({"test_sites": m["test_sites"]} if "test_sites" in m else {}),
+                       "train_phase_seconds": t_train,
                        "round_seconds": time.perf_counter() - t0})
-        log.info(round_line(r, cfg.num_rounds, m["test"], strategy, cfg))
+        log.info(round_line(r, cfg.num_rounds, m, strategy, cfg))
         save_checkpoint(out, r, arrays, strategy, rounds=rounds, run_id=run_id)
         if agg is None:
             stop_reason = f"stopped after round {r}: no site update could be aggregated"
@@ -249,7 +288,7 @@ def build_summary(cfg: RunConfig, run_id: str, ev: GlobalEval, arrays: dict, rou
             "epsilon": s.epsilon if s.dp else None,
             "delta": s.delta if s.dp else None,
             "status": s.status, "reason": s.reason,
-            "rounds_trained": len(s.history),
+            "rounds_trained": len([h for h in s.history if h["round"] >= 1]),
             "num_examples": s.history[-1]["num_examples"] if s.history else 0,
             "ledger_entries": s.history[-1].get("ledger_entries") if s.history else None,
             "history": s.history,
@@ -263,7 +302,9 @@ def build_summary(cfg: RunConfig, run_id: str, ev: GlobalEval, arrays: dict, rou
         "head": cfg.head,
         "num_sites": cfg.num_sites,
         "classes": list(ev.classes),
-        "final": {**final["test"], "val": final["val"]},
+        "schema": ev.schema.to_dict(),
+        "final": {**final["test"], "val": final["val"],
+                  **({"test_sites": final["test_sites"]} if "test_sites" in final else {})},
         "rounds": rounds,
         "sites": sites,
         "dropped_replies": strategy.dropped,

@@ -16,7 +16,17 @@ def cmd_site_check(args) -> int:
                 local_epochs=args.epochs, batch_size=args.batch_size,
                 noise_multiplier=args.noise_multiplier, holdout=args.holdout)
     classes = tuple(c.strip() for c in args.class_names.split(",")) if args.class_names else None
+    schema = None
+    if args.schema:
+        from common.schema import SchemaError, load_schema
+
+        try:
+            schema = load_schema(args.schema)
+        except SchemaError as exc:
+            print(f"error: --schema: {exc}")
+            return 2
     report = check_site(args.data, plan, ledger=args.ledger, num_classes=args.num_classes,
+                        schema=schema,
                         classes=classes)
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json
           else format_report(report))
@@ -72,6 +82,8 @@ def add_site_commands(sub) -> None:
     c.add_argument("--num-classes", type=int, help="the federation's class count")
     c.add_argument("--class-names", help="the federation's class names in order, comma-separated "
                    "(the node config's class-names)")
+    c.add_argument("--schema", help="the federation's schema (a .toml with a [schema] table, "
+                   "or .json): classes, and a CSV's columns by name")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=cmd_site_check)
     r = site.add_parser("raise-cap", help="record a new ε cap (or δ) in the site's ledger: the "

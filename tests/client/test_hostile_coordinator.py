@@ -164,7 +164,7 @@ def test_the_training_loss_never_leaves_and_public_values_do_not_depend_on_a_rec
 
 def test_every_field_a_site_can_send_has_a_privacy_class():
     declared = protocol.released_fields()
-    assert set(declared) == {"train", "decline", "delivery"}
+    assert set(declared) == {"train", "scaling", "decline", "delivery"}
     for reply in declared.values():
         for f in reply:
             assert f["class"] in {"dp", "public", "forbidden"} and f["meaning"]

@@ -88,8 +88,9 @@ def test_csv_with_missing_values_needs_an_explicit_policy(tmp_path):
                     "44,130,A,no\n")
     report = check_site(f"csv:{path}?label=label&site=site", Plan(batch_size=2))
     assert not report.ok
-    assert report.nan_features == {"bp": 2}
-    assert any("column 'bp'" in e and "policy" in e for e in report.errors)
+    assert report.column_problems == ["site.csv: column 'bp' has 2 missing values (schema "
+                                      "missing='error'; allowed: drop, zero)"]
+    assert any("column 'bp'" in e and "missing" in e for e in report.errors)
     with pytest.raises(SiteDataError, match="column 'bp'"):
         read_site_records(f"csv:{path}?site=site")
 
@@ -98,16 +99,19 @@ def test_csv_with_missing_values_needs_an_explicit_policy(tmp_path):
         scan(f"csv:{path}?site=site&missing=mean")
     dropped = scan(f"csv:{path}?site=site&missing=drop")
     assert dropped.x.shape == (3, 2) and dropped.y.tolist() == [1, 0, 0]
+    # zero: the feature's centre once scaled (Schema.transform), decided row by row
     zero = scan(f"csv:{path}?site=site&missing=zero")
-    assert zero.x[1, 1] == 0 and zero.x[2, 1] == 0
+    assert np.isnan(zero.x[1, 1]) and np.isnan(zero.x[2, 1]) and zero.x[0, 1] == 120
+    assert zero.sites.tolist() == ["A", "A", "B", "B", "A"]
 
 
 def test_csv_bad_rows_and_unknown_policy(tmp_path):
     path = tmp_path / "site.csv"
     path.write_text("x1,x2,label\n1,2,0\n1,abc,1\n3,4\n5,6,1\n")
     s = scan(f"csv:{path}")
-    assert dict(s.corrupt) == {"site.csv:3": "non-numeric value in x2",
-                               "site.csv:4": "2 fields, header has 3"}
+    assert dict(s.corrupt) == {"site.csv:4": "2 fields, header has 3"}
+    assert s.column_problems == ["site.csv: column 'x2': 1 rows have values that are not numbers "
+                                 "(first: 'abc', data row 2)"]
     with pytest.raises(SiteDataError, match="missing-value policy 'guess'"):
         scan(f"csv:{path}?missing=guess")
     with pytest.raises(SiteDataError, match="no label column 'y'"):
@@ -174,9 +178,9 @@ def test_a_non_numeric_column_is_named_once_not_row_by_row(tmp_path):
     path = tmp_path / "labs.csv"
     path.write_text("age,ward,label\n" + "".join(f"{40 + i},north,{i % 2}\n" for i in range(50)))
     s = scan(f"csv:{path}")
-    assert s.corrupt == [("labs.csv column 'ward'",
-                          "non-numeric values in 50 rows (first at line 2: 'north'); feature "
-                          "columns must be numbers")]
+    assert s.column_problems == ["labs.csv: column 'ward': 50 rows have values that are not "
+                                 "numbers (first: 'north', data row 1)"]
+    assert s.corrupt == []
 
 
 def test_site_check_fails_when_the_planned_rounds_would_be_refused(tmp_path, capsys):
