@@ -37,6 +37,7 @@ from common.ledger import Entry, default_key_path, read_key, verify_chain
 from common.privacy import (ADD_REMOVE, LEDGER_ACCOUNTANT, REPLACE_ONE,
                             UNIT_OF_PRIVACY, Mechanism, epsilon)
 from common.privacy import compress as group_history
+from common.scaling import SAMPLER as FULL_SAMPLER
 
 log = logging.getLogger(__name__)
 
@@ -527,7 +528,10 @@ def audit_site(site: str, entries: Sequence[Entry], *, ledger_path: str | None =
                    for h in summary_site["history"]]
 
     # Hazards from the mechanism fields.
-    samplers = sorted({e.sampler for e in entries if e.sampler != "poisson"})
+    # A release over every record (DP feature scaling, common/scaling.py) is the
+    # Gaussian mechanism itself: Poisson sampling at q = 1, exactly what is accounted.
+    samplers = sorted({e.sampler for e in entries if e.sampler != "poisson"
+                       and not (e.sampler == FULL_SAMPLER and e.sample_rate == 1.0)})
     if samplers:
         hz.append(Hazard("error", "non-poisson-sampling",
                          f"entries used sampler(s) {samplers}; the accountants assume Poisson "

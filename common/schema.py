@@ -171,7 +171,8 @@ class Schema:
         else:
             out["features"] = [{k: (list(v) if isinstance(v, tuple) else v)
                                 for k, v in asdict(f).items()
-                                if v is not None and not (k == "levels" and not v)}
+                                if v is not None and not (k == "levels" and not v)
+                                and not (k == "scaling" and f.kind == "categorical")}
                                for f in self.features]
         return out
 

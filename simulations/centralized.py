@@ -31,16 +31,17 @@ def run_centralized(cfg: RunConfig) -> dict:
     # The same per-site records and cached features the federation uses: the
     # pooled baseline differs only in where training happens, and it never
     # runs the backbone again when a federated run has already filled the cache.
+    ev = GlobalEval(cfg)  # the federation's schema, dp-scaled features fitted on public data
     feats_x, feats_y, feat_seconds = [], [], 0.0
     for site_id in range(cfg.num_sites):
-        data = load_site_data(cfg, scenario_policy(cfg, {"partition-id": site_id}))
+        data = load_site_data(cfg, scenario_policy(cfg, {"partition-id": site_id}),
+                              schema=ev.schema)
         f = site_features(cfg, Path(cfg.cache_dir), data)
         feats_x.append(f.train)
         feats_y.append(data.train_y)
         feat_seconds += f.seconds
     x, y = np.concatenate(feats_x), np.concatenate(feats_y)
     device = training.resolve_device(cfg.device)
-    ev = GlobalEval(cfg)
     head = ev.head()
     epochs = cfg.num_rounds * cfg.local_epochs
     eps, history = None, []
@@ -63,7 +64,9 @@ def run_centralized(cfg: RunConfig) -> dict:
         "run_id": f"centralized-{int(time.time())}", "mode": "centralized", "dp": cfg.dp,
         "dataset": cfg.dataset, "backbone": cfg.backbone, "head": cfg.head,
         "num_sites": cfg.num_sites, "classes": list(ev.classes),
-        "final": {**m["test"], "val": m["val"]},
+        "schema": ev.schema.to_dict(),
+        "final": {**m["test"], "val": m["val"],
+                  **({"test_sites": m["test_sites"]} if "test_sites" in m else {})},
         "rounds": [{"round": 1, "test": m["test"], "val": m["val"]}],
         "sites": {"pooled": {
             "epsilon": eps, "delta": cfg.target_delta if cfg.dp else None,

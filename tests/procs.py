@@ -44,14 +44,15 @@ def fedtransfer_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "simulations.cli", *args]
 
 
-def simulate(out: Path, *settings: str, log: Path, timeout: float = 600) -> tuple[dict, str]:
-    """Run ``fedtransfer simulate --config demo --out OUT --set ...`` in its own process
+def simulate(out: Path, *settings: str, log: Path, timeout: float = 600,
+             config: str = "demo") -> tuple[dict, str]:
+    """Run ``fedtransfer simulate --config CONFIG --out OUT --set ...`` in its own process
     group (stopped by pid when done or on failure); returns (summary.json, its output)."""
     import json
 
     from tests.conftest import REPO
 
-    args = fedtransfer_cmd("simulate", "--config", "demo", "--out", str(out),
+    args = fedtransfer_cmd("simulate", "--config", config, "--out", str(out),
                            *[a for s in settings for a in ("--set", s)])
     with running(args, log=log, cwd=REPO) as proc:
         rc = proc.wait(timeout=timeout)
