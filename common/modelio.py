@@ -7,7 +7,14 @@ A bundle is a folder::
     student.safetensors   the student's state dict (optional)
     card.json             run id, round, architectures, parameter counts,
                           teacher/student metrics, ε/δ and unit of privacy,
-                          and a sha256 per file plus one over all files
+                          and the hashes below
+
+Hashes: ``files`` (a sha256 per weights file), ``card_sha256`` (the card's
+own content: canonical JSON of every field except the hashes and the
+receiving site's ``site`` block), ``sha256`` (one over the file hashes and
+``card_sha256``: what the server delivered, the same at every site) and, once
+a site has added its ``site`` block, ``site_sha256`` over that block. So an
+edited class list, decision rule or ε is caught like an edited weights file.
 
 The card is written last (atomically), so a card on disk means the files it
 hashes are complete.
@@ -32,7 +39,12 @@ from common.distill import StudentSpec, make_student
 CARD_NAME = "card.json"
 HEAD_FILE = "head.safetensors"
 STUDENT_FILE = "student.safetensors"
-CARD_VERSION = 1
+# 2: the card's own content is hashed (card_sha256); version 1 hashed the weights files only.
+CARD_VERSION = 2
+HASH_FIELDS = ("files", "sha256", "card_sha256", "site_sha256")
+# Added by the receiving site (its id and its own ε); hashed on its own so that
+# the bundle hash a site sends back equals the one the server delivered.
+SITE_FIELD = "site"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -43,10 +55,26 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def bundle_sha256(files: dict[str, str]) -> str:
-    """One hash over the per-file hashes, in name order."""
-    text = "\n".join(f"{name}:{digest}" for name, digest in sorted(files.items()))
+def bundle_sha256(files: dict[str, str], card_digest: str | None = None) -> str:
+    """One hash over the per-file hashes and the card's (``card_sha256``), in name order."""
+    entries = {**files, CARD_NAME: card_digest} if card_digest is not None else files
+    text = "\n".join(f"{name}:{digest}" for name, digest in sorted(entries.items()))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _canonical_sha256(value) -> str:
+    # Through JSON and back first, so a card hashes the same before it is written
+    # (numpy scalars, tuples, int keys) as when it is read back.
+    plain = json.loads(json.dumps(value, default=_json_default))
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
+
+
+def card_sha256(card: dict) -> str:
+    """sha256 of a card's delivered content: canonical JSON (sorted keys) of every
+    field except the hashes (:data:`HASH_FIELDS`) and the site's own ``site`` block."""
+    return _canonical_sha256({k: v for k, v in card.items()
+                              if k not in HASH_FIELDS and k != SITE_FIELD})
 
 
 def _write_arrays(path: Path, arrays: dict[str, np.ndarray], metadata: dict) -> None:
@@ -62,8 +90,8 @@ def save_bundle(model_dir: str | Path, *, card: dict, head: dict[str, np.ndarray
                 student: dict[str, np.ndarray] | None = None) -> Path:
     """Write head, student and card under ``model_dir``; returns the card path.
 
-    ``card`` is the descriptive part; this adds ``files`` (sha256 each) and
-    ``sha256`` (over all files).
+    ``card`` is the descriptive part (any hash fields in it are replaced); this
+    adds ``card_version`` and the hashes (see the module docstring).
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +107,11 @@ def save_bundle(model_dir: str | Path, *, card: dict, head: dict[str, np.ndarray
         files[STUDENT_FILE] = file_sha256(model_dir / STUDENT_FILE)
     elif (model_dir / STUDENT_FILE).exists():
         (model_dir / STUDENT_FILE).unlink()  # a stale student must not sit next to a new card
-    full = {**card, "card_version": CARD_VERSION, "files": files, "sha256": bundle_sha256(files)}
+    full = {**{k: v for k, v in card.items() if k not in HASH_FIELDS}, "card_version": CARD_VERSION}
+    own = card_sha256(full)
+    full.update(files=files, card_sha256=own, sha256=bundle_sha256(files, own))
+    if SITE_FIELD in full:
+        full["site_sha256"] = _canonical_sha256(full[SITE_FIELD])
     tmp = model_dir / (CARD_NAME + ".tmp")
     tmp.write_text(json.dumps(full, indent=2, default=_json_default))
     os.replace(tmp, model_dir / CARD_NAME)
@@ -126,8 +158,27 @@ def verify_bundle(path: str | Path) -> list[str]:
             problems.append(f"{name}: missing")
         elif file_sha256(f) != digest:
             problems.append(f"{name}: sha256 does not match the card")
-    if card.get("sha256") != bundle_sha256(files):
-        problems.append("card sha256 does not match its file hashes")
+    problems += _card_problems(card)
+    if "card_sha256" in card and card.get("sha256") != bundle_sha256(files, card["card_sha256"]):
+        problems.append(f"{CARD_NAME}: sha256 does not match its file and card hashes")
+    return problems
+
+
+def _card_problems(card: dict) -> list[str]:
+    """The card's own content against ``card_sha256`` (and its ``site`` block
+    against ``site_sha256``)."""
+    if "card_sha256" not in card:
+        return [(f"{CARD_NAME}: no card hash: the bundle predates card hashing (card_version "
+                 f"{card.get('card_version', 1)}), so an edited class list could not be "
+                 "detected; re-deliver it from the run's models/ folder or a newer run")]
+    problems = []
+    if card["card_sha256"] != card_sha256(card):
+        problems.append(f"{CARD_NAME}: content does not match its hash (card_sha256): the card "
+                        "was edited after it was saved")
+    has_site, site_digest = SITE_FIELD in card, card.get("site_sha256")
+    if has_site != (site_digest is not None) or (
+            has_site and site_digest != _canonical_sha256(card[SITE_FIELD])):
+        problems.append(f"{CARD_NAME}: its '{SITE_FIELD}' block does not match site_sha256")
     return problems
 
 

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.numpy import load_file
 
 from common import distill as kd
 from common.heads import head_state, make_head
-from common.modelio import (bundle_sha256, export_torchscript, file_sha256, load_student,
-                            save_bundle, verify_bundle)
+from common.modelio import (bundle_sha256, card_sha256, check_bundle, export_torchscript,
+                            file_sha256, load_student, save_bundle, verify_bundle)
 from common.predict import load_predictor, predict_file, read_inputs
 from simulations.cli import main as cli_main
 from tests.conftest import REPO
@@ -52,7 +53,8 @@ def test_bundle_hashes_match_and_tampering_is_caught(tmp_path):
     card_path, _, _ = _bundle(tmp_path / "m")
     card = json.loads(card_path.read_text())
     assert card["files"]["student.safetensors"] == file_sha256(tmp_path / "m" / "student.safetensors")
-    assert card["sha256"] == bundle_sha256(card["files"])
+    assert card["card_sha256"] == card_sha256(card)
+    assert card["sha256"] == bundle_sha256(card["files"], card["card_sha256"])
     assert verify_bundle(tmp_path / "m") == []
     with (tmp_path / "m" / "head.safetensors").open("r+b") as fh:
         fh.seek(-4, 2)
@@ -199,3 +201,57 @@ def test_predict_cli_reports_errors_with_exit_status_2(tmp_path, capsys):
     assert cli_main(["predict", "--model", str(tmp_path / "nowhere"), "--input",
                      str(tmp_path / "bad.npz"), "--out", str(tmp_path / "p.csv")]) == 2
     assert "model card not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
+# The card is covered by the bundle's hashes
+# --------------------------------------------------------------------------
+
+
+def _edit_card(card_path, **changes):
+    card = json.loads(card_path.read_text())
+    card.update(changes)
+    card_path.write_text(json.dumps(card, indent=2))
+
+
+def test_an_edited_class_list_is_refused_never_a_flipped_label(tmp_path, capsys):
+    card_path, _, _ = _bundle(tmp_path / "m")
+    np.savez(tmp_path / "x.npz", images=np.random.default_rng(5).random((4, 8, 8)))
+    _edit_card(card_path, classes=["c", "b", "a"])
+    assert verify_bundle(card_path) == [("card.json: content does not match its hash "
+                                         "(card_sha256): the card was edited after it was saved")]
+    for which in ("student", "head"):
+        with pytest.raises(ValueError, match="card.json: content does not match its hash"):
+            predict_file(tmp_path / "m", tmp_path / "x.npz", tmp_path / "p.csv", which=which,
+                         progress=False)
+    assert not (tmp_path / "p.csv").exists()
+    for fmt in ("torchscript", "onnx"):
+        assert cli_main(["export", "--model", str(tmp_path / "m"), "--format", fmt, "--out",
+                         str(tmp_path / "model.out")]) == 2
+        assert "card.json: content does not match its hash" in capsys.readouterr().err
+    assert not (tmp_path / "model.out").exists()
+
+
+def test_a_card_without_its_hash_is_refused_as_predating_card_hashing(tmp_path):
+    card_path, _, _ = _bundle(tmp_path / "m")
+    card = json.loads(card_path.read_text())
+    del card["card_sha256"]  # what a version-1 card looks like: hashes over the files only
+    card.update(card_version=1, sha256=bundle_sha256(card["files"]))
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="predates card hashing"):
+        check_bundle(tmp_path / "m")
+
+
+def test_the_site_block_keeps_the_delivered_hash_and_is_covered_on_its_own(tmp_path):
+    server_card, _, _ = _bundle(tmp_path / "server")
+    card = json.loads(server_card.read_text())
+    arrays = {name: load_file(str(tmp_path / "server" / f"{name}.safetensors"))
+              for name in ("head", "student")}
+    site_card = save_bundle(tmp_path / "site", card={**card, "site": {"site_id": 0,
+                                                                       "epsilon_own_ledger": 0.8}},
+                            **arrays)
+    site = json.loads(site_card.read_text())
+    assert site["sha256"] == card["sha256"]  # what the site sends back is what the server sent
+    assert verify_bundle(site_card) == []
+    _edit_card(site_card, site={"site_id": 0, "epsilon_own_ledger": 0.1})
+    assert verify_bundle(site_card) == ["card.json: its 'site' block does not match site_sha256"]
