@@ -1,5 +1,5 @@
 """Delivered models on disk: the aggregated head, the distilled student and
-their JSON card, plus TorchScript export of the student.
+their JSON card, plus TorchScript and ONNX export of either.
 
 A bundle is a folder::
 
@@ -35,10 +35,12 @@ from safetensors.numpy import save_file as save_numpy
 from torch import nn
 
 from common.distill import StudentSpec, make_student
+from common.heads import load_head_state, make_head
 
 CARD_NAME = "card.json"
 HEAD_FILE = "head.safetensors"
 STUDENT_FILE = "student.safetensors"
+MODELS = ("student", "head")
 # 2: the card's own content is hashed (card_sha256); version 1 hashed the weights files only.
 CARD_VERSION = 2
 HASH_FIELDS = ("files", "sha256", "card_sha256", "site_sha256")
@@ -217,30 +219,60 @@ def load_head_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     return load_numpy(str(card_path(path).parent / HEAD_FILE)), card
 
 
-def export_torchscript(path: str | Path, out: str | Path) -> Path:
-    """Trace the bundle's student to TorchScript (inputs: ``(N, *input_shape)``
-    float32, pixels in [0, 1]; outputs: logits)."""
+def load_head(path: str | Path) -> tuple[nn.Module, dict]:
+    """The head of a bundle (hash-checked), in eval mode, with its card. It takes
+    backbone features ``(N, in_dim)``; with the ``identity`` backbone (tabular
+    data) those are the records' feature columns."""
+    arrays, card = load_head_arrays(path)
+    h = card["head"]
+    head = make_head(h["name"], in_dim=int(h["in_dim"]), num_classes=int(h["num_classes"]),
+                     hidden_dim=int(h.get("hidden_dim", 128)))
+    return load_head_state(head, arrays).eval(), card
+
+
+def default_model(card: dict) -> str:
+    """Which model a bundle is used through by default: its student, or its
+    head when it has none (distillation off or failed, e.g. a tabular run)."""
+    return "student" if STUDENT_FILE in (card.get("files") or {}) else "head"
+
+
+def _export_module(path: str | Path, which: str) -> tuple[nn.Module, tuple[int, ...], str]:
+    """The module to export, its input shape per record and the input's name."""
+    if which not in MODELS:
+        raise ValueError(f"unknown model {which!r}. Valid: {', '.join(MODELS)}")
+    if which == "head":
+        head, card = load_head(path)
+        return head, (int(card["head"]["in_dim"]),), "features"
     student, spec, _ = load_student(path)
-    example = torch.rand(2, *spec.input_shape)
+    return student, tuple(spec.input_shape), "images"
+
+
+def export_torchscript(path: str | Path, out: str | Path, *, which: str = "student") -> Path:
+    """Trace the bundle's student (inputs: ``(N, *input_shape)`` float32, pixels
+    in [0, 1]) or head (inputs: ``(N, in_dim)`` features, see :func:`load_head`)
+    to TorchScript; outputs: logits."""
+    module, shape, _ = _export_module(path, which)
+    example = torch.rand(2, *shape)
     with torch.no_grad():
-        traced = torch.jit.trace(student, example)
+        traced = torch.jit.trace(module, example)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     traced.save(str(out))
     return out
 
 
-def export_onnx(path: str | Path, out: str | Path) -> Path:
-    """Export the bundle's student to ONNX (opset 17; input ``images`` of shape
-    ``(N, *input_shape)`` float32 in [0, 1], dynamic batch; output ``logits``)."""
-    student, spec, _ = load_student(path)
+def export_onnx(path: str | Path, out: str | Path, *, which: str = "student") -> Path:
+    """Export the bundle's student (input ``images``, ``(N, *input_shape)``
+    float32 in [0, 1]) or head (input ``features``, ``(N, in_dim)``) to ONNX
+    (opset 17, dynamic batch; output ``logits``)."""
+    module, shape, input_name = _export_module(path, which)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.rand(2, *spec.input_shape)
+    example = torch.rand(2, *shape)
     with torch.no_grad():
         # The TorchScript-based exporter: the dynamo one needs onnxscript and
         # gains nothing for a small static CNN / MLP.
-        torch.onnx.export(student, (example,), str(out), input_names=["images"],
+        torch.onnx.export(module, (example,), str(out), input_names=[input_name],
                           output_names=["logits"], opset_version=17, dynamo=False,
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+                          dynamic_axes={input_name: {0: "batch"}, "logits": {0: "batch"}})
     return out
