@@ -172,7 +172,7 @@ def _card_problems(card: dict) -> list[str]:
     if "card_sha256" not in card:
         return [(f"{CARD_NAME}: no card hash: the bundle predates card hashing (card_version "
                  f"{card.get('card_version', 1)}), so an edited class list could not be "
-                 "detected; re-deliver it from the run's models/ folder or a newer run")]
+                 f"detected; re-deliver it from a run that writes card_version {CARD_VERSION}")]
     problems = []
     if card["card_sha256"] != card_sha256(card):
         problems.append(f"{CARD_NAME}: content does not match its hash (card_sha256): the card "
