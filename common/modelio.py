@@ -1,5 +1,5 @@
 """Delivered models on disk: the aggregated head, the distilled student and
-their JSON card, plus TorchScript export of the student.
+their JSON card, plus TorchScript and ONNX export of either.
 
 A bundle is a folder::
 
@@ -7,7 +7,14 @@ A bundle is a folder::
     student.safetensors   the student's state dict (optional)
     card.json             run id, round, architectures, parameter counts,
                           teacher/student metrics, ε/δ and unit of privacy,
-                          and a sha256 per file plus one over all files
+                          and the hashes below
+
+Hashes: ``files`` (a sha256 per weights file), ``card_sha256`` (the card's
+own content: canonical JSON of every field except the hashes and the
+receiving site's ``site`` block), ``sha256`` (one over the file hashes and
+``card_sha256``: what the server delivered, the same at every site) and, once
+a site has added its ``site`` block, ``site_sha256`` over that block. So an
+edited class list, decision rule or ε is caught like an edited weights file.
 
 The card is written last (atomically), so a card on disk means the files it
 hashes are complete.
@@ -28,11 +35,18 @@ from safetensors.numpy import save_file as save_numpy
 from torch import nn
 
 from common.distill import StudentSpec, make_student
+from common.heads import load_head_state, make_head
 
 CARD_NAME = "card.json"
 HEAD_FILE = "head.safetensors"
 STUDENT_FILE = "student.safetensors"
-CARD_VERSION = 1
+MODELS = ("student", "head")
+# 2: the card's own content is hashed (card_sha256); version 1 hashed the weights files only.
+CARD_VERSION = 2
+HASH_FIELDS = ("files", "sha256", "card_sha256", "site_sha256")
+# Added by the receiving site (its id and its own ε); hashed on its own so that
+# the bundle hash a site sends back equals the one the server delivered.
+SITE_FIELD = "site"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -43,10 +57,26 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def bundle_sha256(files: dict[str, str]) -> str:
-    """One hash over the per-file hashes, in name order."""
-    text = "\n".join(f"{name}:{digest}" for name, digest in sorted(files.items()))
+def bundle_sha256(files: dict[str, str], card_digest: str | None = None) -> str:
+    """One hash over the per-file hashes and the card's (``card_sha256``), in name order."""
+    entries = {**files, CARD_NAME: card_digest} if card_digest is not None else files
+    text = "\n".join(f"{name}:{digest}" for name, digest in sorted(entries.items()))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _canonical_sha256(value) -> str:
+    # Through JSON and back first, so a card hashes the same before it is written
+    # (numpy scalars, tuples, int keys) as when it is read back.
+    plain = json.loads(json.dumps(value, default=_json_default))
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
+
+
+def card_sha256(card: dict) -> str:
+    """sha256 of a card's delivered content: canonical JSON (sorted keys) of every
+    field except the hashes (:data:`HASH_FIELDS`) and the site's own ``site`` block."""
+    return _canonical_sha256({k: v for k, v in card.items()
+                              if k not in HASH_FIELDS and k != SITE_FIELD})
 
 
 def _write_arrays(path: Path, arrays: dict[str, np.ndarray], metadata: dict) -> None:
@@ -62,8 +92,8 @@ def save_bundle(model_dir: str | Path, *, card: dict, head: dict[str, np.ndarray
                 student: dict[str, np.ndarray] | None = None) -> Path:
     """Write head, student and card under ``model_dir``; returns the card path.
 
-    ``card`` is the descriptive part; this adds ``files`` (sha256 each) and
-    ``sha256`` (over all files).
+    ``card`` is the descriptive part (any hash fields in it are replaced); this
+    adds ``card_version`` and the hashes (see the module docstring).
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +109,11 @@ def save_bundle(model_dir: str | Path, *, card: dict, head: dict[str, np.ndarray
         files[STUDENT_FILE] = file_sha256(model_dir / STUDENT_FILE)
     elif (model_dir / STUDENT_FILE).exists():
         (model_dir / STUDENT_FILE).unlink()  # a stale student must not sit next to a new card
-    full = {**card, "card_version": CARD_VERSION, "files": files, "sha256": bundle_sha256(files)}
+    full = {**{k: v for k, v in card.items() if k not in HASH_FIELDS}, "card_version": CARD_VERSION}
+    own = card_sha256(full)
+    full.update(files=files, card_sha256=own, sha256=bundle_sha256(files, own))
+    if SITE_FIELD in full:
+        full["site_sha256"] = _canonical_sha256(full[SITE_FIELD])
     tmp = model_dir / (CARD_NAME + ".tmp")
     tmp.write_text(json.dumps(full, indent=2, default=_json_default))
     os.replace(tmp, model_dir / CARD_NAME)
@@ -126,8 +160,27 @@ def verify_bundle(path: str | Path) -> list[str]:
             problems.append(f"{name}: missing")
         elif file_sha256(f) != digest:
             problems.append(f"{name}: sha256 does not match the card")
-    if card.get("sha256") != bundle_sha256(files):
-        problems.append("card sha256 does not match its file hashes")
+    problems += _card_problems(card)
+    if "card_sha256" in card and card.get("sha256") != bundle_sha256(files, card["card_sha256"]):
+        problems.append(f"{CARD_NAME}: sha256 does not match its file and card hashes")
+    return problems
+
+
+def _card_problems(card: dict) -> list[str]:
+    """The card's own content against ``card_sha256`` (and its ``site`` block
+    against ``site_sha256``)."""
+    if "card_sha256" not in card:
+        return [(f"{CARD_NAME}: no card hash: the bundle predates card hashing (card_version "
+                 f"{card.get('card_version', 1)}), so an edited class list could not be "
+                 f"detected; re-deliver it from a run that writes card_version {CARD_VERSION}")]
+    problems = []
+    if card["card_sha256"] != card_sha256(card):
+        problems.append(f"{CARD_NAME}: content does not match its hash (card_sha256): the card "
+                        "was edited after it was saved")
+    has_site, site_digest = SITE_FIELD in card, card.get("site_sha256")
+    if has_site != (site_digest is not None) or (
+            has_site and site_digest != _canonical_sha256(card[SITE_FIELD])):
+        problems.append(f"{CARD_NAME}: its '{SITE_FIELD}' block does not match site_sha256")
     return problems
 
 
@@ -166,30 +219,60 @@ def load_head_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     return load_numpy(str(card_path(path).parent / HEAD_FILE)), card
 
 
-def export_torchscript(path: str | Path, out: str | Path) -> Path:
-    """Trace the bundle's student to TorchScript (inputs: ``(N, *input_shape)``
-    float32, pixels in [0, 1]; outputs: logits)."""
+def load_head(path: str | Path) -> tuple[nn.Module, dict]:
+    """The head of a bundle (hash-checked), in eval mode, with its card. It takes
+    backbone features ``(N, in_dim)``; with the ``identity`` backbone (tabular
+    data) those are the records' feature columns."""
+    arrays, card = load_head_arrays(path)
+    h = card["head"]
+    head = make_head(h["name"], in_dim=int(h["in_dim"]), num_classes=int(h["num_classes"]),
+                     hidden_dim=int(h.get("hidden_dim", 128)))
+    return load_head_state(head, arrays).eval(), card
+
+
+def default_model(card: dict) -> str:
+    """Which model a bundle is used through by default: its student, or its
+    head when it has none (distillation off or failed, e.g. a tabular run)."""
+    return "student" if STUDENT_FILE in (card.get("files") or {}) else "head"
+
+
+def _export_module(path: str | Path, which: str) -> tuple[nn.Module, tuple[int, ...], str]:
+    """The module to export, its input shape per record and the input's name."""
+    if which not in MODELS:
+        raise ValueError(f"unknown model {which!r}. Valid: {', '.join(MODELS)}")
+    if which == "head":
+        head, card = load_head(path)
+        return head, (int(card["head"]["in_dim"]),), "features"
     student, spec, _ = load_student(path)
-    example = torch.rand(2, *spec.input_shape)
+    return student, tuple(spec.input_shape), "images"
+
+
+def export_torchscript(path: str | Path, out: str | Path, *, which: str = "student") -> Path:
+    """Trace the bundle's student (inputs: ``(N, *input_shape)`` float32, pixels
+    in [0, 1]) or head (inputs: ``(N, in_dim)`` features, see :func:`load_head`)
+    to TorchScript; outputs: logits."""
+    module, shape, _ = _export_module(path, which)
+    example = torch.rand(2, *shape)
     with torch.no_grad():
-        traced = torch.jit.trace(student, example)
+        traced = torch.jit.trace(module, example)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     traced.save(str(out))
     return out
 
 
-def export_onnx(path: str | Path, out: str | Path) -> Path:
-    """Export the bundle's student to ONNX (opset 17; input ``images`` of shape
-    ``(N, *input_shape)`` float32 in [0, 1], dynamic batch; output ``logits``)."""
-    student, spec, _ = load_student(path)
+def export_onnx(path: str | Path, out: str | Path, *, which: str = "student") -> Path:
+    """Export the bundle's student (input ``images``, ``(N, *input_shape)``
+    float32 in [0, 1]) or head (input ``features``, ``(N, in_dim)``) to ONNX
+    (opset 17, dynamic batch; output ``logits``)."""
+    module, shape, input_name = _export_module(path, which)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.rand(2, *spec.input_shape)
+    example = torch.rand(2, *shape)
     with torch.no_grad():
         # The TorchScript-based exporter: the dynamo one needs onnxscript and
         # gains nothing for a small static CNN / MLP.
-        torch.onnx.export(student, (example,), str(out), input_names=["images"],
+        torch.onnx.export(module, (example,), str(out), input_names=[input_name],
                           output_names=["logits"], opset_version=17, dynamo=False,
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+                          dynamic_axes={input_name: {0: "batch"}, "logits": {0: "batch"}})
     return out
