@@ -25,7 +25,7 @@ import math
 import os
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,8 @@ import torch
 from common.decision import apply_decision, check_decision
 from common.distill import probs_from_logits, to_student_input
 from common.modelio import MODELS, default_model, load_head, load_student, read_card
-from common.sitedata import _number
+from common.schema import Schema, SchemaError
+from common.schema import parse_number as _number
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +176,15 @@ def records_from_csv(path: str | Path, card: Mapping | None = None
     infinite values, a wrong field count); ``X`` holds the ``ok`` rows only,
     in order. A column with no number in any row is an error for the file.
 
-    ``card``: the model's card; unused today. This is the hook where a card's
-    ``schema`` block (feature names, one-hot levels, scaling) will map columns
-    by name.
+    With a tabular ``schema`` in the ``card`` (feature names, one-hot levels,
+    scaling constants: :mod:`common.schema`), columns map onto it *by name*
+    and each row gets the run's transform (:func:`schema_records`).
     """
     path = Path(path)
     header, rows = _read_csv_rows(path)
+    schema_block = (card or {}).get("schema")
+    if schema_block and schema_block.get("input") == "tabular":
+        return schema_records(path, Schema.from_dict(schema_block), header, rows)
     cols = {c.lower(): i for i, c in enumerate(header)}
     id_col = cols.get("id")
     feature_idx = [i for i, c in enumerate(header) if c.lower() not in ("id", "label")]
@@ -203,6 +207,48 @@ def records_from_csv(path: str | Path, card: Mapping | None = None
     _check_columns(path, names, x[np.array(full_width)], text_cols)
     statuses = [OK if why is None else UNREADABLE + why for why in reasons]
     return ids, x[np.array([why is None for why in reasons])].astype(np.float32), statuses
+
+
+def schema_records(path: Path, schema: Schema, header: list[str],
+                   rows: list[tuple[int, list[str]]]) -> tuple[list[str], np.ndarray, list[str]]:
+    """``(ids, X, statuses)`` of a CSV read through the run's schema: every schema
+    feature is required by name (a missing one, or one differing only in case, is
+    an error for the file); the label, an ``id`` and any other column are ignored
+    (and logged); each row is encoded on its own and transformed with the
+    schema's constants. A row the schema cannot read (a non-number, an
+    undeclared level, a missing value under ``missing = "error"`` or ``"drop"``)
+    gets an ``unreadable`` status naming its line and column."""
+    names = {f.name for f in schema.features}
+    ignored = [h for h in header if h not in names]
+    if ignored:
+        log.info("%s: columns %s are not model features; ignored", path, ignored)
+    cols = [i for i, h in enumerate(header) if h in names]
+    sub = [header[i] for i in cols]
+    try:
+        schema._check_header(sub, f"{path.name}: ")
+    except SchemaError as exc:
+        folded = {n.casefold(): n for n in names}
+        near = [f"'{h}' differs only in case from the model's feature '{folded[h.casefold()]}'"
+                for h in ignored if h.casefold() in folded]
+        raise ValueError(f"{exc}" + (f"; {'; '.join(near)}" if near else "")) from exc
+    id_col = next((i for i, h in enumerate(header) if h.lower() == "id"), None)
+    ids, designs, statuses = [], [], []
+    strict = replace(schema, missing="error" if schema.missing == "drop" else schema.missing)
+    for n, (line, row) in enumerate(rows):
+        ids.append(row[id_col].strip() if id_col is not None and id_col < len(row) else str(n))
+        if len(row) != len(header):
+            statuses.append(f"{UNREADABLE}line {line}: {len(row)} fields, the header has "
+                            f"{len(header)}")
+            continue
+        design, problems = strict.encode(sub, [[row[i] for i in cols]])
+        if problems:
+            why = "; ".join(problems)
+            statuses.append(f"{UNREADABLE}line {line}: {why}")
+            continue
+        statuses.append(OK)
+        designs.append(design[0])
+    x = schema.transform(np.array(designs).reshape(-1, len(schema.columns)))
+    return ids, x, statuses
 
 
 def csv_inputs(path: Path, card: Mapping | None = None) -> Inputs:

@@ -544,3 +544,12 @@ def federation(cfg, *, dp_as_public: bool = False):
     if schema.needs("public"):
         schema = schema.fit_public(splits.val_x)
     return splits, schema
+
+
+def parse_number(text: str) -> float:
+    """A CSV cell as a number: NaN for a missing-value token (``MISSING_TOKENS``),
+    ``ValueError`` for text. The one rule every reader (sites, ``predict``) uses."""
+    t = text.strip()
+    if t.lower() in MISSING_TOKENS:
+        return math.nan
+    return float(t)

@@ -174,8 +174,10 @@ def run_distillation(cfg: RunConfig, splits: Splits, test_features: np.ndarray,
 
 def delivery_card(cfg: RunConfig, *, run_id: str, server_round: int, classes: list[str],
                   head_in_dim: int, head_params: int, final: dict, outcome: DistillOutcome | None,
-                  sites: dict, unit: str) -> dict:
-    """The descriptive part of the model card (hashes are added on save)."""
+                  sites: dict, unit: str, schema: dict | None = None) -> dict:
+    """The descriptive part of the model card (hashes are added on save). ``schema``:
+    the federation's fitted schema (common/schema.py), so ``predict`` reads raw
+    records the way the sites did, by name."""
     eps = {sid: s.get("epsilon") for sid, s in sites.items()}
     known = [e for e in eps.values() if e is not None]
     card = {
@@ -183,6 +185,7 @@ def delivery_card(cfg: RunConfig, *, run_id: str, server_round: int, classes: li
         "round": server_round,
         "dataset": cfg.dataset,
         "classes": classes,
+        **({"schema": schema} if schema is not None else {}),
         "head": {"name": cfg.head, "architecture": f"{cfg.backbone} (frozen) + {cfg.head} head",
                  "backbone": cfg.backbone, "image_size": cfg.image_size, "in_dim": head_in_dim,
                  "num_classes": len(classes), "hidden_dim": cfg.hidden_dim, "params": head_params,

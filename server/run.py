@@ -245,7 +245,8 @@ def finish(cfg: RunConfig, grid: Grid, *, run_id: str, out: Path, ev: GlobalEval
                          head_in_dim=ev.feature_dim, head_params=head_params,
                          final={k: summary["final"][k] for k in ("auc", "accuracy",
                                                                   "balanced_accuracy")},
-                         outcome=outcome, sites=summary["sites"], unit=UNIT_OF_PRIVACY)
+                         outcome=outcome, sites=summary["sites"], unit=UNIT_OF_PRIVACY,
+                         schema=ev.schema.to_dict())
     server_card = read_card(write_server_copy(out, card, arrays, outcome))
     delivered = deliver(grid, card=card, head=arrays, student=outcome.student if outcome else None,
                         expected_sha256=server_card["sha256"], timeout=cfg.round_timeout)
