@@ -405,3 +405,37 @@ def site_data(splits: Splits, *, site_id: int, num_sites: int, partitioner: str,
         holdout_x=x_hold, holdout_y=splits.train_y[hold],
         num_classes=splits.num_classes,
     )
+
+
+def export_site_folders(splits: Splits, out: str | Path, *, num_sites: int, alpha: float,
+                        seed: int = 0) -> dict[str, dict[str, int]]:
+    """Write every record of ``splits`` (train, val and test pooled) as PNG files in
+    ``out/<site>/<class>/``: hospitals as folders, dealt by a Dirichlet(α) label
+    skew (flwr-datasets), for ``imagefolder:<out>?site=folder`` with
+    ``partitioner = "site"``. Returns the record count per site and class.
+
+    Raises:
+        FileExistsError: ``out`` exists and is not empty (nothing is overwritten).
+    """
+    from PIL import Image
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
+    x = np.concatenate([splits.train_x, splits.val_x, splits.test_x])
+    y = np.concatenate([splits.train_y, splits.val_y, splits.test_y])
+    parts = partition_indices(y, num_sites=num_sites, partitioner="dirichlet", alpha=alpha,
+                              seed=seed)
+    counts: dict[str, dict[str, int]] = {}
+    for s, idx in enumerate(parts):
+        site = f"hospital-{s + 1}"
+        counts[site] = {}
+        for c, name in enumerate(splits.classes):
+            folder = out / site / name
+            folder.mkdir(parents=True, exist_ok=True)
+            mine = idx[y[idx] == c]
+            for i in mine:
+                img = np.clip(np.round(x[i] * 255), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{i:06d}.png")
+            counts[site][name] = int(len(mine))
+    return counts

@@ -51,6 +51,24 @@ def cmd_raise_cap(args) -> int:
     return 0
 
 
+def cmd_site_export(args) -> int:
+    """Write a dataset as hospital folders (<out>/<site>/<class>/*.png)."""
+    from common.data import export_site_folders, load_dataset
+
+    splits = load_dataset(args.dataset, args.data_dir, args.seed)
+    if splits.columns:
+        print(f"error: {args.dataset} holds tabular records; export writes images")
+        return 2
+    counts = export_site_folders(splits, args.out, num_sites=args.sites, alpha=args.alpha,
+                                 seed=args.seed)
+    for site, per_class in counts.items():
+        print(f"{site}: " + ", ".join(f"{c} {n}" for c, n in per_class.items()))
+    print(f"wrote {sum(sum(v.values()) for v in counts.values())} images to {args.out}; train "
+          f"on them with dataset = \"imagefolder:{args.out}?site=folder\", partitioner = "
+          f"\"site\", num-sites = {args.sites}")
+    return 0
+
+
 def cmd_deploy_certs(args) -> int:
     from common.certs import make_deployment_keys
 
@@ -82,6 +100,15 @@ def add_site_commands(sub) -> None:
     c.add_argument("--num-classes", type=int, help="the federation's class count")
     c.add_argument("--class-names", help="the federation's class names in order, comma-separated "
                    "(the node config's class-names)")
+    x = site.add_parser("export", help="write a dataset as hospital folders "
+                            "(<out>/<site>/<class>/*.png), Dirichlet label skew")
+    x.add_argument("--dataset", required=True, help="e.g. medmnist:pneumoniamnist")
+    x.add_argument("--data-dir", default="", help="where the dataset's files are")
+    x.add_argument("--out", required=True, help="a new folder")
+    x.add_argument("--sites", type=int, default=4)
+    x.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    x.add_argument("--seed", type=int, default=0)
+    x.set_defaults(func=cmd_site_export)
     c.add_argument("--schema", help="the federation's schema (a .toml with a [schema] table, "
                    "or .json): classes, and a CSV's columns by name")
     c.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import math
 import tomllib
 
@@ -127,6 +129,9 @@ def test_pyproject_defaults_parse():
     cfg = parse_config(defaults)
     assert cfg.dataset == defaults["dataset"]
     assert cfg.num_sites == defaults["num-sites"]
+    # `flwr run . --run-config "key=value"` refuses a key the app config lacks, with
+    # "Invalid run configuration" and no key named: every key must be there.
+    assert set(defaults) == set(ALLOWED_KEYS), sorted(set(ALLOWED_KEYS) ^ set(defaults))
 
 
 def test_there_are_named_scenarios():
@@ -138,6 +143,9 @@ def test_every_scenario_config_parses(path):
     raw = load_config_file(path)
     cfg = parse_config(raw)
     for key, value in raw.items():
+        if key == "schema":  # a [schema] table is kept as its canonical JSON
+            assert json.loads(cfg.schema) == value
+            continue
         assert cfg.to_dict()[key] == value
 
 

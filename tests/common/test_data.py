@@ -256,3 +256,42 @@ def test_real_pneumoniamnist(pneumonia_npz):
     assert 0.0 <= s.train_x.min() and s.train_x.max() <= 1.0
     via_registry = load_dataset("medmnist:pneumoniamnist", data_dir=str(pneumonia_npz.parent))
     np.testing.assert_array_equal(via_registry.test_y, s.test_y)
+
+
+def test_natural_sites_from_folders_and_csv_keep_each_records_site(tmp_path):
+    """``partitioner = "site"``: a hospital's records are exactly its own, each site
+    with its own train/val/test split; a mismatched site count is named."""
+    from common.data import Splits, check_natural_sites, export_site_folders, site_data
+
+    full = load_dataset("digits", seed=0)
+    small = Splits("digits", ("0", "1"), *(a for x, y in ((full.train_x, full.train_y),
+                                                           (full.val_x, full.val_y),
+                                                           (full.test_x, full.test_y))
+                                             for a in (x[y < 2][:40], y[y < 2][:40])))
+    counts = export_site_folders(small, tmp_path / "sites", num_sites=3, alpha=100.0, seed=0)
+    assert sorted(counts) == ["hospital-1", "hospital-2", "hospital-3"]
+    splits = load_dataset(f"imagefolder:{tmp_path / 'sites'}?site=folder", seed=0)
+    assert splits.site_names == ("hospital-1", "hospital-2", "hospital-3")
+    for i, name in enumerate(splits.site_names):
+        n = sum(counts[name].values())
+        got = sum(int((s == i).sum()) for s in (splits.train_site, splits.val_site,
+                                                 splits.test_site))
+        assert got == n and (splits.test_site == i).any()  # each site has its own test split
+        data = site_data(splits, site_id=i, num_sites=3, partitioner="site", alpha=0.5,
+                         holdout=0.2, shift=0.0, seed=0)
+        assert len(data.train_y) + len(data.holdout_y) == int((splits.train_site == i).sum())
+    with pytest.raises(ValueError, match="holds 3 sites"):
+        check_natural_sites(splits, 4)
+    with pytest.raises(ValueError, match="needs records that carry their site"):
+        check_natural_sites(full, 4)
+    with pytest.raises(FileExistsError):
+        export_site_folders(small, tmp_path / "sites", num_sites=3, alpha=1.0)
+
+    # The same from one CSV per site, and from a site column.
+    for k in range(2):
+        (tmp_path / "csvs").mkdir(exist_ok=True)
+        (tmp_path / "csvs" / f"clinic-{k}.csv").write_text(
+            "a,b,label\n" + "".join(f"{i},{k},{i % 2}\n" for i in range(12)))
+    per_file = load_dataset(f"csv:{tmp_path / 'csvs'}", seed=0)
+    assert per_file.site_names == ("clinic-0", "clinic-1")
+    np.testing.assert_array_equal(per_file.train_x[:, 1], per_file.train_site)
