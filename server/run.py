@@ -232,7 +232,14 @@ def finish(cfg: RunConfig, grid: Grid, *, run_id: str, out: Path, ev: GlobalEval
         log.warning(reason)
         return {"distillation": {"status": "skipped", "reason": reason},
                 "delivery": {"status": "skipped", "reason": reason, "sites": {}}}
-    if cfg.distill:
+    if cfg.distill and ev.schema.input == "tabular":
+        # The head sits on raw (scaled) features: it is the compact model already.
+        params = sum(int(np.prod(v.shape)) for v in arrays.values())
+        extra["distillation"] = {"status": "skipped", "reason": (
+            f"tabular records: the {params}-parameter head on the scaled features is already "
+            "smaller than any student; the head is delivered (predict and export use it)")}
+        log.info("distillation skipped: %s", extra["distillation"]["reason"])
+    elif cfg.distill:
         try:
             outcome = run_distillation(cfg, ev.splits, ev.test_x, arrays, strategy.site_heads)
             extra.update(outcome.summary)
