@@ -154,7 +154,10 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
                           trim_fraction=cfg.trim_fraction, max_update_norm=cfg.max_update_norm,
                           max_site_weight=cfg.max_site_weight)
     strategy.run_id = run_id
-    if schema.needs("dp"):  # DP feature scaling before round 1 (server/scaling.py)
+    if cfg.resume and (out / "schema.json").is_file():
+        # The fitted schema of the run being resumed: its DP scaling was released once.
+        schema = Schema.from_dict(json.loads((out / "schema.json").read_text()))
+    elif schema.needs("dp"):  # DP feature scaling before round 1 (server/scaling.py)
         from server.scaling import fit_dp_scaling
 
         schema = fit_dp_scaling(grid, cfg, schema, strategy)
