@@ -65,6 +65,10 @@ ID_COLUMN = "id"
 # A scale never below this share of the feature's bounded range (or 1e-6 absolute):
 # a noisy variance estimate near 0 must not blow the feature up.
 MIN_SCALE_SHARE = 0.01
+# DP scaling: the standard deviation of u = (x - lower) / (upper - lower) is at most 1/2;
+# a noisy estimate below this floor is noise, and scaling by it would multiply the
+# feature by up to 100: the floor keeps a bad estimate within 10x of the range.
+MIN_DP_SCALE_SHARE = 0.1
 MAX_SCHEMA_BYTES = 256 * 1024
 
 
@@ -346,7 +350,7 @@ class Schema:
                               f"expected ({2 * m},) over at least 1")
         mean_u = np.clip(total[:m] / count + 0.5, 0.0, 1.0)
         mean_u2 = np.clip(total[m:] / count + 0.5, 0.0, 1.0)
-        var = np.maximum(mean_u2 - mean_u ** 2, MIN_SCALE_SHARE ** 2)
+        var = np.clip(mean_u2 - mean_u ** 2, MIN_DP_SCALE_SHARE ** 2, 0.25)
         constants = {}
         for k, (_, f) in enumerate(cols):
             width = f.upper - f.lower
