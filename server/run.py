@@ -23,8 +23,10 @@ from common import training
 from common.backbones import get_backbone
 from common.config import RunConfig
 from common.data import fingerprint_arrays, load_dataset
+from common.decision import choose_decision, describe_decision
 from common.features import cached_features
 from common.heads import head_state, load_head_state, make_head
+from common.metrics import metrics_at_rule
 from common.modelio import read_card
 from common.privacy import NEIGHBOURS, REPORTED_ACCOUNTANT, UNIT_OF_PRIVACY
 from common.protocol import from_array_record, released_fields, to_array_record, train_request
@@ -68,9 +70,30 @@ class GlobalEval:
         return load_head_state(head, arrays) if arrays is not None else head
 
     def metrics(self, arrays: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        """Test and val metrics at argmax."""
         head = self.head(arrays)
         return {"test": training.evaluate(head, self.test_x, self.test_y),
                 "val": training.evaluate(head, self.val_x, self.val_y)}
+
+    def report(self, arrays: dict[str, np.ndarray]) -> dict:
+        """The decision rule chosen on the public validation split, and test and val
+        metrics at that rule (argmax accuracies beside them, under ``argmax``).
+
+        Choosing the rule reads the public split and the head only: post-processing,
+        no ε. The test split is only scored, never used to choose.
+        """
+        head = self.head(arrays)
+        p_val = training.predict_proba(head, self.val_x)
+        p_test = training.predict_proba(head, self.test_x)
+        rule = choose_decision(p_val, self.val_y, chosen_on=(
+            f"the server's public validation split ({len(self.val_y)} records)"))
+        return {"decision": rule, "test": metrics_at_rule(p_test, self.test_y, rule),
+                "val": metrics_at_rule(p_val, self.val_y, rule)}
+
+    def public_class_weights(self) -> list[float]:
+        """Balanced class weights from the public validation split's class counts
+        (config ``class-weights = "public"``); no site's counts enter them."""
+        return training.balanced_class_weights(self.val_y, self.num_classes)
 
 
 def _atomic_json(path: Path, data: dict) -> None:
@@ -96,7 +119,10 @@ def _clean(x):
     return x
 
 
-def round_line(r: int, total: int, test: dict, strategy: HeadFedAvg, cfg: RunConfig) -> str:
+def round_line(r: int, total: int, test: dict, strategy: HeadFedAvg, cfg: RunConfig,
+               decision: dict | None = None, classes: list[str] | None = None) -> str:
+    """One line per round. ``test`` holds the metrics at ``decision`` (the rule
+    chosen on the public val split), with the argmax ones under ``argmax``."""
     eps = " ".join(f"s{s.site_id}={s.epsilon:.3f}" if s.dp else f"s{s.site_id}=no-DP"
                    for s in sorted(strategy.sites.values(), key=lambda s: s.site_id))
     hist = [h for s in strategy.sites.values() for h in s.history if h["round"] == r]
@@ -108,8 +134,12 @@ def round_line(r: int, total: int, test: dict, strategy: HeadFedAvg, cfg: RunCon
                   f" total {np.mean([h['site_seconds'] for h in hist]):.2f}")
     privacy = (f" | ε (per record, replace-one, δ={cfg.target_delta:g}) {eps}" if cfg.dp
                else " | no DP")
+    rule = ""
+    if decision is not None and "argmax" in test:
+        rule = (f" ({describe_decision(decision, classes)}, chosen on val; argmax acc "
+                f"{test['argmax']['accuracy']:.3f} bal {test['argmax']['balanced_accuracy']:.3f})")
     return (f"round {r}/{total} | test acc {test['accuracy']:.3f} auc {test['auc']:.3f} "
-            f"bal {test['balanced_accuracy']:.3f}{privacy}{timing}")
+            f"bal {test['balanced_accuracy']:.3f}{rule}{privacy}{timing}")
 
 
 def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
@@ -120,6 +150,10 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
     (out / "config.toml").write_text(cfg.to_toml())
     ev = GlobalEval(cfg)
     arrays = head_state(ev.head())
+    class_weights = ev.public_class_weights() if cfg.class_weights == "public" else None
+    if class_weights:
+        log.info("class weights from the public validation split's counts: %s",
+                 ", ".join(f"{c} {w:.3f}" for c, w in zip(ev.classes, class_weights, strict=True)))
     strategy = HeadFedAvg(fraction_train=cfg.fraction_train, min_train_nodes=cfg.min_sites,
                           min_available_nodes=cfg.min_sites, aggregation=cfg.aggregation,
                           trim_fraction=cfg.trim_fraction, max_update_norm=cfg.max_update_norm,
@@ -145,7 +179,8 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
             log.warning(stop_reason)
             break
         # num-rounds: the rounds this run still plans (sites calibrate σ to them)
-        config = ConfigRecord({**train_request(cfg), "num-rounds": cfg.num_rounds - first + 1})
+        config = ConfigRecord({**train_request(cfg, class_weights=class_weights),
+                               "num-rounds": cfg.num_rounds - first + 1})
         if secagg is not None:
             agg, agg_metrics = secagg(grid, r, arrays, config)
         else:
@@ -155,11 +190,12 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
         if agg is not None:
             arrays = from_array_record(agg)
         t_train = time.perf_counter() - t0
-        m = ev.metrics(arrays)
+        m = ev.report(arrays)  # the rule is re-chosen on val each round (milliseconds)
         rounds.append({"round": r, "sites_aggregated": int(agg_metrics["sites"]) if agg_metrics else 0,
-                       "test": m["test"], "val": m["val"], "train_phase_seconds": t_train,
-                       "round_seconds": time.perf_counter() - t0})
-        log.info(round_line(r, cfg.num_rounds, m["test"], strategy, cfg))
+                       "test": m["test"], "val": m["val"], "decision": m["decision"],
+                       "train_phase_seconds": t_train, "round_seconds": time.perf_counter() - t0})
+        log.info(round_line(r, cfg.num_rounds, m["test"], strategy, cfg, m["decision"],
+                            list(ev.classes)))
         save_checkpoint(out, r, arrays, strategy, rounds=rounds, run_id=run_id)
         if agg is None:
             stop_reason = f"stopped after round {r}: no site update could be aggregated"
@@ -169,7 +205,7 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(out / "head.safetensors"),
               metadata={"run_id": run_id, "head": cfg.head})
     summary = build_summary(cfg, run_id, ev, arrays, rounds, strategy, stop_reason,
-                            time.perf_counter() - t_run)
+                            time.perf_counter() - t_run, class_weights=class_weights)
     if resumed:
         summary["resumed_from"] = resumed
     if secagg is not None:
@@ -205,8 +241,8 @@ def finish(cfg: RunConfig, grid: Grid, *, run_id: str, out: Path, ev: GlobalEval
     card = delivery_card(cfg, run_id=run_id, server_round=last_round, classes=list(ev.classes),
                          head_in_dim=ev.feature_dim, head_params=head_params,
                          final={k: summary["final"][k] for k in ("auc", "accuracy",
-                                                                  "balanced_accuracy")},
-                         outcome=outcome, sites=summary["sites"], unit=UNIT_OF_PRIVACY)
+                                                                  "balanced_accuracy", "argmax")},
+                         decision=summary["final"]["decision"], outcome=outcome, sites=summary["sites"], unit=UNIT_OF_PRIVACY)
     server_card = read_card(write_server_copy(out, card, arrays, outcome))
     delivered = deliver(grid, card=card, head=arrays, student=outcome.student if outcome else None,
                         expected_sha256=server_card["sha256"], timeout=cfg.round_timeout)
@@ -239,9 +275,16 @@ def save_checkpoint(out: Path, server_round: int, arrays: dict, strategy: HeadFe
                   for s in strategy.sites.values()}}))
 
 
+def final_block(report: dict) -> dict:
+    """``summary["final"]``: test metrics at the shipped decision rule (accuracy and
+    balanced accuracy at argmax under ``argmax``), the rule, and val the same way."""
+    return {**report["test"], "decision": report["decision"], "val": report["val"]}
+
+
 def build_summary(cfg: RunConfig, run_id: str, ev: GlobalEval, arrays: dict, rounds: list,
-                  strategy: HeadFedAvg, stop_reason: str, seconds: float) -> dict:
-    final = ev.metrics(arrays)
+                  strategy: HeadFedAvg, stop_reason: str, seconds: float, *,
+                  class_weights: list[float] | None = None) -> dict:
+    final = ev.report(arrays)
     sites = {}
     for s in sorted(strategy.sites.values(), key=lambda s: s.site_id):
         sites[str(s.site_id)] = {
@@ -263,7 +306,8 @@ def build_summary(cfg: RunConfig, run_id: str, ev: GlobalEval, arrays: dict, rou
         "head": cfg.head,
         "num_sites": cfg.num_sites,
         "classes": list(ev.classes),
-        "final": {**final["test"], "val": final["val"]},
+        "final": final_block(final),
+        "class_weights": class_weights_block(cfg, class_weights),
         "rounds": rounds,
         "sites": sites,
         "dropped_replies": strategy.dropped,
@@ -273,13 +317,30 @@ def build_summary(cfg: RunConfig, run_id: str, ev: GlobalEval, arrays: dict, rou
     }
 
 
+def class_weights_block(cfg: RunConfig, weights: list[float] | None) -> dict:
+    if not weights:
+        return {"mode": cfg.class_weights, "weights": None}
+    return {"mode": cfg.class_weights, "weights": weights,
+            "source": "balanced weights n / (K n_k) from the class counts of the server's "
+                      "public validation split, sent to every site in the round request"}
+
+
+DECISION_NOTE = ("the decision rule (a threshold, or a prior shift for more than two classes) is "
+                 "chosen on the server's public validation split after training: post-processing "
+                 "of the DP head on public data, so it costs no ε")
+CLASS_WEIGHTS_NOTE = ("class-weights = public: the loss weights come from the public validation "
+                      "split's class counts, never a site's; each record's weighted gradient is "
+                      "still clipped to clip-norm, so the DP-SGD mechanism and its ε are unchanged")
+
+
 def privacy_block(cfg: RunConfig) -> dict:
     """The run's privacy facts. ``released`` lists every field a site may send and
     its class (:mod:`common.protocol`), for the audit and for the reader."""
     released = released_fields()
     if not cfg.dp:
         return {"dp": False, "unit": UNIT_OF_PRIVACY, "accountant": None,
-                "note": "non-private baseline: no ε guarantee", "released": released}
+                "note": "non-private baseline: no ε guarantee", "decision": DECISION_NOTE,
+                "released": released}
     return {
         "dp": True,
         "unit": UNIT_OF_PRIVACY,
@@ -296,6 +357,8 @@ def privacy_block(cfg: RunConfig) -> dict:
         "hyperparameters": cfg.hyperparameter_source,
         **({"distillation": "post-processing: the student is distilled from the DP-trained heads "
                             "on public data only, so it costs no ε"} if cfg.distill else {}),
+        "decision": DECISION_NOTE,
+        **({"class_weights": CLASS_WEIGHTS_NOTE} if cfg.class_weights == "public" else {}),
         "released": released,
         "not_charged": ["each site's exact training-record count (num-examples), and the "
                         "schedule derived from it (sample-rate, steps), are declared public; ε "
