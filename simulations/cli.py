@@ -62,9 +62,10 @@ def print_summary(s: dict) -> None:
     ]
     if "decision" in f:
         val = f["decision"].get("val") or {}
-        lines.append(f"  at the shipped rule: {describe_decision(f['decision'], s.get('classes'))}, "
-                     f"chosen on public val (val bal {_fmt(val.get('balanced_accuracy'))}; no ε); "
-                     f"argmax: accuracy {_fmt(f['argmax']['accuracy'])}  balanced accuracy "
+        rule = describe_decision(f["decision"], s.get("classes"))
+        lines.append(f"  decision rule (shipped): {rule}, chosen on public val (val bal "
+                     f"{_fmt(val.get('balanced_accuracy'))}; no ε); argmax: accuracy "
+                     f"{_fmt(f['argmax']['accuracy'])}  balanced accuracy "
                      f"{_fmt(f['argmax']['balanced_accuracy'])}")
     if (s.get("class_weights") or {}).get("weights"):
         lines.append("  class-weighted loss: " + ", ".join(
