@@ -26,7 +26,7 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.privacy import dp_plan
-from common.protocol import RoundRequest
+from common.protocol import MAX_CLASS_WEIGHT, RoundRequest
 
 log = logging.getLogger(__name__)
 
@@ -266,10 +266,12 @@ def check_policy(req: RoundRequest, settings: SiteSettings) -> None:
         raise PolicyDeclined("outside the site's policy: " + "; ".join(problems))
 
 
-def check_request(req: RoundRequest, num_records: int, settings: SiteSettings) -> None:
+def check_request(req: RoundRequest, num_records: int, settings: SiteSettings, *,
+                  num_classes: int) -> None:
     """Reject a hostile or buggy request before any data is used for training.
 
-    The record count is public (the reply declares it), so naming it is safe.
+    The record count is public (the reply declares it), so naming it is safe;
+    so is the class count (the head's shape, which the server sent).
     """
     problems = []
     for key in ("server_round", "num_rounds", "local_epochs", "batch_size"):
@@ -285,6 +287,13 @@ def check_request(req: RoundRequest, num_records: int, settings: SiteSettings) -
     sigma = req.noise_multiplier
     if not math.isfinite(sigma) or sigma < 0:
         problems.append(f"noise-multiplier must be >= 0 (0: the site calibrates), got {sigma!r}")
+    weights = req.class_weights
+    if weights and len(weights) != num_classes:
+        problems.append(f"class-weights has {len(weights)} values, the head has {num_classes} "
+                        "classes")
+    if weights and not all(math.isfinite(w) and 0 < w <= MAX_CLASS_WEIGHT for w in weights):
+        problems.append(f"class-weights must be finite numbers in (0, {MAX_CLASS_WEIGHT:g}], got "
+                        f"{list(weights)[:10]!r}")
     if isinstance(req.batch_size, int) and req.batch_size > num_records:
         problems.append(f"batch-size {req.batch_size} exceeds this site's {num_records} training records")
     elif not problems:

@@ -222,7 +222,7 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
     data = data if data is not None else load_site_data(cfg, settings, head_classes(global_head),
                                                         schema)
     n = len(data.train_y)
-    check_request(req, n, settings)
+    check_request(req, n, settings, num_classes=data.num_classes)
     ledger = Ledger(settings.ledger_path, settings.ledger_key) if settings.dp else None
     mech = None
     t_privacy = time.perf_counter()
@@ -248,16 +248,19 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
                  settings.site_id, req.server_round - 1, holdout_metrics(head, feats))
     seed = cfg.seed + settings.site_id + 1000 * req.server_round
     device = training.resolve_device(cfg.device)
+    weights = list(req.class_weights) or None  # public, checked by check_request
     if mech is None:
         result = training.train_plain(head, feats.train, data.train_y, epochs=req.local_epochs,
                                       batch_size=req.batch_size, lr=req.learning_rate,
-                                      momentum=req.momentum, seed=seed, device=device)
+                                      momentum=req.momentum, seed=seed, device=device,
+                                      class_weights=weights)
         eps = math.inf  # no DP: no finite guarantee, and every reply says so (dp = 0)
     else:
         result = training.train_dp(head, feats.train, data.train_y, epochs=req.local_epochs,
                                    batch_size=req.batch_size, lr=req.learning_rate,
                                    momentum=req.momentum, noise_multiplier=mech.noise_multiplier,
-                                   clip_norm=req.clip_norm, seed=None, device=device)
+                                   clip_norm=req.clip_norm, seed=None, device=device,
+                                   class_weights=weights)
         if [m.as_tuple() for m in result.mechanisms] != [mech.as_tuple()]:
             # Record what really ran, never what was planned.
             log.warning("Opacus ran %s, planned %s", result.mechanisms, mech)

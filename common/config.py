@@ -26,6 +26,10 @@ AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "secagg+")
 # Where the training hyperparameters came from. Tuning on the sites' private
 # records costs privacy that no ledger charges, so the run records say which.
 HYPERPARAMETER_SOURCES = ("unspecified", "public", "private")
+# Class weights in the sites' training loss. "public": balanced weights from the
+# class counts of the server's public validation split, sent in every round
+# request; never from a site's private counts, which would be an uncharged release.
+CLASS_WEIGHTS = ("none", "public")
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class RunConfig:
     batch_size: int = 64
     learning_rate: float = 0.5
     momentum: float = 0.0
+    class_weights: str = "none"  # none | public (from the server's public val split counts)
     # Differential privacy (the site's own cap: target-epsilon / target-delta)
     clip_norm: float = 1.0
     noise_multiplier: float = 0.0
@@ -237,6 +242,9 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.hyperparameter_source not in HYPERPARAMETER_SOURCES:
         raise bad("hyperparameter-source", f"got {cfg.hyperparameter_source!r}, allowed: "
                   f"{', '.join(HYPERPARAMETER_SOURCES)}")
+    if cfg.class_weights not in CLASS_WEIGHTS:
+        raise bad("class-weights", f"got {cfg.class_weights!r}, allowed: "
+                  f"{', '.join(CLASS_WEIGHTS)} (public: from the server's public validation split)")
     if cfg.aggregation not in AGGREGATIONS:
         raise bad("aggregation", f"got {cfg.aggregation!r}, allowed: {', '.join(AGGREGATIONS)}")
     if not 0.0 <= cfg.trim_fraction < 0.5:

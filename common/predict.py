@@ -382,13 +382,18 @@ def _check_classes(card: dict, out_dim: int, what: str) -> list[str]:
     return classes
 
 
-def _card_decision(card: dict, num_classes: int) -> dict | None:
-    decision = card.get("decision")
+def _card_decision(card: dict, num_classes: int, which: str = "head") -> dict | None:
+    """The rule shipped for ``which``: the head's is ``card["decision"]``, the
+    student's (chosen on its own validation part) ``card["student"]["decision"]``.
+    A student without its own rule predicts by argmax, never by the head's rule."""
+    block = card.get("student", {}) if which == "student" else card
+    decision = block.get("decision")
     return None if decision is None else check_decision(decision, num_classes)
 
 
-def describe_decision(decision: Mapping | None, classes: list[str]) -> str:
-    """One line saying how a predicted class is chosen."""
+def explain_decision(decision: Mapping | None, classes: list[str]) -> str:
+    """One line for the user of `predict` saying how a predicted class is chosen
+    (the terse form for logs is :func:`common.decision.describe_decision`)."""
     if decision is None:
         return "argmax (the card has no decision rule)"
     rule = decision["rule"]
@@ -425,7 +430,7 @@ def _student_predictor(model: str | Path, device: str) -> Predictor:
     image = spec.name == "cnn"
     return Predictor("student", classes, spec.input_shape[0] if image else None,
                      tuple(spec.input_shape[1:]) if image else None, run, spec.architecture,
-                     card, _card_decision(card, len(classes)))
+                     card, _card_decision(card, len(classes), "student"))
 
 
 def _head_predictor(model: str | Path, device: str) -> Predictor:
@@ -503,7 +508,7 @@ def predict_file(model: str | Path, inputs: str | Path, out: str | Path, *,
     predicted = pred.predict_classes(probs)
     out = Path(out)
     write_predictions(out, data, probs, predicted, pred.classes, status=skip_bad)
-    rule = describe_decision(pred.decision, pred.classes)
+    rule = explain_decision(pred.decision, pred.classes)
     if data.problems:
         log.warning("%d unreadable inputs skipped (first: %s); their rows in %s say why",
                     len(data.problems), data.problems[0], out)

@@ -178,21 +178,60 @@ class RoundRequest:
     # The federation's fitted schema (common/schema.py), canonical JSON; "" in old requests.
     schema: str = ""
     scaling_budget: float = 0.1  # query.scaling: the share of the site's cap to spend
+    # One loss weight per class, from the server's public validation split (config
+    # ``class-weights = "public"``); empty: plain cross-entropy. The site checks them.
+    class_weights: tuple[float, ...] = ()
 
 
-_OPTIONAL = ("dp", "schema", "scaling-budget")
+# The largest class weight a round may ask for. The weights do not change the DP
+# guarantee (see common.training.WeightedCrossEntropy), but a weight large enough
+# to overflow the loss would make a gradient non-finite, and clipping cannot bound
+# a NaN: whether the released head is NaN would then tell whether a record of that
+# class was sampled. Balanced weights from a public split are far below this bound.
+MAX_CLASS_WEIGHT = 100.0
 REQUEST_KEYS = tuple(f.name.replace("_", "-") for f in fields(RoundRequest) if f.name != "run_id")
+OPTIONAL_REQUEST_KEYS = ("dp", "schema", "scaling-budget", "class-weights")
 
 
-def train_request(cfg, schema_json: str = "") -> dict[str, int | float | bool | str]:
+def encode_class_weights(weights) -> str:
+    """Class weights on the wire: comma-separated, each as ``repr`` (exact).
+
+    A string, not a list: SecAgg+ runs on Flower's legacy workflow, whose
+    config values are scalars only.
+    """
+    return ",".join(repr(float(w)) for w in weights)
+
+
+def decode_class_weights(text) -> tuple[float, ...]:
+    """The inverse of :func:`encode_class_weights` (``""``: no weights).
+
+    Raises:
+        ValueError: not a string of comma-separated numbers, naming the field.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"request field 'class-weights' must be a string of comma-separated "
+                         f"numbers, got {text!r}")
+    try:
+        return tuple(float(v) for v in text.split(",")) if text.strip() else ()
+    except ValueError:
+        raise ValueError(f"request field 'class-weights' must be comma-separated numbers, got "
+                         f"{text[:80]!r}") from None
+
+
+def train_request(cfg, schema_json: str = "", *, class_weights=None
+                  ) -> dict[str, int | float | bool | str]:
     """The per-round training config the server sends (``server-round`` is added
     by the strategy). ``cfg`` is a :class:`common.config.RunConfig`; ``schema_json``
-    the fitted schema's canonical JSON."""
-    return {"num-rounds": cfg.num_rounds, "local-epochs": cfg.local_epochs,
-            "batch-size": cfg.batch_size, "learning-rate": cfg.learning_rate,
-            "momentum": cfg.momentum, "clip-norm": cfg.clip_norm,
-            "noise-multiplier": cfg.noise_multiplier, "dp": bool(cfg.dp),
-            "schema": schema_json, "scaling-budget": cfg.scaling_budget}
+    the fitted schema's canonical JSON; ``class_weights`` (public, one per class)
+    are sent when given."""
+    req = {"num-rounds": cfg.num_rounds, "local-epochs": cfg.local_epochs,
+           "batch-size": cfg.batch_size, "learning-rate": cfg.learning_rate,
+           "momentum": cfg.momentum, "clip-norm": cfg.clip_norm,
+           "noise-multiplier": cfg.noise_multiplier, "dp": bool(cfg.dp),
+           "schema": schema_json, "scaling-budget": cfg.scaling_budget}
+    if class_weights:
+        req["class-weights"] = encode_class_weights(class_weights)
+    return req
 
 
 def parse_request(config, run_id: str) -> RoundRequest:
@@ -201,7 +240,7 @@ def parse_request(config, run_id: str) -> RoundRequest:
     Raises:
         ValueError: a missing key or a value of the wrong type, naming the key.
     """
-    missing = [k for k in REQUEST_KEYS if k not in config and k not in _OPTIONAL]
+    missing = [k for k in REQUEST_KEYS if k not in config and k not in OPTIONAL_REQUEST_KEYS]
     if missing:
         raise ValueError(f"the round request lacks {missing}")
 
@@ -225,7 +264,8 @@ def parse_request(config, run_id: str) -> RoundRequest:
         momentum=num("momentum", float), clip_norm=num("clip-norm", float),
         noise_multiplier=num("noise-multiplier", float), dp=bool(dp),
         schema=_text(config, "schema"),
-        scaling_budget=num("scaling-budget", float) if "scaling-budget" in config else 0.1)
+        scaling_budget=num("scaling-budget", float) if "scaling-budget" in config else 0.1,
+        class_weights=decode_class_weights(config.get("class-weights", "")))
 
 
 def _text(config, key: str) -> str:

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.privacy import Mechanism
+from common.protocol import MAX_CLASS_WEIGHT
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,58 @@ class TrainResult:
     steps: int
     mechanisms: list[Mechanism] = field(default_factory=list)
     grad_sample_mode: str = ""
+
+
+class WeightedCrossEntropy(nn.Module):
+    """Cross-entropy with a fixed weight per class, applied per sample.
+
+    ``reduction="mean"`` divides by the number of records in the batch, not by
+    the sum of their weights (what ``nn.CrossEntropyLoss(weight=...)`` does).
+    That matters under DP-SGD: with the weighted mean, the denominator depends on
+    the labels of every record in the batch, so replacing one record would change
+    the gradients computed for all the others. Here each record's per-sample
+    gradient is ``weight[y_i] * grad loss_i``, a function of that record alone,
+    and Opacus clips it to ``clip-norm`` like any other, so one record still
+    moves the noisy sum by at most the clip norm and the guarantee is unchanged.
+    The weights themselves come from public data (the server's validation split)
+    and are the same for every record of a class. ``reduction`` is an attribute
+    because Opacus's ghost clipping sets it to ``"none"`` to read per-sample losses.
+    """
+
+    def __init__(self, weights: torch.Tensor | np.ndarray | list[float]):
+        super().__init__()
+        self.register_buffer("weights", torch.as_tensor(np.asarray(weights, dtype=np.float32)))
+        self.reduction = "mean"
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per_sample = self.weights[target] * F.cross_entropy(logits, target, reduction="none")
+        if self.reduction == "none":
+            return per_sample
+        return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> list[float]:
+    """``n / (K * n_k)`` per class: each class carries the same total weight, and
+    the mean weight over ``labels`` is 1. Meant for a public split's labels (the
+    server's validation split), never a site's private records. A class absent
+    from ``labels`` counts once; every weight is capped at :data:`MAX_CLASS_WEIGHT`.
+
+    Raises:
+        ValueError: no labels, or a label outside ``[0, num_classes)``.
+    """
+    y = np.asarray(labels).astype(np.int64).reshape(-1)
+    if not len(y):
+        raise ValueError("class weights need labelled records; the split is empty")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"labels must be class indices in [0, {num_classes - 1}]")
+    counts = np.maximum(np.bincount(y, minlength=num_classes), 1)
+    w = np.minimum(len(y) / (num_classes * counts), MAX_CLASS_WEIGHT)
+    return [float(v) for v in w]
+
+
+def make_criterion(class_weights: list[float] | tuple[float, ...] | None) -> nn.Module:
+    """Plain cross-entropy, or :class:`WeightedCrossEntropy` when weights are given."""
+    return nn.CrossEntropyLoss() if not class_weights else WeightedCrossEntropy(class_weights)
 
 
 def resolve_device(requested: str) -> str:
@@ -79,14 +133,15 @@ def train_epoch(model: nn.Module, loader, optimizer, criterion, device: str,
 
 def train_plain(head: nn.Module, features: np.ndarray, labels: np.ndarray, *, epochs: int,
                 batch_size: int, lr: float, momentum: float = 0.0, seed: int = 0,
-                device: str = "cpu") -> TrainResult:
-    """Non-private SGD on the head (the ``dp = false`` baseline)."""
+                device: str = "cpu", class_weights: list[float] | None = None) -> TrainResult:
+    """Non-private SGD on the head (the ``dp = false`` baseline); ``class_weights``
+    as in :func:`train_dp`."""
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     head.to(device)
     loader = _loader(features, labels, batch_size, seed)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum)
-    crit = nn.CrossEntropyLoss()
+    crit = make_criterion(class_weights).to(device)
     loss, steps = float("nan"), 0
     for _ in range(epochs):
         stats = train_epoch(head, loader, opt, crit, device)
@@ -98,7 +153,7 @@ def train_plain(head: nn.Module, features: np.ndarray, labels: np.ndarray, *, ep
 def train_dp(head: nn.Module, features: np.ndarray, labels: np.ndarray, *, epochs: int,
              batch_size: int, lr: float, noise_multiplier: float, clip_norm: float,
              momentum: float = 0.0, seed: int | None = None, device: str = "cpu",
-             grad_sample_mode: str = "auto",
+             grad_sample_mode: str = "auto", class_weights: list[float] | None = None,
              inputs: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TrainResult:
     """DP-SGD on the head with Opacus: Poisson sampling, per-sample clipping.
 
@@ -118,6 +173,10 @@ def train_dp(head: nn.Module, features: np.ndarray, labels: np.ndarray, *, epoch
     Opacus recorded for this call, and the caller composes them with the
     site's full history (its ledger). ``grad_sample_mode='auto'`` uses
     ``hooks`` for a linear head and ``ghost`` clipping otherwise.
+
+    ``class_weights`` (one per class, from public data) weight each record's
+    loss by its class (:class:`WeightedCrossEntropy`); per-sample clipping still
+    bounds each record's contribution, so the mechanism and its ε are unchanged.
     """
     from opacus import PrivacyEngine
 
@@ -134,7 +193,7 @@ def train_dp(head: nn.Module, features: np.ndarray, labels: np.ndarray, *, epoch
     head.to(device).train()
     loader = _loader(features, labels, batch_size, seed)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum)
-    crit = nn.CrossEntropyLoss()
+    crit = make_criterion(class_weights).to(device)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     with warnings.catch_warnings():
         # Opacus warns that secure RNG is off; the ledger records secure_rng = False

@@ -26,7 +26,8 @@ from common.config import RunConfig
 from common.data import Splits, fingerprint_arrays
 from common.features import cached_features
 from common.heads import load_head_state, make_head
-from common.metrics import classification_metrics
+from common.decision import ARGMAX, choose_decision
+from common.metrics import classification_metrics, metrics_at_rule
 from common.predict import read_inputs
 
 log = logging.getLogger("fedtransfer.server")
@@ -121,8 +122,15 @@ def run_distillation(cfg: RunConfig, splits: Splits, test_features: np.ndarray,
                         temperature=cfg.distill_temperature, lr=cfg.distill_learning_rate,
                         seed=cfg.seed)
     test_in = kd.to_student_input(splits.test_x, spec)
-    student_test = classification_metrics(
-        kd.probs_from_logits(kd.student_logits(student, test_in)), splits.test_y)
+    # The student's own decision rule, chosen on the distillation-validation part of
+    # the public val split: public records the student was not fitted to (post-processing).
+    student_rule = choose_decision(
+        kd.probs_from_logits(kd.student_logits(student, kd.to_student_input(pval.images, spec))),
+        pval.labels, chosen_on=f"the public distillation-validation split ({len(pval.labels)} "
+                               "records of the public validation split, not used to fit the "
+                               "student)")
+    student_test = metrics_at_rule(kd.probs_from_logits(kd.student_logits(student, test_in)),
+                                   splits.test_y, student_rule)
     teacher_test = classification_metrics(
         kd.probs_from_logits(kd.ensemble_logits(heads, test_features)), splits.test_y)
     sample = splits.test_x[:TIMING_RECORDS]
@@ -152,7 +160,8 @@ def run_distillation(cfg: RunConfig, splits: Splits, test_features: np.ndarray,
                     "cpu_ms_per_image": teacher_ms, "val": val_scores[name],
                     "candidates_val": val_scores},
         "student": {"architecture": spec.architecture, "spec": spec.to_dict(),
-                    **{m: student_test[m] for m in pick}, "params": student_params,
+                    **{m: student_test[m] for m in pick}, "argmax": student_test["argmax"],
+                    "decision": student_rule, "params": student_params,
                     "cpu_ms_per_image": student_ms, "val": result.val},
         "distillation": {
             "transfer_source": transfer.source, "transfer_records": len(transfer),
@@ -174,10 +183,17 @@ def run_distillation(cfg: RunConfig, splits: Splits, test_features: np.ndarray,
 
 def delivery_card(cfg: RunConfig, *, run_id: str, server_round: int, classes: list[str],
                   head_in_dim: int, head_params: int, final: dict, outcome: DistillOutcome | None,
-                  sites: dict, unit: str, schema: dict | None = None) -> dict:
-    """The descriptive part of the model card (hashes are added on save). ``schema``:
-    the federation's fitted schema (common/schema.py), so ``predict`` reads raw
-    records the way the sites did, by name."""
+                  sites: dict, unit: str, decision: dict | None = None,
+                  schema: dict | None = None) -> dict:
+    """The descriptive part of the model card (hashes are added on save).
+
+    ``decision`` is the head's rule, chosen on the public validation split
+    (``card["decision"]``, :mod:`common.decision`); the student carries its own
+    under ``card["student"]["decision"]``. ``final`` holds the head's test
+    metrics at that rule. ``schema``: the federation's fitted schema
+    (common/schema.py), so ``predict`` reads raw records the way the sites did,
+    by name.
+    """
     eps = {sid: s.get("epsilon") for sid, s in sites.items()}
     known = [e for e in eps.values() if e is not None]
     card = {
@@ -190,6 +206,7 @@ def delivery_card(cfg: RunConfig, *, run_id: str, server_round: int, classes: li
                  "backbone": cfg.backbone, "image_size": cfg.image_size, "in_dim": head_in_dim,
                  "num_classes": len(classes), "hidden_dim": cfg.hidden_dim, "params": head_params,
                  "test": final},
+        "decision": dict(decision or ARGMAX),
         "privacy": {
             "dp": cfg.dp, "unit": unit,
             "epsilon_per_site": eps if cfg.dp else None,
@@ -197,13 +214,16 @@ def delivery_card(cfg: RunConfig, *, run_id: str, server_round: int, classes: li
             "delta": cfg.target_delta if cfg.dp else None,
             "accountant": LEDGER_ACCOUNTANT if cfg.dp else None,
             "distillation": PRIVACY_NOTE,
+            "decision": "the decision rules are chosen on the public validation split: "
+                        "post-processing, no ε",
         },
     }
     if outcome is not None:
         s, t = outcome.summary["student"], outcome.summary["teacher"]
         card["student"] = {"architecture": s["architecture"], "spec": s["spec"],
-                           "params": s["params"], "val": s["val"],
-                           "test": {m: s[m] for m in ("auc", "accuracy", "balanced_accuracy")}}
+                           "params": s["params"], "val": s["val"], "decision": s["decision"],
+                           "test": {**{m: s[m] for m in ("auc", "accuracy", "balanced_accuracy")},
+                                    "argmax": s["argmax"]}}
         card["teacher"] = {"kind": t["kind"], "params": t["params"], "val": t["val"],
                            "test": {m: t[m] for m in ("auc", "accuracy", "balanced_accuracy")}}
     return card

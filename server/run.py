@@ -23,8 +23,10 @@ from common import training
 from common.backbones import get_backbone
 from common.config import RunConfig
 from common.data import fingerprint_arrays
+from common.decision import choose_decision, describe_decision
 from common.features import cached_features
 from common.heads import head_state, load_head_state, make_head
+from common.metrics import metrics_at_rule
 from common.modelio import read_card
 from common.privacy import NEIGHBOURS, REPORTED_ACCOUNTANT, UNIT_OF_PRIVACY
 from common.protocol import (
@@ -79,20 +81,48 @@ class GlobalEval:
         return load_head_state(head, arrays) if arrays is not None else head
 
     def metrics(self, arrays: dict[str, np.ndarray]) -> dict[str, dict]:
+        """Test and val metrics at argmax (per site too, where sites have test splits)."""
         head = self.head(arrays)
         out = {"test": training.evaluate(head, self.test_x, self.test_y),
                "val": training.evaluate(head, self.val_x, self.val_y)}
         if self.splits.test_site is not None:
-            out["test_sites"] = per_site_metrics(head, self.test_x, self.test_y,
-                                                 self.splits.test_site, self.splits.site_names)
+            out["test_sites"] = per_site_metrics(
+                training.predict_proba(head, self.test_x), self.test_y, self.splits.test_site,
+                self.splits.site_names)
         return out
 
 
-def per_site_metrics(head, x: np.ndarray, y: np.ndarray, site: np.ndarray,
-                     names: tuple[str, ...]) -> dict:
-    """Test metrics on each site's own test split, and their unweighted mean over
-    sites (each hospital counts once, as in FLamby)."""
-    sites = {n: training.evaluate(head, x[site == i], y[site == i]) for i, n in enumerate(names)}
+    def report(self, arrays: dict[str, np.ndarray]) -> dict:
+        """The decision rule chosen on the public validation split, and test and val
+        metrics at that rule (argmax accuracies beside them, under ``argmax``).
+
+        Choosing the rule reads the public split and the head only: post-processing,
+        no ε. The test split is only scored, never used to choose.
+        """
+        head = self.head(arrays)
+        p_val = training.predict_proba(head, self.val_x)
+        p_test = training.predict_proba(head, self.test_x)
+        rule = choose_decision(p_val, self.val_y, chosen_on=(
+            f"the server's public validation split ({len(self.val_y)} records)"))
+        out = {"decision": rule, "test": metrics_at_rule(p_test, self.test_y, rule),
+               "val": metrics_at_rule(p_val, self.val_y, rule)}
+        if self.splits.test_site is not None:  # each hospital's own test split, at the rule
+            out["test_sites"] = per_site_metrics(p_test, self.test_y, self.splits.test_site,
+                                                 self.splits.site_names, rule)
+        return out
+
+    def public_class_weights(self) -> list[float]:
+        """Balanced class weights from the public validation split's class counts
+        (config ``class-weights = "public"``); no site's counts enter them."""
+        return training.balanced_class_weights(self.val_y, self.num_classes)
+
+
+def per_site_metrics(p: np.ndarray, y: np.ndarray, site: np.ndarray, names: tuple[str, ...],
+                     rule: dict | None = None) -> dict:
+    """Test metrics on each site's own test split (at ``rule``, argmax if None), and
+    their unweighted mean over sites (each hospital counts once, as in FLamby)."""
+    sites = {n: metrics_at_rule(p[site == i], y[site == i], rule or {"rule": "argmax"})
+             for i, n in enumerate(names)}
     keys = ("accuracy", "balanced_accuracy", "auc")
     mean = {k: float(np.nanmean([m[k] for m in sites.values()])) for k in keys}
     return {"mean_over_sites": mean, "sites": sites}
@@ -121,7 +151,10 @@ def _clean(x):
     return x
 
 
-def round_line(r: int, total: int, m: dict, strategy: HeadFedAvg, cfg: RunConfig) -> str:
+def round_line(r: int, total: int, m: dict, strategy: HeadFedAvg, cfg: RunConfig,
+               classes: list[str] | None = None) -> str:
+    """One line per round. ``m`` is :meth:`GlobalEval.report`: test metrics at the
+    rule chosen on the public val split, with the argmax ones under ``argmax``."""
     eps = " ".join(f"s{s.site_id}={s.epsilon:.3f}" if s.dp else f"s{s.site_id}=no-DP"
                    for s in sorted(strategy.sites.values(), key=lambda s: s.site_id))
     hist = [h for s in strategy.sites.values() for h in s.history if h["round"] == r]
@@ -133,13 +166,17 @@ def round_line(r: int, total: int, m: dict, strategy: HeadFedAvg, cfg: RunConfig
                   f" total {np.mean([h['site_seconds'] for h in hist]):.2f}")
     privacy = (f" | ε (per record, replace-one, δ={cfg.target_delta:g}) {eps}" if cfg.dp
                else " | no DP")
-    test = m["test"]
+    test, decision = m["test"], m.get("decision")
     sites = ""
     if "test_sites" in m:
         mean = m["test_sites"]["mean_over_sites"]
         sites = f" | per-site test: mean acc {mean['accuracy']:.3f} auc {mean['auc']:.3f}"
+    rule = ""
+    if decision is not None and "argmax" in test:
+        rule = (f" ({describe_decision(decision, classes)}, chosen on val; argmax acc "
+                f"{test['argmax']['accuracy']:.3f} bal {test['argmax']['balanced_accuracy']:.3f})")
     return (f"round {r}/{total} | test acc {test['accuracy']:.3f} auc {test['auc']:.3f} "
-            f"bal {test['balanced_accuracy']:.3f}{sites}{privacy}{timing}")
+            f"bal {test['balanced_accuracy']:.3f}{rule}{sites}{privacy}{timing}")
 
 
 def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
@@ -164,6 +201,10 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
     ev = GlobalEval(cfg, splits, schema)
     (out / "schema.json").write_text(json.dumps(schema.to_dict(), indent=2))
     arrays = head_state(ev.head())
+    class_weights = ev.public_class_weights() if cfg.class_weights == "public" else None
+    if class_weights:
+        log.info("class weights from the public validation split's counts: %s",
+                 ", ".join(f"{c} {w:.3f}" for c, w in zip(ev.classes, class_weights, strict=True)))
     secagg = None
     if cfg.aggregation == "secagg+":  # the server sees only the masked sum (server/secagg.py)
         from server.secagg import SecAggRound
@@ -184,7 +225,7 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
             log.warning(stop_reason)
             break
         # num-rounds: the rounds this run still plans (sites calibrate σ to them)
-        config = ConfigRecord({**train_request(cfg, schema.to_json()),
+        config = ConfigRecord({**train_request(cfg, schema.to_json(), class_weights=class_weights),
                                "num-rounds": cfg.num_rounds - first + 1})
         if secagg is not None:
             agg, agg_metrics = secagg(grid, r, arrays, config)
@@ -195,13 +236,13 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
         if agg is not None:
             arrays = from_array_record(agg)
         t_train = time.perf_counter() - t0
-        m = ev.metrics(arrays)
+        m = ev.report(arrays)  # the rule is re-chosen on val each round (milliseconds)
         rounds.append({"round": r, "sites_aggregated": int(agg_metrics["sites"]) if agg_metrics else 0,
-                       "test": m["test"], "val": m["val"],
+                       "test": m["test"], "val": m["val"], "decision": m["decision"],
                        **({"test_sites": m["test_sites"]} if "test_sites" in m else {}),
                        "train_phase_seconds": t_train,
                        "round_seconds": time.perf_counter() - t0})
-        log.info(round_line(r, cfg.num_rounds, m, strategy, cfg))
+        log.info(round_line(r, cfg.num_rounds, m, strategy, cfg, list(ev.classes)))
         save_checkpoint(out, r, arrays, strategy, rounds=rounds, run_id=run_id)
         if agg is None:
             stop_reason = f"stopped after round {r}: no site update could be aggregated"
@@ -211,7 +252,7 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(out / "head.safetensors"),
               metadata={"run_id": run_id, "head": cfg.head})
     summary = build_summary(cfg, run_id, ev, arrays, rounds, strategy, stop_reason,
-                            time.perf_counter() - t_run)
+                            time.perf_counter() - t_run, class_weights=class_weights)
     if resumed:
         summary["resumed_from"] = resumed
     if secagg is not None:
@@ -254,9 +295,9 @@ def finish(cfg: RunConfig, grid: Grid, *, run_id: str, out: Path, ev: GlobalEval
     card = delivery_card(cfg, run_id=run_id, server_round=last_round, classes=list(ev.classes),
                          head_in_dim=ev.feature_dim, head_params=head_params,
                          final={k: summary["final"][k] for k in ("auc", "accuracy",
-                                                                  "balanced_accuracy")},
-                         outcome=outcome, sites=summary["sites"], unit=UNIT_OF_PRIVACY,
-                         schema=ev.schema.to_dict())
+                                                                  "balanced_accuracy", "argmax")},
+                         decision=summary["final"]["decision"], outcome=outcome,
+                         sites=summary["sites"], unit=UNIT_OF_PRIVACY, schema=ev.schema.to_dict())
     server_card = read_card(write_server_copy(out, card, arrays, outcome))
     delivered = deliver(grid, card=card, head=arrays, student=outcome.student if outcome else None,
                         expected_sha256=server_card["sha256"], timeout=cfg.round_timeout)
@@ -289,9 +330,17 @@ def save_checkpoint(out: Path, server_round: int, arrays: dict, strategy: HeadFe
                   for s in strategy.sites.values()}}))
 
 
+def final_block(report: dict) -> dict:
+    """``summary["final"]``: test metrics at the shipped decision rule (accuracy and
+    balanced accuracy at argmax under ``argmax``), the rule, and val the same way."""
+    return {**report["test"], "decision": report["decision"], "val": report["val"],
+            **({"test_sites": report["test_sites"]} if "test_sites" in report else {})}
+
+
 def build_summary(cfg: RunConfig, run_id: str, ev: GlobalEval, arrays: dict, rounds: list,
-                  strategy: HeadFedAvg, stop_reason: str, seconds: float) -> dict:
-    final = ev.metrics(arrays)
+                  strategy: HeadFedAvg, stop_reason: str, seconds: float, *,
+                  class_weights: list[float] | None = None) -> dict:
+    final = ev.report(arrays)
     sites = {}
     for s in sorted(strategy.sites.values(), key=lambda s: s.site_id):
         sites[str(s.site_id)] = {
@@ -314,8 +363,8 @@ def build_summary(cfg: RunConfig, run_id: str, ev: GlobalEval, arrays: dict, rou
         "num_sites": cfg.num_sites,
         "classes": list(ev.classes),
         "schema": ev.schema.to_dict(),
-        "final": {**final["test"], "val": final["val"],
-                  **({"test_sites": final["test_sites"]} if "test_sites" in final else {})},
+        "final": final_block(final),
+        "class_weights": class_weights_block(cfg, class_weights),
         "rounds": rounds,
         "sites": sites,
         "dropped_replies": strategy.dropped,
@@ -325,13 +374,30 @@ def build_summary(cfg: RunConfig, run_id: str, ev: GlobalEval, arrays: dict, rou
     }
 
 
+def class_weights_block(cfg: RunConfig, weights: list[float] | None) -> dict:
+    if not weights:
+        return {"mode": cfg.class_weights, "weights": None}
+    return {"mode": cfg.class_weights, "weights": weights,
+            "source": "balanced weights n / (K n_k) from the class counts of the server's "
+                      "public validation split, sent to every site in the round request"}
+
+
+DECISION_NOTE = ("the decision rule (a threshold, or a prior shift for more than two classes) is "
+                 "chosen on the server's public validation split after training: post-processing "
+                 "of the DP head on public data, so it costs no ε")
+CLASS_WEIGHTS_NOTE = ("class-weights = public: the loss weights come from the public validation "
+                      "split's class counts, never a site's; each record's weighted gradient is "
+                      "still clipped to clip-norm, so the DP-SGD mechanism and its ε are unchanged")
+
+
 def privacy_block(cfg: RunConfig) -> dict:
     """The run's privacy facts. ``released`` lists every field a site may send and
     its class (:mod:`common.protocol`), for the audit and for the reader."""
     released = released_fields()
     if not cfg.dp:
         return {"dp": False, "unit": UNIT_OF_PRIVACY, "accountant": None,
-                "note": "non-private baseline: no ε guarantee", "released": released}
+                "note": "non-private baseline: no ε guarantee", "decision": DECISION_NOTE,
+                "released": released}
     return {
         "dp": True,
         "unit": UNIT_OF_PRIVACY,
@@ -348,6 +414,8 @@ def privacy_block(cfg: RunConfig) -> dict:
         "hyperparameters": cfg.hyperparameter_source,
         **({"distillation": "post-processing: the student is distilled from the DP-trained heads "
                             "on public data only, so it costs no ε"} if cfg.distill else {}),
+        "decision": DECISION_NOTE,
+        **({"class_weights": CLASS_WEIGHTS_NOTE} if cfg.class_weights == "public" else {}),
         "released": released,
         "not_charged": ["each site's exact training-record count (num-examples), and the "
                         "schedule derived from it (sample-rate, steps), are declared public; ε "

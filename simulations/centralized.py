@@ -18,7 +18,8 @@ from common import training
 from common.config import RunConfig
 from common.heads import head_state
 from common.privacy import calibrate_noise_multiplier, dp_plan, epsilon
-from server.run import GlobalEval, _atomic_json, _clean, privacy_block
+from server.run import (GlobalEval, _atomic_json, _clean, class_weights_block, final_block,
+                        privacy_block)
 
 log = logging.getLogger("fedtransfer.centralized")
 
@@ -43,6 +44,7 @@ def run_centralized(cfg: RunConfig) -> dict:
     x, y = np.concatenate(feats_x), np.concatenate(feats_y)
     device = training.resolve_device(cfg.device)
     head = ev.head()
+    weights = ev.public_class_weights() if cfg.class_weights == "public" else None
     epochs = cfg.num_rounds * cfg.local_epochs
     eps, history = None, []
     if cfg.dp:
@@ -52,22 +54,23 @@ def run_centralized(cfg: RunConfig) -> dict:
         res = training.train_dp(head, x, y, epochs=epochs, batch_size=cfg.batch_size,
                                 lr=cfg.learning_rate, momentum=cfg.momentum,
                                 noise_multiplier=sigma, clip_norm=cfg.clip_norm, seed=None,
-                                device=device)
+                                device=device, class_weights=weights)
         history = res.mechanisms
         eps = epsilon(history, delta=cfg.target_delta)
     else:
         res = training.train_plain(head, x, y, epochs=epochs, batch_size=cfg.batch_size,
                                    lr=cfg.learning_rate, momentum=cfg.momentum, seed=cfg.seed,
-                                   device=device)
-    m = ev.metrics(head_state(head))
+                                   device=device, class_weights=weights)
+    m = ev.report(head_state(head))
     summary = {
         "run_id": f"centralized-{int(time.time())}", "mode": "centralized", "dp": cfg.dp,
         "dataset": cfg.dataset, "backbone": cfg.backbone, "head": cfg.head,
         "num_sites": cfg.num_sites, "classes": list(ev.classes),
         "schema": ev.schema.to_dict(),
-        "final": {**m["test"], "val": m["val"],
-                  **({"test_sites": m["test_sites"]} if "test_sites" in m else {})},
-        "rounds": [{"round": 1, "test": m["test"], "val": m["val"]}],
+        "final": final_block(m),
+        "class_weights": class_weights_block(cfg, weights),
+        "rounds": [{"round": 1, "test": m["test"], "val": m["val"], "decision": m["decision"],
+                    **({"test_sites": m["test_sites"]} if "test_sites" in m else {})}],
         "sites": {"pooled": {
             "epsilon": eps, "delta": cfg.target_delta if cfg.dp else None,
             "num_examples": int(len(y)), "status": "completed",
@@ -78,6 +81,8 @@ def run_centralized(cfg: RunConfig) -> dict:
                    "feature_seconds": feat_seconds, "train_seconds": res.seconds},
     }
     _atomic_json(out / "summary.json", _clean(summary))
-    log.info("centralized: test acc %.3f auc %.3f bal %.3f", m["test"]["accuracy"],
-             m["test"]["auc"], m["test"]["balanced_accuracy"])
+    log.info("centralized: test acc %.3f auc %.3f bal %.3f (decision rule chosen on val; argmax "
+             "acc %.3f bal %.3f)", m["test"]["accuracy"], m["test"]["auc"],
+             m["test"]["balanced_accuracy"], m["test"]["argmax"]["accuracy"],
+             m["test"]["argmax"]["balanced_accuracy"])
     return summary

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from common.config import RunConfig, load_config_file, parse_config, parse_overrides
+from common.decision import describe_decision
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 log = logging.getLogger("fedtransfer")
@@ -59,6 +60,17 @@ def print_summary(s: dict) -> None:
         f"test: accuracy {_fmt(f['accuracy'])}  AUC {_fmt(f['auc'])}  "
         f"balanced accuracy {_fmt(f['balanced_accuracy'])}",
     ]
+    if "decision" in f:
+        val = f["decision"].get("val") or {}
+        rule = describe_decision(f["decision"], s.get("classes"))
+        lines.append(f"  decision rule (shipped): {rule}, chosen on public val (val bal "
+                     f"{_fmt(val.get('balanced_accuracy'))}; no ε); argmax: accuracy "
+                     f"{_fmt(f['argmax']['accuracy'])}  balanced accuracy "
+                     f"{_fmt(f['argmax']['balanced_accuracy'])}")
+    if (s.get("class_weights") or {}).get("weights"):
+        lines.append("  class-weighted loss: " + ", ".join(
+            f"{c} {w:.2f}" for c, w in zip(s["classes"], s["class_weights"]["weights"], strict=True))
+            + " (from public val counts)")
     if "secure_aggregation" in s:
         lines.append("aggregation: weighted FedAvg under SecAgg+ (the server saw only the masked sum)")
     p = s["privacy"]
@@ -77,8 +89,10 @@ def print_summary(s: dict) -> None:
                      f"{_fmt(q):>7} {_fmt(site.get('epsilon')):>7}  {site.get('status', '')}")
     if "student" in s:
         t, st, d = s["teacher"], s["student"], s["distillation"]
+        rule = (f" ({describe_decision(st['decision'], s.get('classes'))}, its own, on public val)"
+                if "decision" in st else "")
         lines.append(f"distilled student {st['architecture']}: test AUC {_fmt(st['auc'])} acc "
-                     f"{_fmt(st['accuracy'])} bal {_fmt(st['balanced_accuracy'])} | teacher "
+                     f"{_fmt(st['accuracy'])} bal {_fmt(st['balanced_accuracy'])}{rule} | teacher "
                      f"({t['kind']}) AUC {_fmt(t['auc'])} acc {_fmt(t['accuracy'])} bal "
                      f"{_fmt(t['balanced_accuracy'])}")
         lines.append(f"  params {st['params']:,} vs {t['params']:,} ({d['params_ratio']:.0f}x fewer); "

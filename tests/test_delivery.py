@@ -22,6 +22,7 @@ def test_every_site_receives_head_student_and_a_matching_card(tmp_path):
                        f"cache-dir={tmp_path / 'cache'}", "distill-augment=2", "distill-epochs=8",
                        "student-width=16", log=tmp_path / "simulate.log")
     assert "distilled student cnn" in text and "delivered to 3/3 sites" in text
+    assert "decision rule (shipped): prior shift" in text  # ten classes, chosen on public val
 
     for who in ("teacher", "student"):
         for key in ("auc", "accuracy", "params", "cpu_ms_per_image"):
@@ -48,6 +49,11 @@ def test_every_site_receives_head_student_and_a_matching_card(tmp_path):
         assert card["sha256"] == server["sha256"] == s["delivery"]["sha256"]
         assert card["run_id"] == s["run_id"] and card["round"] == 2
         assert card["student"]["params"] == s["student"]["params"]
+        # The head's rule and the student's own, both chosen on public validation data.
+        assert card["decision"] == s["final"]["decision"]
+        assert card["decision"]["rule"] == "prior-shift"
+        assert card["student"]["decision"] == s["student"]["decision"]
+        assert "distillation-validation" in card["student"]["decision"]["chosen_on"]
         assert card["student"]["val"]["auc"] > 0 and card["teacher"]["val"]["auc"] > 0
         assert card["privacy"]["unit"].startswith("one training record at one site")
         assert card["privacy"]["delta"] == 1e-5

@@ -135,6 +135,39 @@ def test_too_many_steps_in_a_round_are_refused(tmp_path):
     assert _entries(node) == 0
 
 
+TEN = ",".join(["1.0"] * 9)  # nine sound weights; the tenth is the test's
+
+
+@pytest.mark.parametrize("weights, words", [
+    (f"nan,{TEN}", "class-weights must be finite numbers in (0, 100]"),
+    (f"inf,{TEN}", "class-weights must be finite numbers in (0, 100]"),
+    (f"-1.0,{TEN}", "class-weights must be finite numbers in (0, 100]"),
+    (f"0.0,{TEN}", "class-weights must be finite numbers in (0, 100]"),
+    (f"1e300,{TEN}", "class-weights must be finite numbers in (0, 100]"),
+    ("1.0,2.0", "class-weights has 2 values, the head has 10 classes"),
+    ("heavy,light", "'class-weights' must be comma-separated numbers"),
+    ([1.0] * 10, "'class-weights' must be a string"),
+])
+def test_hostile_class_weights_are_rejected_before_training(tmp_path, weights, words):
+    node = _site(tmp_path)
+    reply = _train(node, **{"class-weights": weights})
+    status = _status(reply)
+    assert status["status"] == protocol.REQUEST_REJECTED and words in status["reason"]
+    assert not reply.content.array_records  # no head left the site
+    assert _entries(node) == 0
+
+
+def test_class_weights_from_the_server_leave_the_guarantee_unchanged(tmp_path):
+    """Weighted or not, the site runs and charges the same mechanism: the weights
+    scale a record's gradient before per-sample clipping, which still bounds it."""
+    weights = protocol.encode_class_weights([0.5 + 0.1 * k for k in range(10)])
+    plain = _metrics_of(_train(_site(tmp_path, "plain")))
+    weighted = _metrics_of(_train(_site(tmp_path, "weighted"), **{"class-weights": weights}))
+    for key in ("epsilon", "noise-multiplier", "sample-rate", "steps"):
+        assert weighted[key] == plain[key]
+    assert 0 < weighted["epsilon"] <= 2.0
+
+
 # -- 2. No unnoised value computed from the records leaves ------------------
 def _metrics_of(reply: Message) -> dict:
     assert _status(reply)["status"] == "ok", _status(reply)

@@ -34,11 +34,12 @@ def _settings(tmp_path, *, dp=True, eps=2.0) -> SiteSettings:
                         target_delta=1e-5)
 
 
-def _req(run="run-a", r=1, rounds=3, sigma=0.0, batch=16, clip=1.0, lr=0.5, dp=True
-         ) -> protocol.RoundRequest:
+def _req(run="run-a", r=1, rounds=3, sigma=0.0, batch=16, clip=1.0, lr=0.5, dp=True,
+         weights=()) -> protocol.RoundRequest:
     return protocol.RoundRequest(run_id=run, server_round=r, num_rounds=rounds, local_epochs=1,
                                  batch_size=batch, learning_rate=lr, momentum=0.0,
-                                 clip_norm=clip, noise_multiplier=sigma, dp=dp)
+                                 clip_norm=clip, noise_multiplier=sigma, dp=dp,
+                                 class_weights=weights)
 
 
 def _head(cfg: RunConfig):
@@ -50,6 +51,9 @@ def _head(cfg: RunConfig):
     (dict(clip=-1.0), "clip-norm must be"),
     (dict(sigma=float("nan")), "noise-multiplier"),
     (dict(lr=float("inf")), "learning-rate"),
+    (dict(weights=(1.0, 2.0, 3.0)), "class-weights has 3 values, the head has 2 classes"),
+    (dict(weights=(1.0, float("nan"))), r"class-weights must be finite numbers in \(0, 100\]"),
+    (dict(weights=(1.0, 101.0)), r"class-weights must be finite numbers in \(0, 100\]"),
 ])
 def test_hostile_request_is_rejected_before_anything_is_recorded(tmp_path, bad, words):
     cfg = _cfg(tmp_path)
@@ -139,3 +143,14 @@ def test_train_reply_carries_only_declared_fields_and_the_site_logs_the_rest(tmp
                for f in protocol.TRAIN_REPLY if f.key in second.metrics)
     assert "round 1's global head on the site's holdout" in caplog.text
     assert "train loss" in caplog.text
+
+
+def test_class_weights_travel_exactly_and_are_optional():
+    cfg = RunConfig(class_weights="public")
+    weights = [0.6734693877551021, 1.9411764705882353]
+    sent = {**protocol.train_request(cfg, class_weights=weights), "server-round": 1}
+    assert isinstance(sent["class-weights"], str)  # SecAgg+'s legacy config holds scalars only
+    assert protocol.parse_request(sent, "r").class_weights == tuple(weights)
+    unweighted = protocol.train_request(cfg)
+    assert "class-weights" not in unweighted
+    assert protocol.parse_request({**unweighted, "server-round": 1}, "r").class_weights == ()

@@ -75,6 +75,13 @@ def test_bad_value_names_the_key(key, value):
         parse_config({key: value})
 
 
+def test_class_weights_name_the_allowed_values():
+    with pytest.raises(ValueError, match="config key 'class-weights': got 'private', allowed: "
+                                         "none, public"):
+        parse_config({"class-weights": "private"})
+    assert parse_config({"class-weights": "public"}).class_weights == "public"
+
+
 def test_good_values_are_coerced_to_the_field_types():
     cfg = parse_config({"dp": "false", "seed": "3", "num-sites": 2.0, "learning-rate": 1,
                         "target-delta": "1e-6"})

@@ -166,3 +166,20 @@ def test_a_decline_is_believed_only_for_a_node_that_failed_this_round():
 def test_settings_that_need_single_site_heads_are_refused_with_secagg(tmp_path, setting, key):
     with pytest.raises(ValueError, match=f"'{key}'"):
         _cfg(tmp_path, **setting)
+
+
+def test_public_class_weights_reach_the_sites_under_secagg(tmp_path, monkeypatch):
+    """SecAgg+ runs on Flower's legacy workflow, whose config holds scalars only:
+    the weights travel as one string and arrive exactly."""
+    asked = []
+    real = client.app.train_round
+
+    def spy(cfg, settings, req, head, data=None):
+        asked.append(req.class_weights)
+        return real(cfg, settings, req, head, data)
+
+    monkeypatch.setattr(client.app, "train_round", spy)
+    cfg = _cfg(tmp_path, num_rounds=1, class_weights="public")
+    s = run_server(cfg, InProcessGrid(cfg, 1), run_id="1")
+    assert s["rounds"][0]["sites_aggregated"] == 3
+    assert asked == [tuple(s["class_weights"]["weights"])] * 3
