@@ -30,6 +30,9 @@ HYPERPARAMETER_SOURCES = ("unspecified", "public", "private")
 # class counts of the server's public validation split, sent in every round
 # request; never from a site's private counts, which would be an uncharged release.
 CLASS_WEIGHTS = ("none", "public")
+# What the shipped decision rule maximises on the public validation split (common/decision.py);
+# argmax: ship no threshold.
+DECISION_OBJECTIVES = ("balanced-accuracy", "accuracy", "argmax")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class RunConfig:
     learning_rate: float = 0.5
     momentum: float = 0.0
     class_weights: str = "none"  # none | public (from the server's public val split counts)
+    decision_objective: str = "balanced-accuracy"  # balanced-accuracy | accuracy | argmax
     # Differential privacy (the site's own cap: target-epsilon / target-delta)
     clip_norm: float = 1.0
     noise_multiplier: float = 0.0
@@ -242,6 +246,9 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.hyperparameter_source not in HYPERPARAMETER_SOURCES:
         raise bad("hyperparameter-source", f"got {cfg.hyperparameter_source!r}, allowed: "
                   f"{', '.join(HYPERPARAMETER_SOURCES)}")
+    if cfg.decision_objective not in DECISION_OBJECTIVES:
+        raise bad("decision-objective", f"got {cfg.decision_objective!r}, allowed: "
+                  f"{', '.join(DECISION_OBJECTIVES)}")
     if cfg.class_weights not in CLASS_WEIGHTS:
         raise bad("class-weights", f"got {cfg.class_weights!r}, allowed: "
                   f"{', '.join(CLASS_WEIGHTS)} (public: from the server's public validation split)")

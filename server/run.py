@@ -102,8 +102,12 @@ class GlobalEval:
         head = self.head(arrays)
         p_val = training.predict_proba(head, self.val_x)
         p_test = training.predict_proba(head, self.test_x)
-        rule = choose_decision(p_val, self.val_y, chosen_on=(
-            f"the server's public validation split ({len(self.val_y)} records)"))
+        if self.cfg.decision_objective == "argmax":
+            rule = {"rule": "argmax", "reason": "decision-objective = argmax"}
+        else:
+            rule = choose_decision(p_val, self.val_y, chosen_on=(
+                f"the server's public validation split ({len(self.val_y)} records)"),
+                objective=self.cfg.decision_objective.replace("-", "_"))
         out = {"decision": rule, "test": metrics_at_rule(p_test, self.test_y, rule),
                "val": metrics_at_rule(p_val, self.val_y, rule)}
         if self.splits.test_site is not None:  # each hospital's own test split, at the rule

@@ -80,6 +80,9 @@ def test_class_weights_name_the_allowed_values():
                                          "none, public"):
         parse_config({"class-weights": "private"})
     assert parse_config({"class-weights": "public"}).class_weights == "public"
+    with pytest.raises(ValueError, match="config key 'decision-objective': got 'f1', allowed: "
+                                         "balanced-accuracy, accuracy, argmax"):
+        parse_config({"decision-objective": "f1"})
 
 
 def test_good_values_are_coerced_to_the_field_types():

@@ -129,3 +129,23 @@ def _recording_grid(cfg: RunConfig) -> tuple[InProcessGrid, list[dict]]:
 
 def read_head(run) -> dict[str, np.ndarray]:
     return load_file(str(run / "head.safetensors"))
+
+
+@pytest.mark.parametrize("objective", ["accuracy", "argmax"])
+def test_the_decision_objective_is_the_users_choice(tmp_path, imbalanced, objective):
+    """``decision-objective``: the threshold maximises val accuracy, or no threshold ships."""
+    cfg = _cfg(tmp_path, imbalanced, decision_objective=objective)
+    from common.heads import head_state
+
+    ev = GlobalEval(cfg)
+    arrays = head_state(ev.head())
+    report = ev.report(arrays)
+    if objective == "argmax":
+        assert report["decision"]["rule"] == "argmax"
+        assert report["test"]["accuracy"] == report["test"]["argmax"]["accuracy"]
+    else:
+        p_val = training.predict_proba(ev.head(arrays), ev.val_x)
+        assert report["decision"] == choose_decision(
+            p_val, ev.val_y, objective="accuracy", chosen_on=report["decision"]["chosen_on"])
+        # The rule maximises val accuracy: never below argmax's on val.
+        assert report["val"]["accuracy"] >= report["val"]["argmax"]["accuracy"]
