@@ -87,6 +87,11 @@ def print_summary(s: dict) -> None:
         q = hist[-1]["sample_rate"] if hist else None
         lines.append(f"{sid:>6} {site.get('num_examples', 0):>8} {len(hist):>6} {_fmt(sigma):>7} "
                      f"{_fmt(q):>7} {_fmt(site.get('epsilon')):>7}  {site.get('status', '')}")
+    idle = [(sid, site) for sid, site in s["sites"].items()
+            if not [h for h in site.get("history") or [] if h.get("round", 1) >= 1]]
+    for sid, site in idle:  # a site whose records never reached the model must not pass unseen
+        lines.append(f"WARNING: site {sid} never trained ({site.get('status')}: "
+                     f"{site.get('reason') or 'no reply'}); the results exclude its records")
     if "student" in s:
         t, st, d = s["teacher"], s["student"], s["distillation"]
         rule = (f" ({describe_decision(st['decision'], s.get('classes'))}, its own, on public val)"

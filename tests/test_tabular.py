@@ -25,7 +25,10 @@ def test_breast_cancer_hospitals_train_per_site_and_predict_reads_columns_by_nam
     out = tmp_path / "run"
     s, text = simulate(out, f"data-dir={tmp_path / 'data'}", f"cache-dir={tmp_path / 'cache'}",
                        "num-rounds=4", log=tmp_path / "sim.log", config="breast-cancer")
-    assert "per-site test: mean acc" in text
+    assert "per-site test: mean acc" in text and "never trained" not in text
+    # Every hospital trained every round (none declined, e.g. for a batch above its size).
+    assert all(site["status"] == "active" and site["rounds_trained"] == 4
+               for site in s["sites"].values()), {k: v["reason"] for k, v in s["sites"].items()}
     sites = s["final"]["test_sites"]
     assert sorted(sites["sites"]) == ["hospital-1", "hospital-2", "hospital-3", "hospital-4"]
     # Unscaled, this task sat at chance level (AUC 0.51-0.62); scaled, even 4 DP rounds
