@@ -60,7 +60,14 @@ def _simulation(work: Path, rounds: int, extra: dict | None = None, tag: str = "
     return simulate(cfg)
 
 
-def _deployment(work: Path, rounds: int, extra: dict | None = None, tag: str = "deploy") -> dict:
+# Flower's own waits, for the before/after: its grid pulls replies every 3 s and its
+# SuperExec picks up tasks every 1 s; fedtransfer polls both every 0.1 s (server/polling.py,
+# tests/loopback.py).
+FLOWER_POLLS = {"FEDTRANSFER_GRID_POLL_S": "3", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}
+
+
+def _deployment(work: Path, rounds: int, extra: dict | None = None, tag: str = "deploy",
+                env: dict | None = None) -> dict:
     from tests.loopback import Loopback
 
     out = work / tag
@@ -68,7 +75,7 @@ def _deployment(work: Path, rounds: int, extra: dict | None = None, tag: str = "
                       for k, v in {**RUN, **(extra or {})}.items())
     config += f" num-rounds={rounds} out-dir='{out}' cache-dir='{work / 'deploy-cache'}'"
     config = config.replace('"', "'")
-    with Loopback(work / f"loopback-{tag}", num_sites=RUN["num-sites"]) as fed:
+    with Loopback(work / f"loopback-{tag}", num_sites=RUN["num-sites"], env=env) as fed:
         fed.start_federation()
         rc = fed.run(config).wait(timeout=900)
         if rc != 0:
@@ -81,15 +88,21 @@ def run(work_dir: Path, *, rounds: int = 4) -> dict:
     FedAvg and with SecAgg+ (four messages per site per round instead of one)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     arms = {"simulation": (_simulation, None), "simulation_secagg": (_simulation, SECAGG),
-            "deployment": (_deployment, None), "deployment_secagg": (_deployment, SECAGG)}
-    out: dict = {"measured": True, "config": {**RUN, "num-rounds": rounds}, "secagg": SECAGG}
+            "deployment": (_deployment, None), "deployment_secagg": (_deployment, SECAGG),
+            "deployment_flower_polls": (_deployment, None)}
+    out: dict = {"measured": True, "config": {**RUN, "num-rounds": rounds}, "secagg": SECAGG,
+                 "flower_polls": FLOWER_POLLS}
     for name, (runtime, extra) in arms.items():
-        out[name] = _split(runtime(work_dir, rounds, extra, tag=name))
+        kw = {"env": FLOWER_POLLS} if name == "deployment_flower_polls" else {}
+        out[name] = _split(runtime(work_dir, rounds, extra, tag=name, **kw))
         log.info("%s: %.2f s per round (site %.2f s, outside the site %.2f s)", name,
                  out[name]["round_seconds"], out[name]["site_site_total"],
                  out[name]["outside_site"])
     out["ratio_round_seconds"] = (out["deployment"]["round_seconds"]
                                   / out["simulation"]["round_seconds"])
+    # Before/after the short polls, same run: Flower's waits over fedtransfer's.
+    out["ratio_flower_polls"] = (out["deployment_flower_polls"]["round_seconds"]
+                                 / out["deployment"]["round_seconds"])
     for runtime in ("simulation", "deployment"):
         out[f"ratio_secagg_{runtime}"] = (out[f"{runtime}_secagg"]["round_seconds"]
                                           / out[runtime]["round_seconds"])

@@ -254,7 +254,8 @@ def deployment_section(dep: dict | None) -> list[str]:
           "| runtime | s per round | site work | DP train | accounting | features | outside the site |",
           "|---|---|---|---|---|---|---|"]
     names = {"simulation": "simulation", "deployment": "deployment",
-             "simulation_secagg": "simulation, SecAgg+", "deployment_secagg": "deployment, SecAgg+"}
+             "simulation_secagg": "simulation, SecAgg+", "deployment_secagg": "deployment, SecAgg+",
+             "deployment_flower_polls": "deployment, Flower's polls (grid 3 s, SuperExec 1 s)"}
     for name in [n for n in names if n in dep]:
         r = dep[name]
         L.append(f"| {names[name]} | {r['round_seconds']:.2f} | {r['site_site_total']:.2f} | "
@@ -266,6 +267,11 @@ def deployment_section(dep: dict | None) -> list[str]:
           "that cold process (Opacus import inside DP training, cold PRV accounting) is "
           "several times its warm cost in a Ray actor. `python -m simulations.latency` breaks "
           "one deployed site's process down further (README, \"Deploying on edge sites\").", ""]
+    if "ratio_flower_polls" in dep:
+        L += [f"With Flower's own waits (its grid pulls replies every 3 s, its SuperExec picks up "
+              f"tasks every 1 s) a deployed round takes **{dep['ratio_flower_polls']:.1f}×** as "
+              "long as with fedtransfer's 0.1 s polls (`server/polling.py`, and "
+              "`FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1` in the deployment commands), same run.", ""]
     if "ratio_secagg_deployment" in dep:
         L += [f"SecAgg+ (`aggregation = \"secagg+\"`, Flower's SecAggPlusWorkflow) makes a round "
               f"**{dep['ratio_secagg_simulation']:.1f}×** as long in simulation and "

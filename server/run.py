@@ -38,6 +38,7 @@ from common.protocol import (
 from common.schema import Schema, federation
 from server.delivery import DELIVER_MESSAGE_TYPE, deliver
 from server.distill import delivery_card, run_distillation, write_server_copy
+from server.polling import PollingGrid
 from server.strategy import HeadFedAvg
 
 log = logging.getLogger("fedtransfer.server")
@@ -186,6 +187,7 @@ def round_line(r: int, total: int, m: dict, strategy: HeadFedAvg, cfg: RunConfig
 def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
     """Run all rounds against ``grid`` and write the run directory."""
     t_run = time.perf_counter()
+    grid = PollingGrid(grid)  # replies are pulled every 0.1 s, not Flower's 3 s
     out = default_out_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(cfg.to_toml())

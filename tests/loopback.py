@@ -109,7 +109,9 @@ def write_site_files(root: Path, num_sites: int, seed: int = 0) -> list[Path]:
 class Loopback:
     """A SuperLink and its SuperNodes under ``root``; use as a context manager."""
 
-    def __init__(self, root: Path, *, num_sites: int = 3, cap: float = 8.0):
+    def __init__(self, root: Path, *, num_sites: int = 3, cap: float = 8.0,
+                 env: dict[str, str] | None = None):
+        """``env``: extra environment for every Flower process (e.g. poll intervals)."""
         self.root = root
         self.num_sites = num_sites
         self.cap = cap
@@ -124,7 +126,9 @@ class Loopback:
             f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.keys / "ca.crt"}"\n')
         self.env = {**os.environ, "FLWR_HOME": str(self.home),
                     "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    # SuperExec picks up tasks every 0.1 s (Flower's default: 1 s).
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", **(env or {})}
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
 
