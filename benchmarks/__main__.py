@@ -6,7 +6,6 @@ import argparse
 import datetime as dt
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 from benchmarks import settings as S
+from common.jsonio import clean_json
 
 log = logging.getLogger("benchmarks")
 RESULTS = Path(__file__).parent / "results"
@@ -31,22 +31,9 @@ def _env() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def _clean(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    if hasattr(x, "item") and not isinstance(x, str):
-        return _clean(x.item())
-    return x
-
-
 def run_suite(st: S.BenchSettings) -> dict:
     """Run the parts named in ``st.parts``; returns the results document."""
     from benchmarks.machine import machine_info
-
     from common.data import read_medmnist_npz
     from common.training import resolve_device
 
@@ -137,7 +124,7 @@ def run_suite(st: S.BenchSettings) -> dict:
 
     for problem in problems(doc, st.parts):
         log.warning("results schema: %s", problem)
-    return _clean(doc)
+    return clean_json(doc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -167,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("fedtransfer").setLevel(logging.INFO)
-    from simulations.cli import _quiet_flower
+    from simulations.cli import quiet_flower
     from simulations.simulate import simulate
 
-    _quiet_flower(False)
+    quiet_flower(False)
     simulate(worker_config(a.sites, a.rounds, a.data, a.out, a.image_size))
     return 0
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import sqlite3
 import time
@@ -33,9 +32,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from common.jsonio import clean_json
 from common.ledger import Entry, default_key_path, read_key, verify_chain
-from common.privacy import (ADD_REMOVE, LEDGER_ACCOUNTANT, REPLACE_ONE,
-                            UNIT_OF_PRIVACY, Mechanism, epsilon)
+from common.privacy import (
+    ADD_REMOVE,
+    LEDGER_ACCOUNTANT,
+    REPLACE_ONE,
+    UNIT_OF_PRIVACY,
+    Mechanism,
+    epsilon,
+)
 from common.privacy import compress as group_history
 from common.scaling import SAMPLER as FULL_SAMPLER
 
@@ -215,19 +221,7 @@ class AuditReport:
         d = asdict(self)
         d["has_errors"] = self.has_errors
         d["counts"] = {sev: sum(h.severity == sev for h in self.all_hazards()) for sev in SEVERITIES}
-        return _json_safe(d)
-
-
-def _json_safe(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    return x
+        return clean_json(d)
 
 
 # --------------------------------------------------------------------------

@@ -8,11 +8,14 @@ bad values fail here, before any work starts, with a message naming the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from common.schema import SchemaError, load_schema
 
 MODES = ("federated", "centralized")
 PARTITIONERS = ("iid", "dirichlet", "site")  # site: the records' own sites (natural)
@@ -143,8 +146,6 @@ def _coerce(key: str, value: Any) -> Any:
     """Convert one raw value to the field's type, or raise naming the key."""
     kind = _TYPES[key]
     if key == "schema" and isinstance(value, Mapping):  # a [schema] table: canonical JSON
-        import json
-
         return json.dumps(value, sort_keys=True, separators=(",", ":"))
     if kind is bool:
         if isinstance(value, bool):
@@ -317,8 +318,6 @@ def _validate(cfg: RunConfig) -> None:
         raise bad("scaling-budget", f"must be in (0, 0.5] (the share of each site's ε cap spent "
                   f"on DP feature scaling), got {cfg.scaling_budget!r}")
     if cfg.schema:
-        from common.schema import SchemaError, load_schema
-
         try:
             load_schema(cfg.schema)
         except SchemaError as exc:

@@ -11,73 +11,25 @@ import logging
 import os
 import urllib.error
 import urllib.request
-import zipfile
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from common.schema import SchemaError, derived_tabular, image_schema, load_schema
+from common.sitedata import read_site_records, splits_from_records
+from common.splits import (  # noqa: F401 (re-exported)
+    MEDMNIST_CLASSES,
+    SiteData,
+    Splits,
+    fingerprint_arrays,
+    read_medmnist_npz,
+)
+
 log = logging.getLogger(__name__)
 
 MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{name}.npz?download=1"
-MEDMNIST_CLASSES = {
-    "pneumoniamnist": ("normal", "pneumonia"),
-    "breastmnist": ("malignant", "normal, benign"),
-}
-
-
-@dataclass(frozen=True)
-class Splits:
-    """A labelled dataset with the standard train / val / test splits."""
-
-    name: str
-    classes: tuple[str, ...]
-    train_x: np.ndarray
-    train_y: np.ndarray
-    val_x: np.ndarray
-    val_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    columns: tuple[str, ...] = ()  # tabular: the design columns (schema order)
-    # Natural sites (``partitioner = "site"``): site names, and each record's site index.
-    site_names: tuple[str, ...] = ()
-    train_site: np.ndarray | None = None
-    val_site: np.ndarray | None = None
-    test_site: np.ndarray | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-
-@dataclass(frozen=True)
-class SiteData:
-    """One hospital's private data: a training split and a local holdout."""
-
-    site_id: int
-    train_x: np.ndarray
-    train_y: np.ndarray
-    holdout_x: np.ndarray
-    holdout_y: np.ndarray
-    num_classes: int
-
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint_arrays(self.train_x, self.train_y, self.holdout_x, self.holdout_y)
-
-
-def fingerprint_arrays(*arrays: np.ndarray) -> str:
-    """Content hash of arrays (shape, dtype and bytes)."""
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------
@@ -151,59 +103,6 @@ def _load_medmnist(spec: str, data_dir: str, seed: int) -> Splits:
     return read_medmnist_npz(path)
 
 
-def read_medmnist_npz(path: str | Path) -> Splits:
-    """Read and check a standard MedMNIST ``.npz`` (train/val/test images+labels)."""
-    path = Path(path)
-    # A truncated or damaged .npz fails inside zipfile/zlib, not with OSError/ValueError.
-    unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except unreadable as exc:
-        raise ValueError(f"{path}: not a readable .npz file ({exc})") from exc
-    arrays = {}
-    with npz:
-        for split in ("train", "val", "test"):
-            for part in ("images", "labels"):
-                key = f"{split}_{part}"
-                if key not in npz.files:
-                    raise ValueError(
-                        f"{path}: missing array '{key}'; a MedMNIST .npz has "
-                        "train/val/test _images and _labels"
-                    )
-                try:
-                    arrays[key] = npz[key]
-                except unreadable as exc:
-                    raise ValueError(f"{path}: array '{key}' is corrupt ({exc})") from exc
-    out = {}
-    num_classes = 0
-    for split in ("train", "val", "test"):
-        x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if x.ndim not in (3, 4) or len(x) != len(y):
-            raise ValueError(
-                f"{path}: {split}_images has shape {x.shape} and {split}_labels {y.shape}; "
-                "expected (N, H, W[, C]) images and N labels"
-            )
-        y = np.asarray(y).reshape(len(y), -1)
-        if y.shape[1] != 1:
-            raise ValueError(f"{path}: multi-label targets {y.shape} are not supported")
-        y = y[:, 0]
-        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-            raise ValueError(f"{path}: {split}_labels must be non-negative integers")
-        x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
-        if not np.isfinite(x).all():
-            raise ValueError(f"{path}: {split}_images contains NaN or Inf")
-        out[split] = (x, y.astype(np.int64))
-        num_classes = max(num_classes, int(y.max()) + 1)
-    name = path.stem
-    classes = MEDMNIST_CLASSES.get(name, tuple(str(i) for i in range(num_classes)))
-    return Splits(
-        name=name, classes=classes,
-        train_x=out["train"][0], train_y=out["train"][1],
-        val_x=out["val"][0], val_y=out["val"][1],
-        test_x=out["test"][0], test_y=out["test"][1],
-    )
-
-
 def _load_local(kind: str) -> Callable[..., Splits]:
     """``imagefolder:<dir>`` / ``csv:<file>``: a site's own files (common.sitedata),
     split 70/10/20 (seeded; site by site where records carry their site). Any
@@ -211,8 +110,6 @@ def _load_local(kind: str) -> Callable[..., Splits]:
     columns and class names by name."""
 
     def load(rest: str, data_dir: str, seed: int, schema=None) -> Splits:
-        from common.sitedata import read_site_records, splits_from_records
-
         spec = f"{kind}:{rest}"
         classes = schema.classes if schema is not None else None
         return splits_from_records(spec, read_site_records(spec, classes=classes, schema=schema),
@@ -439,3 +336,42 @@ def export_site_folders(splits: Splits, out: str | Path, *, num_sites: int, alph
                 Image.fromarray(img).save(folder / f"{i:06d}.png")
             counts[site][name] = int(len(mine))
     return counts
+
+
+def federation(cfg, *, dp_as_public: bool = False):
+    """``(splits, schema)`` for a run: the dataset (a CSV's columns mapped by the
+    declared schema's names) and the federation's schema, declared or derived,
+    with every ``public`` constant fitted on the public validation split.
+
+    ``dp``-scaled features stay unfitted (the server's scaling query fits them),
+    unless ``dp_as_public`` (a centralized baseline, which has no sites).
+
+    Raises:
+        SchemaError: the declared schema does not match the dataset, naming both.
+    """
+    declared = load_schema(cfg.schema)
+    mapping = declared if declared is not None and declared.input == "tabular" else None
+    splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed, schema=mapping)
+    if declared is not None and tuple(declared.classes) != tuple(splits.classes):
+        raise SchemaError(f"the schema's classes {list(declared.classes)} differ from dataset "
+                          f"{cfg.dataset!r}'s {list(splits.classes)}")
+    tabular = bool(splits.columns)
+    if declared is not None and (declared.input == "tabular") != tabular:
+        raise SchemaError(f"the schema declares {declared.input} input, dataset {cfg.dataset!r} "
+                          f"holds {'tabular' if tabular else 'image'} records")
+    if declared is None:
+        schema = (derived_tabular(splits.classes, splits.columns, label="label") if tabular
+                  else image_schema(splits.classes, image_size=cfg.image_size,
+                                    image_channels=cfg.image_channels))
+    elif declared.input == "image":
+        schema = replace(declared, image_size=cfg.image_size, image_channels=cfg.image_channels)
+    else:
+        schema = declared
+    if dp_as_public:
+        schema = replace(schema, features=tuple(
+            replace(f, scaling="public") if f.scaling == "dp" and not f.fitted else f
+            for f in schema.features))
+    if schema.needs("public"):
+        schema = schema.fit_public(splits.val_x)
+    return splits, schema
+

@@ -508,48 +508,6 @@ def derived_tabular(classes: Sequence[str], header: Sequence[str], *, label: str
 
 
 
-def federation(cfg, *, dp_as_public: bool = False):
-    """``(splits, schema)`` for a run: the dataset (a CSV's columns mapped by the
-    declared schema's names) and the federation's schema, declared or derived,
-    with every ``public`` constant fitted on the public validation split.
-
-    ``dp``-scaled features stay unfitted (the server's scaling query fits them),
-    unless ``dp_as_public`` (a centralized baseline, which has no sites).
-
-    Raises:
-        SchemaError: the declared schema does not match the dataset, naming both.
-    """
-    from common.data import (
-        load_dataset,  # lazy: common.data reads sites through sitedata
-    )
-
-    declared = load_schema(cfg.schema)
-    mapping = declared if declared is not None and declared.input == "tabular" else None
-    splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed, schema=mapping)
-    if declared is not None and tuple(declared.classes) != tuple(splits.classes):
-        raise SchemaError(f"the schema's classes {list(declared.classes)} differ from dataset "
-                          f"{cfg.dataset!r}'s {list(splits.classes)}")
-    tabular = bool(splits.columns)
-    if declared is not None and (declared.input == "tabular") != tabular:
-        raise SchemaError(f"the schema declares {declared.input} input, dataset {cfg.dataset!r} "
-                          f"holds {'tabular' if tabular else 'image'} records")
-    if declared is None:
-        schema = (derived_tabular(splits.classes, splits.columns, label="label") if tabular
-                  else image_schema(splits.classes, image_size=cfg.image_size,
-                                    image_channels=cfg.image_channels))
-    elif declared.input == "image":
-        schema = replace(declared, image_size=cfg.image_size, image_channels=cfg.image_channels)
-    else:
-        schema = declared
-    if dp_as_public:
-        schema = replace(schema, features=tuple(
-            replace(f, scaling="public") if f.scaling == "dp" and not f.fitted else f
-            for f in schema.features))
-    if schema.needs("public"):
-        schema = schema.fit_public(splits.val_x)
-    return splits, schema
-
-
 def parse_number(text: str) -> float:
     """A CSV cell as a number: NaN for a missing-value token (``MISSING_TOKENS``),
     ``ValueError`` for text. The one rule every reader (sites, ``predict``) uses."""

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from common.schema import ID_COLUMN, Feature, Schema, SchemaError
+from common.splits import SiteData, Splits, read_medmnist_npz
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MISSING_POLICIES = ("error", "drop", "zero")
@@ -310,8 +311,6 @@ def scan_csv(path: str | Path, *, label: str | None = None, missing: str | None 
 
 def scan_npz(path: str | Path) -> Scan:
     """A standard MedMNIST ``.npz``: all of its splits are this site's records."""
-    from common.data import read_medmnist_npz
-
     path = Path(path)
     if not path.is_file():
         raise SiteDataError(f"MedMNIST file not found: {path}")
@@ -423,7 +422,6 @@ def splits_from_records(name: str, s: Scan, seed: int):
     splits keep each record's site."""
     from sklearn.model_selection import train_test_split
 
-    from common.data import Splits
 
     def split(ids, size):
         counts = np.bincount(s.y[ids])
@@ -472,7 +470,6 @@ def own_site_data(spec: str, *, site_id: int, holdout: float, seed: int,
     the others, which per-sample clipping could not bound. With a ``schema``,
     CSV columns map onto its features by name (the design matrix, unscaled).
     """
-    from common.data import SiteData
 
     s = read_site_records(spec, size=(image_size, image_size), channels=channels,
                           classes=classes, schema=schema)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -22,10 +21,11 @@ from safetensors.numpy import save_file
 from common import training
 from common.backbones import get_backbone
 from common.config import RunConfig
-from common.data import fingerprint_arrays
+from common.data import federation, fingerprint_arrays
 from common.decision import choose_decision, describe_decision
 from common.features import cached_features
 from common.heads import head_state, load_head_state, make_head
+from common.jsonio import write_json_atomic
 from common.metrics import metrics_at_rule
 from common.modelio import read_card
 from common.privacy import NEIGHBOURS, REPORTED_ACCOUNTANT, UNIT_OF_PRIVACY
@@ -35,10 +35,11 @@ from common.protocol import (
     to_array_record,
     train_request,
 )
-from common.schema import Schema, federation
+from common.schema import Schema
 from server.delivery import DELIVER_MESSAGE_TYPE, deliver
 from server.distill import delivery_card, run_distillation, write_server_copy
 from server.polling import PollingGrid
+from server.scaling import fit_dp_scaling
 from server.strategy import HeadFedAvg
 
 log = logging.getLogger("fedtransfer.server")
@@ -133,29 +134,6 @@ def per_site_metrics(p: np.ndarray, y: np.ndarray, site: np.ndarray, names: tupl
     return {"mean_over_sites": mean, "sites": sites}
 
 
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def _clean(x):
-    """NaN/Inf are not JSON; write them as null."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_clean(v) for v in x]
-    return x
-
-
 def round_line(r: int, total: int, m: dict, strategy: HeadFedAvg, cfg: RunConfig,
                classes: list[str] | None = None) -> str:
     """One line per round. ``m`` is :meth:`GlobalEval.report`: test metrics at the
@@ -201,8 +179,6 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
         # The fitted schema of the run being resumed: its DP scaling was released once.
         schema = Schema.from_dict(json.loads((out / "schema.json").read_text()))
     elif schema.needs("dp"):  # DP feature scaling before round 1 (server/scaling.py)
-        from server.scaling import fit_dp_scaling
-
         schema = fit_dp_scaling(grid, cfg, schema, strategy)
     ev = GlobalEval(cfg, splits, schema)
     (out / "schema.json").write_text(json.dumps(schema.to_dict(), indent=2))
@@ -267,7 +243,7 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
                           strategy=strategy, last_round=rounds[-1]["round"] if rounds else 0,
                           summary=summary))
     summary["timing"]["total_seconds"] = time.perf_counter() - t_run
-    _atomic_json(out / "summary.json", _clean(summary))
+    write_json_atomic(out / "summary.json", summary)
     log.info("run directory: %s", out)
     return summary
 
@@ -327,7 +303,7 @@ def save_checkpoint(out: Path, server_round: int, arrays: dict, strategy: HeadFe
     from server.resume import save_site_heads
 
     save_site_heads(out, strategy)
-    _atomic_json(ck / "state.json", _clean({
+    write_json_atomic(ck / "state.json", ({
         "round": server_round, "run_id": run_id, "rounds": rounds or [],
         "dropped": strategy.dropped,
         "sites": {str(s.site_id): {"epsilon": s.epsilon, "delta": s.delta, "status": s.status,

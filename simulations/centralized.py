@@ -17,9 +17,9 @@ from client.site import load_site_data, site_features
 from common import training
 from common.config import RunConfig
 from common.heads import head_state
+from common.jsonio import write_json_atomic
 from common.privacy import calibrate_noise_multiplier, dp_plan, epsilon
-from server.run import (GlobalEval, _atomic_json, _clean, class_weights_block, final_block,
-                        privacy_block)
+from server.run import GlobalEval, class_weights_block, final_block, privacy_block
 
 log = logging.getLogger("fedtransfer.centralized")
 
@@ -80,7 +80,7 @@ def run_centralized(cfg: RunConfig) -> dict:
         "timing": {"total_seconds": time.perf_counter() - t0,
                    "feature_seconds": feat_seconds, "train_seconds": res.seconds},
     }
-    _atomic_json(out / "summary.json", _clean(summary))
+    write_json_atomic(out / "summary.json", summary)
     log.info("centralized: test acc %.3f auc %.3f bal %.3f (decision rule chosen on val; argmax "
              "acc %.3f bal %.3f)", m["test"]["accuracy"], m["test"]["auc"],
              m["test"]["balanced_accuracy"], m["test"]["argmax"]["accuracy"],

@@ -38,7 +38,7 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger().setLevel(logging.INFO)
 
 
-def _quiet_flower(verbose: bool) -> None:
+def quiet_flower(verbose: bool) -> None:
     """Flower sets its own logger to DEBUG on import and prints through its own
     console handler; keep that handler at WARNING unless ``--verbose``."""
     from flwr.common.logger import update_console_handler
@@ -122,7 +122,7 @@ def cmd_simulate(args) -> int:
     from simulations.simulate import simulate
 
     cfg = resolve_config(args.config, args.set, args.out)
-    _quiet_flower(args.verbose)
+    quiet_flower(args.verbose)
     summary = simulate(cfg)
     print_summary(summary)
     print(f"results: {summary['run_dir']}")
@@ -135,7 +135,7 @@ def cmd_compare(args) -> int:
     from simulations.simulate import simulate
 
     base = resolve_config(args.config, args.set, None)
-    _quiet_flower(args.verbose)
+    quiet_flower(args.verbose)
     root = Path(args.out or "runs/compare")
     arms = [("federated-dp", base.replace(mode="federated", dp=True)),
             ("federated-nodp", base.replace(mode="federated", dp=False)),

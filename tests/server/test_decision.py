@@ -9,7 +9,6 @@ learn digits: "0-2" against "3-9", about 70 % positive, as in PneumoniaMNIST).
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
