@@ -18,13 +18,13 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(BIN)/fedtransfer simulate --config demo
+	$(BIN)/fedtransfer simulate
 
 test: install
 	$(BIN)/python -m pytest -q
 
 # Real SuperLink + SuperNodes on loopback (TLS, SuperNode auth, faults); .ci/run runs
-# it after `make test` (time: README, "Tests").
+# it after `make test`.
 test-deployment: install
 	$(BIN)/python -m pytest -q -m deployment
 

@@ -12,10 +12,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import report
 from benchmarks import settings as S
+from benchmarks.machine import machine_info, machine_tag
+from benchmarks.schema import problems
+from common.data.datasets import read_medmnist_npz
 from common.jsonio import clean_json
+from common.models.training import resolve_device
 
-log = logging.getLogger("benchmarks")
+log = logging.getLogger(__name__)
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -33,9 +38,6 @@ def _env() -> None:
 
 def run_suite(st: S.BenchSettings) -> dict:
     """Run the parts named in ``st.parts``; returns the results document."""
-    from benchmarks.machine import machine_info
-    from common.data import read_medmnist_npz
-    from common.training import resolve_device
 
     t_suite = time.perf_counter()
     info = machine_info()
@@ -61,6 +63,7 @@ def run_suite(st: S.BenchSettings) -> dict:
         log.info("%s took %.0f s", name, doc["timings"][name])
 
     def cached_vs_naive():
+        # lazy: a benchmark part imports its module only when it runs
         from benchmarks import cached_vs_naive as cvn
 
         x, y = cvn.subset(splits.train_x, splits.train_y, st.naive_records, seed=0)
@@ -75,12 +78,14 @@ def run_suite(st: S.BenchSettings) -> dict:
 
     def fixture():
         if "fx" not in pooled:
+            # lazy: a benchmark part imports its module only when it runs
             from benchmarks.privacy_utility import Fixture
 
             pooled["fx"] = Fixture(cfg)
         return pooled["fx"]
 
     def dp_overhead():
+        # lazy: a benchmark part imports its module only when it runs
         from benchmarks import dp_overhead as dpo
 
         x, y = fixture().pooled()
@@ -89,11 +94,13 @@ def run_suite(st: S.BenchSettings) -> dict:
                        clip=cfg.clip_norm, hidden_dim=cfg.hidden_dim, device=device)
 
     def communication():
+        # lazy: a benchmark part imports its module only when it runs
         from benchmarks import communication as comm
 
         return comm.run(image_size=cfg.image_size, hidden_dim=cfg.hidden_dim)
 
     def privacy_utility():
+        # lazy: a benchmark part imports its module only when it runs
         from benchmarks import privacy_utility as pu
 
         res = pu.run(cfg, epsilons=st.epsilons, seeds=st.seeds, fx=fixture())
@@ -101,6 +108,7 @@ def run_suite(st: S.BenchSettings) -> dict:
         return res["rows"]
 
     def scale():
+        # lazy: a benchmark part imports its module only when it runs
         from benchmarks import scale as sc
 
         return [sc.measure(n, rounds=st.scale_rounds, data_path=st.data_path.resolve(),
@@ -114,13 +122,13 @@ def run_suite(st: S.BenchSettings) -> dict:
     part("scale", scale)
 
     def deployment_vs_simulation():
+        # lazy: a benchmark part imports its module only when it runs
         from benchmarks import deployment
 
         return deployment.run(st.work_dir / "deployment")
 
     part("deployment_vs_simulation", deployment_vs_simulation)
     doc["timings"]["total"] = time.perf_counter() - t_suite
-    from benchmarks.schema import problems
 
     for problem in problems(doc, st.parts):
         log.warning("results schema: %s", problem)
@@ -144,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("flwr", "ray", "datasets", "matplotlib", "opacus"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _env()
-    from benchmarks import report
 
     if a.report_only:
         doc = json.loads(a.report_only.read_text())
@@ -158,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{a.data} not found: the benchmarks need PneumoniaMNIST (../shared/data)")
     st = S.MODES[a.mode]().replace(parts=parts, data_path=a.data)
     doc = run_suite(st)
-    from benchmarks.machine import machine_tag
 
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"{doc['date']}-{machine_tag(doc['machine'])}-{a.mode}.json"

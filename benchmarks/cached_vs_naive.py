@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from benchmarks.memory import PeakSampler
-from common import training
-from common.backbones import Backbone, get_backbone, preprocess
-from common.data import fingerprint_arrays
-from common.features import cached_features
-from common.heads import head_state, load_head_state, make_head
-from common.privacy import calibrate_noise_multiplier, dp_plan, epsilon
+from common.data.datasets import fingerprint_arrays
+from common.models import training
+from common.models.backbones import Backbone, get_backbone, preprocess
+from common.models.features import cached_features
+from common.models.heads import head_state, load_head_state, make_head
+from common.privacy.accounting import calibrate_noise_multiplier, dp_plan, epsilon
 
 log = logging.getLogger(__name__)
 

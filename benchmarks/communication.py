@@ -14,8 +14,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from common.backbones import get_backbone
-from common.heads import head_state, make_head
+from common.models.backbones import get_backbone
+from common.models.heads import head_state, make_head
 from common.protocol import to_array_record
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@ two runtimes, per-round time split.
 
 *Deployment* is the real loopback path: a TLS SuperLink with SuperNode
 authentication and three SuperNodes, each training on its own ``.npz`` file,
-driven by ``flwr run`` (the harness in ``tests/loopback.py``, which starts and
+driven by ``flwr run`` (the harness in ``simulations/loopback.py``, which starts and
 stops every process by pid). *Simulation* is ``fedtransfer simulate`` on the
 same digits records split IID over three sites. Both use the identity backbone,
 a fixed σ, the same schedule, and no distillation, so a round differs only in
@@ -22,6 +22,10 @@ import json
 import logging
 import statistics
 from pathlib import Path
+
+from common.config import parse_config
+from simulations.loopback import Loopback
+from simulations.simulate import simulate
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +56,6 @@ SECAGG = {"aggregation": "secagg+", "teacher": "global"}
 
 
 def _simulation(work: Path, rounds: int, extra: dict | None = None, tag: str = "sim") -> dict:
-    from common.config import parse_config
-    from simulations.simulate import simulate
 
     cfg = parse_config({**RUN, **(extra or {}), "num-rounds": rounds,
                         "out-dir": str(work / tag), "cache-dir": str(work / "sim-cache")})
@@ -62,13 +64,12 @@ def _simulation(work: Path, rounds: int, extra: dict | None = None, tag: str = "
 
 # Flower's own waits, for the before/after: its grid pulls replies every 3 s and its
 # SuperExec picks up tasks every 1 s; fedtransfer polls both every 0.1 s (server/polling.py,
-# tests/loopback.py).
+# simulations/loopback.py).
 FLOWER_POLLS = {"FEDTRANSFER_GRID_POLL_S": "3", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}
 
 
 def _deployment(work: Path, rounds: int, extra: dict | None = None, tag: str = "deploy",
                 env: dict | None = None) -> dict:
-    from tests.loopback import Loopback
 
     out = work / tag
     config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"

@@ -1,9 +1,9 @@
 """2. DP overhead on cached features: Opacus DP-SGD against plain SGD.
 
 For a linear and an MLP head on the same cached features, the same epochs and
-batch size: plain SGD (:func:`common.training.train_plain`), DP-SGD with
+batch size: plain SGD (:func:`common.models.training.train_plain`), DP-SGD with
 per-sample gradients from ``hooks``, and DP-SGD with ``ghost`` clipping
-(:func:`common.training.train_dp`). Each timing is the minimum of several
+(:func:`common.models.training.train_dp`). Each timing is the minimum of several
 repeats (as ``timeit`` advises: load from other processes only ever adds
 time), the median is kept too, and the arms are interleaved within each
 repeat so that load hits them alike. The DP time includes ``make_private``
@@ -17,8 +17,8 @@ import statistics
 
 import numpy as np
 
-from common import training
-from common.heads import make_head
+from common.models import training
+from common.models.heads import make_head
 
 log = logging.getLogger(__name__)
 

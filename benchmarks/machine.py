@@ -6,7 +6,8 @@ import os
 import platform
 import re
 import socket
-from importlib import metadata
+
+from common.privacy.ledger import library_versions
 
 LIBRARIES = ("torch", "opacus", "flwr", "flwr-datasets", "ray", "numpy", "scikit-learn",
              "efficientnet-lite-pytorch", "dp-accounting", "safetensors")
@@ -47,16 +48,6 @@ def gpu_info() -> dict | None:
             "cuda": torch.version.cuda}
 
 
-def library_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def machine_info() -> dict:
     """A one-level dict describing this machine (written into every results file)."""
     import torch
@@ -74,7 +65,7 @@ def machine_info() -> dict:
         "device": "cuda" if gpu else "cpu",
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "libraries": library_versions(),
+        "libraries": library_versions(LIBRARIES),
     }
 
 

@@ -128,7 +128,7 @@ def render(doc: dict, results_path: Path, plots: dict[str, Path], here: Path) ->
                 L.append(f"| {h} | {r['batch_size']} | {_f(sec['plain'], 3)} | "
                          f"{_f(sec['hooks'], 3)} | {_f(sec['ghost'], 3)} | "
                          f"{_f(r['ratio_hooks'])}× | {_f(r['ratio_ghost'])}× | {r['fastest_dp']} |")
-        L += ["", "`common.training.train_dp(grad_sample_mode='auto')` picks `hooks` for a "
+        L += ["", "`common.models.training.train_dp(grad_sample_mode='auto')` picks `hooks` for a "
               "linear head and `ghost` clipping otherwise. "]
         for h in ("linear", "mlp"):
             if h in dpo:
@@ -165,7 +165,7 @@ def render(doc: dict, results_path: Path, plots: dict[str, Path], here: Path) ->
               "accountant; σ is calibrated per site so that all rounds fit ε. ε = ∞ is the same "
               "schedule without DP.", "",
               "**Path:** function-level, not a Flower simulation: `client.site` gives each "
-              "hospital's records and cached features, `common.training.train_dp` runs each "
+              "hospital's records and cached features, `common.models.training.train_dp` runs each "
               "local round, and the heads are averaged with weighted FedAvg as the server does. "
               "Message passing, ledgers and per-round evaluation are skipped to keep the sweep "
               "to minutes. Seeds fix the head init, Poisson batches and noise; the partition is "
@@ -244,7 +244,7 @@ def deployment_section(dep: dict | None) -> list[str]:
     L += ["The same federation on two runtimes, one after the other in one process: "
           f"{c['num-sites']} sites, {c['num-rounds']} rounds, identity backbone on digits, fixed "
           f"σ = {c['noise-multiplier']}, no distillation. *Deployment* is the real loopback path "
-          "(`benchmarks/deployment.py` on the `tests/loopback.py` harness): a TLS SuperLink "
+          "(`benchmarks/deployment.py` on the `simulations/loopback.py` harness): a TLS SuperLink "
           "with SuperNode authentication, three SuperNodes each training on its own `.npz`, "
           "driven by `flwr run`. *Simulation* is `fedtransfer simulate` (Ray). Seconds per "
           "round after round 1, per site means; *outside the site* is the round's wall time "
@@ -265,8 +265,8 @@ def deployment_section(dep: dict | None) -> list[str]:
           "Most of the difference is outside the site's own work: every message starts a new "
           "ClientApp process that imports torch, Flower and Opacus, and each site's work in "
           "that cold process (Opacus import inside DP training, cold PRV accounting) is "
-          "several times its warm cost in a Ray actor. `python -m simulations.latency` breaks "
-          "one deployed site's process down further (README, \"Deploying on edge sites\").", ""]
+          "several times its warm cost in a Ray actor. `python -m benchmarks.latency` breaks "
+          "one deployed site's process down further (docs/deployment.md).", ""]
     if "ratio_flower_polls" in dep:
         L += [f"With Flower's own waits (its grid pulls replies every 3 s, its SuperExec picks up "
               f"tasks every 1 s) a deployed round takes **{dep['ratio_flower_polls']:.1f}×** as "

@@ -4,7 +4,7 @@ This runs the *function-level* path, not a Flower simulation: each site's
 records, partition and cached features come from :mod:`client.site`
 (``load_site_data``, ``site_features``), σ is calibrated per site exactly as
 ``client.site.plan_noise`` does (all planned rounds fit the cap), each local
-round is :func:`common.training.train_dp` (or ``train_plain`` for ε = ∞), and
+round is :func:`common.models.training.train_dp` (or ``train_plain`` for ε = ∞), and
 the heads are averaged with weighted FedAvg (weights = record counts), which
 is what the Flower server does. Only the message passing, the ledgers and the
 per-round server evaluation are skipped, so a sweep of 6 ε × 2 settings ×
@@ -28,11 +28,11 @@ import numpy as np
 
 from client.policy import scenario_policy
 from client.site import load_site_data, site_features
-from common import training
 from common.config import RunConfig
-from common.heads import head_state, load_head_state
-from common.privacy import calibrate_noise_multiplier, dp_plan, epsilon
-from server.run import GlobalEval
+from common.models import training
+from common.models.heads import head_state, load_head_state
+from common.privacy.accounting import calibrate_noise_multiplier, dp_plan, epsilon
+from server.evaluation import GlobalEval
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def run(cfg: RunConfig, *, epsilons, seeds, fx: Fixture | None = None) -> dict:
                         "backbone": cfg.backbone, "image_size": cfg.image_size,
                         "head": cfg.head,
                         "site_records": [int(len(y)) for _, y in fx.sites],
-                        "path": "function-level (client.site + common.training), not Flower",
+                        "path": "function-level (client.site + common.models.training), not Flower",
                         "hyperparameters": "simulations/configs/pneumonia.toml, chosen on val"},
             "reference": REFERENCE}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from benchmarks.markdown import render
+
 log = logging.getLogger(__name__)
 
 
@@ -121,7 +123,6 @@ def write_plots(doc: dict, results_path: Path) -> dict[str, Path]:
 
 
 def write_all(doc: dict, results_path: Path, report_path: Path) -> None:
-    from benchmarks.markdown import render
 
     plots = write_plots(doc, results_path)
     report_path.write_text(render(doc, results_path, plots, report_path.parent))

@@ -31,6 +31,10 @@ import time
 from pathlib import Path
 
 from benchmarks.memory import descendants, tree_memory_mb
+from cli.main import quiet_flower, resolve_config
+from common.config import RunConfig
+from common.flowerlog import PROJECT_LOGGERS
+from simulations.simulate import simulate
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +147,6 @@ def measure(sites: int, *, rounds: int, data_path: Path, work_dir: Path,
 
 
 def worker_config(sites: int, rounds: int, data_path: Path, out: Path, image_size: int):
-    from common.config import RunConfig
-    from simulations.cli import resolve_config
 
     base = resolve_config("pneumonia", [], None)
     changes = dict(dataset=f"medmnist:{data_path}", data_dir="", backbone="identity",
@@ -166,9 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=28)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("fedtransfer").setLevel(logging.INFO)
-    from simulations.cli import quiet_flower
-    from simulations.simulate import simulate
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
 
     quiet_flower(False)
     simulate(worker_config(a.sites, a.rounds, a.data, a.out, a.image_size))

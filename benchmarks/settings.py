@@ -10,8 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli.main import resolve_config
 from common.config import RunConfig
-from simulations.cli import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"

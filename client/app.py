@@ -49,6 +49,7 @@ from client.site import (
 )
 from common import protocol
 from common.config import RunConfig, parse_config
+from common.data.readers import SiteDataError
 from common.flowerlog import log_through_flower
 from common.protocol import (
     HEAD_KEYS,
@@ -59,7 +60,6 @@ from common.protocol import (
     parse_request,
     to_array_record,
 )
-from common.sitedata import SiteDataError
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
             cfg, simulated = override, True
         else:
             # Under a SuperNode (never at import, which would also hit simulations).
-            log_through_flower("client")
+            log_through_flower()
             cfg, simulated = parse_config(dict(context.run_config)), in_flower_simulation()
         return cfg, site_settings(cfg, dict(context.node_config), simulated=simulated)
 

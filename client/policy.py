@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import RunConfig
-from common.privacy import dp_plan
+from common.privacy.accounting import dp_plan
 from common.protocol import MAX_CLASS_WEIGHT, RoundRequest
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class SiteSettings:
 
 
 # Node-config keys of a deployed site, with their meaning (`fedtransfer site check`
-# and the README list them). Simulation adds Flower's own partition-id / num-partitions.
+# and docs/deployment.md list them). Simulation adds Flower's own partition-id / num-partitions.
 POLICY_KEYS = {
     "data-path": "the site's data: imagefolder:<dir>, csv:<file>?..., medmnist:<file.npz> (required)",
     "ledger-path": "the site's privacy ledger, SQLite (required)",

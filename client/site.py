@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.metadata
+import json
 import logging
 import math
 import time
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.calibration import calibrated_sigma
+from client.sigma_cache import calibrated_sigma
 from client.policy import (
     PolicyDeclined,
     RequestRejected,
@@ -29,17 +29,26 @@ from client.policy import (
     check_policy,
     check_request,
 )
-from common import protocol, scaling, training
-from common.backbones import get_backbone
+from common import protocol
 from common.config import RunConfig
-from common.data import SiteData, load_dataset, site_data
-from common.features import cached_features
-from common.heads import head_state, load_head_state, make_head
-from common.ledger import Entry, Ledger, library_versions
-from common.privacy import LEDGER_ACCOUNTANT, Mechanism, dp_plan, epsilon
+from common.data.datasets import SiteData, load_dataset, site_data
+from common.data.readers import SiteDataError, own_site_data
+from common.data.schema import Schema, SchemaError
+from common.models import training
+from common.models.backbones import get_backbone
+from common.models.features import cached_features
+from common.models.heads import head_state, load_head_state, make_head
+from common.models.modelio import read_card, save_bundle
+from common.privacy import scaling
+from common.privacy.accounting import (
+    LEDGER_ACCOUNTANT,
+    UNIT_OF_PRIVACY,
+    Mechanism,
+    dp_plan,
+    epsilon,
+)
+from common.privacy.ledger import Entry, Ledger, accountant_version, library_versions
 from common.protocol import RoundRequest
-from common.schema import Schema, SchemaError
-from common.sitedata import SiteDataError, own_site_data
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +121,7 @@ def load_site_data(cfg: RunConfig, settings: SiteSettings, num_classes: int | No
     schema's public or DP constants (:meth:`Schema.transform`).
 
     Raises:
-        common.sitedata.SiteDataError: corrupt files, unknown labels or missing
+        common.data.readers.SiteDataError: corrupt files, unknown labels or missing
             features at ``data_path`` (named); nothing has been trained or recorded.
     """
     if settings.data_path:
@@ -300,7 +309,7 @@ def scaling_release(cfg: RunConfig, settings: SiteSettings, req: RoundRequest
                     ) -> tuple[np.ndarray, dict[str, float], str]:
     """The site's DP release for ``dp`` feature scaling (``query.scaling``):
     noisy clipped sums over its training records, charged to its ledger as
-    round 0 *before* they leave (:mod:`common.scaling`).
+    round 0 *before* they leave (:mod:`common.privacy.scaling`).
 
     Returns ``(sums, metrics, ledger head)``. One release per run: a repeated
     query (averaging the noise away) is declined.
@@ -342,9 +351,9 @@ def scaling_release(cfg: RunConfig, settings: SiteSettings, req: RoundRequest
         ledger.append(Entry(
             run_id=req.run_id, round=0, noise_multiplier=sigma, sample_rate=1.0, steps=1,
             clip_norm=bound, delta=settings.target_delta, sampler=scaling.SAMPLER,
-            secure_rng=True, accountant=LEDGER_ACCOUNTANT,
-            accountant_version=f"dp-accounting-{importlib.metadata.version('dp-accounting')}",
-            libraries=library_versions(), dataset_size=n, data_fingerprint=data.fingerprint,
+            secure_rng=scaling.SECURE_RNG, accountant=LEDGER_ACCOUNTANT,
+            accountant_version=accountant_version(),
+            libraries=json.dumps(library_versions(), sort_keys=True), dataset_size=n, data_fingerprint=data.fingerprint,
             epsilon_after=eps))
         anchor = ledger.head()
     log.info("site %d: DP scaling release of %d features over %d records (σ=%s), ε %.4f",
@@ -383,9 +392,9 @@ def commit_spend(ledger: Ledger, settings: SiteSettings, req: RoundRequest,
             run_id=req.run_id, round=req.server_round,
             noise_multiplier=m.noise_multiplier, sample_rate=m.sample_rate, steps=m.steps,
             clip_norm=req.clip_norm, delta=settings.target_delta, sampler="poisson",
-            secure_rng=False, accountant=LEDGER_ACCOUNTANT,
-            accountant_version=f"dp-accounting-{importlib.metadata.version('dp-accounting')}",
-            libraries=library_versions(), dataset_size=len(data.train_y),
+            secure_rng=training.SECURE_RNG, accountant=LEDGER_ACCOUNTANT,
+            accountant_version=accountant_version(),
+            libraries=json.dumps(library_versions(), sort_keys=True), dataset_size=len(data.train_y),
             data_fingerprint=data.fingerprint, epsilon_after=eps_after))
     return eps_after
 
@@ -424,8 +433,6 @@ def save_delivery(settings: SiteSettings, card: dict, head: dict[str, np.ndarray
     own ledger (not the server's report). Returns the card path and the
     bundle hash (over the saved files), which the server checks.
     """
-    from common.modelio import read_card, save_bundle
-    from common.privacy import UNIT_OF_PRIVACY
 
     own = None
     if settings.dp and settings.ledger_path.is_file():

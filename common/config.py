@@ -1,5 +1,11 @@
 """Run configuration: parsed once into a frozen dataclass.
 
+:class:`RunConfig`'s defaults are the one source of defaults: they are the offline
+default scenario that ``make demo``, ``fedtransfer simulate`` without ``--config``
+and ``flwr run .`` all run (``[tool.flwr.app.config]`` in pyproject.toml repeats
+them for Flower, and a test fails when the two drift). Their hyperparameters were
+chosen on the digits public validation split, never on a site's records.
+
 Keys are kebab-case, as in Flower's ``[tool.flwr.app.config]``. Every consumer
 below the apps takes :class:`RunConfig`, never a raw mapping. Unknown keys and
 bad values fail here, before any work starts, with a message naming the key.
@@ -15,17 +21,19 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from common.schema import SchemaError, load_schema
+from common.aggregation import AGGREGATIONS
+from common.data.schema import SchemaError, load_schema
+from common.models.heads import HEADS
+from common.models.students import STUDENTS
 
+# The names each key takes. Registries with an implementation live beside it
+# (heads, students, aggregations, accountants, backbones, datasets) and are
+# imported here; the rest are listed here once.
 MODES = ("federated", "centralized")
 PARTITIONERS = ("iid", "dirichlet", "site")  # site: the records' own sites (natural)
-HEADS = ("linear", "mlp")
 DEVICES = ("auto", "cpu", "cuda")
-STUDENTS = ("cnn", "mlp")
+# Which teacher the student is distilled from (common/models/distill.py).
 TEACHERS = ("auto", "global", "ensemble")
-# secagg+: weighted FedAvg over Flower's SecAgg+ masked sums (server/secagg.py); the
-# server sees only the sum, so it cannot validate, trim or cap single site updates.
-AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "secagg+")
 # Where the training hyperparameters came from. Tuning on the sites' private
 # records costs privacy that no ledger charges, so the run records say which.
 HYPERPARAMETER_SOURCES = ("unspecified", "public", "private")
@@ -33,7 +41,7 @@ HYPERPARAMETER_SOURCES = ("unspecified", "public", "private")
 # class counts of the server's public validation split, sent in every round
 # request; never from a site's private counts, which would be an uncharged release.
 CLASS_WEIGHTS = ("none", "public")
-# What the shipped decision rule maximises on the public validation split (common/decision.py);
+# What the shipped decision rule maximises on the public validation split (common/models/decision.py);
 # argmax: ship no threshold.
 DECISION_OBJECTIVES = ("balanced-accuracy", "accuracy", "argmax")
 
@@ -57,12 +65,12 @@ class RunConfig:
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     site_holdout: float = 0.2
-    site_shift: float = 0.0
+    site_shift: float = 0.3  # per-site acquisition shift of simulated hospitals (0: none)
     # Backbone and head
     backbone: str = "efficientnet-lite0"
     image_size: int = 64
     image_channels: int = 1  # an image-folder site converts every image to this (1 or 3)
-    # The federation's schema (common/schema.py): a [schema] table in the scenario file, JSON
+    # The federation's schema (common/data/schema.py): a [schema] table in the scenario file, JSON
     # text, or a .toml/.json path. Empty: derived from the dataset (classes; a CSV's columns).
     schema: str = ""
     scaling_budget: float = 0.1  # dp scaling: the share of each site's cap its scaling release spends
@@ -70,11 +78,11 @@ class RunConfig:
     hidden_dim: int = 128
     # Federated schedule
     num_rounds: int = 5
-    local_epochs: int = 1
+    local_epochs: int = 3
     fraction_train: float = 1.0
     min_sites: int = 2
     round_timeout: float = 600.0
-    # Robustness against broken or hostile site updates (server/aggregation.py)
+    # Robustness against broken or hostile site updates (common/aggregation.py)
     aggregation: str = "fedavg"  # fedavg | median | trimmed-mean (Flower's FedMedian/FedTrimmedAvg maths) | secagg+
     trim_fraction: float = 0.2  # trimmed-mean: fraction cut at each end (Flower's beta)
     max_update_norm: float = 0.0  # L2 bound on (site head - global head); 0: derive from clip-norm, < 0: off
@@ -83,7 +91,7 @@ class RunConfig:
     resume: bool = False  # continue from <out-dir>/checkpoint (the last completed round)
     # Optimisation
     batch_size: int = 64
-    learning_rate: float = 0.5
+    learning_rate: float = 8.0
     momentum: float = 0.0
     class_weights: str = "none"  # none | public (from the server's public val split counts)
     decision_objective: str = "balanced-accuracy"  # balanced-accuracy | accuracy | argmax
@@ -92,7 +100,9 @@ class RunConfig:
     noise_multiplier: float = 0.0
     target_epsilon: float = 4.0
     target_delta: float = 1e-5
-    hyperparameter_source: str = "unspecified"  # public (e.g. a public val split) | private | unspecified
+    # Where the hyperparameters were chosen: public (e.g. a public val split) | private |
+    # unspecified. The defaults were chosen on public data; say so when you tune your own.
+    hyperparameter_source: str = "public"
     # Distillation after the last round (public data only: post-processing, no ε)
     distill: bool = True
     student: str = "cnn"

@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import logging
 
+# Every module logs to ``logging.getLogger(__name__)``, so these package names are
+# the roots of all of fedtransfer's loggers.
+PROJECT_LOGGERS = ("common", "client", "server", "simulations", "cli", "benchmarks")
+
 
 def log_through_flower(*names: str) -> None:
-    """Send INFO and above from the loggers ``names`` to Flower's handlers (idempotent)."""
+    """Send INFO and above from the loggers ``names`` (default: all of ours) to Flower's
+    handlers (idempotent)."""
+    names = names or PROJECT_LOGGERS
     flower = logging.getLogger("flwr")
     for name in names:
         ours = logging.getLogger(name)

@@ -85,7 +85,7 @@ DELIVERY_REPLY = (
     Field("sha256", _P, "hash of the bundle the site saved (what the server sent, plus the "
                         "site's own ε)"),
 )
-# Before round 1, for features with ``dp`` scaling (common/schema.py): each site's
+# Before round 1, for features with ``dp`` scaling (common/data/schema.py): each site's
 # noisy clipped sums (the Gaussian mechanism through OpenDP), charged to its
 # ledger as round 0, with the same public metrics as a train reply.
 SCALING_REPLY = (
@@ -175,7 +175,7 @@ class RoundRequest:
     clip_norm: float
     noise_multiplier: float  # 0: the site calibrates σ to its own cap
     dp: bool = True  # the federation asks for DP-SGD; a site trains only as its policy allows
-    # The federation's fitted schema (common/schema.py), canonical JSON; "" in old requests.
+    # The federation's fitted schema (common/data/schema.py), canonical JSON; "" in old requests.
     schema: str = ""
     scaling_budget: float = 0.1  # query.scaling: the share of the site's cap to spend
     # One loss weight per class, from the server's public validation split (config
@@ -184,7 +184,7 @@ class RoundRequest:
 
 
 # The largest class weight a round may ask for. The weights do not change the DP
-# guarantee (see common.training.WeightedCrossEntropy), but a weight large enough
+# guarantee (see common.models.training.WeightedCrossEntropy), but a weight large enough
 # to overflow the loss would make a gradient non-finite, and clipping cannot bound
 # a NaN: whether the released head is NaN would then tell whether a record of that
 # class was sampled. Balanced weights from a public split are far below this bound.

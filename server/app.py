@@ -18,7 +18,7 @@ def make_app(override: RunConfig | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         if override is None:
-            log_through_flower("fedtransfer", "server")
+            log_through_flower()
         cfg = override if override is not None else parse_config(dict(context.run_config))
         run_server(cfg, grid, run_id=str(context.run_id))
 

@@ -1,4 +1,5 @@
-"""Send the final head and the student to every site (Flower ``query.deliver``).
+"""Deliver the final head and the student to every site (Flower ``query.deliver``):
+the model card, the server's own copy, and the message.
 
 The message carries three records: ``head`` and (when distillation ran)
 ``student`` as ``ArrayRecord``s, and ``card`` as a ``ConfigRecord`` holding the
@@ -11,14 +12,19 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.modelio import CARD_NAME
+from common.config import RunConfig
+from common.models.decision import ARGMAX
+from common.models.modelio import CARD_NAME, save_bundle
+from common.privacy.accounting import LEDGER_ACCOUNTANT
 from common.protocol import to_array_record
+from server.distill import PRIVACY_NOTE, DistillOutcome
 
-log = logging.getLogger("fedtransfer.server")
+log = logging.getLogger(__name__)
 
 DELIVER_MESSAGE_TYPE = "query.deliver"
 
@@ -69,3 +75,57 @@ def deliver(grid: Grid, *, card: dict, head: dict, student: dict | None, expecte
     log.info("delivery: head%s saved at %d/%d sites", " and student" if student is not None else "",
              saved, len(nodes))
     return out
+
+
+def delivery_card(cfg: RunConfig, *, run_id: str, server_round: int, classes: list[str],
+                  head_in_dim: int, head_params: int, final: dict, outcome: DistillOutcome | None,
+                  sites: dict, unit: str, decision: dict | None = None,
+                  schema: dict | None = None) -> dict:
+    """The descriptive part of the model card (hashes are added on save).
+
+    ``decision`` is the head's rule, chosen on the public validation split
+    (``card["decision"]``, :mod:`common.models.decision`); the student carries its own
+    under ``card["student"]["decision"]``. ``final`` holds the head's test
+    metrics at that rule. ``schema``: the federation's fitted schema
+    (common/data/schema.py), so ``predict`` reads raw records the way the sites did,
+    by name.
+    """
+    eps = {sid: s.get("epsilon") for sid, s in sites.items()}
+    known = [e for e in eps.values() if e is not None]
+    card = {
+        "run_id": run_id,
+        "round": server_round,
+        "dataset": cfg.dataset,
+        "classes": classes,
+        **({"schema": schema} if schema is not None else {}),
+        "head": {"name": cfg.head, "architecture": f"{cfg.backbone} (frozen) + {cfg.head} head",
+                 "backbone": cfg.backbone, "image_size": cfg.image_size, "in_dim": head_in_dim,
+                 "num_classes": len(classes), "hidden_dim": cfg.hidden_dim, "params": head_params,
+                 "test": final},
+        "decision": dict(decision or ARGMAX),
+        "privacy": {
+            "dp": cfg.dp, "unit": unit,
+            "epsilon_per_site": eps if cfg.dp else None,
+            "epsilon_max": max(known) if (cfg.dp and known) else None,
+            "delta": cfg.target_delta if cfg.dp else None,
+            "accountant": LEDGER_ACCOUNTANT if cfg.dp else None,
+            "distillation": PRIVACY_NOTE,
+            "decision": "the decision rules are chosen on the public validation split: "
+                        "post-processing, no ε",
+        },
+    }
+    if outcome is not None:
+        s, t = outcome.summary["student"], outcome.summary["teacher"]
+        card["student"] = {"architecture": s["architecture"], "spec": s["spec"],
+                           "params": s["params"], "val": s["val"], "decision": s["decision"],
+                           "test": {**{m: s[m] for m in ("auc", "accuracy", "balanced_accuracy")},
+                                    "argmax": s["argmax"]}}
+        card["teacher"] = {"kind": t["kind"], "params": t["params"], "val": t["val"],
+                           "test": {m: t[m] for m in ("auc", "accuracy", "balanced_accuracy")}}
+    return card
+
+
+def write_server_copy(out: Path, card: dict, head: dict, outcome: DistillOutcome | None) -> Path:
+    """The server's own copy of what it delivers (``<run>/models``), to re-send later."""
+    return save_bundle(out / "models", card=card, head=head,
+                       student=outcome.student if outcome else None)

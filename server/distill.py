@@ -1,6 +1,6 @@
 """Distillation orchestration after the last round (server side).
 
-The maths is in :mod:`common.distill`; this wires it to the run: it picks
+The maths is in :mod:`common.models.distill`; this wires it to the run: it picks
 the public transfer set, builds the teacher candidates from the final global
 head and the sites' last accepted heads, distils the student, and measures
 teacher and student side by side (test metrics, parameters, CPU time per
@@ -14,23 +14,22 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import distill as kd
-from common.privacy import LEDGER_ACCOUNTANT
-from common.backbones import get_backbone
 from common.config import RunConfig
-from common.data import Splits, fingerprint_arrays
-from common.features import cached_features
-from common.heads import load_head_state, make_head
-from common.decision import ARGMAX, choose_decision
-from common.metrics import classification_metrics, metrics_at_rule
-from common.predict import read_inputs
+from common.data.datasets import Splits, fingerprint_arrays
+from common.models import distill as kd
+from common.models import students
+from common.models.backbones import get_backbone
+from common.models.decision import choose_decision
+from common.models.features import cached_features
+from common.models.heads import load_head_state, make_head
+from common.models.metrics import classification_metrics, metrics_at_rule
+from common.models.predict import read_inputs
 
-log = logging.getLogger("fedtransfer.server")
+log = logging.getLogger(__name__)
 
 PRIVACY_NOTE = ("distillation uses only public data (the transfer set and the public validation "
                 "split) and the DP-trained heads: it is post-processing of DP releases and costs "
@@ -40,7 +39,7 @@ TIMING_RECORDS = 256
 
 @dataclass
 class DistillOutcome:
-    spec: kd.StudentSpec
+    spec: students.StudentSpec
     student: OrderedDict[str, np.ndarray]
     summary: dict
 
@@ -108,24 +107,24 @@ def run_distillation(cfg: RunConfig, splits: Splits, test_features: np.ndarray,
              ", ".join(f"{n} {v['auc']:.3f}" for n, v in val_scores.items()), len(transfer),
              transfer.source, cfg.distill_augment + 1, len(pool), len(pval.labels))
 
-    spec = kd.student_spec_for(cfg.student, transfer.images, k, width=cfg.student_width,
+    spec = students.student_spec_for(cfg.student, transfer.images, k, width=cfg.student_width,
                                depth=cfg.student_depth)
-    student = kd.make_student(spec, seed=cfg.seed)
-    pool_in = kd.to_student_input(pool, spec)
+    student = students.make_student(spec, seed=cfg.seed)
+    pool_in = students.to_student_input(pool, spec)
     if spec.name == "mlp":  # standardise with public transfer-set statistics
         student.mean.copy_(pool_in.mean(0))
         student.scale.copy_(pool_in.std(0).clamp_min(1e-6))
     # Training uses every core; only the speed comparison is single-threaded.
     result = kd.distill(student, pool_in, kd.ensemble_logits(heads, pool_f),
-                        kd.to_student_input(pval.images, spec), pval.labels,
+                        students.to_student_input(pval.images, spec), pval.labels,
                         epochs=cfg.distill_epochs, patience=cfg.distill_patience,
                         temperature=cfg.distill_temperature, lr=cfg.distill_learning_rate,
                         seed=cfg.seed)
-    test_in = kd.to_student_input(splits.test_x, spec)
+    test_in = students.to_student_input(splits.test_x, spec)
     # The student's own decision rule, chosen on the distillation-validation part of
     # the public val split: public records the student was not fitted to (post-processing).
     student_rule = choose_decision(
-        kd.probs_from_logits(kd.student_logits(student, kd.to_student_input(pval.images, spec))),
+        kd.probs_from_logits(kd.student_logits(student, students.to_student_input(pval.images, spec))),
         pval.labels, chosen_on=f"the public distillation-validation split ({len(pval.labels)} "
                                "records of the public validation split, not used to fit the "
                                "student)")
@@ -140,13 +139,13 @@ def run_distillation(cfg: RunConfig, splits: Splits, test_features: np.ndarray,
         return sum(h(f) for h in heads) / len(heads)
 
     def student_fn(x):
-        return student(kd.to_student_input(x, spec))
+        return student(students.to_student_input(x, spec))
 
     with torch_threads(1):
         teacher_ms = kd.cpu_ms_per_image(teacher_fn, sample)
         student_ms = kd.cpu_ms_per_image(student_fn, sample)
-    teacher_params = backbone.num_parameters() + sum(kd.num_parameters(h) for h in heads)
-    student_params = kd.num_parameters(student)
+    teacher_params = backbone.num_parameters() + sum(students.num_parameters(h) for h in heads)
+    student_params = students.num_parameters(student)
     seconds = time.perf_counter() - t0
     log.info("distillation: %d epochs (best %d) in %.1f s | test AUC teacher %.3f student %.3f | "
              "params %d vs %d (%.0fx) | CPU ms/image %.3f vs %.3f (%.1fx)", result.epochs_run,
@@ -179,59 +178,3 @@ def run_distillation(cfg: RunConfig, splits: Splits, test_features: np.ndarray,
     }
     state = OrderedDict((k_, v.detach().cpu().numpy().copy()) for k_, v in student.state_dict().items())
     return DistillOutcome(spec=spec, student=state, summary=summary)
-
-
-def delivery_card(cfg: RunConfig, *, run_id: str, server_round: int, classes: list[str],
-                  head_in_dim: int, head_params: int, final: dict, outcome: DistillOutcome | None,
-                  sites: dict, unit: str, decision: dict | None = None,
-                  schema: dict | None = None) -> dict:
-    """The descriptive part of the model card (hashes are added on save).
-
-    ``decision`` is the head's rule, chosen on the public validation split
-    (``card["decision"]``, :mod:`common.decision`); the student carries its own
-    under ``card["student"]["decision"]``. ``final`` holds the head's test
-    metrics at that rule. ``schema``: the federation's fitted schema
-    (common/schema.py), so ``predict`` reads raw records the way the sites did,
-    by name.
-    """
-    eps = {sid: s.get("epsilon") for sid, s in sites.items()}
-    known = [e for e in eps.values() if e is not None]
-    card = {
-        "run_id": run_id,
-        "round": server_round,
-        "dataset": cfg.dataset,
-        "classes": classes,
-        **({"schema": schema} if schema is not None else {}),
-        "head": {"name": cfg.head, "architecture": f"{cfg.backbone} (frozen) + {cfg.head} head",
-                 "backbone": cfg.backbone, "image_size": cfg.image_size, "in_dim": head_in_dim,
-                 "num_classes": len(classes), "hidden_dim": cfg.hidden_dim, "params": head_params,
-                 "test": final},
-        "decision": dict(decision or ARGMAX),
-        "privacy": {
-            "dp": cfg.dp, "unit": unit,
-            "epsilon_per_site": eps if cfg.dp else None,
-            "epsilon_max": max(known) if (cfg.dp and known) else None,
-            "delta": cfg.target_delta if cfg.dp else None,
-            "accountant": LEDGER_ACCOUNTANT if cfg.dp else None,
-            "distillation": PRIVACY_NOTE,
-            "decision": "the decision rules are chosen on the public validation split: "
-                        "post-processing, no ε",
-        },
-    }
-    if outcome is not None:
-        s, t = outcome.summary["student"], outcome.summary["teacher"]
-        card["student"] = {"architecture": s["architecture"], "spec": s["spec"],
-                           "params": s["params"], "val": s["val"], "decision": s["decision"],
-                           "test": {**{m: s[m] for m in ("auc", "accuracy", "balanced_accuracy")},
-                                    "argmax": s["argmax"]}}
-        card["teacher"] = {"kind": t["kind"], "params": t["params"], "val": t["val"],
-                           "test": {m: t[m] for m in ("auc", "accuracy", "balanced_accuracy")}}
-    return card
-
-
-def write_server_copy(out: Path, card: dict, head: dict, outcome: DistillOutcome | None) -> Path:
-    """The server's own copy of what it delivers (``<run>/models``), to re-send later."""
-    from common.modelio import save_bundle
-
-    return save_bundle(out / "models", card=card, head=head,
-                       student=outcome.student if outcome else None)

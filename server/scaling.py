@@ -1,6 +1,6 @@
 """DP feature scaling before round 1: ask every site for its noisy sums.
 
-Only for schema features whose scaling is ``dp`` (:mod:`common.schema`). Each
+Only for schema features whose scaling is ``dp`` (:mod:`common.data.schema`). Each
 site charges its release to its own ledger (round 0) before replying
 (:func:`client.site.scaling_release`); the server books each reply's spend
 like a round's, sums the noisy vectors and fits each feature's centre and
@@ -17,16 +17,16 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
+from common.data.schema import Schema, SchemaError
 from common.protocol import (
     SCALING_MESSAGE_TYPE,
     TRAIN_METRICS,
     from_array_record,
     train_request,
 )
-from common.schema import Schema, SchemaError
 from server.strategy import HeadFedAvg
 
-log = logging.getLogger("fedtransfer.server")
+log = logging.getLogger(__name__)
 
 
 def wait_for_sites(grid: Grid, count: int, timeout: float) -> list[int]:

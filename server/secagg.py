@@ -28,8 +28,10 @@ import logging
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.common import FitIns
-from flwr.compat.common.recorddict_compat import (arrayrecord_to_parameters,
-                                                  parameters_to_arrayrecord)
+from flwr.compat.common.recorddict_compat import (
+    arrayrecord_to_parameters,
+    parameters_to_arrayrecord,
+)
 from flwr.server import LegacyContext, ServerConfig, SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
@@ -38,12 +40,18 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from common.protocol import (HEAD_KEYS, TRAIN_METRICS, head_from_parameters, head_to_parameters,
-                             parse_declined, to_array_record)
-from common.validation import update_problem
+from common.protocol import (
+    HEAD_KEYS,
+    TRAIN_METRICS,
+    head_from_parameters,
+    head_to_parameters,
+    parse_declined,
+    to_array_record,
+)
 from server.strategy import HeadFedAvg
+from server.validation import update_problem
 
-log = logging.getLogger("fedtransfer.server")
+log = logging.getLogger(__name__)
 
 # Flower's SecAgg+ example values: each site shares its secrets with 3 sites
 # (itself and 2 neighbours), and any 2 of them can rebuild a dropped site's mask.

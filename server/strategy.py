@@ -20,11 +20,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from common.protocol import BUDGET_EXHAUSTED, TRAIN_METRICS, from_array_record, to_array_record
-from common.validation import update_problem
-from server.aggregation import aggregate, clip_derived_bound, update_norm
+from common.aggregation import aggregate, clip_derived_bound, update_norm
+from common.protocol import (
+    BUDGET_EXHAUSTED,
+    TRAIN_METRICS,
+    from_array_record,
+    to_array_record,
+)
+from server.validation import update_problem
 
-log = logging.getLogger("fedtransfer.server")
+log = logging.getLogger(__name__)
 
 @dataclass
 class SiteRecord:
@@ -86,6 +91,14 @@ class HeadFedAvg(FedAvg):
 
         record = RecordDict({"arrays": arrays, "config": config})
         return self._construct_messages(record, nodes, "train")
+
+    def restore_site(self, rec: SiteRecord, head: dict | None) -> None:
+        """Take back one site's record (and its last accepted head) from a checkpoint."""
+        self.sites[rec.site_id] = rec
+        if rec.node_id >= 0:
+            self._node_site[rec.node_id] = rec.site_id
+        if head is not None:
+            self.site_heads[rec.site_id] = head
 
     def active_sites(self, grid: Grid) -> int:
         return len([n for n in grid.get_node_ids() if n not in self.exhausted_nodes()])

@@ -14,21 +14,20 @@ import numpy as np
 
 from client.policy import scenario_policy
 from client.site import load_site_data, site_features
-from common import training
 from common.config import RunConfig
-from common.heads import head_state
-from common.jsonio import write_json_atomic
-from common.privacy import calibrate_noise_multiplier, dp_plan, epsilon
-from server.run import GlobalEval, class_weights_block, final_block, privacy_block
+from common.models import training
+from common.models.heads import head_state
+from common.privacy.accounting import calibrate_noise_multiplier, dp_plan, epsilon
+from server.evaluation import GlobalEval
+from server.records import RunRecords, round_record, summary_record
 
-log = logging.getLogger("fedtransfer.centralized")
+log = logging.getLogger(__name__)
 
 
 def run_centralized(cfg: RunConfig) -> dict:
     t0 = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(cfg.to_toml())
+    records = RunRecords(cfg.out_dir)
+    records.write_config(cfg)
     # The same per-site records and cached features the federation uses: the
     # pooled baseline differs only in where training happens, and it never
     # runs the backbone again when a federated run has already filled the cache.
@@ -62,25 +61,17 @@ def run_centralized(cfg: RunConfig) -> dict:
                                    lr=cfg.learning_rate, momentum=cfg.momentum, seed=cfg.seed,
                                    device=device, class_weights=weights)
     m = ev.report(head_state(head))
-    summary = {
-        "run_id": f"centralized-{int(time.time())}", "mode": "centralized", "dp": cfg.dp,
-        "dataset": cfg.dataset, "backbone": cfg.backbone, "head": cfg.head,
-        "num_sites": cfg.num_sites, "classes": list(ev.classes),
-        "schema": ev.schema.to_dict(),
-        "final": final_block(m),
-        "class_weights": class_weights_block(cfg, weights),
-        "rounds": [{"round": 1, "test": m["test"], "val": m["val"], "decision": m["decision"],
-                    **({"test_sites": m["test_sites"]} if "test_sites" in m else {})}],
-        "sites": {"pooled": {
-            "epsilon": eps, "delta": cfg.target_delta if cfg.dp else None,
-            "num_examples": int(len(y)), "status": "completed",
-            "history": [{"round": 1, "noise_multiplier": h.noise_multiplier,
-                         "sample_rate": h.sample_rate, "steps": h.steps} for h in history]}},
-        "privacy": privacy_block(cfg),
-        "timing": {"total_seconds": time.perf_counter() - t0,
-                   "feature_seconds": feat_seconds, "train_seconds": res.seconds},
-    }
-    write_json_atomic(out / "summary.json", summary)
+    sites = {"pooled": {
+        "epsilon": eps, "delta": cfg.target_delta if cfg.dp else None,
+        "num_examples": int(len(y)), "status": "completed",
+        "history": [{"round": 1, "noise_multiplier": h.noise_multiplier,
+                     "sample_rate": h.sample_rate, "steps": h.steps} for h in history]}}
+    summary = summary_record(
+        cfg, run_id=f"centralized-{int(time.time())}", report=m, classes=list(ev.classes),
+        schema=ev.schema, class_weights=weights, rounds=[round_record(1, m)], sites=sites,
+        timing={"total_seconds": time.perf_counter() - t0, "feature_seconds": feat_seconds,
+                "train_seconds": res.seconds})
+    records.write_summary(summary)
     log.info("centralized: test acc %.3f auc %.3f bal %.3f (decision rule chosen on val; argmax "
              "acc %.3f bal %.3f)", m["test"]["accuracy"], m["test"]["auc"],
              m["test"]["balanced_accuracy"], m["test"]["argmax"]["accuracy"],

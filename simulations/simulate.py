@@ -6,17 +6,20 @@ import json
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 
+from client.app import make_app as make_client
 from common.config import RunConfig
+from server.app import make_app as make_server
+from server.records import run_dir
+from simulations.centralized import run_centralized
 
-log = logging.getLogger("fedtransfer")
+log = logging.getLogger(__name__)
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
     """Absolute paths, and a fresh run directory when none is given."""
-    out = Path(cfg.out_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    out = run_dir(cfg).resolve()
     ledger = Path(cfg.ledger_dir).resolve() if cfg.ledger_dir else out / "sites"
     data_dir = str(Path(cfg.data_dir).resolve()) if cfg.data_dir else ""
     return cfg.replace(out_dir=str(out), cache_dir=str(Path(cfg.cache_dir).resolve()),
@@ -42,13 +45,9 @@ def simulate(cfg: RunConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.mode == "centralized":
-        from simulations.centralized import run_centralized
 
         return {**run_centralized(cfg), "run_dir": str(out)}
     from flwr.simulation import run_simulation
-
-    from client.app import make_app as make_client
-    from server.app import make_app as make_server
 
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="fedtransfer-ray-"))
     log.info("simulating %d sites for %d rounds (dataset %s, backbone %s, dp=%s) -> %s",

@@ -41,18 +41,19 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 def fedtransfer_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "simulations.cli", *args]
+    return [sys.executable, "-m", "cli.main", *args]
 
 
 def simulate(out: Path, *settings: str, log: Path, timeout: float = 600,
-             config: str = "demo") -> tuple[dict, str]:
-    """Run ``fedtransfer simulate --config CONFIG --out OUT --set ...`` in its own process
-    group (stopped by pid when done or on failure); returns (summary.json, its output)."""
+             config: str | None = None) -> tuple[dict, str]:
+    """Run ``fedtransfer simulate [--config CONFIG] --out OUT --set ...`` (no config: the
+    default scenario) in its own process group (stopped by pid when done or on
+    failure); returns (summary.json, its output)."""
     import json
 
     from tests.conftest import REPO
 
-    args = fedtransfer_cmd("simulate", "--config", config, "--out", str(out),
+    args = fedtransfer_cmd("simulate", *(["--config", config] if config else []), "--out", str(out),
                            *[a for s in settings for a in ("--set", s)])
     with running(args, log=log, cwd=REPO) as proc:
         rc = proc.wait(timeout=timeout)

@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from common.data import load_dataset
-from common.modelio import file_sha256, load_student, verify_bundle
-from common.predict import load_predictor
+from common.data.datasets import load_dataset
+from common.digest import file_sha256
+from common.models.modelio import load_student, verify_bundle
+from common.models.predict import load_predictor
 from tests.procs import simulate
 
 pytestmark = pytest.mark.integration

@@ -11,9 +11,9 @@ import signal
 
 import pytest
 
-from common.ledger import Ledger
-from common.modelio import verify_bundle
-from tests.loopback import Loopback
+from common.models.modelio import verify_bundle
+from common.privacy.ledger import Ledger
+from simulations.loopback import Loopback
 
 pytestmark = pytest.mark.deployment
 

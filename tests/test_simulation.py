@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from common.ledger import Ledger
-from common.privacy import Mechanism, epsilon
+from common.privacy.accounting import Mechanism, epsilon
+from common.privacy.ledger import Ledger
 from tests.procs import simulate
 
 pytestmark = pytest.mark.integration
@@ -53,7 +53,7 @@ def test_simulation_writes_a_complete_summary(tmp_path):
     assert "target-epsilon = 3.0" in (out / "config.toml").read_text()
 
     # The audit of a real Flower run recomputes every site's ε and finds no error.
-    from simulations.cli import main as cli_main
+    from cli.main import main as cli_main
 
     assert cli_main(["audit", str(out), "--out", str(tmp_path / "audit")]) == 0
     audit = json.loads((tmp_path / "audit" / "audit.json").read_text())

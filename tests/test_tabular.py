@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from common.ledger import Ledger
-from common.privacy import epsilon
+from common.privacy.accounting import epsilon
+from common.privacy.ledger import Ledger
 from tests.procs import simulate
 
 pytestmark = pytest.mark.integration
@@ -39,7 +39,7 @@ def test_breast_cancer_hospitals_train_per_site_and_predict_reads_columns_by_nam
     assert schema["input"] == "tabular" and len(schema["features"]) == 30
     assert all(f["scaling"] == "public" and f["scale"] > 0 for f in schema["features"])
 
-    from simulations.cli import main as cli_main
+    from cli.main import main as cli_main
 
     assert cli_main(["audit", str(out), "--out", str(tmp_path / "audit")]) == 0
 
@@ -91,7 +91,7 @@ def test_dp_scaling_is_charged_at_every_site_and_the_audit_recomputes_it(tmp_pat
     schema = json.loads((out / "schema.json").read_text())
     assert all(f["scaling"] == "dp" and f["scale"] > 0 for f in schema["features"])
 
-    from simulations.cli import main as cli_main
+    from cli.main import main as cli_main
 
     assert cli_main(["audit", str(out), "--out", str(tmp_path / "audit")]) == 0
     audit = json.loads((tmp_path / "audit" / "audit.json").read_text())

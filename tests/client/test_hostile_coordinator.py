@@ -19,11 +19,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import client.app as client_app
 from common import protocol
-from common.data import load_dataset
-from common.heads import head_state, make_head
-from common.ledger import Ledger
+from common.data.datasets import load_dataset
+from common.data.readers import SiteDataError, own_site_data, scan_imagefolder
+from common.models.heads import head_state, make_head
+from common.privacy.ledger import Ledger
 from common.protocol import from_array_record, to_array_record
-from common.sitedata import SiteDataError, own_site_data, scan_imagefolder
 
 N = 400
 TARGET = 7  # the record whose membership the server tries to learn

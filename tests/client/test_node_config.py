@@ -79,7 +79,7 @@ def test_bad_site_data_declines_at_join_and_records_nothing(tmp_path, monkeypatc
     from PIL import Image
 
     from client.app import make_app
-    from common.heads import head_state, make_head
+    from common.models.heads import head_state, make_head
     from common.protocol import to_array_record
 
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)

@@ -11,11 +11,11 @@ from client.policy import RequestRejected, SiteSettings
 from client.site import load_site_data, request_schema, scaling_release, train_round
 from common import protocol
 from common.config import RunConfig
-from common.heads import head_state, make_head
-from common.ledger import Ledger
-from common.privacy import epsilon
-from common.schema import Schema
-from common.sitedata import SiteDataError
+from common.data.readers import SiteDataError
+from common.data.schema import Schema
+from common.models.heads import head_state, make_head
+from common.privacy.accounting import epsilon
+from common.privacy.ledger import Ledger
 
 PNEUMONIA = Schema.from_dict({"classes": ["normal", "pneumonia"]})
 

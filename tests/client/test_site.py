@@ -9,10 +9,10 @@ from client.policy import RequestRejected, SiteSettings
 from client.site import BudgetExhausted, train_round
 from common import protocol
 from common.config import RunConfig
-from common.data import SiteData
-from common.heads import head_state, make_head
-from common.ledger import Ledger
-from common.privacy import epsilon
+from common.data.datasets import SiteData
+from common.models.heads import head_state, make_head
+from common.privacy.accounting import epsilon
+from common.privacy.ledger import Ledger
 
 
 def _data(n: int = 96, seed: int = 0) -> SiteData:

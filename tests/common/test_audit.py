@@ -18,18 +18,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli.main import main as cli_main
 from client.policy import SiteSettings
 from client.site import BudgetExhausted, evaluate_site, train_round
-from common.audit import (audit, audit_site, cross_run_hazards, discover, epsilon_three_ways,
-                          group_history, pld_epsilon, read_ledger)
-from common.audit_report import format_text, render_html
+from common.audit.recompute import (
+    audit,
+    audit_site,
+    cross_run_hazards,
+    discover,
+    epsilon_three_ways,
+    pld_epsilon,
+    read_ledger,
+)
+from common.audit.report import format_text, render_html
 from common.config import RunConfig
-from common.data import SiteData
-from common.heads import head_state, make_head
-from common.ledger import Entry, Ledger
-from common.privacy import Mechanism, epsilon
+from common.data.datasets import SiteData
+from common.models.heads import head_state, make_head
+from common.privacy.accounting import Mechanism, compress, epsilon
+from common.privacy.ledger import Entry, Ledger
 from common.protocol import RoundRequest, released_fields
-from simulations.cli import main as cli_main
 from tests.conftest import REPO
 
 DELTA = 1e-5
@@ -179,7 +186,7 @@ def test_heterogeneous_history_prv_and_pld():
 
 def test_grouping_identical_tuples_changes_no_epsilon():
     hist = [Mechanism(2.0, 0.05, 30), Mechanism(1.5, 0.1, 20), Mechanism(2.0, 0.05, 50)]
-    grouped = group_history(hist)
+    grouped = compress(hist)
     assert [m.as_tuple() for m in grouped] == [(2.0, 0.05, 80), (1.5, 0.1, 20)]
     assert epsilon(grouped, delta=DELTA) == pytest.approx(epsilon(hist, delta=DELTA), rel=1e-9)
     assert pld_epsilon(hist, delta=DELTA) == pytest.approx(pld_epsilon(grouped, delta=DELTA))
@@ -357,7 +364,7 @@ _CRASH = textwrap.dedent("""
     from pathlib import Path
     import client.site as site
     from tests.common.test_audit import _cfg, _data, _req, _settings
-    from common.heads import head_state, make_head
+    from common.models.heads import head_state, make_head
 
     real_commit = site.commit_spend
     def commit_then_die(*args, **kwargs):
@@ -450,8 +457,8 @@ def test_report_renders_with_its_plots_in_headless_chromium(honest_run, tmp_path
     assert cli_main(["audit", str(honest_run), str(baseline), "--out", str(out)]) == 0
     # The same report with an empirical audit of the site's mechanism (synthetic
     # features, the run's σ and q), so the page shows its power too.
-    from common.audit_report import write_report
-    from common.empirical import audit_mechanism
+    from common.audit.empirical import audit_mechanism
+    from common.audit.report import write_report
 
     report = audit([honest_run, baseline])
     rng = np.random.default_rng(0)
@@ -528,7 +535,7 @@ def test_spend_missing_from_the_summary_is_an_error(run_copy):
 def _rewrite(path: Path, sql: str, *, key: bytes | None = None) -> None:
     """What someone with the file (but perhaps not the key) can do: drop the triggers,
     edit rows, and rebuild the chain with ``key`` (or unkeyed)."""
-    from common.ledger import GENESIS, seal
+    from common.privacy.ledger import GENESIS, seal
 
     con = sqlite3.connect(path)
     con.execute("DROP TRIGGER entries_no_update")
@@ -551,7 +558,7 @@ def _rewrite(path: Path, sql: str, *, key: bytes | None = None) -> None:
 
 
 def _summary_epsilon_to_match(run_dir: Path) -> None:
-    from common.privacy import epsilon as eps_of
+    from common.privacy.accounting import epsilon as eps_of
 
     led = read_ledger(run_dir / "sites" / "site-0" / "ledger.sqlite")
     s = json.loads((run_dir / "summary.json").read_text())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.backbones import _efficientnet_weights, get_backbone, preprocess
+from common.models.backbones import _efficientnet_weights, get_backbone, preprocess
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 

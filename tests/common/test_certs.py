@@ -9,10 +9,13 @@ import stat
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
+from cryptography.hazmat.primitives.serialization import (
+    load_pem_private_key,
+    load_ssh_private_key,
+)
 
+from cli.main import main
 from common.certs import make_deployment_keys
-from simulations.cli import main
 
 
 def test_certs_chain_to_the_ca_and_name_the_loopback_host(tmp_path):

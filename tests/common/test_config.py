@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
-
 import math
 import tomllib
 
 import pytest
 
-from common.config import (ALLOWED_KEYS, RunConfig, load_config_file, parse_config,
-                           parse_overrides)
+from common.config import (
+    ALLOWED_KEYS,
+    RunConfig,
+    load_config_file,
+    parse_config,
+    parse_overrides,
+)
+from simulations import CONFIG_DIR
 from tests.conftest import REPO
 
-CONFIGS = sorted((REPO / "simulations" / "configs").glob("*.toml"))
+CONFIGS = sorted(CONFIG_DIR.glob("*.toml"))
 
 
 def test_unknown_key_is_named_and_allowed_keys_are_listed():
@@ -136,16 +141,25 @@ def test_to_toml_round_trips_to_an_equal_config():
 def test_pyproject_defaults_parse():
     with (REPO / "pyproject.toml").open("rb") as fh:
         defaults = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
-    cfg = parse_config(defaults)
-    assert cfg.dataset == defaults["dataset"]
-    assert cfg.num_sites == defaults["num-sites"]
+    # One source of defaults: pyproject repeats RunConfig's, value for value.
+    drift = {k: (v, RunConfig().to_dict().get(k)) for k, v in defaults.items()
+             if parse_config({k: v}).to_dict()[k] != RunConfig().to_dict().get(k)}
+    assert not drift, f"[tool.flwr.app.config] differs from RunConfig's defaults: {drift}"
     # `flwr run . --run-config "key=value"` refuses a key the app config lacks, with
     # "Invalid run configuration" and no key named: every key must be there.
     assert set(defaults) == set(ALLOWED_KEYS), sorted(set(ALLOWED_KEYS) ^ set(defaults))
 
 
 def test_there_are_named_scenarios():
-    assert {p.stem for p in CONFIGS} >= {"demo", "pneumonia"}
+    assert {p.stem for p in CONFIGS} >= {"pneumonia", "breast-cancer"}
+
+
+def test_the_default_scenario_is_runconfigs_defaults():
+    """`make demo` and `fedtransfer simulate` without --config run RunConfig() itself."""
+    from cli.main import resolve_config
+
+    assert resolve_config(None, [], None) == RunConfig()
+    assert "simulate\n" in (REPO / "Makefile").read_text().split("demo: install", 1)[1]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import common.data
-from common.data import (apply_site_shift, load_dataset, partition_indices,
-                         read_medmnist_npz)
+import common.data.datasets
+from common.data.datasets import (
+    apply_site_shift,
+    load_dataset,
+    partition_indices,
+    read_medmnist_npz,
+)
 
 # 400 records, 4 balanced classes.
 LABELS = np.repeat(np.arange(4), 100)
@@ -78,6 +82,12 @@ def _imgs(seed: int = 0) -> np.ndarray:
 def test_zero_shift_is_the_identity():
     x = _imgs()
     np.testing.assert_array_equal(apply_site_shift(x, site_id=2, strength=0.0, seed=0), x)
+
+
+def test_tabular_records_are_never_shifted():
+    """The shift simulates a scanner; it would silently corrupt lab values."""
+    x = np.random.default_rng(0).normal(size=(8, 30)).astype(np.float32) * 100
+    np.testing.assert_array_equal(apply_site_shift(x, site_id=1, strength=1.0, seed=0), x)
 
 
 def test_shift_is_deterministic_per_seed_and_site_and_stays_in_range():
@@ -195,7 +205,7 @@ def test_corrupt_file_gives_a_value_error(tmp_path, kind):
 
 
 def test_medmnist_offline_without_a_local_copy_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr(common.data, "MEDMNIST_URL", "http://127.0.0.1:9/{name}.npz")
+    monkeypatch.setattr(common.data.datasets, "MEDMNIST_URL", "http://127.0.0.1:9/{name}.npz")
     monkeypatch.delenv("MEDMNIST_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     data_dir = tmp_path / "data"
@@ -261,7 +271,12 @@ def test_real_pneumoniamnist(pneumonia_npz):
 def test_natural_sites_from_folders_and_csv_keep_each_records_site(tmp_path):
     """``partitioner = "site"``: a hospital's records are exactly its own, each site
     with its own train/val/test split; a mismatched site count is named."""
-    from common.data import Splits, check_natural_sites, export_site_folders, site_data
+    from common.data.datasets import (
+        Splits,
+        check_natural_sites,
+        export_site_folders,
+        site_data,
+    )
 
     full = load_dataset("digits", seed=0)
     small = Splits("digits", ("0", "1"), *(a for x, y in ((full.train_x, full.train_y),

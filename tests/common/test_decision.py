@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-from common.decision import (ARGMAX, _balanced_accuracy, apply_decision, check_decision,
-                             choose_decision, describe_decision)
-from common.metrics import classification_metrics, metrics_at_rule
+from common.models.decision import (
+    ARGMAX,
+    _balanced_accuracy,
+    apply_decision,
+    check_decision,
+    choose_decision,
+    describe_decision,
+)
+from common.models.metrics import classification_metrics, metrics_at_rule
 
 
 def _binary(p1) -> np.ndarray:

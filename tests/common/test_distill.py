@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from common import distill as kd
 from common.config import parse_config
+from common.models import distill as kd
+from common.models import students
 
 
 # -- KD loss -----------------------------------------------------------------
@@ -51,32 +52,32 @@ def test_kd_loss_rejects_shape_mismatch():
 
 # -- student registry ----------------------------------------------------------
 def test_cnn_student_is_compact_and_runs_on_raw_images():
-    spec = kd.student_spec_for("cnn", np.zeros((4, 28, 28), np.float32), 2, width=32, depth=3)
+    spec = students.student_spec_for("cnn", np.zeros((4, 28, 28), np.float32), 2, width=32, depth=3)
     assert spec.input_shape == (1, 28, 28)
-    student = kd.make_student(spec)
-    assert 50_000 <= kd.num_parameters(student) <= 500_000
+    student = students.make_student(spec)
+    assert 50_000 <= students.num_parameters(student) <= 500_000
     assert student(torch.rand(5, 1, 28, 28)).shape == (5, 2)
-    rgb = kd.student_spec_for("cnn", np.zeros((4, 32, 32, 3), np.float32), 3, width=16, depth=2)
+    rgb = students.student_spec_for("cnn", np.zeros((4, 32, 32, 3), np.float32), 3, width=16, depth=2)
     assert rgb.input_shape == (3, 32, 32)
-    assert kd.make_student(rgb)(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+    assert students.make_student(rgb)(torch.rand(2, 3, 32, 32)).shape == (2, 3)
 
 
 def test_width_and_depth_change_the_student():
-    small = kd.make_student(kd.StudentSpec("cnn", (1, 28, 28), 2, width=16, depth=2))
-    big = kd.make_student(kd.StudentSpec("cnn", (1, 28, 28), 2, width=32, depth=4))
-    assert kd.num_parameters(small) < kd.num_parameters(big)
+    small = students.make_student(students.StudentSpec("cnn", (1, 28, 28), 2, width=16, depth=2))
+    big = students.make_student(students.StudentSpec("cnn", (1, 28, 28), 2, width=32, depth=4))
+    assert students.num_parameters(small) < students.num_parameters(big)
 
 
 def test_mlp_student_for_flat_inputs():
-    spec = kd.student_spec_for("mlp", np.zeros((4, 20), np.float32), 3, width=16, depth=2)
+    spec = students.student_spec_for("mlp", np.zeros((4, 20), np.float32), 3, width=16, depth=2)
     assert spec.input_shape == (20,)
-    assert kd.make_student(spec)(torch.rand(6, 20)).shape == (6, 3)
+    assert students.make_student(spec)(torch.rand(6, 20)).shape == (6, 3)
 
 
 def test_student_weights_are_seeded():
-    spec = kd.StudentSpec("cnn", (1, 8, 8), 2)
-    a, b = kd.make_student(spec, seed=3), kd.make_student(spec, seed=3)
-    c = kd.make_student(spec, seed=4)
+    spec = students.StudentSpec("cnn", (1, 8, 8), 2)
+    a, b = students.make_student(spec, seed=3), students.make_student(spec, seed=3)
+    c = students.make_student(spec, seed=4)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(),
                                                   strict=True))
     assert not torch.equal(a.classifier.weight, c.classifier.weight)
@@ -84,26 +85,26 @@ def test_student_weights_are_seeded():
 
 def test_unknown_student_lists_valid_ones():
     with pytest.raises(ValueError, match="unknown student 'resnet'. Valid: cnn, mlp"):
-        kd.StudentSpec("resnet", (1, 8, 8), 2)
+        students.StudentSpec("resnet", (1, 8, 8), 2)
     with pytest.raises(ValueError, match="Valid: cnn, mlp"):
-        kd.student_spec_for("vit", np.zeros((2, 8, 8)), 2, width=8, depth=2)
+        students.student_spec_for("vit", np.zeros((2, 8, 8)), 2, width=8, depth=2)
     with pytest.raises(ValueError, match="config key 'student'.*allowed: cnn, mlp"):
         parse_config({"student": "resnet"})
 
 
 def test_cnn_on_flat_records_points_to_mlp():
     with pytest.raises(ValueError, match="use student 'mlp'"):
-        kd.student_spec_for("cnn", np.zeros((2, 10)), 2, width=8, depth=2)
+        students.student_spec_for("cnn", np.zeros((2, 10)), 2, width=8, depth=2)
 
 
 def test_student_input_mismatches_are_named():
-    spec = kd.StudentSpec("cnn", (1, 8, 8), 2)
+    spec = students.StudentSpec("cnn", (1, 8, 8), 2)
     with pytest.raises(ValueError, match="expects 1-channel images, got 3"):
-        kd.to_student_input(np.zeros((2, 8, 8, 3)), spec)
+        students.to_student_input(np.zeros((2, 8, 8, 3)), spec)
     with pytest.raises(ValueError, match="expects 8x8 images, got 9x9"):
-        kd.to_student_input(np.zeros((2, 9, 9)), spec)
+        students.to_student_input(np.zeros((2, 9, 9)), spec)
     with pytest.raises(ValueError, match="expects 5 features per record, got 4"):
-        kd.to_student_input(np.zeros((2, 4)), kd.StudentSpec("mlp", (5,), 2))
+        students.to_student_input(np.zeros((2, 4)), students.StudentSpec("mlp", (5,), 2))
 
 
 @pytest.mark.parametrize("key, value, words", [
@@ -170,8 +171,8 @@ def test_distillation_transfers_the_teachers_function():
     w = rng.normal(size=(6, 3)).astype(np.float32)
     pool, val = rng.normal(size=(600, 6)).astype(np.float32), rng.normal(size=(200, 6)).astype(np.float32)
     teacher = lambda x: 3.0 * x @ w  # noqa: E731 - a fixed linear teacher
-    spec = kd.StudentSpec("mlp", (6,), 3, width=8, depth=1)
-    student = kd.make_student(spec, seed=0)
+    spec = students.StudentSpec("mlp", (6,), 3, width=8, depth=1)
+    student = students.make_student(spec, seed=0)
     val_labels = teacher(val).argmax(1)
     before = (kd.student_logits(student, torch.from_numpy(val)).argmax(1) == val_labels).mean()
     res = kd.distill(student, torch.from_numpy(pool), teacher(pool), torch.from_numpy(val),
@@ -188,7 +189,7 @@ def test_early_stopping_stops_after_patience():
     pool = torch.from_numpy(rng.normal(size=(64, 4)).astype(np.float32))
     val = torch.from_numpy(rng.normal(size=(32, 4)).astype(np.float32))
     # Teacher logits unrelated to the validation labels: val loss soon stops improving.
-    res = kd.distill(kd.make_student(kd.StudentSpec("mlp", (4,), 2, 4, 1)), pool,
+    res = kd.distill(students.make_student(students.StudentSpec("mlp", (4,), 2, 4, 1)), pool,
                      rng.normal(size=(64, 2)).astype(np.float32) * 5, val,
                      rng.integers(0, 2, 32), epochs=200, patience=2, temperature=1.0, lr=0.05)
     assert res.epochs_run < 200 and res.epochs_run - res.best_epoch == 2

@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from common.audit import empirical_hazards
-from common.empirical import (audit_mechanism, audit_scores, count_guesses, epsilon_lower_bound,
-                              p_value, run_gradient_canaries)
+from common.audit.empirical import (
+    audit_mechanism,
+    audit_scores,
+    count_guesses,
+    epsilon_lower_bound,
+    p_value,
+    run_gradient_canaries,
+)
+from common.audit.recompute import empirical_hazards
 
 
 def test_p_value_reduces_to_a_binomial_tail():
@@ -112,9 +118,9 @@ def test_audit_run_site_audits_the_mechanism_in_the_sites_ledger(tmp_path):
     norm that the site's ledger recorded for the run."""
     from client.policy import scenario_policy
     from client.site import train_round
+    from common.audit.empirical import audit_run_site
     from common.config import RunConfig
-    from common.empirical import audit_run_site
-    from common.heads import head_state, make_head
+    from common.models.heads import head_state, make_head
     from common.protocol import RoundRequest
 
     cfg = RunConfig(dataset="digits", backbone="identity", num_sites=2, local_epochs=1,
@@ -132,7 +138,7 @@ def test_audit_run_site_audits_the_mechanism_in_the_sites_ledger(tmp_path):
         history.append({"round": r, "run_id": "7"})
     summary = {"run_id": "7", "sites": {"1": {"epsilon": reply.metrics["epsilon"],
                                               "history": history}, "0": {"history": []}}}
-    from common.audit import read_ledger
+    from common.audit.recompute import read_ledger
 
     ledgers = {"1": read_ledger(tmp_path / "sites" / "site-1" / "ledger.sqlite").entries}
     result = audit_run_site(tmp_path, summary, ledgers, m=200, seed=1)

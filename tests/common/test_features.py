@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.backbones import get_backbone
-from common.data import fingerprint_arrays
-from common.features import cached_features
+from common.data.datasets import fingerprint_arrays
+from common.models.backbones import get_backbone
+from common.models.features import cached_features
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 

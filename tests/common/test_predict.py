@@ -18,20 +18,33 @@ import torch
 from PIL import Image
 from safetensors.numpy import load_file
 
-from common import distill as kd
-from common.heads import head_state, make_head
-from common.modelio import (bundle_sha256, card_sha256, check_bundle, export_torchscript,
-                            file_sha256, load_student, save_bundle, verify_bundle)
-from common.predict import load_predictor, predict_file, read_inputs, records_from_csv
-from simulations.cli import main as cli_main
+from cli.main import main as cli_main
+from common.models import students
+from common.models.heads import head_state, make_head
+from common.models.modelio import (
+    bundle_sha256,
+    card_sha256,
+    check_bundle,
+    export_torchscript,
+    file_sha256,
+    load_student,
+    save_bundle,
+    verify_bundle,
+)
+from common.models.predict import (
+    load_predictor,
+    predict_file,
+    read_inputs,
+    records_from_csv,
+)
 from tests.conftest import REPO
 
 CLASSES = ["a", "b", "c"]
 
 
 def _bundle(path, *, name="cnn", shape=(1, 8, 8), classes=CLASSES):
-    spec = kd.StudentSpec(name, shape, 3, width=8, depth=2)
-    student = kd.make_student(spec, seed=1)
+    spec = students.StudentSpec(name, shape, 3, width=8, depth=2)
+    student = students.make_student(spec, seed=1)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode matters
         for m in student.modules():

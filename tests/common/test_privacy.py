@@ -14,9 +14,18 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.privacy import (ACCOUNTANTS, ADD_REMOVE, NEIGHBOURS, REPLACE_ONE,
-                            REPORTED_ACCOUNTANT, UNIT_OF_PRIVACY, Mechanism,
-                            calibrate_noise_multiplier, dp_plan, epsilon)
+from common.privacy.accounting import (
+    ACCOUNTANTS,
+    ADD_REMOVE,
+    NEIGHBOURS,
+    REPLACE_ONE,
+    REPORTED_ACCOUNTANT,
+    UNIT_OF_PRIVACY,
+    Mechanism,
+    calibrate_noise_multiplier,
+    dp_plan,
+    epsilon,
+)
 
 DELTA = 1e-5
 # Three rounds at one site: σ is fixed for the run, the third round has a
@@ -185,7 +194,7 @@ def test_mechanism_accepts_full_batch_and_gives_its_tuple():
 def test_compress_merges_equal_mechanisms_without_changing_epsilon():
     from opacus.accountants import PRVAccountant
 
-    from common.privacy import compress
+    from common.privacy.accounting import compress
 
     a, b = Mechanism(2.0, 0.05, 30), Mechanism(1.5, 0.1, 20)
     history = [a, b, a, a]

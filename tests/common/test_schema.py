@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from common.schema import Schema, SchemaError, load_schema
-from common.sitedata import SiteDataError, read_site_records, scan
+from common.data.readers import SiteDataError, read_site_records, scan
+from common.data.schema import Schema, SchemaError, load_schema
 
 SCHEMA = {
     "classes": ["healthy", "disease"],
@@ -102,7 +102,7 @@ def test_dp_sums_without_noise_give_the_clipped_mean_and_std():
 
 
 def test_opendp_noise_has_the_accounted_scale():
-    from common.scaling import noisy_sum
+    from common.privacy.scaling import noisy_sum
 
     vectors = np.full((20, 2), 0.5) / math.sqrt(2)  # norm 0.5 each
     draws = np.array([noisy_sum(vectors, norm_bound=0.5, sigma=4.0) for _ in range(400)])

@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.data import load_dataset
-from common.sitecheck import Plan, check_site, estimate_epsilon, format_report
-from common.sitedata import SiteDataError, own_site_data, parse_spec, read_site_records, scan
-from simulations.cli import main
+from cli.main import main
+from common.data.datasets import load_dataset
+from common.data.readers import (
+    SiteDataError,
+    own_site_data,
+    parse_spec,
+    read_site_records,
+    scan,
+)
+from common.data.sitecheck import Plan, check_site, estimate_epsilon, format_report
 
 
 def _png(path, value, size=(8, 8), mode="L"):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from common import training
-from common.heads import head_state, make_head
-from common.privacy import dp_plan
+from common.models import training
+from common.models.heads import head_state, make_head
+from common.privacy.accounting import dp_plan
 
 
 def _data(n: int = 64, d: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

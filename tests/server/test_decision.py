@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from common import protocol, training
+from common import protocol
 from common.config import RunConfig
-from common.data import load_dataset
-from common.decision import apply_decision, check_decision, choose_decision
-from common.modelio import read_card
-from server.run import GlobalEval, run_server
+from common.data.datasets import load_dataset
+from common.models import training
+from common.models.decision import apply_decision, check_decision, choose_decision
+from common.models.modelio import read_card
+from server.evaluation import GlobalEval
+from server.run import run_server
 from tests.inprocess import InProcessGrid
 
 
@@ -134,7 +136,7 @@ def read_head(run) -> dict[str, np.ndarray]:
 def test_the_decision_objective_is_the_users_choice(tmp_path, imbalanced, objective):
     """``decision-objective``: the threshold maximises val accuracy, or no threshold ships."""
     cfg = _cfg(tmp_path, imbalanced, decision_objective=objective)
-    from common.heads import head_state
+    from common.models.heads import head_state
 
     ev = GlobalEval(cfg)
     arrays = head_state(ev.head())

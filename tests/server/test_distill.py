@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common import distill as kd
 from common.config import parse_config
-from common.data import Splits, load_dataset, site_data
+from common.data.datasets import Splits, load_dataset, site_data
+from common.models import distill as kd
 from server.distill import transfer_and_val
 
 

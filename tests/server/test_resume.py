@@ -14,7 +14,7 @@ import json
 import pytest
 
 from common.config import RunConfig
-from common.ledger import Ledger
+from common.privacy.ledger import Ledger
 from server.run import run_server
 from tests.inprocess import InProcessGrid, ServerDied
 
@@ -69,8 +69,8 @@ def _resumable(tmp_path, **kw) -> RunConfig:
 
 
 def test_an_honest_resumed_run_passes_the_audit(tmp_path):
-    from common.audit import audit
-    from common.audit_report import format_text
+    from common.audit.recompute import audit
+    from common.audit.report import format_text
 
     cfg = _resumable(tmp_path, noise_multiplier=1.0, target_epsilon=20.0)
     with pytest.raises(ServerDied):

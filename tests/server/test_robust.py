@@ -13,10 +13,15 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from common import training
-from common.heads import head_state, make_head
+from common.aggregation import (
+    aggregate,
+    capped_weights,
+    clip_derived_bound,
+    update_norm,
+)
+from common.models import training
+from common.models.heads import head_state, make_head
 from common.protocol import from_array_record, to_array_record
-from server.aggregation import aggregate, capped_weights, clip_derived_bound, update_norm
 from server.strategy import HeadFedAvg
 from tests.server.test_strategy import FakeGrid, _global, _head, _metrics, _reply
 

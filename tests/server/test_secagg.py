@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 import client.app
 from common.config import RunConfig
-from common.ledger import Ledger
+from common.privacy.ledger import Ledger
 from server.run import run_server
 from server.secagg import CLIPPING_RANGE, QUANTIZATION_RANGE
 from tests.inprocess import NODES, InProcessGrid

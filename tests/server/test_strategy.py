@@ -14,8 +14,8 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from common.protocol import from_array_record, to_array_record
-from common.validation import update_problem
 from server.strategy import HeadFedAvg
+from server.validation import update_problem
 
 NODES = (11, 22, 33)
 
@@ -209,7 +209,7 @@ def test_budget_exhausted_reply_marks_the_site_and_it_is_not_sampled_again(caplo
 
 
 # --------------------------------------------------------------------------
-# common.validation.update_problem
+# server.validation.update_problem
 # --------------------------------------------------------------------------
 
 

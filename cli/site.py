@@ -1,0 +1,140 @@
+"""``fedtransfer site check`` and ``fedtransfer deploy certs``: a site operator's
+and a coordinator's commands for a real deployment (see docs/deployment.md, "Deploying on
+edge sites")."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_site_check(args) -> int:
+    """Exit 0 when the data is ready to join, 1 when it is not."""
+    # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
+    from common.data.sitecheck import Plan, check_site, format_report
+
+    plan = Plan(target_epsilon=args.cap, target_delta=args.delta, num_rounds=args.rounds,
+                local_epochs=args.epochs, batch_size=args.batch_size,
+                noise_multiplier=args.noise_multiplier, holdout=args.holdout)
+    classes = tuple(c.strip() for c in args.class_names.split(",")) if args.class_names else None
+    schema = None
+    if args.schema:
+        # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
+        from common.data.schema import SchemaError, load_schema
+
+        try:
+            schema = load_schema(args.schema)
+        except SchemaError as exc:
+            print(f"error: --schema: {exc}")
+            return 2
+    report = check_site(args.data, plan, ledger=args.ledger, num_classes=args.num_classes,
+                        schema=schema,
+                        classes=classes)
+    print(json.dumps(report.to_dict(), indent=2, default=str) if args.json
+          else format_report(report))
+    return 0 if report.ok else 1
+
+
+def cmd_raise_cap(args) -> int:
+    """Record a new cap in the site's ledger: an explicit, logged operator action."""
+    # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
+    from common.privacy.ledger import Ledger
+
+    ledger = Ledger(args.ledger)
+    old = ledger.cap()
+    if old is not None and args.epsilon < old[0] and args.delta == old[1]:
+        print(f"the node config can lower the cap by itself (ε {old[0]:g} is in force); "
+              "nothing recorded")
+        return 1
+    ledger.record_cap(epsilon=args.epsilon, delta=args.delta, reason=args.reason)
+    print(f"{args.ledger}: cap ε={args.epsilon:g} δ={args.delta:g} recorded (was "
+          f"{'none' if old is None else f'ε={old[0]:g} δ={old[1]:g}'}); reason: {args.reason}. "
+          "Set the same target-epsilon / target-delta in the node config; the audit lists "
+          "every raise.")
+    return 0
+
+
+def cmd_site_export(args) -> int:
+    """Write a dataset as hospital folders (<out>/<site>/<class>/*.png)."""
+    # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
+    from common.data.datasets import export_site_folders, load_dataset
+
+    splits = load_dataset(args.dataset, args.data_dir, args.seed)
+    if splits.columns:
+        print(f"error: {args.dataset} holds tabular records; export writes images")
+        return 2
+    counts = export_site_folders(splits, args.out, num_sites=args.sites, alpha=args.alpha,
+                                 seed=args.seed)
+    for site, per_class in counts.items():
+        print(f"{site}: " + ", ".join(f"{c} {n}" for c, n in per_class.items()))
+    print(f"wrote {sum(sum(v.values()) for v in counts.values())} images to {args.out}; train "
+          f"on them with dataset = \"imagefolder:{args.out}?site=folder\", partitioner = "
+          f"\"site\", num-sites = {args.sites}")
+    return 0
+
+
+def cmd_deploy_certs(args) -> int:
+    # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
+    from common.certs import make_deployment_keys
+
+    made = make_deployment_keys(args.out, sites=args.sites, hosts=args.host,
+                                days=args.days, overwrite=args.force)
+    for kind, path in made.items():
+        print(f"{kind:<28} {path}")
+    return 0
+
+
+def add_site_commands(sub) -> None:
+    sp = sub.add_parser("site", help="a site operator's commands")
+    site = sp.add_subparsers(dest="site_command", required=True)
+    c = site.add_parser("check", help="validate the site's data and estimate ε for the planned "
+                        "run (exit 1 when not ready)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--data", required=True, help="imagefolder:<dir>, csv:<file>[?label=COL&"
+                   "missing=error|drop|zero&site=COL], medmnist:<file.npz>, or a bare "
+                   "directory / .csv / .npz path (the node config's data-path)")
+    c.add_argument("--cap", type=float, default=4.0, help="the site's ε cap (target-epsilon)")
+    c.add_argument("--delta", type=float, default=1e-5, help="the site's δ (target-delta)")
+    c.add_argument("--rounds", type=int, default=5, help="planned rounds (num-rounds)")
+    c.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--noise-multiplier", type=float, default=0.0,
+                   help="σ the server will request (0: the site calibrates to its cap)")
+    c.add_argument("--holdout", type=float, default=0.2, help="the site's holdout fraction")
+    c.add_argument("--ledger", help="the site's ledger: its earlier spend counts")
+    c.add_argument("--num-classes", type=int, help="the federation's class count")
+    c.add_argument("--class-names", help="the federation's class names in order, comma-separated "
+                   "(the node config's class-names)")
+    x = site.add_parser("export", help="write a dataset as hospital folders "
+                            "(<out>/<site>/<class>/*.png), Dirichlet label skew")
+    x.add_argument("--dataset", required=True, help="e.g. medmnist:pneumoniamnist")
+    x.add_argument("--data-dir", default="", help="where the dataset's files are")
+    x.add_argument("--out", required=True, help="a new folder")
+    x.add_argument("--sites", type=int, default=4)
+    x.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    x.add_argument("--seed", type=int, default=0)
+    x.set_defaults(func=cmd_site_export)
+    c.add_argument("--schema", help="the federation's schema (a .toml with a [schema] table, "
+                   "or .json): classes, and a CSV's columns by name")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.set_defaults(func=cmd_site_check)
+    r = site.add_parser("raise-cap", help="record a new ε cap (or δ) in the site's ledger: the "
+                        "only way to raise it; the audit lists every raise with its reason")
+    r.add_argument("--ledger", required=True, help="the site's ledger (node config ledger-path)")
+    r.add_argument("--epsilon", type=float, required=True, help="the new cap")
+    r.add_argument("--delta", type=float, required=True, help="δ (the same as before, usually)")
+    r.add_argument("--reason", required=True, help="why, for the audit")
+    r.set_defaults(func=cmd_raise_cap)
+
+    dp = sub.add_parser("deploy", help="a coordinator's deployment helpers")
+    dep = dp.add_subparsers(dest="deploy_command", required=True)
+    k = dep.add_parser("certs", help="make a CA, the SuperLink's TLS certificate and one "
+                       "SuperNode authentication key pair per site")
+    k.add_argument("--out", required=True, help="folder for the keys and certificates")
+    k.add_argument("--sites", type=int, default=3, help="SuperNode key pairs to make")
+    k.add_argument("--host", action="append", default=None,
+                   help="SuperLink host name or IP for the certificate (repeatable; "
+                        "default: localhost and 127.0.0.1)")
+    k.add_argument("--days", type=int, default=365, help="certificate validity")
+    k.add_argument("--force", action="store_true", help="overwrite existing files")
+    k.set_defaults(func=cmd_deploy_certs)

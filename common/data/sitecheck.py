@@ -1,0 +1,183 @@
+"""``fedtransfer site check``: is a site's data ready to join, and what will it cost?
+
+Pure functions over :mod:`common.data.readers` scans and :mod:`common.privacy.accounting`.
+The ε estimate is for the *planned* run at the site's own cap: with σ = 0
+(the default) the site calibrates σ so that its ledger's history plus every
+planned round fits the cap, exactly as :func:`client.site.plan_noise` does
+at training time; with a fixed σ it reports the ε that σ reaches.
+Unit of privacy: one training record at this site.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from common.data.readers import Scan, SiteDataError, scan
+from common.data.schema import Schema, SchemaError
+from common.privacy.accounting import (
+    UNIT_OF_PRIVACY,
+    Mechanism,
+    calibrate_noise_multiplier,
+    dp_plan,
+    epsilon,
+)
+from common.privacy.ledger import Ledger
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The run a site expects to join (the server's schedule) and its own cap."""
+
+    target_epsilon: float = 4.0
+    target_delta: float = 1e-5
+    num_rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 64
+    noise_multiplier: float = 0.0  # 0: calibrate to the cap
+    holdout: float = 0.2
+
+
+@dataclass
+class Estimate:
+    train_records: int
+    sample_rate: float
+    steps_per_round: int
+    noise_multiplier: float | None
+    epsilon: float | None
+    prior_epsilon: float
+    fits: bool
+    note: str
+
+
+@dataclass
+class SiteReport:
+    spec: str
+    kind: str
+    num_records: int
+    classes: list[str]
+    counts: dict[str, int]
+    image_sizes: dict[str, int]
+    corrupt: list[dict[str, str]]
+    label_problems: list[str]
+    column_problems: list[str]
+    notes: list[str]
+    estimate: Estimate | None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok, "unit": UNIT_OF_PRIVACY}
+
+
+def estimate_epsilon(num_train: int, plan: Plan, prior: list[Mechanism] | None = None
+                     ) -> Estimate:
+    """σ and ε for ``plan.num_rounds`` rounds on ``num_train`` records."""
+    prior = prior or []
+    spent = epsilon(prior, delta=plan.target_delta)
+    if num_train < plan.batch_size:
+        return Estimate(num_train, math.nan, 0, None, None, spent, False,
+                        f"batch size {plan.batch_size} exceeds the {num_train} training records: "
+                        "every round would be refused")
+    q, steps = dp_plan(num_train, batch_size=plan.batch_size, epochs=plan.local_epochs)
+    sigma = plan.noise_multiplier
+    if sigma == 0:
+        try:
+            sigma = calibrate_noise_multiplier(
+                target_epsilon=plan.target_epsilon, delta=plan.target_delta, sample_rate=q,
+                steps=steps * plan.num_rounds, prior=prior)
+        except ValueError as exc:
+            return Estimate(num_train, q, steps, None, spent, spent, False, str(exc))
+    eps = epsilon([*prior, Mechanism(noise_multiplier=sigma, sample_rate=q,
+                                     steps=steps * plan.num_rounds)], delta=plan.target_delta)
+    fits = eps <= plan.target_epsilon + 1e-9
+    how = "calibrated to the cap" if plan.noise_multiplier == 0 else "fixed by the server"
+    note = (f"{plan.num_rounds} rounds x {steps} steps at q={q:.4f}, σ={sigma:.3f} ({how}): "
+            f"ε={eps:.3f} at δ={plan.target_delta:g}, cap {plan.target_epsilon:g}")
+    if not fits:
+        rounds = _rounds_that_fit(prior, sigma, q, steps, plan)
+        note += f"; only {rounds} round(s) fit, later rounds will be declined"
+    return Estimate(num_train, q, steps, sigma, eps, spent, fits, note)
+
+
+def _rounds_that_fit(prior, sigma, q, steps, plan: Plan) -> int:
+    n = 0
+    while n < plan.num_rounds and epsilon(
+            [*prior, Mechanism(noise_multiplier=sigma, sample_rate=q, steps=steps * (n + 1))],
+            delta=plan.target_delta) <= plan.target_epsilon:
+        n += 1
+    return n
+
+
+def check_site(spec: str, plan: Plan, *, ledger: str | Path | None = None,
+               num_classes: int | None = None, classes: tuple[str, ...] | None = None,
+               schema: Schema | None = None) -> SiteReport:
+    """Read ``spec`` and report on it (never raises for bad data: it is listed).
+    ``classes``: the site's declared class names (node config ``class-names``);
+    ``schema``: the federation's schema (classes, and a CSV's columns by name)."""
+    if schema is not None:
+        if classes is not None and tuple(classes) != schema.classes:
+            return SiteReport(spec, "?", 0, [], {}, {}, [], [], [], [], None, errors=[
+                f"class names {list(classes)} differ from the schema's {list(schema.classes)}"])
+        classes = schema.classes
+    try:
+        s: Scan | None = scan(spec, classes=classes,
+                              schema=schema if schema is not None and schema.features else None)
+    except (SiteDataError, SchemaError) as exc:
+        return SiteReport(spec, "?", 0, [], {}, {}, [], [], [], [], None, errors=[str(exc)])
+    errors = [f"unreadable file {f}: {why}" for f, why in s.corrupt]
+    errors += [p for p in s.label_problems if "is empty" not in p]
+    errors += s.column_problems
+    if s.class_source == "sorted":
+        errors.append(f"labels are names ({', '.join(s.classes)}), not integer indices: set "
+                      "class-names in the node config (and --class-names here) to the "
+                      "federation's class names, in its order")
+    warnings = [p for p in s.label_problems if "is empty" in p]
+    if num_classes is not None and len(s.classes) > num_classes:
+        errors.append(f"{len(s.classes)} classes, the federation has {num_classes}")
+    n = len(s.y)
+    if n < 2:
+        errors.append(f"{n} usable records: a site needs at least 2")
+    estimate = None
+    if n >= 2:
+        prior = []
+        if ledger is not None and Path(ledger).is_file():
+
+            prior = Ledger(ledger).history()
+        n_train = n - max(1, int(round(n * plan.holdout)))
+        estimate = estimate_epsilon(n_train, plan, prior)
+        if not estimate.fits:  # a site that would decline rounds is not ready to join
+            errors.append(f"the planned run does not fit: {estimate.note}")
+    return SiteReport(spec=spec, kind=s.kind, num_records=n, classes=list(s.classes),
+                      counts=s.counts, image_sizes=dict(s.image_sizes),
+                      corrupt=[{"file": f, "reason": why} for f, why in s.corrupt],
+                      label_problems=s.label_problems, column_problems=list(s.column_problems),
+                      notes=[*warnings, *s.notes], estimate=estimate, errors=errors)
+
+
+def format_report(r: SiteReport) -> str:
+    lines = [f"site data: {r.spec} ({r.kind}), {r.num_records} usable records"]
+    if r.classes:
+        lines.append("records per class: " + ", ".join(f"{c}: {n}" for c, n in r.counts.items()))
+    if r.image_sizes:
+        lines.append("image sizes: " + ", ".join(f"{k} ({v})" for k, v in
+                                                 sorted(r.image_sizes.items())))
+    for c in r.corrupt:
+        lines.append(f"  corrupt: {c['file']}: {c['reason']}")
+    for note in r.notes:
+        lines.append(f"  note: {note}")
+    e = r.estimate
+    if e is not None:
+        prior = f" (already spent {e.prior_epsilon:.3f} per the ledger)" if e.prior_epsilon else ""
+        lines.append(f"privacy estimate: {e.train_records} training records{prior}; {e.note}")
+        lines.append(f"  unit: {UNIT_OF_PRIVACY}")
+    if r.errors:
+        lines.append(f"NOT READY: {len(r.errors)} problem(s)")
+        lines += [f"  error: {x}" for x in r.errors]
+    else:
+        lines.append("ready to join")
+    return "\n".join(lines)

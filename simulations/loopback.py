@@ -1,0 +1,260 @@
+"""A real Flower deployment on one machine, over loopback: the ``deployment`` tests
+and ``benchmarks/deployment.py`` use it.
+
+One SuperLink with TLS (certificates from ``fedtransfer deploy certs``),
+SuperNode authentication and a SQLite database; SuperNodes with their own key,
+the CA certificate and a node config pointing at their own data, ledger, cache
+and model folders. Every process is started in its own process group and
+stopped by pid with bounded waits, including the detached helpers Flower
+starts (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``), which
+are found by walking the process tree from the pids we started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common.certs import make_deployment_keys
+from common.data.datasets import load_dataset
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]  # the checkout: `flwr run .` needs its pyproject
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(entry.name))
+    return kids
+
+
+def descendants(pid: int) -> list[int]:
+    kids, out, todo = _children(), [], [pid]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
+    """Stop ``proc``, its process group and every descendant, by pid, with bounded waits."""
+    tree = descendants(proc.pid)
+    for pid in [proc.pid, *tree]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    deadline = time.monotonic() + grace
+    while any(_alive(p) for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in [proc.pid, *tree]:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+
+
+def write_site_files(root: Path, num_sites: int, seed: int = 0) -> list[Path]:
+    """Split scikit-learn digits' training split into one MedMNIST-style ``.npz`` per site."""
+
+    s = load_dataset("digits", seed=seed)
+    idx = np.random.default_rng(seed).permutation(len(s.train_y))
+    paths = []
+    for i, part in enumerate(np.array_split(idx, num_sites)):
+        x = (s.train_x[part] * 255).round().astype(np.uint8)
+        y = s.train_y[part].reshape(-1, 1)
+        a, b = int(len(part) * 0.8), int(len(part) * 0.9)
+        path = root / f"site-{i}.npz"
+        np.savez(path, train_images=x[:a], train_labels=y[:a], val_images=x[a:b],
+                 val_labels=y[a:b], test_images=x[b:], test_labels=y[b:])
+        paths.append(path)
+    return paths
+
+
+class Loopback:
+    """A SuperLink and its SuperNodes under ``root``; use as a context manager."""
+
+    def __init__(self, root: Path, *, num_sites: int = 3, cap: float = 8.0,
+                 env: dict[str, str] | None = None):
+        """``env``: extra environment for every Flower process (e.g. poll intervals)."""
+        self.root = root
+        self.num_sites = num_sites
+        self.cap = cap
+        self.keys = root / "keys"
+        make_deployment_keys(self.keys, sites=num_sites + 1)  # the last one is never registered
+        self.data = write_site_files(root, num_sites)
+        self.port = free_port()
+        self.home = root / "flwr-home"
+        self.home.mkdir()
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "edge"\n\n[superlink.edge]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.keys / "ca.crt"}"\n')
+        self.env = {**os.environ, "FLWR_HOME": str(self.home),
+                    "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    # SuperExec picks up tasks every 0.1 s (Flower's default: 1 s).
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", **(env or {})}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._logs: list = []
+
+    # -- processes -------------------------------------------------------------
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        fh = (self.root / f"{name}.log").open("ab")
+        self._logs.append(fh)
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+                                env=self.env, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is not None:
+            kill_tree(proc, sig)
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+    def __enter__(self) -> Loopback:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in list(self.procs)[::-1]:
+            self.stop(name)
+        for fh in self._logs:
+            fh.close()
+
+    # -- Flower ------------------------------------------------------------------
+    def start_superlink(self) -> None:
+        k = self.keys
+        self.start("superlink", [
+            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(k / "ca.crt"),
+            "--ssl-certfile", str(k / "server.pem"), "--ssl-keyfile", str(k / "server.key"),
+            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--database", str(self.root / "superlink.db")])
+        self.wait_for("superlink", "Uvicorn running on https://", timeout=60)
+
+    def serverapp_pids(self) -> list[int]:
+        """The ServerApp processes the SuperLink started (found among its descendants
+        by pid, then told apart by their executable)."""
+        pids = []
+        for pid in descendants(self.procs["superlink"].pid):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(Path(a.decode(errors="replace")).name == "flwr-serverapp" for a in argv[:2]):
+                pids.append(pid)
+        return pids
+
+    def start_federation(self) -> None:
+        """The SuperLink, every site's key registered, every site's SuperNode online."""
+        self.start_superlink()
+        for site in range(self.num_sites):
+            self.register(site)
+            self.start_supernode(site)
+        self.wait_online(self.num_sites)
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], cwd=REPO, env=self.env, timeout=timeout,
+                              capture_output=True, text=True, start_new_session=True)
+
+    def register(self, site: int) -> None:
+        r = self.flwr("supernode", "register", str(self.keys / f"site-{site}" / "auth_key.pub"),
+                      "edge", "--name", f"site-{site}")
+        if r.returncode != 0 or "registered successfully" not in r.stdout:
+            raise RuntimeError(f"flwr supernode register failed: {r.stdout}\n{r.stderr}")
+
+    def site_dir(self, site: int) -> Path:
+        return self.root / f"site-{site}"
+
+    def node_config(self, site: int) -> str:
+        d = self.site_dir(site)
+        return (f'site-id={site} site-name="hospital-{site}" data-path="medmnist:{self.data[site]}" '
+                f'ledger-path="{d / "ledger.sqlite"}" cache-dir="{d / "cache"}" '
+                f'model-dir="{d / "models"}" target-epsilon={self.cap} target-delta=1e-5')
+
+    def start_supernode(self, site: int, *, key: int | None = None, ca: bool = True,
+                        name: str | None = None, retries: int | None = None) -> subprocess.Popen:
+        key = site if key is None else key
+        args = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                "--port", str(free_port()), "--node-config",
+                self.node_config(min(site, self.num_sites - 1))]
+        if key >= 0:
+            args += ["--auth-supernode-private-key", str(self.keys / f"site-{key}" / "auth_key")]
+        if ca:
+            args += ["--root-certificates", str(self.keys / "ca.crt")]
+        if retries is not None:
+            args += ["--max-retries", str(retries), "--max-wait-time", "15"]
+        return self.start(name or f"supernode-{site}", args)
+
+    def wait_for(self, name: str, text: str, *, timeout: float, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log(name).count(text) >= count:
+                return
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-3000:]}")
+            time.sleep(0.3)
+        raise TimeoutError(f"{name}: {text!r} x{count} not seen within {timeout} s:\n"
+                           f"{self.log(name)[-3000:]}")
+
+    def online_nodes(self) -> int:
+        r = self.flwr("supernode", "list", "edge", "--format", "json")
+        import json
+
+        doc = json.loads(r.stdout[r.stdout.index("{"):])
+        return sum(n.get("status") == "online" for n in doc.get("nodes", []))
+
+    def wait_online(self, n: int, timeout: float = 60, *, exactly: bool = False) -> None:
+        """Until ``n`` (or, with ``exactly``, no more than ``n``) SuperNodes are online."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ValueError, KeyError):
+                online = self.online_nodes()
+                if online == n or (online > n and not exactly):
+                    return
+            time.sleep(2)
+        raise TimeoutError(f"{n} SuperNodes not online within {timeout} s")
+
+    def run(self, run_config: str) -> subprocess.Popen:
+        return self.start("flwr-run", [str(BIN / "flwr"), "run", ".", "edge", "--stream",
+                                       "--run-config", run_config])
