@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from client.sigma_cache import calibrated_sigma
 from client.policy import (
     PolicyDeclined,
     RequestRejected,
@@ -29,6 +28,7 @@ from client.policy import (
     check_policy,
     check_request,
 )
+from client.sigma_cache import calibrated_sigma
 from common import protocol
 from common.config import RunConfig
 from common.data.datasets import SiteData, load_dataset, site_data

@@ -100,6 +100,27 @@ def describe_decision(decision: Mapping | None, classes: list[str] | None = None
     return "argmax"
 
 
+def explain_decision(decision: Mapping | None, classes: list[str]) -> str:
+    """One line for the user of `predict` saying how a predicted class is chosen
+    (the terse form for logs is :func:`describe_decision`)."""
+    if decision is None:
+        return "argmax (the card has no decision rule)"
+    rule = decision["rule"]
+    if rule == "threshold":
+        pos = int(decision.get("positive_class", 1))
+        text = (f"threshold: {classes[pos]} when p({classes[pos]}) >= "
+                f"{float(decision['threshold']):g}, else {classes[1 - pos]}")
+    elif rule == "prior-shift":
+        text = ("prior-shift: argmax of log p + w, w = "
+                + ", ".join(f"{c} {w:+.3g}" for c, w in zip(classes, decision["log_weights"],
+                                                              strict=True)))
+    else:
+        text = "argmax"
+    extra = [f"{k.replace('_', ' ')} {decision[k]}" for k in ("chosen_on", "objective")
+             if decision.get(k) is not None]
+    return text + (f" ({'; '.join(extra)})" if extra else "")
+
+
 def choose_decision(probs_val: np.ndarray, y_val: np.ndarray, *,
                     objective: str = "balanced_accuracy",
                     chosen_on: str = "validation split") -> dict:

@@ -34,7 +34,7 @@ import torch
 from common.data.schema import Schema, SchemaError
 from common.data.schema import parse_number as _number
 from common.models.backbones import get_backbone
-from common.models.decision import apply_decision, check_decision
+from common.models.decision import apply_decision, check_decision, explain_decision
 from common.models.distill import probs_from_logits
 from common.models.modelio import (
     MODELS,
@@ -397,27 +397,6 @@ def _card_decision(card: dict, num_classes: int, which: str = "head") -> dict | 
     block = card.get("student", {}) if which == "student" else card
     decision = block.get("decision")
     return None if decision is None else check_decision(decision, num_classes)
-
-
-def explain_decision(decision: Mapping | None, classes: list[str]) -> str:
-    """One line for the user of `predict` saying how a predicted class is chosen
-    (the terse form for logs is :func:`common.models.decision.describe_decision`)."""
-    if decision is None:
-        return "argmax (the card has no decision rule)"
-    rule = decision["rule"]
-    if rule == "threshold":
-        pos = int(decision.get("positive_class", 1))
-        text = (f"threshold: {classes[pos]} when p({classes[pos]}) >= "
-                f"{float(decision['threshold']):g}, else {classes[1 - pos]}")
-    elif rule == "prior-shift":
-        text = ("prior-shift: argmax of log p + w, w = "
-                + ", ".join(f"{c} {w:+.3g}" for c, w in zip(classes, decision["log_weights"],
-                                                              strict=True)))
-    else:
-        text = "argmax"
-    extra = [f"{k.replace('_', ' ')} {decision[k]}" for k in ("chosen_on", "objective")
-             if decision.get(k) is not None]
-    return text + (f" ({'; '.join(extra)})" if extra else "")
 
 
 def _student_predictor(model: str | Path, device: str) -> Predictor:
