@@ -44,6 +44,7 @@ from common.privacy import (
 )
 from common.privacy import compress as group_history
 from common.scaling import SAMPLER as FULL_SAMPLER
+from common.transfer import parse_record, selection_findings
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ class RunAudit:
     delta: float | None
     sites: list[SiteAudit] = field(default_factory=list)
     hazards: list[Hazard] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # statements, e.g. how the backbone was chosen
 
     @property
     def max_epsilon(self) -> float | None:
@@ -706,6 +708,15 @@ def audit_source(src: Source) -> RunAudit:
                                       "the run does not declare where its hyperparameters came "
                                       "from (config key hyperparameter-source); if they were "
                                       "tuned on the sites' records, that tuning is uncharged"))
+    try:
+        selection = (summary or {}).get("backbone_selection") or parse_record(
+            str(src.config.get("backbone-selection", "")))
+        statement, problems = selection_findings(selection)
+    except ValueError as exc:
+        statement, problems = None, [("backbone-selection-unreadable", str(exc))]
+    if statement:
+        run.notes.append(statement)
+    run.hazards += [Hazard("error", code, message) for code, message in problems]
     return run
 
 

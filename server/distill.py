@@ -29,6 +29,7 @@ from common.heads import load_head_state, make_head
 from common.decision import ARGMAX, choose_decision
 from common.metrics import classification_metrics, metrics_at_rule
 from common.predict import read_inputs
+from common.transfer import parse_record
 
 log = logging.getLogger("fedtransfer.server")
 
@@ -207,6 +208,9 @@ def delivery_card(cfg: RunConfig, *, run_id: str, server_round: int, classes: li
                  "num_classes": len(classes), "hidden_dim": cfg.hidden_dim, "params": head_params,
                  "test": final},
         "decision": dict(decision or ARGMAX),
+        # Why this backbone: the public-data selection's evidence (common/transfer.py)
+        **({"backbone_selection": parse_record(cfg.backbone_selection)}
+           if cfg.backbone_selection else {}),
         "privacy": {
             "dp": cfg.dp, "unit": unit,
             "epsilon_per_site": eps if cfg.dp else None,

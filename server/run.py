@@ -36,6 +36,7 @@ from common.protocol import (
     train_request,
 )
 from common.schema import Schema
+from common.transfer import parse_record
 from server.delivery import DELIVER_MESSAGE_TYPE, deliver
 from server.distill import delivery_card, run_distillation, write_server_copy
 from server.polling import PollingGrid
@@ -353,6 +354,8 @@ def build_summary(cfg: RunConfig, run_id: str, ev: GlobalEval, arrays: dict, rou
         "stop_reason": stop_reason,
         "privacy": privacy_block(cfg),
         "timing": {"total_seconds": seconds, "server_feature_seconds": ev.seconds},
+        **({"backbone_selection": parse_record(cfg.backbone_selection)}
+           if cfg.backbone_selection else {}),
     }
 
 

@@ -18,6 +18,7 @@ from common import training
 from common.config import RunConfig
 from common.heads import head_state
 from common.jsonio import write_json_atomic
+from common.transfer import parse_record
 from common.privacy import calibrate_noise_multiplier, dp_plan, epsilon
 from server.run import GlobalEval, class_weights_block, final_block, privacy_block
 
@@ -77,6 +78,8 @@ def run_centralized(cfg: RunConfig) -> dict:
             "history": [{"round": 1, "noise_multiplier": h.noise_multiplier,
                          "sample_rate": h.sample_rate, "steps": h.steps} for h in history]}},
         "privacy": privacy_block(cfg),
+        **({"backbone_selection": parse_record(cfg.backbone_selection)}
+           if cfg.backbone_selection else {}),
         "timing": {"total_seconds": time.perf_counter() - t0,
                    "feature_seconds": feat_seconds, "train_seconds": res.seconds},
     }

@@ -60,6 +60,10 @@ def print_summary(s: dict) -> None:
         f"test: accuracy {_fmt(f['accuracy'])}  AUC {_fmt(f['auc'])}  "
         f"balanced accuracy {_fmt(f['balanced_accuracy'])}",
     ]
+    if sel := s.get("backbone_selection"):  # common/transfer.py
+        lines.insert(3, f"backbone chosen by {sel['score']} on {sel['data']['records']} public "
+                     f"{sel['data']['split']} records (no ε): {sel['chosen']} over "
+                     f"{len(sel['candidates']) - 1} others")
     if "decision" in f:
         val = f["decision"].get("val") or {}
         rule = describe_decision(f["decision"], s.get("classes"))
@@ -233,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     from simulations.site_cli import add_site_commands
 
     add_site_commands(sub)
+    from simulations.select_cli import add_select_command
+
+    add_select_command(sub)
     return p
 
 

@@ -39,6 +39,10 @@ def ray_backend_config(num_cpus: int | None = None) -> dict:
 def simulate(cfg: RunConfig) -> dict:
     """Run ``cfg`` and return its ``summary.json`` contents."""
     cfg = resolve_paths(cfg)
+    if cfg.backbone == "auto":  # chosen on the public split first (no ε)
+        from simulations.select_cli import resolve_auto
+
+        cfg = resolve_auto(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.mode == "centralized":
