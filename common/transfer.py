@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 # sizes, and raw pixels. A hospital's checkpoint joins with ``file:<path>@<size>``.
 DEFAULT_CANDIDATES = ("identity", "efficientnet-lite0@32", "efficientnet-lite0@64",
                       "efficientnet-lite0@96", "efficientnet-lite1@64", "efficientnet-lite2@64")
-SCORES = ("logme", "probe")
+SCORES = ("logme", "probe", "dp-probe")
 # Where a selection may read records without spending ε.
 PUBLIC_SOURCES = ("public-val",)
 METHOD = ("LogME (You et al., ICML 2021): evidence of a Bayesian linear model on the frozen "
@@ -178,6 +179,68 @@ def logme(features: np.ndarray, labels: np.ndarray, num_classes: int | None = No
                           for c in range(k)]))
 
 
+@dataclass(frozen=True)
+class DPPlan:
+    """The scenario's DP-SGD plan, all of it public (config values): what the
+    ``dp-probe`` score replays on the public split."""
+
+    target_epsilon: float
+    delta: float
+    batch_size: int
+    epochs: int  # every round's local epochs together (rounds x local-epochs)
+    learning_rate: float
+    clip_norm: float
+    momentum: float = 0.0
+    min_noise_multiplier: float = 0.3  # a site's default floor on σ (client.policy)
+
+
+def dp_probe_auc(features: np.ndarray, labels: np.ndarray, num_classes: int, plan: DPPlan, *,
+                 folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated test AUC of a linear head trained with DP-SGD at the scenario's ε.
+
+    Each training fold plays one site: σ is calibrated so that ``plan.epochs``
+    epochs over its records fit ``plan.target_epsilon`` (as a site plans its whole
+    run), then Opacus DP-SGD trains a linear head that is scored on the held-out
+    fold. Public records only, so it costs no ε. Unlike LogME and the plain probe,
+    it sees what DP noise does to a candidate's features (their dimension, their
+    norm under the clip).
+    """
+    # torch and Opacus are imported only here: the audit imports this module too.
+    from sklearn.model_selection import StratifiedKFold
+
+    from common import training
+    from common.heads import make_head
+    from common.privacy import dp_plan
+
+    labels = np.asarray(labels)
+    k = int(min(folds, np.bincount(labels).min()))
+    if k < 2:
+        raise ValueError("the DP probe needs at least 2 records of every class")
+    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    aucs = []
+    for i, (tr, te) in enumerate(cv.split(features, labels)):
+        batch = min(plan.batch_size, len(tr))
+        q, steps = dp_plan(len(tr), batch_size=batch, epochs=plan.epochs)
+        sigma = max(plan.min_noise_multiplier, _calibrated(plan.target_epsilon, plan.delta, q,
+                                                           steps))
+        head = make_head("linear", in_dim=features.shape[1], num_classes=num_classes, seed=seed + i)
+        training.train_dp(head, features[tr], labels[tr], epochs=plan.epochs, batch_size=batch,
+                          lr=plan.learning_rate, momentum=plan.momentum,
+                          noise_multiplier=sigma, clip_norm=plan.clip_norm,
+                          seed=seed + i)
+        aucs.append(training.evaluate(head, features[te], labels[te])["auc"])
+    return float(np.nanmean(aucs))
+
+
+@lru_cache(maxsize=64)
+def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """σ for a fold (every candidate shares the folds, so each σ is searched once)."""
+    from common.privacy import calibrate_noise_multiplier
+
+    return calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta,
+                                      sample_rate=sample_rate, steps=steps)
+
+
 def probe_accuracy(features: np.ndarray, labels: np.ndarray, *, folds: int = 5,
                    seed: int = 0) -> float:
     """Stratified ``folds``-fold cross-validated accuracy of a logistic regression
@@ -199,20 +262,27 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, *, folds: int = 5,
 # --------------------------------------------------------------------------
 # Ranking and the selection record
 # --------------------------------------------------------------------------
-def score_features(features: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
-    """Both scores for one candidate's features, with the seconds each took."""
+def score_features(features: np.ndarray, labels: np.ndarray, num_classes: int,
+                   dp: DPPlan | None = None) -> dict:
+    """The scores for one candidate's features, with the seconds each took
+    (``dp-probe`` only with a DP plan)."""
     t0 = time.perf_counter()
     lm = logme(features, labels, num_classes)
     t1 = time.perf_counter()
     probe = probe_accuracy(features, labels)
-    return {"logme": lm, "probe_accuracy": probe, "feature_dim": int(features.shape[1]),
-            "logme_seconds": t1 - t0, "probe_seconds": time.perf_counter() - t1}
+    out = {"logme": lm, "probe_accuracy": probe, "feature_dim": int(features.shape[1]),
+           "logme_seconds": t1 - t0, "probe_seconds": time.perf_counter() - t1}
+    if dp is not None:
+        t2 = time.perf_counter()
+        out["dp_probe_auc"] = dp_probe_auc(features, labels, num_classes, dp)
+        out["dp_probe_seconds"] = time.perf_counter() - t2
+    return out
 
 
 def score_key(score: str) -> str:
     if score not in SCORES:
         raise ValueError(f"selection score {score!r}: allowed {', '.join(SCORES)}")
-    return "logme" if score == "logme" else "probe_accuracy"
+    return {"logme": "logme", "probe": "probe_accuracy", "dp-probe": "dp_probe_auc"}[score]
 
 
 def rank(rows: Sequence[dict], score: str = "logme") -> list[dict]:
@@ -248,12 +318,13 @@ def selection_record(ranked: Sequence[dict], *, score: str, source: str, split: 
         "data": {"source": source, "split": split, "records": int(records), "dataset": dataset,
                  "public": source in PUBLIC_SOURCES},
         "privacy": ("computed on public records only: costs no ε" if source in PUBLIC_SOURCES
-                    else f"read {split!r} ({source}): not public; the choice's privacy cost is "
-                         "in no ledger"),
+                    else (f"read {split!r} ({source}): not public; the choice's privacy cost "
+                          "is in no ledger")),
         "negative_transfer": negative_transfer(ranked, score),
         "candidates": [{k: r[k] for k in ("rank", "candidate", "backbone", "image_size", "logme",
-                                          "probe_accuracy", "feature_dim", "feature_seconds",
-                                          "logme_seconds", "probe_seconds") if k in r}
+                                          "probe_accuracy", "dp_probe_auc", "feature_dim",
+                                          "feature_seconds", "logme_seconds", "probe_seconds",
+                                          "dp_probe_seconds") if k in r}
                        for r in ranked],
         "seconds": seconds,
     }
@@ -261,13 +332,17 @@ def selection_record(ranked: Sequence[dict], *, score: str, source: str, split: 
 
 def format_table(record: dict) -> str:
     """The ranked table a user sees."""
-    lines = [f"{'rank':>4}  {'candidate':<24} {'LogME':>8} {'probe acc':>9} {'dim':>5} "
-             f"{'seconds':>8}"]
+    dp = all("dp_probe_auc" in r for r in record["candidates"])
+    lines = [(f"{'rank':>4}  {'candidate':<24} {'LogME':>8} {'probe acc':>9} "
+              + (f"{'DP probe AUC':>12} " if dp else "") + f"{'dim':>5} {'seconds':>8}")]
     for r in record["candidates"]:
-        secs = r.get("feature_seconds", 0) + r.get("logme_seconds", 0) + r.get("probe_seconds", 0)
+        secs = sum(r.get(k, 0) for k in ("feature_seconds", "logme_seconds", "probe_seconds",
+                                         "dp_probe_seconds"))
         mark = "  <- chosen" if r["candidate"] == record["chosen"] else ""
         lines.append(f"{r['rank']:>4}  {r['candidate']:<24} {r['logme']:>8.4f} "
-                     f"{r['probe_accuracy']:>9.3f} {r['feature_dim']:>5} {secs:>8.1f}{mark}")
+                     f"{r['probe_accuracy']:>9.3f} "
+                     + (f"{r['dp_probe_auc']:>12.4f} " if dp else "")
+                     + f"{r['feature_dim']:>5} {secs:>8.1f}{mark}")
     d = record["data"]
     lines.append(f"ranked by {record['score']} on {d['records']} records of {d['dataset']}'s "
                  f"{d['split']} split ({d['source']}); {record['privacy']}; "
@@ -312,27 +387,30 @@ def selection_findings(record: dict | None) -> tuple[str | None, list[tuple[str,
     if d.get("source") in PUBLIC_SOURCES and d.get("public", True):
         return (f"backbone {record.get('chosen')} was chosen by {record.get('score')} on public "
                 f"data only ({where}): the choice costs no ε"), []
-    return (f"backbone {record.get('chosen')} was chosen on {where}"), [(
-        "backbone-selected-on-private-data",
-        f"the backbone selection read {where}, not a public split: choosing on private "
-        "records costs privacy that no ledger charges")]
+    problem = (f"the backbone selection read {where}, not a public split: choosing on private "
+               "records costs privacy that no ledger charges")
+    return f"backbone {record.get('chosen')} was chosen on {where}", [
+        ("backbone-selected-on-private-data", problem)]
 
 
 def select_backbone(images: np.ndarray, labels: np.ndarray, *, num_classes: int,
                     candidates: Sequence[Candidate], score: str = "logme",
                     data_fingerprint: str, cache_dir: str, device: str = "cpu",
-                    source: str, split: str, dataset: str) -> dict:
+                    source: str, split: str, dataset: str, dp: DPPlan | None = None) -> dict:
     """Score every candidate on one labelled split and return the selection record.
 
     ``images`` and ``labels`` are all this reads: the caller decides what is
     public and says so in ``source`` / ``split``. Features go through the same
     on-disk cache as a run's (a later run's server evaluation of the same split
-    is then a cache hit).
+    is then a cache hit). ``dp``: the scenario's DP plan, for the ``dp-probe``
+    score (required when ``score = "dp-probe"``).
     """
     from common.backbones import get_backbone
     from common.features import cached_features
 
     score_key(score)
+    if score == "dp-probe" and dp is None:
+        raise ValueError("selection-score 'dp-probe' needs a DP scenario (dp = true)")
     t_all = time.perf_counter()
     rows = []
     for cand in candidates:
@@ -342,10 +420,11 @@ def select_backbone(images: np.ndarray, labels: np.ndarray, *, num_classes: int,
                                 cache_dir=cache_dir, device=device).features
         row = {"candidate": cand.label, "backbone": cand.backbone, "image_size": cand.image_size,
                "feature_seconds": time.perf_counter() - t0,
-               **score_features(feats, labels, num_classes)}
-        log.info("selection: %-24s LogME %.4f  probe acc %.3f  (%d-d, %.1f s)", cand.label,
-                 row["logme"], row["probe_accuracy"], row["feature_dim"],
-                 row["feature_seconds"] + row["logme_seconds"] + row["probe_seconds"])
+               **score_features(feats, labels, num_classes, dp)}
+        log.info("selection: %-24s LogME %.4f  probe acc %.3f  DP probe AUC %s  (%d-d, %.1f s)",
+                 cand.label, row["logme"], row["probe_accuracy"],
+                 f"{row['dp_probe_auc']:.4f}" if dp else "-", row["feature_dim"],
+                 time.perf_counter() - t0)
         rows.append(row)
     ranked = rank(rows, score)
     return selection_record(ranked, score=score, source=source, split=split, records=len(labels),

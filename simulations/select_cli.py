@@ -19,7 +19,13 @@ from common import training
 from common.config import RunConfig
 from common.data import federation, fingerprint_arrays
 from common.jsonio import write_json_atomic
-from common.transfer import compact, format_table, parse_candidates, select_backbone
+from common.transfer import (
+    DPPlan,
+    compact,
+    format_table,
+    parse_candidates,
+    select_backbone,
+)
 
 log = logging.getLogger("fedtransfer")
 
@@ -54,7 +60,17 @@ def run_selection(cfg: RunConfig, *, split: str = "val") -> dict:
         x, y, num_classes=len(classes), candidates=candidates, score=cfg.selection_score,
         data_fingerprint=fingerprint_arrays(x, y) + f":{split}", cache_dir=cfg.cache_dir,
         device=training.resolve_device(cfg.device), source=source, split=split,
-        dataset=cfg.dataset)
+        dataset=cfg.dataset, dp=dp_plan_of(cfg))
+
+
+def dp_plan_of(cfg: RunConfig) -> DPPlan | None:
+    """The scenario's DP-SGD plan (config values only) for the ``dp-probe`` score."""
+    if not cfg.dp:
+        return None
+    return DPPlan(target_epsilon=cfg.target_epsilon, delta=cfg.target_delta,
+                  batch_size=cfg.batch_size, epochs=cfg.num_rounds * cfg.local_epochs,
+                  learning_rate=cfg.learning_rate, clip_norm=cfg.clip_norm,
+                  momentum=cfg.momentum)
 
 
 def apply_selection(cfg: RunConfig, record: dict) -> RunConfig:
@@ -83,9 +99,13 @@ def plot_selection(record: dict, path: Path) -> Path:
     rows = record["candidates"]
     names = [r["candidate"] for r in rows]
     colours = ["tab:green" if n == record["chosen"] else "tab:grey" for n in names]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(rows) + 1.8), sharey=True)
-    for ax, key, title in ((axes[0], "logme", "LogME (higher is better)"),
-                           (axes[1], "probe_accuracy", "linear-probe accuracy (5-fold CV)")):
+    panels = [("logme", "LogME (higher is better)"),
+              ("probe_accuracy", "linear-probe accuracy (5-fold CV)")]
+    if all("dp_probe_auc" in r for r in rows):
+        panels.append(("dp_probe_auc", "DP-probe AUC (5-fold CV, scenario's ε)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * len(rows) + 1.8),
+                             sharey=True)
+    for ax, (key, title) in zip(axes, panels, strict=True):
         ax.barh(range(len(rows)), [r[key] for r in rows], color=colours)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="x", alpha=0.3)

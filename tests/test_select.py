@@ -39,6 +39,12 @@ class PublicOnly:
         return getattr(self._splits, name)
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One feature cache for the module: each candidate's val features are computed once."""
+    return tmp_path_factory.mktemp("select-cache")
+
+
 @pytest.fixture
 def public_only(monkeypatch):
     real = common.data.load_dataset
@@ -54,10 +60,11 @@ def public_only(monkeypatch):
     monkeypatch.setattr(client.site, "load_site_data", no_site)
 
 
-def test_select_reads_only_the_public_split_and_records_the_choice(tmp_path, public_only, capsys):
+def test_select_reads_only_the_public_split_and_records_the_choice(tmp_path, public_only, cache,
+                                                                   capsys):
     out = tmp_path / "sel"
     rc = cli_main(["select", "--config", "demo", "--set", CANDIDATES,
-                   "--set", f"cache-dir={tmp_path / 'cache'}", "--out", str(out)])
+                   "--set", f"cache-dir={cache}", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "rank" in text and "LogME" in text and "<- chosen" in text
@@ -73,9 +80,9 @@ def test_select_reads_only_the_public_split_and_records_the_choice(tmp_path, pub
     assert (out / "selection.png").stat().st_size > 1000
 
 
-def test_selection_on_the_private_split_is_flagged_by_the_audit(tmp_path):
+def test_selection_on_the_private_split_is_flagged_by_the_audit(tmp_path, cache):
     cfg = parse_config({"dataset": "digits", "backbone": "auto",
-                        "backbone-candidates": "identity", "cache-dir": str(tmp_path / "c")})
+                        "backbone-candidates": "identity", "cache-dir": str(cache)})
     record = run_selection(cfg, split="train")
     assert record["data"]["source"] == "private-train" and not record["data"]["public"]
     run = tmp_path / "run"
@@ -100,9 +107,9 @@ def test_selection_on_the_private_split_is_flagged_by_the_audit(tmp_path):
     assert "chosen by logme on public data only" in format_text(report)
 
 
-def test_auto_resolves_and_the_card_records_the_evidence(tmp_path, public_only, capsys):
+def test_auto_resolves_and_the_card_records_the_evidence(public_only, cache, capsys):
     cfg = parse_config({"dataset": "digits", "backbone": "auto", "backbone-candidates":
-                        "identity, efficientnet-lite0@32", "cache-dir": str(tmp_path / "c")})
+                        "identity, efficientnet-lite0@32", "cache-dir": str(cache)})
     resolved = resolve_auto(cfg)
     assert resolved.backbone in ("identity", "efficientnet-lite0")
     assert "<- chosen" in capsys.readouterr().out

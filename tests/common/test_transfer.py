@@ -12,7 +12,9 @@ from scipy.stats import multivariate_normal
 from common.backbones import get_backbone
 from common.transfer import (
     Candidate,
+    DPPlan,
     compact,
+    dp_probe_auc,
     format_table,
     kendall_tau,
     logme,
@@ -136,3 +138,17 @@ def test_kendall_tau():
     assert kendall_tau([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
     # One discordant pair of six: (5 - 1) / 6.
     assert kendall_tau([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(4 / 6)
+
+
+def test_dp_probe_sees_the_signal_through_the_noise():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 150)
+    good = np.eye(3)[labels] + rng.normal(scale=0.5, size=(150, 3))
+    bad = rng.normal(size=(150, 3))
+    plan = DPPlan(target_epsilon=4.0, delta=1e-5, batch_size=32, epochs=3, learning_rate=1.0,
+                  clip_norm=1.0)
+    assert dp_probe_auc(good, labels, 3, plan) > 0.9
+    assert dp_probe_auc(bad, labels, 3, plan) < 0.7
+    # The score a selection ranks by.
+    rows = [{**r, "dp_probe_auc": v} for r, v in zip(_rows(0.3, 0.1), (0.6, 0.8), strict=True)]
+    assert rank(rows, "dp-probe")[0]["candidate"] == "efficientnet-lite0@64"
