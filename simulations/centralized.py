@@ -18,8 +18,8 @@ from common import training
 from common.config import RunConfig
 from common.heads import head_state
 from common.jsonio import write_json_atomic
-from common.transfer import parse_record
 from common.privacy import calibrate_noise_multiplier, dp_plan, epsilon
+from common.transfer import parse_record
 from server.run import GlobalEval, class_weights_block, final_block, privacy_block
 
 log = logging.getLogger("fedtransfer.centralized")
