@@ -6,9 +6,7 @@ import argparse
 import datetime as dt
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,18 +20,6 @@ from common.models.training import resolve_device
 
 log = logging.getLogger(__name__)
 RESULTS = Path(__file__).parent / "results"
-
-
-def _env() -> None:
-    """Third-party caches and telemetry into a scratch folder, never $HOME."""
-    tmp = Path(tempfile.mkdtemp(prefix="fedtransfer-bench-"))
-    for var, sub in (("MPLCONFIGDIR", "mpl"), ("HF_HOME", "hf"), ("XDG_CACHE_HOME", "xdg"),
-                     ("FLWR_HOME", "flwr"), ("RAY_TMPDIR", "ray")):
-        os.environ.setdefault(var, str(tmp / sub))
-        Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def run_suite(st: S.BenchSettings) -> dict:
@@ -151,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stdout)
     for noisy in ("flwr", "ray", "datasets", "matplotlib", "opacus"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    _env()
+    S.scratch_env()
 
     if a.report_only:
         doc = json.loads(a.report_only.read_text())

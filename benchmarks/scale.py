@@ -31,9 +31,10 @@ import time
 from pathlib import Path
 
 from benchmarks.memory import descendants, tree_memory_mb
-from cli.main import quiet_flower, resolve_config
+from cli.main import quiet_flower
 from common.config import RunConfig
 from common.flowerlog import PROJECT_LOGGERS
+from simulations.scenarios import resolve_config
 from simulations.simulate import simulate
 
 log = logging.getLogger(__name__)

@@ -7,11 +7,13 @@ validation split only); the benchmark never tunes anything on test data.
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cli.main import resolve_config
 from common.config import RunConfig
+from simulations.scenarios import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
@@ -70,3 +72,15 @@ def full() -> BenchSettings:
 
 
 MODES = {"quick": quick, "full": full}
+
+
+def scratch_env() -> None:
+    """Third-party caches and telemetry into a scratch folder, never $HOME."""
+    tmp = Path(tempfile.mkdtemp(prefix="fedtransfer-bench-"))
+    for var, sub in (("MPLCONFIGDIR", "mpl"), ("HF_HOME", "hf"), ("XDG_CACHE_HOME", "xdg"),
+                     ("FLWR_HOME", "flwr"), ("RAY_TMPDIR", "ray")):
+        os.environ.setdefault(var, str(tmp / sub))
+        Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

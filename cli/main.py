@@ -9,27 +9,13 @@ import sys
 from pathlib import Path
 
 from cli.models import add_model_commands
+from cli.select import add_select_command
 from cli.site import add_site_commands
-from common.config import RunConfig, load_config_file, parse_config, parse_overrides
 from common.flowerlog import PROJECT_LOGGERS
 from common.models.decision import describe_decision
-from simulations import CONFIG_DIR
+from simulations.scenarios import resolve_config
 
 log = logging.getLogger(__name__)
-
-
-def resolve_config(config: str | None, overrides: list[str], out: str | None) -> RunConfig:
-    """Named scenario or file, then ``--set`` overrides, then ``--out``."""
-    raw: dict = {}
-    if config:
-        path = Path(config)
-        if not path.is_file() and (CONFIG_DIR / f"{config}.toml").is_file():
-            path = CONFIG_DIR / f"{config}.toml"
-        raw.update(load_config_file(path))
-    raw.update(parse_overrides(overrides))
-    if out:
-        raw["out-dir"] = out
-    return parse_config(raw)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -63,6 +49,10 @@ def print_summary(s: dict) -> None:
         f"test: accuracy {_fmt(f['accuracy'])}  AUC {_fmt(f['auc'])}  "
         f"balanced accuracy {_fmt(f['balanced_accuracy'])}",
     ]
+    if sel := s.get("backbone_selection"):  # common/models/transfer.py
+        lines.insert(3, f"backbone chosen by {sel['score']} on {sel['data']['records']} public "
+                     f"{sel['data']['split']} records (no ε): {sel['chosen']} over "
+                     f"{len(sel['candidates']) - 1} others")
     if "decision" in f:
         val = f["decision"].get("val") or {}
         rule = describe_decision(f["decision"], s.get("classes"))
@@ -245,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(sub)
 
     add_site_commands(sub)
+    add_select_command(sub)
     return p
 
 

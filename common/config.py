@@ -44,6 +44,7 @@ CLASS_WEIGHTS = ("none", "public")
 # What the shipped decision rule maximises on the public validation split (common/models/decision.py);
 # argmax: ship no threshold.
 DECISION_OBJECTIVES = ("balanced-accuracy", "accuracy", "argmax")
+SELECTION_SCORES = ("logme", "probe", "dp-probe")  # backbone = "auto" (common/models/transfer.py)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,11 @@ class RunConfig:
     backbone: str = "efficientnet-lite0"
     image_size: int = 64
     image_channels: int = 1  # an image-folder site converts every image to this (1 or 3)
+    # backbone = "auto": chosen before any ε is spent, by a transferability score on the
+    # public validation split (common/models/transfer.py, `fedtransfer select`); "" = the default zoo.
+    backbone_candidates: str = ""
+    selection_score: str = "logme"  # logme | probe | dp-probe
+    backbone_selection: str = ""  # the selection's evidence (JSON), written by the selection
     # The federation's schema (common/data/schema.py): a [schema] table in the scenario file, JSON
     # text, or a .toml/.json path. Empty: derived from the dataset (classes; a CSV's columns).
     schema: str = ""
@@ -252,6 +258,9 @@ def _validate(cfg: RunConfig) -> None:
         raise bad("device", f"got {cfg.device!r}, allowed: {', '.join(DEVICES)}")
     if cfg.student not in STUDENTS:
         raise bad("student", f"got {cfg.student!r}, allowed: {', '.join(STUDENTS)}")
+    if cfg.selection_score not in SELECTION_SCORES:
+        raise bad("selection-score", f"got {cfg.selection_score!r}, allowed: "
+                  f"{', '.join(SELECTION_SCORES)}")
     if cfg.teacher not in TEACHERS:
         raise bad("teacher", f"got {cfg.teacher!r}, allowed: {', '.join(TEACHERS)}")
     if cfg.hyperparameter_source not in HYPERPARAMETER_SOURCES:

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from common.config import RunConfig
 from common.models.decision import ARGMAX
 from common.models.modelio import CARD_NAME, save_bundle
+from common.models.transfer import parse_record
 from common.privacy.accounting import LEDGER_ACCOUNTANT
 from common.protocol import to_array_record
 from server.distill import PRIVACY_NOTE, DistillOutcome
@@ -103,6 +104,9 @@ def delivery_card(cfg: RunConfig, *, run_id: str, server_round: int, classes: li
                  "num_classes": len(classes), "hidden_dim": cfg.hidden_dim, "params": head_params,
                  "test": final},
         "decision": dict(decision or ARGMAX),
+        # Why this backbone: the public-data selection's evidence (common/models/transfer.py)
+        **({"backbone_selection": parse_record(cfg.backbone_selection)}
+           if cfg.backbone_selection else {}),
         "privacy": {
             "dp": cfg.dp, "unit": unit,
             "epsilon_per_site": eps if cfg.dp else None,

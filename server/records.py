@@ -25,6 +25,7 @@ from common.config import RunConfig
 from common.data.schema import Schema
 from common.jsonio import write_json_atomic
 from common.models.training import SECURE_RNG
+from common.models.transfer import parse_record
 from common.privacy.accounting import NEIGHBOURS, REPORTED_ACCOUNTANT, UNIT_OF_PRIVACY
 from common.protocol import released_fields
 from server.strategy import HeadFedAvg, SiteRecord
@@ -148,6 +149,9 @@ def summary_record(cfg: RunConfig, *, run_id: str, report: dict, classes: list[s
         "final": final_block(report),
         "class_weights": class_weights_block(cfg, class_weights),
         "rounds": rounds, "sites": sites,
+        # Why this backbone: the public-data selection's evidence (common/models/transfer.py)
+        **({"backbone_selection": parse_record(cfg.backbone_selection)}
+           if cfg.backbone_selection else {}),
         **extra,
         "privacy": privacy_block(cfg),
         "timing": timing,

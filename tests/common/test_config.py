@@ -15,7 +15,7 @@ from common.config import (
     parse_config,
     parse_overrides,
 )
-from simulations import CONFIG_DIR
+from simulations.scenarios import CONFIG_DIR
 from tests.conftest import REPO
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.toml"))
@@ -156,7 +156,7 @@ def test_there_are_named_scenarios():
 
 def test_the_default_scenario_is_runconfigs_defaults():
     """`make demo` and `fedtransfer simulate` without --config run RunConfig() itself."""
-    from cli.main import resolve_config
+    from simulations.scenarios import resolve_config
 
     assert resolve_config(None, [], None) == RunConfig()
     assert "simulate\n" in (REPO / "Makefile").read_text().split("demo: install", 1)[1]

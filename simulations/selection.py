@@ -1,0 +1,84 @@
+"""Backbone selection on public data, before any ε is spent.
+
+Every candidate (``backbone-candidates``, or the default offline zoo) turns the
+server's public validation split into features, and a transferability score
+(:mod:`common.models.transfer`: LogME, a linear probe, or a DP probe) ranks them.
+``backbone = "auto"`` runs this at the start of ``fedtransfer simulate``;
+``fedtransfer select`` (cli/select.py) prints and draws it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from common.config import RunConfig
+from common.data.datasets import federation, fingerprint_arrays
+from common.models import training
+from common.models.transfer import (
+    DPPlan,
+    compact,
+    format_table,
+    parse_candidates,
+    select_backbone,
+)
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("val", "train")
+
+
+def labelled_split(cfg: RunConfig, split: str = "val"):
+    """``(x, y, classes, source)`` for the selection.
+
+    ``val``: the server's public validation split, the only default. ``train``:
+    the records the sites train on, pooled; private in a federation, so the
+    record says ``private-train`` and the audit flags it (kept for comparisons).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"selection split {split!r}: allowed {', '.join(SPLITS)}")
+    splits, schema = federation(cfg, dp_as_public=True)
+    if schema.input == "tabular":
+        raise ValueError("backbone selection is for image records; tabular records use "
+                         "backbone 'identity'")
+    if split == "val":
+        return schema.transform(splits.val_x), splits.val_y, splits.classes, "public-val"
+    return schema.transform(splits.train_x), splits.train_y, splits.classes, "private-train"
+
+
+def run_selection(cfg: RunConfig, *, split: str = "val") -> dict:
+    """Score ``cfg``'s candidates on ``split`` and return the selection record."""
+    x, y, classes, source = labelled_split(cfg, split)
+    candidates = parse_candidates(cfg.backbone_candidates, default_size=cfg.image_size)
+    log.info("selecting a backbone among %d candidates on %d %s records (%s)", len(candidates),
+             len(y), split, source)
+    return select_backbone(
+        x, y, num_classes=len(classes), candidates=candidates, score=cfg.selection_score,
+        data_fingerprint=fingerprint_arrays(x, y) + f":{split}", cache_dir=cfg.cache_dir,
+        device=training.resolve_device(cfg.device), source=source, split=split,
+        dataset=cfg.dataset, dp=dp_plan_of(cfg))
+
+
+def dp_plan_of(cfg: RunConfig) -> DPPlan | None:
+    """The scenario's DP-SGD plan (config values only) for the ``dp-probe`` score."""
+    if not cfg.dp:
+        return None
+    return DPPlan(target_epsilon=cfg.target_epsilon, delta=cfg.target_delta,
+                  batch_size=cfg.batch_size, epochs=cfg.num_rounds * cfg.local_epochs,
+                  learning_rate=cfg.learning_rate, clip_norm=cfg.clip_norm,
+                  momentum=cfg.momentum)
+
+
+def apply_selection(cfg: RunConfig, record: dict) -> RunConfig:
+    """``cfg`` with the chosen backbone and image size, and the evidence recorded."""
+    size = record["image_size"] or cfg.image_size
+    return cfg.replace(backbone=record["backbone"], image_size=size,
+                       backbone_selection=compact(record))
+
+
+def resolve_auto(cfg: RunConfig) -> RunConfig:
+    """``backbone = "auto"``: select on the public split, print why, return the resolved config."""
+    if cfg.backbone != "auto":
+        return cfg
+    record = run_selection(cfg)
+    print(format_table(record))
+    return apply_selection(cfg, record)
