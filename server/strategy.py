@@ -88,7 +88,8 @@ class HeadFedAvg(FedAvg):
         return self._construct_messages(record, nodes, "train")
 
     def active_sites(self, grid: Grid) -> int:
-        return len([n for n in grid.get_node_ids() if n not in self.exhausted_nodes()])
+        skip = self.exhausted_nodes()  # once, not once per node (O(sites²) at 1000 sites)
+        return len([n for n in grid.get_node_ids() if n not in skip])
 
     # -- aggregation -------------------------------------------------------
     def _site(self, node_id: int, site_id: int) -> SiteRecord:
