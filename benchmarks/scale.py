@@ -77,7 +77,7 @@ def train_records(data_path: Path) -> int:
     import numpy as np
 
     with np.load(data_path) as z:
-        return int(len(z["train_labels"]))
+        return len(z["train_labels"])
 
 
 def measure(sites: int, *, rounds: int, data_path: Path, work_dir: Path,

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from common.config import RunConfig
+from simulations.engine import install as install_linear_sweep
 
 log = logging.getLogger("fedtransfer")
 
@@ -160,6 +161,7 @@ def simulate(cfg: RunConfig, *, ray_address: str | None = None) -> dict:
         backend = cluster_backend_config(cluster)
     log.info("simulating %d sites for %d rounds (dataset %s, backbone %s, dp=%s) -> %s",
              cfg.num_sites, cfg.num_rounds, cfg.dataset, cfg.backbone, cfg.dp, out)
+    install_linear_sweep()  # Flower's message sweep is O(sites²) (simulations/engine.py)
     run_simulation(server_app=make_server(cfg), client_app=make_client(cfg),
                    num_supernodes=cfg.num_sites, backend_config=backend)
     summary_path = out / "summary.json"

@@ -90,11 +90,11 @@ class RayCluster:
 
     def _ask(self, expression: str) -> list[dict]:
         """``expression`` evaluated by a short-lived driver connected to the cluster."""
-        code = ("import json, ray, ray._private.state; ray.init(address=%r, logging_level='ERROR'); "
-                "print('ANSWER', json.dumps(%s, default=str)); ray.shutdown()"
-                % (self.address, expression))
+        code = (f"import json, ray, ray._private.state; ray.init(address={self.address!r}, "
+                f"logging_level='ERROR'); print('ANSWER', json.dumps({expression}, "
+                "default=str)); ray.shutdown()")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=120, start_new_session=True)
+                           timeout=300, start_new_session=True, check=False)
         for line in r.stdout.splitlines():
             if line.startswith("ANSWER "):
                 return json.loads(line[7:])

@@ -5,7 +5,11 @@ cluster is in ``tests/test_ray_cluster.py`` (deployment suite)."""
 from __future__ import annotations
 
 from simulations.cli import build_parser
-from simulations.simulate import cluster_address, cluster_backend_config, ray_backend_config
+from simulations.simulate import (
+    cluster_address,
+    cluster_backend_config,
+    ray_backend_config,
+)
 
 
 def test_the_flag_wins_then_the_environment_then_a_local_instance(monkeypatch):
