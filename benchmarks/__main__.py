@@ -97,9 +97,20 @@ def run_suite(st: S.BenchSettings) -> dict:
         # lazy: a benchmark part imports its module only when it runs
         from benchmarks import scale as sc
 
-        return [sc.measure(n, rounds=st.scale_rounds, data_path=st.data_path.resolve(),
-                           work_dir=st.work_dir / "scale", timeout_s=st.scale_timeout_s)
-                for n in st.scale_sites]
+        def point(n: int, code_root: Path | None = None) -> dict:
+            return sc.measure(n, rounds=st.scale_rounds, data_path=st.data_path.resolve(),
+                              work_dir=st.work_dir / "scale", timeout_s=st.scale_timeout_s,
+                              code_root=code_root)
+
+        after, before = [], []
+        for n in st.scale_sites:
+            if st.scale_before is not None and n in st.scale_before_sites:
+                before.append(point(n, st.scale_before))  # interleaved: the same load
+            after.append(point(n))
+        if before:
+            doc["scale_before"] = before
+            doc["scale_comparison"] = sc.compare(before, after)
+        return after
 
     part("cached_vs_naive", cached_vs_naive)
     part("dp_overhead", dp_overhead)
@@ -132,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="the Markdown report to (re)write")
     p.add_argument("--report-only", type=Path, metavar="JSON",
                    help="only re-render plots and the report from an existing results file")
+    p.add_argument("--scale-sites", help="comma-separated site counts for the scale part "
+                   "(default: the mode's)")
+    p.add_argument("--scale-before", type=Path, metavar="CHECKOUT",
+                   help="also measure this other checkout of fedtransfer (e.g. main) at "
+                        "--scale-before-sites, interleaved with this one: before/after in one run")
+    p.add_argument("--scale-before-sites", default="20,200",
+                   help="site counts for --scale-before (default: 20,200)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout)
@@ -150,13 +168,26 @@ def main(argv: list[str] | None = None) -> int:
     if not a.data.is_file():
         p.error(f"{a.data} not found: the benchmarks need PneumoniaMNIST (../shared/data)")
     st = S.MODES[a.mode]().replace(parts=parts, data_path=a.data)
+    if a.scale_sites:
+        st = st.replace(scale_sites=tuple(int(x) for x in a.scale_sites.split(",")))
+    if a.scale_before:
+        if not (a.scale_before / "benchmarks" / "scale.py").is_file():
+            p.error(f"--scale-before {a.scale_before}: not a fedtransfer checkout")
+        st = st.replace(scale_before=a.scale_before.resolve(), scale_before_sites=tuple(
+            int(x) for x in a.scale_before_sites.split(",")))
     doc = run_suite(st)
 
     a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"{doc['date']}-{machine_tag(doc['machine'])}-{a.mode}.json"
+    # A run of some parts only is its own file, with its own report beside it: it
+    # never replaces the whole suite's results or BENCHMARKS.md.
+    partial = set(parts) != set(S.PARTS)
+    suffix = f"-{'+'.join(parts)}" if partial else ""
+    path = a.out / f"{doc['date']}-{machine_tag(doc['machine'])}-{a.mode}{suffix}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     log.info("results: %s", path)
-    report.write_all(doc, path, a.report)
+    explicit_report = any(x == "--report" or x.startswith("--report=") for x in (argv or sys.argv))
+    report.write_all(doc, path, a.report if explicit_report or not partial
+                     else path.with_suffix(".md"))
     return 0
 
 

@@ -78,7 +78,8 @@ def _deployment(work: Path, rounds: int, extra: dict | None = None, tag: str = "
     config = config.replace('"', "'")
     with Loopback(work / f"loopback-{tag}", num_sites=RUN["num-sites"], env=env) as fed:
         fed.start_federation()
-        rc = fed.run(config).wait(timeout=900)
+        fed.run(config)
+        rc = fed.wait_run("flwr-run", num_rounds=rounds)  # on progress, round by round
         if rc != 0:
             raise RuntimeError(f"flwr run exited {rc}: {fed.log('flwr-run')[-2000:]}")
     return json.loads((out / "summary.json").read_text())

@@ -67,6 +67,18 @@ def render(doc: dict, results_path: Path, plots: dict[str, Path], here: Path) ->
                 L.append(f"| DP-SGD / plain SGD, {h} head | hooks {_f(d['ratio_hooks'])}×, "
                          f"ghost {_f(d['ratio_ghost'])}×; auto picks **{d['auto_choice']}** "
                          f"→ {_f(d['ratio_auto'])}× | {limit} |")
+    cmp_ = doc.get("scale_comparison") or {}
+    if cmp_.get("ratio_200_20_after") is not None:
+        before = (f"; before: {_f(cmp_['ratio_200_20_before'], 1)}×"
+                  if cmp_.get("ratio_200_20_before") is not None else "")
+        L.append(f"| per-round cost, 200 / 20 simulated sites | "
+                 f"**{_f(cmp_['ratio_200_20_after'], 1)}×**{before} | ≤ 12× (issue 14; linear: 10×) |")
+    if sc and max(p["sites"] for p in sc) >= 1000:
+        big = max(sc, key=lambda p: p["sites"])
+        done = big.get("seconds_per_round") is not None
+        L.append(f"| {big['sites']} simulated sites complete | "
+                 f"{'yes, ' + _f(big['seconds_per_round'], 1) + ' s per round' if done else 'no'} "
+                 f"| yes (issue 14) |")
     if comm:
         for r in comm["rows"]:
             L.append(f"| bytes per site per round, full model / head, {r['backbone']} + "
@@ -204,25 +216,42 @@ def render(doc: dict, results_path: Path, plots: dict[str, Path], here: Path) ->
               "process group, with the `identity` backbone (28 × 28 pixels as features), IID "
               "sites over the same PneumoniaMNIST training split (so total records stay fixed "
               "and records per site shrink), DP-SGD with a fixed σ, one local epoch per round, "
-              "batch 8. Memory is sampled every 0.5 s over the driver and all its descendants "
+              "batch 8 (or half the mean records per site where smaller: the batch column). Memory is sampled every 0.5 s over the driver and all its descendants "
               "(GCS, raylet, workers, actors); PSS sums do not double-count shared pages, RSS "
               "sums do. Every process is stopped by pid afterwards.", "",
-              "| sites | records/site | s per round (after round 1) | round 1 s | mean site call s "
-              "(train / privacy / other) | peak PSS sum MB | peak RSS sum MB | processes |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| sites | records/site | batch | s per round (after round 1) | round 1 s | mean site "
+              "call s (train / privacy / other) | peak PSS sum MB | peak RSS sum MB | processes |",
+              "|---|---|---|---|---|---|---|---|---|"]
         for p in sc:
             if p.get("seconds_per_round") is None:
-                L.append(f"| {p['sites']} | — | failed ({p.get('error', '')}) | | | "
-                         f"{_f(p.get('peak_memory_mb'), 0)} | {_f(p.get('peak_rss_sum_mb'), 0)} | |")
+                L.append(f"| {p['sites']} | — | {p.get('batch_size', 8)} | failed "
+                         f"({p.get('error', '')}) | | | {_f(p.get('peak_memory_mb'), 0)} | "
+                         f"{_f(p.get('peak_rss_sum_mb'), 0)} | |")
                 continue
             c = p["site_call_seconds_mean"]
             L.append(f"| {p['sites']} | {_f(p['records_per_site_mean'], 1)} | "
+                     f"{p.get('batch_size', 8)} | "
                      f"{_f(p['seconds_per_round'], 1)} | {_f(p['round_seconds'][0], 1)} | "
                      f"{_f(c.get('site_seconds'))} ({_f(c.get('train_seconds'))} / "
                      f"{_f(c.get('privacy_seconds'))} / {_f(c.get('other'))}) | "
                      f"{_f(p['peak_memory_mb'], 0)} | {_f(p['peak_rss_sum_mb'], 0)} | "
                      f"{p['peak_processes']} |")
         L += ["", SCALE_TEXT, ""]
+        if cmp_.get("sites"):
+            L += [f"**Before and after, same run.** The checkout at `{cmp_['before_code']}` "
+                  "(before the fixes of issue 14) was measured at the same site counts, each "
+                  "point just before this checkout's, so both saw the same load.", "",
+                  "| sites | before: s per round | after: s per round | after / before |",
+                  "|---|---|---|---|"]
+            for n in cmp_["sites"]:
+                b, a = cmp_["before"].get(str(n)), cmp_["after"].get(str(n))
+                L.append(f"| {n} | {_f(b, 2)} | {_f(a, 2)} | "
+                         f"{_f(a / b, 2) + '×' if a and b else 'n/a'} |")
+            if cmp_.get("ratio_200_20_after") is not None:
+                L += ["", f"Per-round cost at 200 sites over 20 sites: before "
+                      f"{_f(cmp_.get('ratio_200_20_before'), 1)}×, after "
+                      f"{_f(cmp_['ratio_200_20_after'], 1)}× (linear: 10×)."]
+            L.append("")
         if "scale" in plots:
             L += [f"![scale]({rel(plots['scale'])})", ""]
     if "speed" in plots:
@@ -287,12 +316,14 @@ SCALE_TEXT = (
     "round is about (sites × per-call cost) / 2 actors. Training "
     "shrinks per site as records per site shrink (total records are fixed). The dataset is "
     "read and partitioned once per actor, not per call (the \"other\" column): before that "
-    "fix every call re-partitioned all sites, which made a round O(sites²) (50 sites took "
-    "54.9 s per round, now about a tenth of that). What still grows faster than the site count is the "
-    "per-call privacy accounting: with fixed total records, fewer records per site means a "
-    "larger sample rate q at the same batch, and PRV over a larger q and more steps per "
-    "record costs more (the privacy column). At 200 sites, sites × per-call / 2 accounts "
-    "for most of the round; the rest is Flower's per-message handling on the server. "
-    "Memory grows little with sites: the process count is fixed (driver, GCS, raylet, "
-    "2 actors and Ray's helpers) and each site's state is a few KB on the heap plus its "
-    "SQLite ledger on disk.")
+    "fix every call re-partitioned all sites, which made a round O(sites²). The per-call "
+    "privacy accounting used to grow faster than the site count: with fixed total records, "
+    "fewer records per site means a larger sample rate q at the same batch, and a PLD over a "
+    "larger q costs more. ε is a pure function of the site's merged history, so it is "
+    "memoised per process (issue 14): an actor serving many sites with the same schedule "
+    "composes each distinct history once per round. The server's own per-round work is "
+    "linear in sites (counting active sites no longer rescans every site per node, and the "
+    "grid pulls replies less often while many are outstanding: each pull costs time per "
+    "outstanding reply). Memory grows little with sites: the process count is fixed "
+    "(driver, GCS, raylet, 2 actors and Ray's helpers) and each site's state is a few KB on "
+    "the heap plus its SQLite ledger on disk.")

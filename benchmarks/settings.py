@@ -47,6 +47,10 @@ class BenchSettings:
     scale_sites: tuple[int, ...] = (10, 50)
     scale_rounds: int = 2
     scale_timeout_s: float = 900.0
+    # another checkout of fedtransfer (e.g. main) measured at scale_before_sites in the same
+    # run, interleaved with this one: a before/after comparison under the same load
+    scale_before: Path | None = None
+    scale_before_sites: tuple[int, ...] = (20, 200)
     # the scenario (pneumonia.toml), resolved once
     scenario: RunConfig = field(default_factory=lambda: resolve_config("pneumonia", [], None))
 
@@ -67,7 +71,7 @@ def quick() -> BenchSettings:
 def full() -> BenchSettings:
     return BenchSettings(mode="full", naive_records=0, naive_rounds=3, naive_epochs=5,
                          naive_batch_size=0, seeds=(0, 1, 2), overhead_epochs=5,
-                         scale_sites=(10, 50, 100, 200), overhead_repeats=3,
+                         scale_sites=(10, 20, 50, 100, 200, 500, 1000), overhead_repeats=3,
                          scale_timeout_s=1500.0)
 
 

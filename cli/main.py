@@ -117,7 +117,7 @@ def cmd_simulate(args) -> int:
 
     cfg = resolve_config(args.config, args.set, args.out)
     quiet_flower(args.verbose)
-    summary = simulate(cfg)
+    summary = simulate(cfg, ray_address=args.ray_address)
     print_summary(summary)
     print(f"results: {summary['run_dir']}")
     return 0
@@ -144,7 +144,8 @@ def cmd_compare(args) -> int:
     rows = []
     for name, cfg in arms:
         log.info("== %s ==", name)
-        s = simulate(cfg.replace(out_dir=str(root / name), ledger_dir=""))
+        s = simulate(cfg.replace(out_dir=str(root / name), ledger_dir=""),
+                     ray_address=args.ray_address)
         eps = max((v["epsilon"] for v in s["sites"].values() if v.get("epsilon") is not None),
                   default=None)
         sites = s["final"].get("test_sites", {}).get("mean_over_sites", {})
@@ -216,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable)")
         sp.add_argument("--out", help="run directory")
+        sp.add_argument("--ray-address", metavar="ADDRESS",
+                        help="run the sites on this existing Ray cluster (default: RAY_ADDRESS, "
+                             "else a fresh local Ray instance); ledger-dir and cache-dir must be "
+                             "storage every node sees (docs/ray-cluster.md)")
         sp.set_defaults(func=fn)
     sp = sub.add_parser("audit", help="recompute ε from site ledgers, flag hazards, write a report "
                         "(exit 1 on any error-level hazard)")

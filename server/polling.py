@@ -60,6 +60,14 @@ class PollingGrid:
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending or (end is not None and time.monotonic() >= end):
                 break
-            time.sleep(self.interval if end is None else
-                       max(0.0, min(self.interval, end - time.monotonic())))
+            pause = self.pause(len(pending))
+            time.sleep(pause if end is None else max(0.0, min(pause, end - time.monotonic())))
         return replies
+
+    def pause(self, pending: int) -> float:
+        """Seconds until the next pull: ``interval``, longer while many replies are
+        outstanding (1 ms per reply, at most 1 s). A pull costs time in proportion
+        to the replies it asks for, under the SuperLink state's lock; at a fixed
+        0.1 s a 1000-site round spent that cost 10 times a second for its whole
+        length. The last replies of a round are still pulled every ``interval``."""
+        return max(self.interval, min(1.0, 0.001 * pending))

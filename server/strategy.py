@@ -101,7 +101,8 @@ class HeadFedAvg(FedAvg):
             self.site_heads[rec.site_id] = head
 
     def active_sites(self, grid: Grid) -> int:
-        return len([n for n in grid.get_node_ids() if n not in self.exhausted_nodes()])
+        skip = self.exhausted_nodes()  # once, not once per node (O(sites²) at 1000 sites)
+        return len([n for n in grid.get_node_ids() if n not in skip])
 
     # -- aggregation -------------------------------------------------------
     def _site(self, node_id: int, site_id: int) -> SiteRecord:

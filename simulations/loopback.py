@@ -28,6 +28,12 @@ from common.data.datasets import load_dataset
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]  # the checkout: `flwr run .` needs its pyproject
+# Waits end on observable progress (a log line, a node count, an exit), not on a
+# guess of how long a step takes on a loaded machine: a wait gives up only when
+# nothing in the federation has moved for STALL seconds, or after CAP seconds
+# in all, and then says what it was waiting for.
+STALL = 240.0
+CAP = 1200.0
 
 
 def free_port() -> int:
@@ -151,6 +157,56 @@ class Loopback:
         path = self.root / f"{name}.log"
         return path.read_text(errors="replace") if path.is_file() else ""
 
+    def activity(self) -> int:
+        """Bytes logged so far by every process of the federation (grows while it works)."""
+        return sum(p.stat().st_size for p in self.root.glob("*.log"))
+
+    def wait_until(self, done, *, what, stall: float = STALL, cap: float = CAP,
+                   watch: str | None = None, poll: float = 0.3):
+        """Until ``done()`` returns a true value (returned). Gives up when no process of
+        the federation has logged anything for ``stall`` s, or after ``cap`` s, or when
+        ``watch`` exits; the error says ``what`` it waited for (a string, or a function
+        giving one at that moment)."""
+        start = last = time.monotonic()
+        seen = self.activity()
+        while True:
+            result = done()
+            if result:
+                return result
+            proc = self.procs.get(watch) if watch else None
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{watch} exited with {proc.returncode} while waiting for "
+                                   f"{what}:\n{self.log(watch)[-3000:]}")
+            now, grown = time.monotonic(), self.activity()
+            if grown != seen:
+                seen, last = grown, now
+            if now - last > stall or now - start > cap:
+                what = what() if callable(what) else what
+                why = (f"nothing logged for {now - last:.0f} s" if now - last > stall
+                       else f"{cap:.0f} s in all")
+                tail = self.log(watch)[-3000:] if watch else ""
+                raise TimeoutError(f"gave up waiting for {what} ({why}; started "
+                                   f"{now - start:.0f} s ago){chr(10) + tail if tail else ''}")
+            time.sleep(poll)
+
+    def wait_exit(self, name: str, *, stall: float = STALL, cap: float = CAP) -> int:
+        """``name``'s exit status, once it exits (on observable progress, see wait_until)."""
+        proc = self.procs[name]
+        self.wait_until(lambda: proc.poll() is not None, what=f"{name} to exit", stall=stall,
+                        cap=cap)
+        return proc.returncode
+
+    def wait_run(self, name: str, *, num_rounds: int, first: int = 1) -> int:
+        """The exit status of a ``flwr run --stream``, waiting round by round: each
+        "round k/N" line the ServerApp streams is progress; on giving up, says which
+        round it was waiting for."""
+        proc = self.procs[name]
+        for r in range(first, num_rounds + 1):
+            self.wait_until(lambda r=r: f"round {r}/{num_rounds}" in self.log(name)
+                            or proc.poll() is not None,
+                            what=f"{name}: round {r}/{num_rounds}")
+        return self.wait_exit(name)
+
     def __enter__(self) -> Loopback:
         return self
 
@@ -169,7 +225,7 @@ class Loopback:
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--database", str(self.root / "superlink.db")])
-        self.wait_for("superlink", "Uvicorn running on https://", timeout=60)
+        self.wait_for("superlink", "Uvicorn running on https://")
 
     def serverapp_pids(self) -> list[int]:
         """The ServerApp processes the SuperLink started (found among its descendants
@@ -192,7 +248,7 @@ class Loopback:
             self.start_supernode(site)
         self.wait_online(self.num_sites)
 
-    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    def flwr(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), *args], cwd=REPO, env=self.env, timeout=timeout,
                               capture_output=True, text=True, start_new_session=True)
 
@@ -225,17 +281,13 @@ class Loopback:
             args += ["--max-retries", str(retries), "--max-wait-time", "15"]
         return self.start(name or f"supernode-{site}", args)
 
-    def wait_for(self, name: str, text: str, *, timeout: float, count: int = 1) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.log(name).count(text) >= count:
-                return
-            proc = self.procs.get(name)
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-3000:]}")
-            time.sleep(0.3)
-        raise TimeoutError(f"{name}: {text!r} x{count} not seen within {timeout} s:\n"
-                           f"{self.log(name)[-3000:]}")
+    def wait_for(self, name: str, text: str, *, count: int = 1, stall: float = STALL,
+                 cap: float = CAP) -> None:
+        """Until ``text`` has appeared ``count`` times in ``name``'s log (see wait_until)."""
+        self.wait_until(lambda: self.log(name).count(text) >= count, watch=name,
+                        what=lambda: f"{name}: {text!r} x{count} (seen "
+                                     f"{self.log(name).count(text)})",
+                        stall=stall, cap=cap)
 
     def online_nodes(self) -> int:
         r = self.flwr("supernode", "list", "edge", "--format", "json")
@@ -244,16 +296,21 @@ class Loopback:
         doc = json.loads(r.stdout[r.stdout.index("{"):])
         return sum(n.get("status") == "online" for n in doc.get("nodes", []))
 
-    def wait_online(self, n: int, timeout: float = 60, *, exactly: bool = False) -> None:
-        """Until ``n`` (or, with ``exactly``, no more than ``n``) SuperNodes are online."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ValueError, KeyError):
+    def wait_online(self, n: int, *, exactly: bool = False, cap: float = CAP) -> None:
+        """Until ``n`` (or, with ``exactly``, no more than ``n``) SuperNodes are online,
+        as the SuperLink reports them. A node goes offline only when its heartbeat
+        expires (2 x 30 s), which logs nothing: only ``cap`` bounds this wait."""
+        last = {"online": "not asked yet"}
+
+        def ok() -> bool:
+            with contextlib.suppress(ValueError, KeyError, subprocess.TimeoutExpired):
                 online = self.online_nodes()
-                if online == n or (online > n and not exactly):
-                    return
-            time.sleep(2)
-        raise TimeoutError(f"{n} SuperNodes not online within {timeout} s")
+                last["online"] = online
+                return online == n or (online > n and not exactly)
+            return False
+
+        self.wait_until(ok, what=lambda: f"{'exactly ' if exactly else ''}{n} SuperNodes "
+                        f"online (last seen: {last['online']})", stall=cap, cap=cap, poll=2)
 
     def run(self, run_config: str) -> subprocess.Popen:
         return self.start("flwr-run", [str(BIN / "flwr"), "run", ".", "edge", "--stream",

@@ -12,12 +12,12 @@ import pytest
 import client.site
 import common.data.datasets
 from cli.main import main as cli_main
-from cli.select import apply_selection, resolve_auto, run_selection
 from common.audit.recompute import audit
 from common.audit.report import format_text
 from common.config import load_config_file, parse_config
 from common.models.transfer import parse_record
-from server.distill import delivery_card
+from server.delivery import delivery_card
+from simulations.selection import apply_selection, resolve_auto, run_selection
 
 CANDIDATES = "backbone-candidates=identity, efficientnet-lite0@32"
 

@@ -203,3 +203,15 @@ def test_compress_merges_equal_mechanisms_without_changing_epsilon():
     raw.history = [m.as_tuple() for m in history]  # uncompressed, straight to Opacus
     assert epsilon(history, delta=1e-5, accountant="prv", neighbours=ADD_REMOVE) == \
         pytest.approx(raw.get_epsilon(delta=1e-5), abs=0.02)
+
+
+def test_equal_histories_share_one_pld_composition():
+    """ε is a pure function of the merged history: a process serving many sites
+    with the same schedule composes it once (the order of equal entries is irrelevant)."""
+    from common.privacy import _pld_epsilon_merged
+
+    a, b = Mechanism(1.1, 0.3, 7), Mechanism(1.1, 0.3, 3)
+    before = _pld_epsilon_merged.cache_info().hits
+    first = epsilon([a, b], delta=1e-5)
+    assert epsilon([b, a], delta=1e-5) == first == epsilon([Mechanism(1.1, 0.3, 10)], delta=1e-5)
+    assert _pld_epsilon_merged.cache_info().hits >= before + 2

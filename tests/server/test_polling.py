@@ -55,3 +55,10 @@ def test_a_bad_interval_is_named(monkeypatch):
         poll_interval()
     monkeypatch.setenv(POLL_ENV, "0.5")
     assert poll_interval() == 0.5
+
+
+def test_many_outstanding_replies_are_pulled_less_often():
+    """A pull costs time per outstanding reply; the last replies still come every interval."""
+    grid = PollingGrid(SlowRepliesGrid({}), interval=0.1)
+    assert grid.pause(1) == 0.1 and grid.pause(100) == 0.1
+    assert grid.pause(500) == 0.5 and grid.pause(5000) == 1.0
