@@ -24,14 +24,17 @@ fresh ``flwr-clientapp`` process, with the site's work inside), and the rest
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 from benchmarks.deployment import RUN
+from benchmarks.machine import machine_info
 from simulations.loopback import Loopback
 
 log = logging.getLogger(__name__)
@@ -112,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     a.out.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
     events = timeline(a.out.resolve(), a.rounds)
-    res = {"events": events, **split(events, a.rounds)}
+    res = {"date": dt.date.today().isoformat(), "machine": machine_info(),
+           "load_average": {"before": load_before, "after": os.getloadavg()},
+           "rounds": a.rounds, "events": events, **split(events, a.rounds)}
     (a.out / "supernode_wait.json").write_text(json.dumps(res, indent=1))
     print(f"{'round':>5} {'site':>4} {'idle s':>7} {'ClientApp s':>11} {'after reply s':>13}")
     for row in res["rows"]:

@@ -176,7 +176,8 @@ class Loopback:
             proc = self.procs.get(watch) if watch else None
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"{watch} exited with {proc.returncode} while waiting for "
-                                   f"{what}:\n{self.log(watch)[-3000:]}")
+                                   f"{what() if callable(what) else what}:\n"
+                                   f"{self.log(watch)[-3000:]}")
             now, grown = time.monotonic(), self.activity()
             if grown != seen:
                 seen, last = grown, now

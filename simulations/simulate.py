@@ -67,7 +67,7 @@ def join_ray_cluster(address: str) -> dict:
     Raises:
         ValueError: no cluster answers at ``address``.
     """
-    import ray
+    import ray  # lazy: heavy, and only a run on an existing cluster needs it here
 
     # As Flower does for the instance it starts: workers on every node import the
     # apps from the driver's path (the code must be at the same path on each node).
@@ -100,7 +100,7 @@ def check_shared_storage(cluster: dict, paths: dict[str, str]) -> None:
     Raises:
         ValueError: a node does not see one of ``paths`` (named).
     """
-    import ray
+    import ray  # lazy: see join_ray_cluster
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if len(cluster["nodes"]) < 2:

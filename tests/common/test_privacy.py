@@ -208,7 +208,7 @@ def test_compress_merges_equal_mechanisms_without_changing_epsilon():
 def test_equal_histories_share_one_pld_composition():
     """ε is a pure function of the merged history: a process serving many sites
     with the same schedule composes it once (the order of equal entries is irrelevant)."""
-    from common.privacy import _pld_epsilon_merged
+    from common.privacy.accounting import _pld_epsilon_merged
 
     a, b = Mechanism(1.1, 0.3, 7), Mechanism(1.1, 0.3, 3)
     before = _pld_epsilon_merged.cache_info().hits
