@@ -155,12 +155,12 @@ class Prefix(nn.Module):
 
     def __init__(self, net):
         super().__init__()
-        self.net = net
+        self.stem, self.bn0, self.act = net._conv_stem, net._bn0, net._swish
+        self.blocks = nn.ModuleList(list(net._blocks)[:CUT_BLOCK])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        x = net._swish(net._bn0(net._conv_stem(x)))
-        for block in net._blocks[:CUT_BLOCK]:
+        x = self.act(self.bn0(self.stem(x)))
+        for block in self.blocks:
             x = block(x)  # eval: drop connect is off
         return x
 
