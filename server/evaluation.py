@@ -17,7 +17,7 @@ from common.data.schema import Schema
 from common.models import training
 from common.models.decision import choose_decision
 from common.models.features import cached_features
-from common.models.finetune import input_backbone, load_model_state, make_model
+from common.models.finetune import SUFFIX_DIM, input_backbone, is_tuned, load_model_state, make_model
 from common.models.metrics import metrics_at_rule
 
 
@@ -46,7 +46,8 @@ class GlobalEval:
         self.val_x, self.val_y = feats(splits.val_x, splits.val_y, "val"), splits.val_y
         self.num_classes = splits.num_classes
         self.classes = splits.classes
-        self.feature_dim = self.test_x.shape[1]  # the head's input width (head mode)
+        # The head's input width: the backbone's features, or the tuned suffix's output.
+        self.feature_dim = SUFFIX_DIM if is_tuned(cfg.trainable) else self.test_x.shape[1]
         self.cfg = cfg
         self.seconds = time.perf_counter() - t0
 
