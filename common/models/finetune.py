@@ -26,8 +26,10 @@ The trained suffix tensors travel with the head as ``backbone.<name>``
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections import OrderedDict
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -268,10 +270,15 @@ def make_model(mode: str, *, head: str, backbone: str, image_size: int, in_dim: 
         return make_head(head, in_dim=in_dim, num_classes=num_classes, hidden_dim=hidden_dim,
                          seed=seed)
     register_grad_samplers()
-    net = _net(get_backbone(backbone, image_size))
     h = make_head(head, in_dim=SUFFIX_DIM, num_classes=num_classes, hidden_dim=hidden_dim,
                   seed=seed)
-    return Tuned(Suffix(net), h, mode)
+    return Tuned(copy.deepcopy(_pretrained_suffix(backbone, image_size)), h, mode)
+
+
+@lru_cache(maxsize=2)
+def _pretrained_suffix(backbone: str, image_size: int) -> Suffix:
+    """The pretrained suffix, built once per process (callers get a deep copy)."""
+    return Suffix(_net(get_backbone(backbone, image_size)))
 
 
 def model_state(model: nn.Module) -> OrderedDict[str, np.ndarray]:
