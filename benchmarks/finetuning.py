@@ -6,7 +6,8 @@ hospitals on the *function-level* path of :mod:`benchmarks.privacy_utility`
 (the sites' records, partition and cached inputs from :mod:`client.site`, σ
 calibrated so all planned rounds fit the cap, :func:`common.models.training.train_dp`
 per site and round, weighted FedAvg over every trained tensor). Reported per
-run: test AUC and balanced accuracy (argmax), val AUC, the learning rate chosen,
+run: test AUC, balanced accuracy at argmax and at the decision rule the server
+would ship (chosen on val), val AUC, the learning rate chosen,
 seconds per round (all sites' local training, run one after another here) and
 bytes per round (every site downloads and uploads the trained tensors as float32).
 
@@ -75,8 +76,10 @@ def run_mode(fx: Fixture, target_epsilon: float, seed: int, lr: float) -> dict:
 
 
 def run(cfg: RunConfig, *, modes=TRAINABLE_MODES, epsilons=EPSILONS, seeds=(0,),
-        learning_rates: dict[str, tuple[float, ...]] | None = None) -> dict:
-    """The sweep's rows (one per mode, ε, seed: the val-chosen learning rate's run)."""
+        learning_rates: dict[str, tuple[float, ...]] | None = None,
+        on_row=None) -> dict:
+    """The sweep's rows (one per mode, ε, seed: the val-chosen learning rate's run).
+    ``on_row(rows)`` is called after each row (e.g. to write partial results)."""
     rows = []
     for mode in modes:
         t0 = time.perf_counter()
@@ -93,6 +96,7 @@ def run(cfg: RunConfig, *, modes=TRAINABLE_MODES, epsilons=EPSILONS, seeds=(0,),
                     log.info("finetuning %s ε=%g seed %d lr %g: val AUC %.4f (%.1f s/round)",
                              mode, eps, seed, lr, m["val"]["auc"], out["seconds_per_round"])
                 val_auc, lr, out, m = max(tried, key=lambda t: t[0])
+                shipped = fx.eval.report(out["state"])  # the decision rule chosen on val
                 rows.append({
                     "mode": mode, "epsilon": eps if math.isfinite(eps) else None,
                     "epsilon_label": f"{eps:g}" if math.isfinite(eps) else "inf", "seed": seed,
@@ -100,11 +104,15 @@ def run(cfg: RunConfig, *, modes=TRAINABLE_MODES, epsilons=EPSILONS, seeds=(0,),
                     "val_auc": val_auc, "auc": m["test"]["auc"],
                     "balanced_accuracy": m["test"]["balanced_accuracy"],
                     "accuracy": m["test"]["accuracy"],
+                    "balanced_accuracy_at_rule": shipped["test"]["balanced_accuracy"],
+                    "rule": shipped["decision"].get("rule"),
                     **{k: v for k, v in out.items() if k != "state"},
                     "input_cache_seconds": input_s})
                 log.info("finetuning %s ε=%s: test AUC %.4f bal. acc %.4f (lr %g by val)", mode,
                          rows[-1]["epsilon_label"], rows[-1]["auc"],
                          rows[-1]["balanced_accuracy"], lr)
+                if on_row is not None:
+                    on_row(rows)
     return {"rows": rows,
             "setting": {"num_sites": cfg.num_sites, "partitioner": cfg.partitioner,
                         "dirichlet_alpha": cfg.dirichlet_alpha, "rounds": cfg.num_rounds,
@@ -119,7 +127,7 @@ def run(cfg: RunConfig, *, modes=TRAINABLE_MODES, epsilons=EPSILONS, seeds=(0,),
                                 "not Flower"}}
 
 
-REDUCED_LRS = {"head": (1.0,), "bitfit": (0.3, 1.0), "last-block": (0.1, 0.3)}
+REDUCED_LRS = {"head": (1.0,), "bitfit": (0.3, 1.0), "last-block": (0.1,)}
 # The full sweep's grid (chosen per mode, ε and seed on val only).
 FULL_LRS = {"head": (0.3, 1.0, 3.0), "bitfit": (0.1, 0.3, 1.0), "last-block": (0.03, 0.1, 0.3)}
 
@@ -132,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reduced", action="store_true",
                    help="1 seed, 32 px, 3 rounds x 1 epoch (a shared 2-core CPU)")
     p.add_argument("--out", default=None)
+    p.add_argument("--modes", default=",".join(TRAINABLE_MODES))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     st = BenchSettings()
@@ -141,16 +150,23 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg, seeds, label = st.config(), (0, 1, 2), "full"
     t0 = time.perf_counter()
-    res = run(cfg, seeds=seeds, learning_rates=REDUCED_LRS if args.reduced else FULL_LRS)
-    res["mode"] = label
-    res["seconds"] = time.perf_counter() - t0
-    if args.reduced:
-        res["note"] = ("REDUCED configuration (1 seed, 32 px, 3 rounds x 1 local epoch, "
-                       "learning rates from a 1-2 value grid chosen on val) run on a shared "
-                       "2-core CPU under nice; the full sweep (3 seeds, 64 px, the scenario's "
-                       "10 rounds x 5 epochs) is still to run")
     out = Path(args.out or Path(__file__).parent / "results" / f"finetuning_{label}.json")
-    out.write_text(json.dumps(clean_json(res), indent=1) + "\n")
+    note = ("REDUCED configuration (1 seed, 32 px, 3 rounds x 1 local epoch, learning rates "
+            "from a 1-2 value grid chosen on val) run on a shared 2-core CPU under nice; the "
+            "full sweep (3 seeds, 64 px, the scenario's 10 rounds x 5 epochs) is still to run"
+            if args.reduced else "")
+
+    def write(rows, done=False):
+        doc = {"mode": label, "note": note, "complete": done, "rows": rows,
+               "seconds": time.perf_counter() - t0}
+        out.write_text(json.dumps(clean_json(doc), indent=1) + "\n")
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    res = run(cfg, modes=modes, seeds=seeds,
+              learning_rates=REDUCED_LRS if args.reduced else FULL_LRS, on_row=write)
+    write(res["rows"], done=True)
+    doc = json.loads(out.read_text())
+    out.write_text(json.dumps(clean_json({**doc, "setting": res["setting"]}), indent=1) + "\n")
     log.info("wrote %s", out)
     return 0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import communication, dp_overhead, memory, schema
+from benchmarks import communication, dp_overhead, finetuning, memory, schema
 from benchmarks.__main__ import main as bench_main
 from benchmarks.__main__ import run_suite
 from benchmarks.settings import BenchSettings
@@ -160,8 +160,6 @@ def test_deployment_split_is_computed_from_the_run_records():
 
 def test_finetuning_sweep_reports_every_mode_and_epsilon(tiny_npz, tmp_path):
     """The fine-tuning harness (a full-mode part) on a tiny efficientnet run at 32 px."""
-    from benchmarks import finetuning
-
     st = tiny_settings(tiny_npz, tmp_path / "work", ("finetuning",))
     cfg = st.config(backbone="efficientnet-lite0", image_size=32, num_rounds=1)
     res = finetuning.run(cfg, modes=("head", "bitfit"), epsilons=(4.0, math.inf), seeds=(0,),
