@@ -125,6 +125,14 @@ def run_suite(st: S.BenchSettings) -> dict:
         return deployment.run(st.work_dir / "deployment")
 
     part("deployment_vs_simulation", deployment_vs_simulation)
+
+    def finetuning():
+        # lazy: a benchmark part imports its module only when it runs
+        from benchmarks import finetuning as ft
+
+        return ft.run(cfg, seeds=st.seeds, learning_rates=ft.FULL_LRS)
+
+    part("finetuning", finetuning)
     doc["timings"]["total"] = time.perf_counter() - t_suite
 
     for problem in problems(doc, st.parts):
@@ -135,8 +143,9 @@ def run_suite(st: S.BenchSettings) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--mode", choices=sorted(S.MODES), default="quick")
-    p.add_argument("--parts", default=",".join(S.PARTS),
-                   help=f"comma-separated subset of {', '.join(S.PARTS)}")
+    p.add_argument("--parts", default=None,
+                   help=f"comma-separated subset of {', '.join(S.FULL_PARTS)} (default: the "
+                        "mode's parts; finetuning runs in full mode only)")
     p.add_argument("--data", type=Path, default=S.DEFAULT_DATA, help="pneumoniamnist.npz")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the results JSON and plots")
     p.add_argument("--report", type=Path, default=Path(__file__).parent / "BENCHMARKS.md",
@@ -161,10 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         doc = json.loads(a.report_only.read_text())
         report.write_all(doc, a.report_only, a.report)
         return 0
-    parts = tuple(x.strip() for x in a.parts.split(",") if x.strip())
-    unknown = sorted(set(parts) - set(S.PARTS))
+    parts = (S.MODES[a.mode]().parts if a.parts is None
+             else tuple(x.strip() for x in a.parts.split(",") if x.strip()))
+    unknown = sorted(set(parts) - set(S.FULL_PARTS))
     if unknown:
-        p.error(f"unknown part(s) {', '.join(unknown)}; valid: {', '.join(S.PARTS)}")
+        p.error(f"unknown part(s) {', '.join(unknown)}; valid: {', '.join(S.FULL_PARTS)}")
     if not a.data.is_file():
         p.error(f"{a.data} not found: the benchmarks need PneumoniaMNIST (../shared/data)")
     st = S.MODES[a.mode]().replace(parts=parts, data_path=a.data)

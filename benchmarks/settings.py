@@ -20,6 +20,8 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, float("inf"))
 PARTS = ("cached_vs_naive", "dp_overhead", "communication", "privacy_utility", "scale",
          "deployment_vs_simulation")
+# Full mode only: the trainable-mode sweep (benchmarks/finetuning.py), hours on 2 CPU cores.
+FULL_PARTS = (*PARTS, "finetuning")
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def quick() -> BenchSettings:
 
 
 def full() -> BenchSettings:
-    return BenchSettings(mode="full", naive_records=0, naive_rounds=3, naive_epochs=5,
+    return BenchSettings(mode="full", parts=FULL_PARTS, naive_records=0, naive_rounds=3, naive_epochs=5,
                          naive_batch_size=0, seeds=(0, 1, 2), overhead_epochs=5,
                          scale_sites=(10, 20, 50, 100, 200, 500, 1000), overhead_repeats=3,
                          scale_timeout_s=1500.0)

@@ -35,9 +35,14 @@ from common.data.datasets import SiteData, load_dataset, site_data
 from common.data.readers import SiteDataError, own_site_data
 from common.data.schema import Schema, SchemaError
 from common.models import training
-from common.models.backbones import get_backbone
 from common.models.features import cached_features
-from common.models.heads import head_state, load_head_state, make_head
+from common.models.finetune import (
+    input_backbone,
+    load_model_state,
+    make_model,
+    model_state,
+    num_trainable,
+)
 from common.models.modelio import read_card, save_bundle
 from common.privacy import scaling
 from common.privacy.accounting import (
@@ -157,14 +162,23 @@ class SiteFeatures:
 
 
 def site_features(cfg: RunConfig, cache_dir: Path, data: SiteData) -> SiteFeatures:
-    """Features of the site's train and holdout splits, from the on-disk cache."""
-    backbone = get_backbone(cfg.backbone, cfg.image_size)
+    """Features of the site's train and holdout splits, from the on-disk cache:
+    pooled backbone features (``trainable = head``), or the activations before
+    the first trainable block (the cache key covers the cut point)."""
+    backbone = input_backbone(cfg.backbone, cfg.image_size, cfg.trainable)
     device = training.resolve_device(cfg.device)
     tr = cached_features(backbone, data.train_x, cache_dir=cache_dir, device=device,
                          data_fingerprint=data.fingerprint + ":train")
     ho = cached_features(backbone, data.holdout_x, cache_dir=cache_dir, device=device,
                          data_fingerprint=data.fingerprint + ":holdout")
     return SiteFeatures(tr.features, ho.features, data, tr.seconds + ho.seconds, tr.hit and ho.hit)
+
+
+def _model(cfg: RunConfig, in_dim: int, num_classes: int):
+    """What the site trains: the head, or the tuned suffix + head (``cfg.trainable``)."""
+    return make_model(cfg.trainable, head=cfg.head, backbone=cfg.backbone,
+                      image_size=cfg.image_size, in_dim=in_dim, num_classes=num_classes,
+                      hidden_dim=cfg.hidden_dim, seed=cfg.seed)
 
 
 def check_cap(ledger: Ledger, settings: SiteSettings) -> None:
@@ -249,9 +263,8 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
             raise BudgetExhausted(spent, settings.target_epsilon, projected, settings.target_delta)
     privacy_seconds = time.perf_counter() - t_privacy
     feats = site_features(cfg, settings.cache_dir, data)
-    head = make_head(cfg.head, in_dim=feats.train.shape[1], num_classes=data.num_classes,
-                     hidden_dim=cfg.hidden_dim, seed=cfg.seed)
-    load_head_state(head, global_head)
+    head = _model(cfg, feats.train.shape[1], data.num_classes)
+    load_model_state(head, global_head)  # the head (and the tuned part of the backbone)
     if req.server_round > 1:  # the incoming head is the previous round's global head
         log.info("site %d: round %d's global head on the site's holdout (kept here): %s",
                  settings.site_id, req.server_round - 1, holdout_metrics(head, feats))
@@ -275,7 +288,9 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
             log.warning("Opacus ran %s, planned %s", result.mechanisms, mech)
         t_commit = time.perf_counter()
         eps = commit_spend(ledger, settings, req, result.mechanisms, data,
-                           known=(history, mech, projected))
+                           known=(history, mech, projected),
+                           trained=json.dumps({"trainable": cfg.trainable,
+                                               "params": num_trainable(head)}, sort_keys=True))
         privacy_seconds += time.perf_counter() - t_commit
         if eps > settings.target_epsilon:
             # Opacus ran more than was planned and projected. The spend stays
@@ -301,7 +316,7 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
         "privacy-seconds": privacy_seconds,
         "site-seconds": time.perf_counter() - t_start,
     })
-    return SiteReply(arrays=head_state(head), num_examples=n, metrics=metrics,
+    return SiteReply(arrays=model_state(head), num_examples=n, metrics=metrics,
                      ledger_head=anchor[1])
 
 
@@ -371,14 +386,16 @@ def scaling_release(cfg: RunConfig, settings: SiteSettings, req: RoundRequest
 
 def commit_spend(ledger: Ledger, settings: SiteSettings, req: RoundRequest,
                  mechanisms: list[Mechanism], data: SiteData,
-                 known: tuple[list[Mechanism], Mechanism, float] | None = None) -> float:
+                 known: tuple[list[Mechanism], Mechanism, float] | None = None,
+                 trained: str = "") -> float:
     """Durably record what ran; returns the cumulative ε after it, computed
     from the ledger's tuples (read inside this call) plus what ran.
 
     ``known = (history, mechanism, epsilon)`` is the projection made before
     training. When the ledger still holds exactly that history and Opacus ran
     exactly that mechanism, the projected ε *is* the ε after, and the PRV
-    computation is not repeated.
+    computation is not repeated. ``trained`` (JSON: the trainable mode and its
+    parameter count) is recorded beside each mechanism; ε never depends on it.
     """
     history = ledger.history()
     eps_after = epsilon(history, delta=settings.target_delta) if not mechanisms else 0.0
@@ -395,7 +412,7 @@ def commit_spend(ledger: Ledger, settings: SiteSettings, req: RoundRequest,
             secure_rng=training.SECURE_RNG, accountant=LEDGER_ACCOUNTANT,
             accountant_version=accountant_version(),
             libraries=json.dumps(library_versions(), sort_keys=True), dataset_size=len(data.train_y),
-            data_fingerprint=data.fingerprint, epsilon_after=eps_after))
+            data_fingerprint=data.fingerprint, epsilon_after=eps_after, trained=trained))
     return eps_after
 
 
@@ -411,9 +428,8 @@ def evaluate_site(cfg: RunConfig, settings: SiteSettings,
         schema = Schema.from_dict(card_schema) if card_schema else None
         data = load_site_data(cfg, settings, head_classes(global_head), schema)
     feats = site_features(cfg, settings.cache_dir, data)
-    head = make_head(cfg.head, in_dim=feats.holdout.shape[1], num_classes=data.num_classes,
-                     hidden_dim=cfg.hidden_dim, seed=cfg.seed)
-    load_head_state(head, global_head)
+    head = _model(cfg, feats.holdout.shape[1], data.num_classes)
+    load_model_state(head, global_head)
     return {"site-id": settings.site_id, **holdout_metrics(head, feats)}
 
 

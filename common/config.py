@@ -23,6 +23,7 @@ from typing import Any
 
 from common.aggregation import AGGREGATIONS
 from common.data.schema import SchemaError, load_schema
+from common.models.finetune import TRAINABLE_MODES
 from common.models.heads import HEADS
 from common.models.students import STUDENTS
 
@@ -82,6 +83,9 @@ class RunConfig:
     scaling_budget: float = 0.1  # dp scaling: the share of each site's cap its scaling release spends
     head: str = "linear"
     hidden_dim: int = 128
+    # What each site trains with DP-SGD (common/models/finetune.py): the head on frozen
+    # features, or also the backbone's last block (bitfit: its BN affine terms; last-block: all).
+    trainable: str = "head"
     # Federated schedule
     num_rounds: int = 5
     local_epochs: int = 3
@@ -252,6 +256,14 @@ def _validate(cfg: RunConfig) -> None:
         raise bad("mode", f"got {cfg.mode!r}, allowed: {', '.join(MODES)}")
     if cfg.partitioner not in PARTITIONERS:
         raise bad("partitioner", f"got {cfg.partitioner!r}, allowed: {', '.join(PARTITIONERS)}")
+    if cfg.trainable not in TRAINABLE_MODES:
+        raise bad("trainable", f"got {cfg.trainable!r}, allowed: {', '.join(TRAINABLE_MODES)}")
+    if cfg.trainable != "head" and cfg.backbone != "efficientnet-lite0":
+        raise bad("trainable", f"{cfg.trainable!r} tunes EfficientNet-Lite0's last block; "
+                  f"backbone {cfg.backbone!r} supports only 'head'")
+    if cfg.trainable != "head" and cfg.aggregation == "secagg+":
+        raise bad("trainable", f"{cfg.trainable!r} is not supported with aggregation='secagg+' "
+                  "(its masking is sized for a head); use 'head'")
     if cfg.head not in HEADS:
         raise bad("head", f"got {cfg.head!r}, allowed: {', '.join(HEADS)}")
     if cfg.device not in DEVICES:

@@ -53,7 +53,9 @@ TIMING_RESOLUTION_S = 0.1
 _P, _DP, _F = Privacy.PUBLIC, Privacy.DP, Privacy.FORBIDDEN
 
 TRAIN_REPLY = (
-    Field("arrays", _DP, "the head trained with DP-SGD (Opacus), charged to the ledger"),
+    Field("arrays", _DP, "the head trained with DP-SGD (Opacus), charged to the ledger; with "
+          "trainable = bitfit / last-block also the backbone tensors that mode trains "
+          "('backbone.<name>', same DP-SGD run; never BN running statistics)"),
     Field("site-id", _P, "the site's id (its own node config)"),
     Field("num-examples", _P, "the site's exact training-record count (the FedAvg weight)"),
     Field("dp", _P, "1 when the site's own policy trains with DP-SGD, 0 when it does not"),

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.models.decision import ARGMAX
+from common.models.finetune import CUT_BLOCK
 from common.models.modelio import CARD_NAME, save_bundle
 from common.models.transfer import parse_record
 from common.privacy.accounting import LEDGER_ACCOUNTANT
@@ -99,8 +100,8 @@ def delivery_card(cfg: RunConfig, *, run_id: str, server_round: int, classes: li
         "dataset": cfg.dataset,
         "classes": classes,
         **({"schema": schema} if schema is not None else {}),
-        "head": {"name": cfg.head, "architecture": f"{cfg.backbone} (frozen) + {cfg.head} head",
-                 "backbone": cfg.backbone, "image_size": cfg.image_size, "in_dim": head_in_dim,
+        "head": {"name": cfg.head, "architecture": architecture(cfg),
+                 "backbone": cfg.backbone, "trainable": cfg.trainable, "image_size": cfg.image_size, "in_dim": head_in_dim,
                  "num_classes": len(classes), "hidden_dim": cfg.hidden_dim, "params": head_params,
                  "test": final},
         "decision": dict(decision or ARGMAX),
@@ -127,6 +128,14 @@ def delivery_card(cfg: RunConfig, *, run_id: str, server_round: int, classes: li
         card["teacher"] = {"kind": t["kind"], "params": t["params"], "val": t["val"],
                            "test": {m: t[m] for m in ("auc", "accuracy", "balanced_accuracy")}}
     return card
+
+
+def architecture(cfg: RunConfig) -> str:
+    """The delivered model in words: what was frozen and what the sites trained."""
+    if cfg.trainable == "head":
+        return f"{cfg.backbone} (frozen) + {cfg.head} head"
+    return (f"{cfg.backbone} (frozen up to _blocks.{CUT_BLOCK}; its last block tuned with DP-SGD, "
+            f"trainable = {cfg.trainable}) + {cfg.head} head")
 
 
 def write_server_copy(out: Path, card: dict, head: dict, outcome: DistillOutcome | None) -> Path:

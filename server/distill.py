@@ -22,10 +22,9 @@ from common.config import RunConfig
 from common.data.datasets import Splits, fingerprint_arrays
 from common.models import distill as kd
 from common.models import students
-from common.models.backbones import get_backbone
 from common.models.decision import choose_decision
 from common.models.features import cached_features
-from common.models.heads import load_head_state, make_head
+from common.models.finetune import input_backbone, load_model_state, make_model
 from common.models.metrics import classification_metrics, metrics_at_rule
 from common.models.predict import read_inputs
 
@@ -79,7 +78,8 @@ def run_distillation(cfg: RunConfig, splits: Splits, test_features: np.ndarray,
                      global_head: dict[str, np.ndarray], site_heads: dict[int, dict[str, np.ndarray]],
                      ) -> DistillOutcome:
     t0 = time.perf_counter()
-    backbone = get_backbone(cfg.backbone, cfg.image_size)
+    # The teacher's input: pooled features, or the cut-point activations the tuned suffix takes.
+    backbone = input_backbone(cfg.backbone, cfg.image_size, cfg.trainable)
     transfer, pval = transfer_and_val(cfg, splits)
     pool = kd.augment(transfer.images, copies=cfg.distill_augment, seed=cfg.seed)
 
@@ -93,8 +93,10 @@ def run_distillation(cfg: RunConfig, splits: Splits, test_features: np.ndarray,
     in_dim, k = test_features.shape[1], splits.num_classes
 
     def head(arrays):
-        return load_head_state(make_head(cfg.head, in_dim=in_dim, num_classes=k,
-                                         hidden_dim=cfg.hidden_dim), arrays)
+        # The head alone, or the tuned suffix + head (the teacher uses the tuned backbone).
+        return load_model_state(make_model(cfg.trainable, head=cfg.head, backbone=cfg.backbone,
+                                           image_size=cfg.image_size, in_dim=in_dim,
+                                           num_classes=k, hidden_dim=cfg.hidden_dim), arrays)
 
     teachers = {"global": [head(global_head)]}
     if site_heads:

@@ -15,10 +15,9 @@ from common.config import RunConfig
 from common.data.datasets import federation, fingerprint_arrays
 from common.data.schema import Schema
 from common.models import training
-from common.models.backbones import get_backbone
 from common.models.decision import choose_decision
 from common.models.features import cached_features
-from common.models.heads import load_head_state, make_head
+from common.models.finetune import SUFFIX_DIM, input_backbone, is_tuned, load_model_state, make_model
 from common.models.metrics import metrics_at_rule
 
 
@@ -32,7 +31,8 @@ class GlobalEval:
         t0 = time.perf_counter()
         if splits is None or schema is None:
             splits, schema = federation(cfg, dp_as_public=True)
-        backbone = get_backbone(cfg.backbone, cfg.image_size)
+        # Pooled features (trainable = head) or the activations at the cut point.
+        backbone = input_backbone(cfg.backbone, cfg.image_size, cfg.trainable)
         device = training.resolve_device(cfg.device)
 
         def feats(x, y, tag):
@@ -46,14 +46,18 @@ class GlobalEval:
         self.val_x, self.val_y = feats(splits.val_x, splits.val_y, "val"), splits.val_y
         self.num_classes = splits.num_classes
         self.classes = splits.classes
-        self.feature_dim = self.test_x.shape[1]
+        # The head's input width: the backbone's features, or the tuned suffix's output.
+        self.feature_dim = SUFFIX_DIM if is_tuned(cfg.trainable) else self.test_x.shape[1]
         self.cfg = cfg
         self.seconds = time.perf_counter() - t0
 
     def head(self, arrays: dict[str, np.ndarray] | None = None):
-        head = make_head(self.cfg.head, in_dim=self.feature_dim, num_classes=self.num_classes,
-                         hidden_dim=self.cfg.hidden_dim, seed=self.cfg.seed)
-        return load_head_state(head, arrays) if arrays is not None else head
+        """The global model (a head, or a tuned suffix + head), from ``arrays``."""
+        cfg = self.cfg
+        head = make_model(cfg.trainable, head=cfg.head, backbone=cfg.backbone,
+                          image_size=cfg.image_size, in_dim=self.feature_dim,
+                          num_classes=self.num_classes, hidden_dim=cfg.hidden_dim, seed=cfg.seed)
+        return load_model_state(head, arrays) if arrays is not None else head
 
     def metrics(self, arrays: dict[str, np.ndarray]) -> dict[str, dict]:
         """Test and val metrics at argmax (per site too, where sites have test splits)."""

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from common.config import RunConfig
 from common.data.datasets import federation
 from common.models.decision import describe_decision
-from common.models.heads import head_state
+from common.models.finetune import model_state
 from common.models.modelio import read_card
 from common.privacy.accounting import UNIT_OF_PRIVACY
 from common.protocol import from_array_record, to_array_record, train_request
@@ -108,7 +108,7 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
         schema = fit_dp_scaling(grid, cfg, schema, strategy)
     ev = GlobalEval(cfg, splits, schema)
     records.write_schema(schema)
-    arrays = head_state(ev.head())
+    arrays = model_state(ev.head())  # the head (and the tuned part of the backbone)
     class_weights = ev.public_class_weights() if cfg.class_weights == "public" else None
     if class_weights:
         log.info("class weights from the public validation split's counts: %s",

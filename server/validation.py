@@ -1,4 +1,5 @@
-"""Checks on a site's head update before the server aggregates it."""
+"""Checks on a site's update (its head, and any tuned backbone tensors) before the
+server aggregates it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ def update_problem(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarra
     finite values, and a positive integer ``num-examples``.
     """
     if set(arrays) != set(reference):
-        return f"keys {sorted(arrays)} differ from the global head's {sorted(reference)}"
+        # Exactly the tensors the run trains (the head, and under trainable = bitfit /
+        # last-block the backbone's tuned ones): anything else is named and refused.
+        extra, missing = sorted(set(arrays) - set(reference)), sorted(set(reference) - set(arrays))
+        why = "; ".join(part for part in (
+            f"unexpected tensor(s) {extra}" if extra else "",
+            f"missing tensor(s) {missing}" if missing else "") if part)
+        return f"keys {sorted(arrays)} differ from the global head's {sorted(reference)}: {why}"
     for key, ref in reference.items():
         a = arrays[key]
         if tuple(a.shape) != tuple(ref.shape):

@@ -16,7 +16,7 @@ from client.policy import scenario_policy
 from client.site import load_site_data, site_features
 from common.config import RunConfig
 from common.models import training
-from common.models.heads import head_state
+from common.models.finetune import model_state
 from common.privacy.accounting import calibrate_noise_multiplier, dp_plan, epsilon
 from server.evaluation import GlobalEval
 from server.records import RunRecords, round_record, summary_record
@@ -60,7 +60,7 @@ def run_centralized(cfg: RunConfig) -> dict:
         res = training.train_plain(head, x, y, epochs=epochs, batch_size=cfg.batch_size,
                                    lr=cfg.learning_rate, momentum=cfg.momentum, seed=cfg.seed,
                                    device=device, class_weights=weights)
-    m = ev.report(head_state(head))
+    m = ev.report(model_state(head))
     sites = {"pooled": {
         "epsilon": eps, "delta": cfg.target_delta if cfg.dp else None,
         "num_examples": int(len(y)), "status": "completed",

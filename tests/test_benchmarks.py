@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import communication, dp_overhead, memory, schema
+from benchmarks import communication, dp_overhead, finetuning, memory, schema
 from benchmarks.__main__ import main as bench_main
 from benchmarks.__main__ import run_suite
 from benchmarks.settings import BenchSettings
@@ -156,3 +156,21 @@ def test_deployment_split_is_computed_from_the_run_records():
     assert out["site_train"] == 1.5 and out["site_accounting"] == 1.25
     # Outside the site: wall minus the slowest site's work (5.5 s in round 2, 2.5 s in round 3).
     assert out["outside_site"] == pytest.approx(((10.0 - 5.5) + (6.0 - 2.5)) / 2)
+
+
+def test_finetuning_sweep_reports_every_mode_and_epsilon(tiny_npz, tmp_path):
+    """The fine-tuning harness (a full-mode part) on a tiny efficientnet run at 32 px."""
+    st = tiny_settings(tiny_npz, tmp_path / "work", ("finetuning",))
+    cfg = st.config(backbone="efficientnet-lite0", image_size=32, num_rounds=1)
+    res = finetuning.run(cfg, modes=("head", "bitfit"), epsilons=(4.0, math.inf), seeds=(0,),
+                         learning_rates={"bitfit": (0.1, 0.5)})
+    rows = res["rows"]
+    assert [(r["mode"], r["epsilon_label"]) for r in rows] == [
+        ("head", "4"), ("head", "inf"), ("bitfit", "4"), ("bitfit", "inf")]
+    for r in rows:
+        assert {"auc", "balanced_accuracy", "seconds_per_round", "bytes_per_round",
+                "trained_params", "learning_rate"} <= set(r)
+    head, bitfit = rows[0], rows[2]
+    assert bitfit["trained_params"] > head["trained_params"]
+    assert bitfit["bytes_per_round"] == 2 * 4 * bitfit["trained_params"] * cfg.num_sites
+    assert bitfit["learning_rate"] in (0.1, 0.5) and rows[0]["epsilon_spent"] <= 4.0 + 1e-6

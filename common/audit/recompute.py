@@ -28,7 +28,7 @@ import sqlite3
 import time
 import tomllib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from common.privacy.ledger import (
     Entry,
     default_key_path,
     library_versions,
+    read_entries,
     read_key,
     verify_chain,
 )
@@ -98,7 +99,6 @@ AGREE_REL_TOL = 0.01
 DELTA_FRACTION_OF_INV_N = 0.1
 _TRIGGERS = ("entries_no_update", "entries_no_delete")
 _CAP_TRIGGERS = ("caps_no_update", "caps_no_delete")
-_COLUMNS = [f.name for f in fields(Entry)]
 
 
 # --------------------------------------------------------------------------
@@ -251,7 +251,7 @@ def read_ledger(path: str | Path) -> LedgerFile:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if "entries" not in tables:
             raise ValueError(f"{path} is not a fedtransfer ledger (it has no 'entries' table)")
-        rows = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM entries ORDER BY seq").fetchall()
+        entries = read_entries(con)
         triggers = tuple(sorted(r[0] for r in con.execute(
             "SELECT name FROM sqlite_master WHERE type='trigger'")))
         caps = [dict(zip(("seq", "epsilon", "delta", "created_at", "reason"), r, strict=True))
@@ -263,7 +263,6 @@ def read_ledger(path: str | Path) -> LedgerFile:
         raise ValueError(f"{path} is not a readable SQLite ledger: {exc}") from exc
     finally:
         con.close()
-    entries = [Entry(**dict(zip(_COLUMNS, r, strict=True))) for r in rows]
     # The site's chain key, if the auditor has it beside the ledger (the default
     # place a site keeps it; a site may keep it elsewhere and hand it over).
     key_path = default_key_path(path)

@@ -51,6 +51,7 @@ class Backbone:
     fingerprint: str
     image_size: int
     loader: Callable[[], object] | None = None
+    pooled: bool = True  # False: the module's raw output (e.g. cut-point activations)
     _module: object | None = field(default=None, repr=False)
 
     @property
@@ -85,6 +86,9 @@ class Backbone:
             for start in batches:
                 x = preprocess(images[start:start + batch_size], self.image_size).to(device)
                 f = model(x)
+                if not self.pooled:
+                    out.append(f.float().cpu().numpy())
+                    continue
                 if f.ndim == 4:
                     f = f.mean(dim=(2, 3))
                 f = torch.nn.functional.normalize(f.flatten(1).float(), dim=1)

@@ -35,7 +35,7 @@ from safetensors.numpy import save_file as save_numpy
 from torch import nn
 
 from common.digest import file_sha256
-from common.models.heads import load_head_state, make_head
+from common.models.finetune import image_model, is_tuned, load_model_state, make_model
 from common.models.students import StudentSpec, make_student
 
 CARD_NAME = "card.json"
@@ -218,9 +218,12 @@ def load_head(path: str | Path) -> tuple[nn.Module, dict]:
     data) those are the records' feature columns."""
     arrays, card = load_head_arrays(path)
     h = card["head"]
-    head = make_head(h["name"], in_dim=int(h["in_dim"]), num_classes=int(h["num_classes"]),
-                     hidden_dim=int(h.get("hidden_dim", 128)))
-    return load_head_state(head, arrays).eval(), card
+    # A tuned bundle (``trainable`` bitfit / last-block): the tuned suffix + head, taking
+    # the backbone's activations at the cut point (common/models/finetune.py).
+    head = make_model(h.get("trainable", "head"), head=h["name"], backbone=h["backbone"],
+                      image_size=int(h["image_size"]), in_dim=int(h["in_dim"]),
+                      num_classes=int(h["num_classes"]), hidden_dim=int(h.get("hidden_dim", 128)))
+    return load_model_state(head, arrays).eval(), card
 
 
 def default_model(card: dict) -> str:
@@ -235,7 +238,11 @@ def _export_module(path: str | Path, which: str) -> tuple[nn.Module, tuple[int, 
         raise ValueError(f"unknown model {which!r}. Valid: {', '.join(MODELS)}")
     if which == "head":
         head, card = load_head(path)
-        return head, (int(card["head"]["in_dim"]),), "features"
+        h = card["head"]
+        if is_tuned(h.get("trainable", "head")):  # images in: the frozen prefix, then the tuned part
+            size = int(h["image_size"])
+            return image_model(head, h["backbone"], size), (3, size, size), "images"
+        return head, (int(h["in_dim"]),), "features"
     student, spec, _ = load_student(path)
     return student, tuple(spec.input_shape), "images"
 

@@ -33,7 +33,7 @@ import torch
 
 from common.data.schema import Schema, SchemaError
 from common.data.schema import parse_number as _number
-from common.models.backbones import get_backbone
+from common.models.finetune import input_backbone, is_tuned
 from common.models.decision import apply_decision, check_decision, explain_decision
 from common.models.distill import probs_from_logits
 from common.models.modelio import (
@@ -425,11 +425,13 @@ def _head_predictor(model: str | Path, device: str) -> Predictor:
     head, card = load_head(model)
     h = card["head"]
     classes = _check_classes(card, int(h["num_classes"]), "head")
-    backbone = get_backbone(h["backbone"], int(h["image_size"]))
+    trainable = h.get("trainable", "head")
+    # Pooled features, or (a tuned bundle) the activations the tuned suffix takes.
+    backbone = input_backbone(h["backbone"], int(h["image_size"]), trainable)
 
     def run_head(x: np.ndarray) -> np.ndarray:
         feats = backbone.extract(x, device=device)
-        if feats.shape[1] != int(h["in_dim"]):
+        if not is_tuned(trainable) and feats.shape[1] != int(h["in_dim"]):
             raise ValueError(f"the head expects {h['in_dim']} backbone features per record, got "
                              f"{feats.shape[1]} (input records shaped {x.shape[1:]})")
         with torch.inference_mode():

@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS entries (
     dataset_size INTEGER NOT NULL,
     data_fingerprint TEXT NOT NULL,
     epsilon_after REAL NOT NULL,
+    trained TEXT NOT NULL DEFAULT '',
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL UNIQUE
 );
@@ -101,6 +102,11 @@ class Entry:
     data_fingerprint: str
     epsilon_after: float
     created_at: float = 0.0
+    # What the round trained and released (JSON: the trainable mode and its parameter
+    # count, e.g. {"params": 7810, "trainable": "bitfit"}). Not part of the mechanism:
+    # ε never depends on it. "" (every entry of an older ledger) is left out of the
+    # hash, so older ledgers verify unchanged.
+    trained: str = ""
     seq: int = 0
     prev_hash: str = GENESIS
     hash: str = ""
@@ -115,6 +121,8 @@ class Entry:
         HMAC under the site's key."""
         body = {k: v for k, v in asdict(self).items() if k != "hash"}
         body["secure_rng"] = bool(body["secure_rng"])
+        if not body["trained"]:
+            del body["trained"]  # older entries: hashed exactly as before the column existed
         text = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
         if key is None:
             return hashlib.sha256(text).hexdigest()
@@ -127,6 +135,18 @@ class Entry:
 
 _COLUMNS = [f.name for f in fields(Entry)]
 KEYED = "hmac-sha256:"
+# Columns added after SCHEMA_VERSION 1's first ledgers (absent from older files:
+# read as their default, added on the next append).
+_ADDED_COLUMNS = {"trained": "TEXT NOT NULL DEFAULT ''"}
+
+
+def read_entries(con: sqlite3.Connection) -> list[Entry]:
+    """Every entry of an open ledger, oldest first; an older ledger's missing
+    columns take their defaults."""
+    present = {r[1] for r in con.execute("PRAGMA table_info(entries)")}
+    cols = [c for c in _COLUMNS if c in present]
+    rows = con.execute(f"SELECT {', '.join(cols)} FROM entries ORDER BY seq").fetchall()
+    return [Entry(**dict(zip(cols, row, strict=True))) for row in rows]
 
 
 def seal(key: bytes, count: int, head: str) -> str:
@@ -205,8 +225,7 @@ class Ledger:
     # -- reading -----------------------------------------------------------
     def entries(self) -> list[Entry]:
         with self._connect() as con:
-            rows = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM entries ORDER BY seq").fetchall()
-        return [Entry(**dict(zip(_COLUMNS, row, strict=True))) for row in rows]
+            return read_entries(con)
 
     def history(self, *, exclude_run: str | None = None) -> list[Mechanism]:
         """Mechanism tuples of every entry (optionally without one run's)."""
@@ -256,6 +275,10 @@ class Ledger:
         con = self._connect()
         try:
             con.execute("BEGIN IMMEDIATE")
+            present = {r[1] for r in con.execute("PRAGMA table_info(entries)")}
+            for column, decl in _ADDED_COLUMNS.items():
+                if column not in present:  # an older ledger: add the column, old rows get ''
+                    con.execute(f"ALTER TABLE entries ADD COLUMN {column} {decl}")
             last = con.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
             seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
             chained = Entry(**{**asdict(entry), "seq": seq, "prev_hash": prev,

@@ -236,3 +236,49 @@ def test_update_problem_names_what_is_wrong_with_the_arrays(arrays, words):
 def test_update_problem_rejects_a_bad_num_examples(num_examples):
     problem = update_problem(_head([1, 2], [3]), _global(), num_examples)
     assert problem == f"num-examples must be a positive integer, got {num_examples!r}"
+
+
+# A tuned run (trainable = bitfit / last-block): the backbone's trained tensors travel
+# with the head; a hostile site must not be able to smuggle anything else in.
+
+
+def _tuned_global() -> dict[str, np.ndarray]:
+    return {**_global(), "backbone.bn_head.affine.weight": np.ones(3, np.float32)}
+
+
+@pytest.mark.parametrize("extra", ["backbone.bn_head.stats.running_mean", "evil",
+                                   "backbone.expand.linear.weight"])
+def test_update_problem_refuses_an_extra_tensor_by_name(extra):
+    arrays = {**_tuned_global(), extra: np.zeros(3, np.float32)}
+    problem = update_problem(arrays, _tuned_global(), 5)
+    assert problem is not None and f"unexpected tensor(s) ['{extra}']" in problem
+
+
+def test_update_problem_names_a_missing_backbone_tensor():
+    arrays = _head([1, 2], [3])
+    problem = update_problem(arrays, _tuned_global(), 5)
+    assert problem is not None and "missing tensor(s) ['backbone.bn_head.affine.weight']" in problem
+
+
+def test_hostile_extra_tensor_is_dropped_and_every_trained_tensor_is_aggregated(caplog):
+    strategy = _strategy()
+    grid = FakeGrid()
+    msgs = strategy.configure_train(1, to_array_record(_tuned_global()),
+                                    ConfigRecord({"num-rounds": 3}), grid)
+    sent = {m.metadata.dst_node_id: m for m in msgs}
+    good = [_reply(sent[11], {**_head([1, 2], [0]),
+                              "backbone.bn_head.affine.weight": np.full(3, 2, np.float32)},
+                   _metrics(0, 1)),
+            _reply(sent[22], {**_head([3, 4], [4]),
+                              "backbone.bn_head.affine.weight": np.full(3, 4, np.float32)},
+                   _metrics(1, 3))]
+    hostile = _reply(sent[33], {**_tuned_global(),
+                                "backbone.bn_head.stats.running_mean": np.ones(3, np.float32)},
+                     _metrics(2, 100))
+    with caplog.at_level(logging.WARNING):
+        arrays, _ = strategy.aggregate_train(1, [*good, hostile])
+    agg = from_array_record(arrays)
+    assert set(agg) == set(_tuned_global())
+    np.testing.assert_allclose(agg["backbone.bn_head.affine.weight"], np.full(3, 3.5))
+    np.testing.assert_allclose(agg["weight"], [2.5, 3.5])
+    assert "unexpected tensor(s) ['backbone.bn_head.stats.running_mean']" in caplog.text
