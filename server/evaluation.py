@@ -17,7 +17,13 @@ from common.data.schema import Schema
 from common.models import training
 from common.models.decision import choose_decision
 from common.models.features import cached_features
-from common.models.finetune import SUFFIX_DIM, input_backbone, is_tuned, load_model_state, make_model
+from common.models.finetune import (
+    SUFFIX_DIM,
+    input_backbone,
+    is_tuned,
+    load_model_state,
+    make_model,
+)
 from common.models.metrics import metrics_at_rule
 
 

@@ -33,9 +33,9 @@ import torch
 
 from common.data.schema import Schema, SchemaError
 from common.data.schema import parse_number as _number
-from common.models.finetune import input_backbone, is_tuned
 from common.models.decision import apply_decision, check_decision, explain_decision
 from common.models.distill import probs_from_logits
+from common.models.finetune import input_backbone, is_tuned
 from common.models.modelio import (
     MODELS,
     default_model,

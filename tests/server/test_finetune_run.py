@@ -13,7 +13,12 @@ import torch
 
 from common.config import RunConfig
 from common.models import finetune
-from common.models.modelio import export_onnx, export_torchscript, load_head_arrays, read_card
+from common.models.modelio import (
+    export_onnx,
+    export_torchscript,
+    load_head_arrays,
+    read_card,
+)
 from common.models.predict import load_predictor
 from common.privacy.ledger import Ledger
 from server.run import run_server
