@@ -78,7 +78,10 @@ def round_line(r: int, total: int, m: dict, strategy: HeadFedAvg, cfg: RunConfig
 
 def warn_if_too_few_nodes(grid: Grid, cfg: RunConfig) -> int:
     """Say so when fewer nodes are connected than ``num-sites`` (``flwr run .`` starts
-    Flower's default of 2 SuperNodes unless told otherwise); returns the count."""
+    Flower's default of 2 SuperNodes unless told otherwise); returns the count.
+
+    Called after the first round, when every node that will take part has registered
+    (nodes register while the ServerApp starts, so a count taken before is too low)."""
     connected = len(list(grid.get_node_ids()))
     if connected < cfg.num_sites:
         log.warning("%d node(s) connected, num-sites = %d: the other sites cannot train until they "
@@ -94,7 +97,6 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
     records = RunRecords(run_dir(cfg))
     out = records.out
     records.write_config(cfg)
-    warn_if_too_few_nodes(grid, cfg)
     splits, schema = federation(cfg)
     strategy = HeadFedAvg(fraction_train=cfg.fraction_train, min_train_nodes=cfg.min_sites,
                           min_available_nodes=cfg.min_sites, aggregation=cfg.aggregation,
@@ -136,6 +138,8 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
             messages = list(strategy.configure_train(r, to_array_record(arrays), config, grid))
             replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
             agg, agg_metrics = strategy.aggregate_train(r, replies)
+        if r == first:
+            warn_if_too_few_nodes(grid, cfg)
         if agg is not None:
             arrays = from_array_record(agg)
         t_train = time.perf_counter() - t0

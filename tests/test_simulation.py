@@ -20,6 +20,9 @@ def test_simulation_writes_a_complete_summary(tmp_path):
              f"cache-dir={tmp_path / 'cache'}")
     s, text = simulate(out, *small, "target-epsilon=3.0", log=tmp_path / "simulate.log")
     assert "round 2/2" in text and "ε (per record" in text
+    # Every simulated site is a connected node: no too-few-nodes warning (it once fired
+    # before the nodes had registered).
+    assert "node(s) connected" not in text
 
     for key in ("accuracy", "auc", "balanced_accuracy"):
         assert 0.0 <= s["final"][key] <= 1.0
