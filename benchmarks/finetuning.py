@@ -48,8 +48,7 @@ def run_mode(fx: Fixture, target_epsilon: float, seed: int, lr: float) -> dict:
     cfg = fx.cfg
     dp = math.isfinite(target_epsilon)
     state = model_state(fx.eval.head())
-    sigmas = [fx.sigma(target_epsilon, len(y), cfg.local_epochs * cfg.num_rounds)[0]
-              if dp else None for _, y in fx.sites]
+    sigmas = fx.site_sigmas(target_epsilon)
     spent: list[list] = [[] for _ in fx.sites]
     train_s = 0.0
     device = training.resolve_device(cfg.device)

@@ -76,6 +76,13 @@ class Fixture:
                 sample_rate=q, steps=steps)
         return max(self._sigma[key], MIN_NOISE_MULTIPLIER), q, steps
 
+    def site_sigmas(self, target_epsilon: float) -> list[float | None]:
+        """Each site's σ for the whole run at ``target_epsilon`` (None without DP: inf)."""
+        epochs = self.cfg.local_epochs * self.cfg.num_rounds
+        if not math.isfinite(target_epsilon):
+            return [None for _ in self.sites]
+        return [self.sigma(target_epsilon, len(y), epochs)[0] for _, y in self.sites]
+
     def pooled(self) -> tuple[np.ndarray, np.ndarray]:
         return (np.concatenate([x for x, _ in self.sites]),
                 np.concatenate([y for _, y in self.sites]))
@@ -93,8 +100,7 @@ def run_federated(fx: Fixture, target_epsilon: float, seed: int) -> dict:
     cfg = fx.cfg
     dp = math.isfinite(target_epsilon)
     global_state = head_state(fx.eval.head())
-    sigmas = [fx.sigma(target_epsilon, len(y), cfg.local_epochs * cfg.num_rounds)[0]
-              if dp else None for _, y in fx.sites]
+    sigmas = fx.site_sigmas(target_epsilon)
     spent: list[list] = [[] for _ in fx.sites]
     for r in range(1, cfg.num_rounds + 1):
         states, weights = [], []
