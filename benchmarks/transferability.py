@@ -5,13 +5,15 @@
 For each scenario:
 
 1. **Selection** (what ``fedtransfer select`` / ``backbone = "auto"`` does): every
-   candidate of the zoo is scored by LogME and by a cross-validated linear probe on
-   the server's public validation split, with a cold feature cache; its wall time
-   is the selection cost.
+   candidate of the zoo is scored on the server's public validation split by the
+   rehearsal (the scenario's federated DP training replayed on public records),
+   LogME and a cross-validated linear probe, with a cold feature cache; its wall
+   time is the selection cost.
 2. **Outcome**: every candidate trained federated with DP-SGD at the scenario's
    ε (its sites, partition, site shift, rounds, epochs, batch, learning rate and
    clip norm), once per seed; the outcome is the federated head's test AUC, mean
-   over seeds. The run is the *function-level* path that
+   over seeds (the same models' AUC on the public val split is recorded beside it,
+   as a diagnostic of a val/test shift). The run is the *function-level* path that
    ``benchmarks/privacy_utility.py`` uses: each site's records from
    ``client.site.load_site_data``, σ calibrated per site so all planned rounds fit
    the cap (``client.site.plan_noise``'s rule), local rounds with
@@ -52,7 +54,7 @@ from common.jsonio import clean_json
 from common.models import training
 from common.models.backbones import get_backbone
 from common.models.heads import load_head_state, make_head
-from common.models.transfer import kendall_tau, parse_candidates, score_key
+from common.models.transfer import SCORES, kendall_tau, parse_candidates, score_key
 from simulations.scenarios import resolve_config
 from simulations.selection import run_selection
 
@@ -93,6 +95,7 @@ class PublicEval:
         self.cfg = cfg
         self.num_classes = splits.num_classes
         self.test_x, self.test_y = pool(schema.transform(splits.test_x)), splits.test_y
+        self.val_x, self.val_y = pool(schema.transform(splits.val_x)), splits.val_y
         self.feature_dim = self.test_x.shape[1]
 
     def head(self):
@@ -100,8 +103,11 @@ class PublicEval:
                          hidden_dim=self.cfg.hidden_dim, seed=self.cfg.seed)
 
     def test(self, state: dict) -> dict:
-
         return training.evaluate(load_head_state(self.head(), state), self.test_x, self.test_y)
+
+    def val(self, state: dict) -> dict:
+        """The public validation split: the distribution every selection score reads."""
+        return training.evaluate(load_head_state(self.head(), state), self.val_x, self.val_y)
 
 
 class PooledFixture(Fixture):
@@ -136,6 +142,7 @@ def outcomes(cfg: RunConfig, candidates, seeds, rows: list[dict]) -> list[dict]:
             out = run_federated(fx, cfg.target_epsilon, seed)
             m = fx.eval.test(out["state"])
             rows.append({"candidate": cand.label, "seed": seed, "auc": m["auc"],
+                         "val_auc": fx.eval.val(out["state"])["auc"],
                          "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
                          "epsilon_spent": out["epsilon_spent"],
                          "noise_multiplier": out["noise_multiplier"],
@@ -160,10 +167,12 @@ def analyse(selection: dict, rows: list[dict]) -> dict:
     std = {c: float(np.std([r["auc"] for r in rows if r["candidate"] == c], ddof=1))
            if sum(r["candidate"] == c for r in rows) > 1 else 0.0 for c in cands}
     acc = {c: float(np.mean([r["accuracy"] for r in rows if r["candidate"] == c])) for c in cands}
+    val = ({c: float(np.mean([r["val_auc"] for r in rows if r["candidate"] == c])) for c in cands}
+           if all("val_auc" in r for r in rows) else None)
     best = max(cands, key=lambda c: mean[c])
     out = {"candidates_measured": len(cands), "mean_test_auc": mean, "std_test_auc": std, "mean_test_accuracy": acc,
-           "best": best, "best_auc": mean[best], "scores": {}}
-    for score in ("logme", "probe", "dp-probe"):
+           "mean_val_auc": val, "best": best, "best_auc": mean[best], "scores": {}}
+    for score in SCORES:
         key = score_key(score)
         if not all(key in c for c in selection["candidates"]):
             continue
@@ -173,7 +182,12 @@ def analyse(selection: dict, rows: list[dict]) -> dict:
         gap = mean[best] - mean[pick]
         out["scores"][score] = {"kendall_tau": tau, "pick": pick, "pick_auc": mean[pick],
                                 "gap_to_best": gap, "within_target": bool(gap <= TARGET_GAP),
-                                "tau_target_met": bool(tau >= TARGET_TAU)}
+                                "tau_target_met": bool(tau >= TARGET_TAU),
+                                # Diagnostic: the same federated models on the public val split
+                                # (the distribution the score reads), not the target.
+                                "kendall_tau_val": (kendall_tau([vals[c] for c in cands],
+                                                                [val[c] for c in cands])
+                                                    if val else None)}
     return out
 
 
@@ -226,25 +240,28 @@ def markdown(doc: dict) -> str:
                   (f"Scores on the public validation split ({s['selection']['data']['records']} "
                   f"records); selection took **{s['selection_seconds']:.1f} s** (cold feature cache, "
                   "all candidates)."), "",
-                  ("| candidate | LogME | probe acc | DP-probe AUC | federated DP test AUC "
-                  "(mean ± sd) | test acc |"),
-                  "|---|---|---|---|---|---|"]
+                  ("| candidate | rehearsal AUC | LogME | probe acc | federated DP test AUC "
+                  "(mean ± sd) | its val AUC | test acc |"),
+                  "|---|---|---|---|---|---|---|"]
         measured = [c for c in s["selection"]["candidates"] if c["candidate"] in a["mean_test_auc"]]
         if len(measured) < len(s["selection"]["candidates"]):
             lines.append(f"(outcomes measured for {len(measured)} of "
                          f"{len(s['selection']['candidates'])} candidates)")
         for c in sorted(measured, key=lambda c: -a["mean_test_auc"][c["candidate"]]):
             n = c["candidate"]
-            dpp = f"{c['dp_probe_auc']:.4f}" if "dp_probe_auc" in c else "-"
-            lines.append(f"| {n}{' (best)' if n == a['best'] else ''} | {c['logme']:.4f} | "
-                         f"{c['probe_accuracy']:.3f} | {dpp} | {a['mean_test_auc'][n]:.4f} ± "
-                         f"{a['std_test_auc'][n]:.4f} | {a['mean_test_accuracy'][n]:.3f} |")
-        lines += ["", ("| score | Kendall τ (score vs AUC) | picks | its AUC | gap to best | "
-                      f"gap ≤ {TARGET_GAP} | τ ≥ {TARGET_TAU} |"), "|---|---|---|---|---|---|---|"]
+            reh = f"{c['rehearsal_auc']:.4f}" if "rehearsal_auc" in c else "-"
+            val = f"{a['mean_val_auc'][n]:.4f}" if a.get("mean_val_auc") else "-"
+            lines.append(f"| {n}{' (best)' if n == a['best'] else ''} | {reh} | {c['logme']:.4f} | "
+                         f"{c['probe_accuracy']:.3f} | {a['mean_test_auc'][n]:.4f} ± "
+                         f"{a['std_test_auc'][n]:.4f} | {val} | {a['mean_test_accuracy'][n]:.3f} |")
+        lines += ["", ("| score | Kendall τ (score vs test AUC) | picks | its test AUC | gap to best | "
+                      f"gap ≤ {TARGET_GAP} | τ ≥ {TARGET_TAU} | τ vs the same models' val AUC |"),
+                  "|---|---|---|---|---|---|---|---|"]
         for score, r in a["scores"].items():
+            tv = f"{r['kendall_tau_val']:.3f}" if r.get("kendall_tau_val") is not None else "-"
             lines.append(f"| {score} | {r['kendall_tau']:.3f} | {r['pick']} | {r['pick_auc']:.4f} | "
                          f"{r['gap_to_best']:.4f} | {'yes' if r['within_target'] else 'NO'} | "
-                         f"{'yes' if r['tau_target_met'] else 'NO'} |")
+                         f"{'yes' if r['tau_target_met'] else 'NO'} | {tv} |")
         if s["selection"].get("negative_transfer"):
             lines += ["", f"Warning printed: {s['selection']['negative_transfer']}"]
         lines.append("")
@@ -263,8 +280,8 @@ def plot(doc: dict, path: Path) -> None:
         a = s.get("analysis") or {}
         if "mean_test_auc" not in a:
             continue
-        for ax, key, score in ((row[0], "logme", "logme"), (row[1], "probe_accuracy", "probe"),
-                               (row[2], "dp_probe_auc", "dp-probe")):
+        for ax, score in zip(row, SCORES, strict=True):
+            key = score_key(score)
             if score not in a["scores"]:
                 continue
             for c in s["selection"]["candidates"]:

@@ -25,7 +25,7 @@ from simulations.selection import SPLITS, apply_selection, run_selection
 log = logging.getLogger(__name__)
 
 def plot_selection(record: dict, path: Path) -> Path:
-    """Both scores per candidate, best first; the chosen one highlighted."""
+    """Every score per candidate, best first; the chosen one highlighted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,8 +36,8 @@ def plot_selection(record: dict, path: Path) -> Path:
     colours = ["tab:green" if n == record["chosen"] else "tab:grey" for n in names]
     panels = [("logme", "LogME (higher is better)"),
               ("probe_accuracy", "linear-probe accuracy (5-fold CV)")]
-    if all("dp_probe_auc" in r for r in rows):
-        panels.append(("dp_probe_auc", "DP-probe AUC (5-fold CV, scenario's ε)"))
+    if all("rehearsal_auc" in r for r in rows):
+        panels.insert(0, ("rehearsal_auc", "rehearsal AUC (the scenario's federated DP, 5-fold CV)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * len(rows) + 1.8),
                              sharey=True)
     for ax, (key, title) in zip(axes, panels, strict=True):

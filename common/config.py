@@ -45,7 +45,7 @@ CLASS_WEIGHTS = ("none", "public")
 # What the shipped decision rule maximises on the public validation split (common/models/decision.py);
 # argmax: ship no threshold.
 DECISION_OBJECTIVES = ("balanced-accuracy", "accuracy", "argmax")
-SELECTION_SCORES = ("logme", "probe", "dp-probe")  # backbone = "auto" (common/models/transfer.py)
+SELECTION_SCORES = ("rehearsal", "logme", "probe")  # backbone = "auto" (common/models/transfer.py)
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class RunConfig:
     # backbone = "auto": chosen before any ε is spent, by a transferability score on the
     # public validation split (common/models/transfer.py, `fedtransfer select`); "" = the default zoo.
     backbone_candidates: str = ""
-    selection_score: str = "logme"  # logme | probe | dp-probe
+    selection_score: str = "rehearsal"  # rehearsal | logme | probe
     backbone_selection: str = ""  # the selection's evidence (JSON), written by the selection
     # The federation's schema (common/data/schema.py): a [schema] table in the scenario file, JSON
     # text, or a .toml/.json path. Empty: derived from the dataset (classes; a CSV's columns).

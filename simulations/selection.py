@@ -15,7 +15,7 @@ from common.config import RunConfig
 from common.data.datasets import federation, fingerprint_arrays
 from common.models import training
 from common.models.transfer import (
-    DPPlan,
+    TrainingPlan,
     compact,
     format_table,
     parse_candidates,
@@ -28,7 +28,8 @@ SPLITS = ("val", "train")
 
 
 def labelled_split(cfg: RunConfig, split: str = "val"):
-    """``(x, y, classes, source)`` for the selection.
+    """``(x, y, classes, source, train_records)`` for the selection (``train_records``:
+    the sites' record count, public under replace-one; no training record is read).
 
     ``val``: the server's public validation split, the only default. ``train``:
     the records the sites train on, pooled; private in a federation, so the
@@ -40,14 +41,15 @@ def labelled_split(cfg: RunConfig, split: str = "val"):
     if schema.input == "tabular":
         raise ValueError("backbone selection is for image records; tabular records use "
                          "backbone 'identity'")
+    n = splits.num_train_records
     if split == "val":
-        return schema.transform(splits.val_x), splits.val_y, splits.classes, "public-val"
-    return schema.transform(splits.train_x), splits.train_y, splits.classes, "private-train"
+        return schema.transform(splits.val_x), splits.val_y, splits.classes, "public-val", n
+    return (schema.transform(splits.train_x), splits.train_y, splits.classes, "private-train", n)
 
 
 def run_selection(cfg: RunConfig, *, split: str = "val") -> dict:
     """Score ``cfg``'s candidates on ``split`` and return the selection record."""
-    x, y, classes, source = labelled_split(cfg, split)
+    x, y, classes, source, train_records = labelled_split(cfg, split)
     candidates = parse_candidates(cfg.backbone_candidates, default_size=cfg.image_size)
     log.info("selecting a backbone among %d candidates on %d %s records (%s)", len(candidates),
              len(y), split, source)
@@ -55,17 +57,21 @@ def run_selection(cfg: RunConfig, *, split: str = "val") -> dict:
         x, y, num_classes=len(classes), candidates=candidates, score=cfg.selection_score,
         data_fingerprint=fingerprint_arrays(x, y) + f":{split}", cache_dir=cfg.cache_dir,
         device=training.resolve_device(cfg.device), source=source, split=split,
-        dataset=cfg.dataset, dp=dp_plan_of(cfg))
+        dataset=cfg.dataset, plan=training_plan_of(cfg, train_records))
 
 
-def dp_plan_of(cfg: RunConfig) -> DPPlan | None:
-    """The scenario's DP-SGD plan (config values only) for the ``dp-probe`` score."""
-    if not cfg.dp:
-        return None
-    return DPPlan(target_epsilon=cfg.target_epsilon, delta=cfg.target_delta,
-                  batch_size=cfg.batch_size, epochs=cfg.num_rounds * cfg.local_epochs,
-                  learning_rate=cfg.learning_rate, clip_norm=cfg.clip_norm,
-                  momentum=cfg.momentum)
+def training_plan_of(cfg: RunConfig, train_records: int) -> TrainingPlan:
+    """The scenario's training plan (config values and the public record count) that
+    the ``rehearsal`` score replays. Pseudo-sites follow the Dirichlet partitioner's
+    label skew; any other partitioner (``iid``, natural ``site``) is replayed as IID."""
+    return TrainingPlan(
+        num_sites=cfg.num_sites, train_records=train_records, rounds=cfg.num_rounds,
+        local_epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, clip_norm=cfg.clip_norm, momentum=cfg.momentum,
+        partitioner="dirichlet" if cfg.partitioner == "dirichlet" else "iid",
+        dirichlet_alpha=cfg.dirichlet_alpha, head=cfg.head, hidden_dim=cfg.hidden_dim,
+        target_epsilon=cfg.target_epsilon if cfg.dp else None, delta=cfg.target_delta,
+    )
 
 
 def apply_selection(cfg: RunConfig, record: dict) -> RunConfig:

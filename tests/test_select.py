@@ -104,7 +104,7 @@ def test_selection_on_the_private_split_is_flagged_by_the_audit(tmp_path, cache)
     (run / "summary.json").write_text(json.dumps(summary))
     report = audit([run])
     assert "backbone-selected-on-private-data" not in {h.code for h in report.all_hazards()}
-    assert "chosen by logme on public data only" in format_text(report)
+    assert "chosen by rehearsal on public data only" in format_text(report)
 
 
 def test_auto_resolves_and_the_card_records_the_evidence(public_only, cache, capsys):

@@ -44,6 +44,12 @@ class Splits:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def num_train_records(self) -> int:
+        """How many training records the sites hold together: a count, which the
+        product's unit (replace-one neighbours) treats as public; no record is read."""
+        return len(self.train_y)
+
 
 @dataclass(frozen=True)
 class SiteData:

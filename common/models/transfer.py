@@ -1,9 +1,13 @@
 """Transferability on public data: which backbone to transfer from, chosen before any ε is spent.
 
 Each candidate (a backbone at an input size) turns the *public* labelled split
-(the server's validation split, or a public transfer set) into features, and two
+(the server's validation split, or a public transfer set) into features, and three
 scores say how well a linear head on those features should do:
 
+* **Rehearsal** (the default): the scenario's own federated training replayed on
+  the public records (pseudo-sites of the planned sizes, σ calibrated for the
+  planned ε, Opacus DP-SGD, FedAvg), scored by held-out AUC. It sees what DP noise
+  does to each candidate's features, which the two scores below cannot.
 * **LogME** (You, Liu, Wang and Long, "LogME: Practical Assessment of
   Pre-trained Models for Transfer Learning", ICML 2021): the log marginal
   likelihood (evidence) of a Bayesian linear model ``y = F w + noise``, with prior
@@ -15,7 +19,7 @@ scores say how well a linear head on those features should do:
 
 Only public records enter, so choosing costs no ε; the record says which split
 was read, and the audit flags a selection that read anything else.
-Everything here is plain numpy/scikit-learn, testable without Flower.
+Everything here is plain numpy/scikit-learn/Opacus, testable without Flower.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from functools import lru_cache
 
 import numpy as np
 
+from common.data.datasets import partition_indices
 from common.models import training
 from common.models.backbones import get_backbone
 from common.models.features import cached_features
-from common.models.heads import make_head
+from common.models.heads import head_state, load_head_state, make_head
 from common.privacy.accounting import calibrate_noise_multiplier, dp_plan
 
 log = logging.getLogger(__name__)
@@ -42,12 +47,18 @@ log = logging.getLogger(__name__)
 # sizes, and raw pixels. A hospital's checkpoint joins with ``file:<path>@<size>``.
 DEFAULT_CANDIDATES = ("identity", "efficientnet-lite0@32", "efficientnet-lite0@64",
                       "efficientnet-lite0@96", "efficientnet-lite1@64", "efficientnet-lite2@64")
-SCORES = ("logme", "probe", "dp-probe")
+SCORES = ("rehearsal", "logme", "probe")
 # Where a selection may read records without spending ε.
 PUBLIC_SOURCES = ("public-val",)
-METHOD = ("LogME (You et al., ICML 2021): evidence of a Bayesian linear model on the frozen "
-          "features, per record, mean over one-hot class targets; baseline: cross-validated "
-          "logistic-regression (linear-probe) accuracy")
+METHODS = {
+    "rehearsal": ("the scenario's federated training (sites, partitioner, rounds, local epochs, "
+                  "batch, learning rate, clip, sigma calibrated per site for the whole plan, "
+                  "Opacus DP-SGD, record-weighted FedAvg) replayed on public records split "
+                  "into pseudo-sites; 5-fold cross-validated AUC of the resulting linear head"),
+    "logme": ("LogME (You et al., ICML 2021): evidence of a Bayesian linear model on the frozen "
+              "features, per record, mean over one-hot class targets"),
+    "probe": "5-fold cross-validated logistic-regression (linear-probe) accuracy",
+}
 
 
 @dataclass(frozen=True)
@@ -186,57 +197,110 @@ def logme(features: np.ndarray, labels: np.ndarray, num_classes: int | None = No
 
 
 @dataclass(frozen=True)
-class DPPlan:
-    """The scenario's DP-SGD plan, all of it public (config values): what the
-    ``dp-probe`` score replays on the public split."""
+class TrainingPlan:
+    """The scenario's federated training plan, all of it public (config values and
+    record counts, which the product's replace-one unit treats as public): what the
+    ``rehearsal`` score replays on the public split."""
 
-    target_epsilon: float
-    delta: float
+    num_sites: int
+    train_records: int  # the sites' training records together (each site's count is public)
+    rounds: int
+    local_epochs: int
     batch_size: int
-    epochs: int  # every round's local epochs together (rounds x local-epochs)
     learning_rate: float
     clip_norm: float
     momentum: float = 0.0
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    head: str = "linear"
+    hidden_dim: int = 128
+    target_epsilon: float | None = None  # None: the scenario trains without DP
+    delta: float = 1e-5
     min_noise_multiplier: float = 0.3  # a site's default floor on σ (client.policy)
 
+    @property
+    def dp(self) -> bool:
+        return self.target_epsilon is not None
 
-def dp_probe_auc(features: np.ndarray, labels: np.ndarray, num_classes: int, plan: DPPlan, *,
-                 folds: int = 5, seed: int = 0) -> float:
-    """Cross-validated test AUC of a linear head trained with DP-SGD at the scenario's ε.
 
-    Each training fold plays one site: σ is calibrated so that ``plan.epochs``
-    epochs over its records fit ``plan.target_epsilon`` (as a site plans its whole
-    run), then Opacus DP-SGD trains a linear head that is scored on the held-out
-    fold. Public records only, so it costs no ε. Unlike LogME and the plain probe,
-    it sees what DP noise does to a candidate's features (their dimension, their
-    norm under the clip).
+def rehearsal_auc(features: np.ndarray, labels: np.ndarray, num_classes: int,
+                  plan: TrainingPlan, *, folds: int = 5, seed: int = 0) -> float:
+    """Held-out AUC of the scenario's own federated training, replayed on public records.
+
+    Each of ``folds`` stratified folds is held out in turn. The rest is split into
+    ``plan.num_sites`` pseudo-sites by the scenario's partitioner (label skew
+    included), and each pseudo-site is resampled with replacement to its planned
+    size (its share of ``plan.train_records``), so that a pseudo-site's sampling
+    rate, steps and σ are those of a real site: σ is calibrated for all planned
+    rounds at ``plan.target_epsilon``, exactly as a site plans its run. Then
+    ``plan.rounds`` rounds of ``plan.local_epochs`` local epochs of Opacus DP-SGD
+    (the sites' own :func:`common.models.training.train_dp`) and record-weighted
+    FedAvg train the scenario's head, scored on the held-out fold.
+
+    What a candidate's features do under the real noise-to-signal ratio (their
+    dimension, their norm under the clip, the learning rate) is then part of the
+    score, which LogME and a plain probe cannot see. Public records only, so it
+    costs no ε. What it cannot see: a shift between the public split and the data
+    the outcome is measured on, and site effects on the images (scanners).
     """
-    # torch and Opacus are imported only here: the audit imports this module too.
+    # lazy: scikit-learn costs ~1 s to import; only the scores need it
     from sklearn.model_selection import StratifiedKFold
 
     labels = np.asarray(labels)
     k = int(min(folds, np.bincount(labels).min()))
     if k < 2:
-        raise ValueError("the DP probe needs at least 2 records of every class")
+        raise ValueError("the rehearsal needs at least 2 public records of every class")
+    if plan.train_records < plan.num_sites:
+        raise ValueError(f"train_records={plan.train_records} is fewer than the "
+                         f"{plan.num_sites} sites")
     cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     aucs = []
-    for i, (tr, te) in enumerate(cv.split(features, labels)):
-        batch = min(plan.batch_size, len(tr))
-        q, steps = dp_plan(len(tr), batch_size=batch, epochs=plan.epochs)
-        sigma = max(plan.min_noise_multiplier, _calibrated(plan.target_epsilon, plan.delta, q,
-                                                           steps))
-        head = make_head("linear", in_dim=features.shape[1], num_classes=num_classes, seed=seed + i)
-        training.train_dp(head, features[tr], labels[tr], epochs=plan.epochs, batch_size=batch,
-                          lr=plan.learning_rate, momentum=plan.momentum,
-                          noise_multiplier=sigma, clip_norm=plan.clip_norm,
-                          seed=seed + i)
-        aucs.append(training.evaluate(head, features[te], labels[te])["auc"])
+    for f, (tr, te) in enumerate(cv.split(features, labels)):
+        rng = np.random.default_rng([seed, f])
+        parts = [p for p in partition_indices(labels[tr], num_sites=plan.num_sites,
+                                              partitioner=plan.partitioner,
+                                              alpha=plan.dirichlet_alpha, seed=seed + f)
+                 if len(p)]
+        sizes = [max(1, round(plan.train_records * len(p) / len(tr))) for p in parts]
+        sites = [tr[rng.choice(p, size=n, replace=True)] for p, n in zip(parts, sizes, strict=True)]
+        def fresh(seed=0):
+            return make_head(plan.head, in_dim=features.shape[1], num_classes=num_classes,
+                             hidden_dim=plan.hidden_dim, seed=seed)
+
+        head = fresh(seed + f)
+        state = head_state(head)
+        for r in range(plan.rounds):
+            states = []
+            for i, idx in enumerate(sites):
+                local = load_head_state(fresh(), state)
+                batch = min(plan.batch_size, len(idx))
+                kw = dict(epochs=plan.local_epochs, batch_size=batch, lr=plan.learning_rate,
+                          momentum=plan.momentum, seed=seed * 1_000_003 + 1000 * r + 10 * f + i)
+                if plan.dp:
+                    training.train_dp(local, features[idx], labels[idx],
+                                      noise_multiplier=_site_sigma(plan, len(idx), batch),
+                                      clip_norm=plan.clip_norm, **kw)
+                else:
+                    training.train_plain(local, features[idx], labels[idx], **kw)
+                states.append(head_state(local))
+            total = float(sum(sizes))
+            state = {key: sum(s[key].astype(np.float64) * (n / total)
+                              for s, n in zip(states, sizes, strict=True)).astype(np.float32)
+                     for key in states[0]}
+        aucs.append(training.evaluate(load_head_state(head, state), features[te],
+                                      labels[te])["auc"])
     return float(np.nanmean(aucs))
 
 
-@lru_cache(maxsize=64)
+def _site_sigma(plan: TrainingPlan, records: int, batch: int) -> float:
+    q, steps = dp_plan(records, batch_size=batch, epochs=plan.rounds * plan.local_epochs)
+    return max(plan.min_noise_multiplier,
+               _calibrated(plan.target_epsilon, plan.delta, q, steps))
+
+
+@lru_cache(maxsize=256)
 def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """σ for a fold (every candidate shares the folds, so each σ is searched once)."""
+    """σ for a pseudo-site (every candidate shares the folds, so each σ is searched once)."""
 
     return calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta,
                                       sample_rate=sample_rate, steps=steps)
@@ -264,26 +328,26 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, *, folds: int = 5,
 # Ranking and the selection record
 # --------------------------------------------------------------------------
 def score_features(features: np.ndarray, labels: np.ndarray, num_classes: int,
-                   dp: DPPlan | None = None) -> dict:
+                   plan: TrainingPlan | None = None) -> dict:
     """The scores for one candidate's features, with the seconds each took
-    (``dp-probe`` only with a DP plan)."""
+    (``rehearsal`` only with the scenario's training plan)."""
     t0 = time.perf_counter()
     lm = logme(features, labels, num_classes)
     t1 = time.perf_counter()
     probe = probe_accuracy(features, labels)
     out = {"logme": lm, "probe_accuracy": probe, "feature_dim": int(features.shape[1]),
            "logme_seconds": t1 - t0, "probe_seconds": time.perf_counter() - t1}
-    if dp is not None:
+    if plan is not None:
         t2 = time.perf_counter()
-        out["dp_probe_auc"] = dp_probe_auc(features, labels, num_classes, dp)
-        out["dp_probe_seconds"] = time.perf_counter() - t2
+        out["rehearsal_auc"] = rehearsal_auc(features, labels, num_classes, plan)
+        out["rehearsal_seconds"] = time.perf_counter() - t2
     return out
 
 
 def score_key(score: str) -> str:
     if score not in SCORES:
         raise ValueError(f"selection score {score!r}: allowed {', '.join(SCORES)}")
-    return {"logme": "logme", "probe": "probe_accuracy", "dp-probe": "dp_probe_auc"}[score]
+    return {"logme": "logme", "probe": "probe_accuracy", "rehearsal": "rehearsal_auc"}[score]
 
 
 def rank(rows: Sequence[dict], score: str = "logme") -> list[dict]:
@@ -315,7 +379,7 @@ def selection_record(ranked: Sequence[dict], *, score: str, source: str, split: 
     best = ranked[0]
     return {
         "chosen": best["candidate"], "backbone": best["backbone"],
-        "image_size": best["image_size"], "score": score, "method": METHOD,
+        "image_size": best["image_size"], "score": score, "method": METHODS[score],
         "data": {"source": source, "split": split, "records": int(records), "dataset": dataset,
                  "public": source in PUBLIC_SOURCES},
         "privacy": ("computed on public records only: costs no ε" if source in PUBLIC_SOURCES
@@ -323,9 +387,9 @@ def selection_record(ranked: Sequence[dict], *, score: str, source: str, split: 
                           "is in no ledger")),
         "negative_transfer": negative_transfer(ranked, score),
         "candidates": [{k: r[k] for k in ("rank", "candidate", "backbone", "image_size", "logme",
-                                          "probe_accuracy", "dp_probe_auc", "feature_dim",
+                                          "probe_accuracy", "rehearsal_auc", "feature_dim",
                                           "feature_seconds", "logme_seconds", "probe_seconds",
-                                          "dp_probe_seconds") if k in r}
+                                          "rehearsal_seconds") if k in r}
                        for r in ranked],
         "seconds": seconds,
     }
@@ -333,16 +397,16 @@ def selection_record(ranked: Sequence[dict], *, score: str, source: str, split: 
 
 def format_table(record: dict) -> str:
     """The ranked table a user sees."""
-    dp = all("dp_probe_auc" in r for r in record["candidates"])
-    lines = [(f"{'rank':>4}  {'candidate':<24} {'LogME':>8} {'probe acc':>9} "
-              + (f"{'DP probe AUC':>12} " if dp else "") + f"{'dim':>5} {'seconds':>8}")]
+    reh = all("rehearsal_auc" in r for r in record["candidates"])
+    lines = [(f"{'rank':>4}  {'candidate':<24} "
+              + (f"{'rehearsal AUC':>13} " if reh else "") + f"{'LogME':>8} {'probe acc':>9} " + f"{'dim':>5} {'seconds':>8}")]
     for r in record["candidates"]:
         secs = sum(r.get(k, 0) for k in ("feature_seconds", "logme_seconds", "probe_seconds",
-                                         "dp_probe_seconds"))
+                                         "rehearsal_seconds"))
         mark = "  <- chosen" if r["candidate"] == record["chosen"] else ""
-        lines.append(f"{r['rank']:>4}  {r['candidate']:<24} {r['logme']:>8.4f} "
-                     f"{r['probe_accuracy']:>9.3f} "
-                     + (f"{r['dp_probe_auc']:>12.4f} " if dp else "")
+        lines.append(f"{r['rank']:>4}  {r['candidate']:<24} "
+                     + (f"{r['rehearsal_auc']:>13.4f} " if reh else "")
+                     + f"{r['logme']:>8.4f} {r['probe_accuracy']:>9.3f} "
                      + f"{r['feature_dim']:>5} {secs:>8.1f}{mark}")
     d = record["data"]
     lines.append(f"ranked by {record['score']} on {d['records']} records of {d['dataset']}'s "
@@ -397,19 +461,20 @@ def selection_findings(record: dict | None) -> tuple[str | None, list[tuple[str,
 def select_backbone(images: np.ndarray, labels: np.ndarray, *, num_classes: int,
                     candidates: Sequence[Candidate], score: str = "logme",
                     data_fingerprint: str, cache_dir: str, device: str = "cpu",
-                    source: str, split: str, dataset: str, dp: DPPlan | None = None) -> dict:
+                    source: str, split: str, dataset: str,
+                    plan: TrainingPlan | None = None) -> dict:
     """Score every candidate on one labelled split and return the selection record.
 
     ``images`` and ``labels`` are all this reads: the caller decides what is
     public and says so in ``source`` / ``split``. Features go through the same
     on-disk cache as a run's (a later run's server evaluation of the same split
-    is then a cache hit). ``dp``: the scenario's DP plan, for the ``dp-probe``
-    score (required when ``score = "dp-probe"``).
+    is then a cache hit). ``plan``: the scenario's training plan, for the
+    ``rehearsal`` score (required when ``score = "rehearsal"``).
     """
 
     score_key(score)
-    if score == "dp-probe" and dp is None:
-        raise ValueError("selection-score 'dp-probe' needs a DP scenario (dp = true)")
+    if score == "rehearsal" and plan is None:
+        raise ValueError("selection-score 'rehearsal' needs the scenario's training plan")
     t_all = time.perf_counter()
     rows = []
     for cand in candidates:
@@ -419,10 +484,10 @@ def select_backbone(images: np.ndarray, labels: np.ndarray, *, num_classes: int,
                                 cache_dir=cache_dir, device=device).features
         row = {"candidate": cand.label, "backbone": cand.backbone, "image_size": cand.image_size,
                "feature_seconds": time.perf_counter() - t0,
-               **score_features(feats, labels, num_classes, dp)}
-        log.info("selection: %-24s LogME %.4f  probe acc %.3f  DP probe AUC %s  (%d-d, %.1f s)",
-                 cand.label, row["logme"], row["probe_accuracy"],
-                 f"{row['dp_probe_auc']:.4f}" if dp else "-", row["feature_dim"],
+               **score_features(feats, labels, num_classes, plan)}
+        log.info("selection: %-24s rehearsal AUC %s  LogME %.4f  probe acc %.3f  (%d-d, %.1f s)",
+                 cand.label, f"{row['rehearsal_auc']:.4f}" if plan else "-", row["logme"],
+                 row["probe_accuracy"], row["feature_dim"],
                  time.perf_counter() - t0)
         rows.append(row)
     ranked = rank(rows, score)

@@ -12,9 +12,8 @@ from scipy.stats import multivariate_normal
 from common.models.backbones import get_backbone
 from common.models.transfer import (
     Candidate,
-    DPPlan,
+    TrainingPlan,
     compact,
-    dp_probe_auc,
     format_table,
     kendall_tau,
     logme,
@@ -25,6 +24,7 @@ from common.models.transfer import (
     parse_record,
     probe_accuracy,
     rank,
+    rehearsal_auc,
     selection_findings,
     selection_record,
 )
@@ -140,15 +140,45 @@ def test_kendall_tau():
     assert kendall_tau([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(4 / 6)
 
 
-def test_dp_probe_sees_the_signal_through_the_noise():
+def _plan(**kw) -> TrainingPlan:
+    base = dict(num_sites=3, train_records=600, rounds=2, local_epochs=2, batch_size=32,
+                learning_rate=1.0, clip_norm=1.0, partitioner="iid", target_epsilon=1.0)
+    return TrainingPlan(**{**base, **kw})
+
+
+def test_rehearsal_sees_the_signal_through_the_noise():
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, 150)
     good = np.eye(3)[labels] + rng.normal(scale=0.5, size=(150, 3))
     bad = rng.normal(size=(150, 3))
-    plan = DPPlan(target_epsilon=4.0, delta=1e-5, batch_size=32, epochs=3, learning_rate=1.0,
-                  clip_norm=1.0)
-    assert dp_probe_auc(good, labels, 3, plan) > 0.9
-    assert dp_probe_auc(bad, labels, 3, plan) < 0.7
+    assert rehearsal_auc(good, labels, 3, _plan()) > 0.9
+    assert rehearsal_auc(bad, labels, 3, _plan()) < 0.7
     # The score a selection ranks by.
-    rows = [{**r, "dp_probe_auc": v} for r, v in zip(_rows(0.3, 0.1), (0.6, 0.8), strict=True)]
-    assert rank(rows, "dp-probe")[0]["candidate"] == "efficientnet-lite0@64"
+    rows = [{**r, "rehearsal_auc": v} for r, v in zip(_rows(0.3, 0.1), (0.6, 0.8), strict=True)]
+    assert rank(rows, "rehearsal")[0]["candidate"] == "efficientnet-lite0@64"
+
+
+def test_rehearsal_sees_what_dp_noise_does_to_wide_features():
+    """Two strong dimensions against 400 weak ones. The wide candidate carries more
+    signal in all: LogME, the probe and a rehearsal without DP all prefer it. Under
+    the planned ε every one of its 400 weights gets noise and the clip shrinks its
+    signal, so the DP rehearsal prefers the narrow one, as federated DP-SGD would."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 200)
+    sign = (2 * labels - 1)[:, None]
+    narrow = sign * 0.5 + rng.normal(scale=0.6, size=(200, 2))
+    wide = sign * 0.15 + rng.normal(size=(200, 400))
+    assert probe_accuracy(wide, labels) > probe_accuracy(narrow, labels)
+    assert logme(wide, labels) > logme(narrow, labels)
+    plain = _plan(target_epsilon=None)
+    assert rehearsal_auc(wide, labels, 2, plain) > rehearsal_auc(narrow, labels, 2, plain)
+    dp = _plan(target_epsilon=1.0)
+    assert rehearsal_auc(narrow, labels, 2, dp) > rehearsal_auc(wide, labels, 2, dp) + 0.15
+
+
+def test_rehearsal_refuses_a_plan_it_cannot_replay():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    with pytest.raises(ValueError, match="2 public records of every class"):
+        rehearsal_auc(np.zeros((4, 2)), np.array([0, 0, 0, 1]), 2, _plan())
+    with pytest.raises(ValueError, match="fewer than the 3 sites"):
+        rehearsal_auc(np.eye(6), labels, 2, _plan(train_records=2))
