@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(BIN)/fedtransfer simulate
+	$(BIN)/fedtransfer simulate --set backbone=auto
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -36,6 +36,16 @@ def quiet_flower(verbose: bool) -> None:
     logging.getLogger("flwr").propagate = False  # it has its own console handler
 
 
+def _times(ratio: float, better: str, worse: str) -> str:
+    """``36x fewer`` for a ratio above 1, ``145x more`` below it (teacher / student)."""
+    if ratio >= 1:
+        return f"{ratio:.1f}x {better}" if ratio < 10 else f"{ratio:.0f}x {better}"
+    if ratio <= 0:
+        return worse
+    inv = 1 / ratio
+    return f"{inv:.1f}x {worse}" if inv < 10 else f"{inv:.0f}x {worse}"
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -93,9 +103,15 @@ def print_summary(s: dict) -> None:
                      f"{_fmt(st['accuracy'])} bal {_fmt(st['balanced_accuracy'])}{rule} | teacher "
                      f"({t['kind']}) AUC {_fmt(t['auc'])} acc {_fmt(t['accuracy'])} bal "
                      f"{_fmt(t['balanced_accuracy'])}")
-        lines.append(f"  params {st['params']:,} vs {t['params']:,} ({d['params_ratio']:.0f}x fewer); "
+        lines.append(f"  params {st['params']:,} vs {t['params']:,} "
+                     f"({_times(d['params_ratio'], 'fewer', 'more')}); "
                      f"CPU {st['cpu_ms_per_image']:.3f} vs {t['cpu_ms_per_image']:.3f} ms/image "
-                     f"({d['cpu_speedup']:.1f}x faster); {d['seconds']:.1f} s; no ε (public data)")
+                     f"({_times(d['cpu_speedup'], 'faster', 'slower')}); {d['seconds']:.1f} s; "
+                     "no ε (public data)")
+        if d["params_ratio"] < 1:
+            lines.append(f"  note: the student is larger than the teacher (backbone "
+                         f"{t.get('backbone')}): the head is the compact model here; "
+                         "distill = false skips the student")
     elif (s.get("distillation") or {}).get("status") in ("failed", "skipped"):
         lines.append(f"distillation {s['distillation']['status']}: {s['distillation']['reason']}")
     if "server_copy" in s.get("delivery", {}):

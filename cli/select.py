@@ -1,8 +1,9 @@
 """``fedtransfer select``: choose the backbone on public data before any ε is spent.
 
 Every candidate (``backbone-candidates``, or the default offline zoo) turns the
-server's public validation split into features; LogME and a cross-validated
-linear probe score them (:mod:`common.models.transfer`). The command prints the ranked
+server's public validation split into features; the rehearsal (the scenario's
+federated DP training replayed on those public records), LogME and a
+cross-validated linear probe score them (:mod:`common.models.transfer`). The command prints the ranked
 table, draws it, warns of negative transfer, and writes the resolved scenario
 (``config.toml``, with ``backbone-selection`` holding the evidence) and
 ``selection.json`` / ``selection.png``. ``backbone = "auto"`` in a scenario runs
@@ -75,8 +76,9 @@ def cmd_select(args) -> int:
 
 
 def add_select_command(sub) -> None:
-    sp = sub.add_parser("select", help="choose the backbone on public data (LogME and a linear "
-                        "probe; no ε), print the ranking, record the choice")
+    sp = sub.add_parser("select", help="choose the backbone on public data (a rehearsal of the "
+                        "scenario's federated DP training, LogME, a linear probe; no ε), print "
+                        "the ranking, record the choice")
     sp.add_argument("--config", help="a scenario name in simulations/configs/ or a TOML path")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (repeatable), e.g. backbone-candidates=...")

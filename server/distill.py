@@ -150,7 +150,7 @@ def run_distillation(cfg: RunConfig, splits: Splits, test_features: np.ndarray,
     student_params = students.num_parameters(student)
     seconds = time.perf_counter() - t0
     log.info("distillation: %d epochs (best %d) in %.1f s | test AUC teacher %.3f student %.3f | "
-             "params %d vs %d (%.0fx) | CPU ms/image %.3f vs %.3f (%.1fx)", result.epochs_run,
+             "params %d vs %d (x%.3g) | CPU ms/image %.3f vs %.3f (x%.3g)", result.epochs_run,
              result.best_epoch, seconds, teacher_test["auc"], student_test["auc"], teacher_params,
              student_params, teacher_params / student_params, teacher_ms, student_ms,
              teacher_ms / student_ms)

@@ -155,11 +155,13 @@ def test_there_are_named_scenarios():
 
 
 def test_the_default_scenario_is_runconfigs_defaults():
-    """`make demo` and `fedtransfer simulate` without --config run RunConfig() itself."""
+    """`fedtransfer simulate` without --config runs RunConfig() itself; `make demo` runs
+    it with one override, ``backbone=auto`` (the backbone chosen on public data first)."""
     from simulations.scenarios import resolve_config
 
     assert resolve_config(None, [], None) == RunConfig()
-    assert "simulate\n" in (REPO / "Makefile").read_text().split("demo: install", 1)[1]
+    demo = (REPO / "Makefile").read_text().split("demo: install", 1)[1].split("\n")[1]
+    assert demo.split("fedtransfer ", 1)[1] == "simulate --set backbone=auto"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
