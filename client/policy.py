@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import RunConfig
+from common.models.finetune import TRAINABLE_MODES
 from common.privacy.accounting import dp_plan
 from common.protocol import MAX_CLASS_WEIGHT, RoundRequest
 
@@ -66,6 +67,9 @@ class SiteSettings:
     max_steps: int = 10_000  # the most DP-SGD steps one round may take
     class_names: tuple[str, ...] | None = None  # labels by name, in the federation's order
     ledger_key: Path | None = None  # the chain's HMAC key; default <ledger-path>.key
+    # The trainable modes (common/models/finetune.py) the site accepts: what leaves the
+    # site each round (the head alone, or backbone tensors too) is the site's call.
+    trainable: tuple[str, ...] = TRAINABLE_MODES
 
     @property
     def models(self) -> Path:
@@ -94,6 +98,9 @@ POLICY_KEYS = {
     "max-steps": "the most DP-SGD steps one round may take (default 10000)",
     "class-names": "comma-separated class names in the federation's order; labels are mapped "
                    "by name (needed when labels are not integer indices)",
+    "trainable": "comma-separated trainable modes the site accepts, of "
+                 f"{', '.join(TRAINABLE_MODES)} (default: all); 'head' keeps every backbone "
+                 "tensor at the site",
     "policy-file": "a TOML file holding any of these keys (node-config keys win)",
 }
 REQUIRED_KEYS = ("data-path", "ledger-path", "target-epsilon", "target-delta")
@@ -222,7 +229,17 @@ def _parse_policy(node: dict, *, data_path: str | None) -> SiteSettings:
         max_rounds=_number(node, "max-rounds", int, 100, low=1),
         max_steps=_number(node, "max-steps", int, 10_000, low=1),
         class_names=classes,
-        ledger_key=Path(str(node["ledger-key"])) if "ledger-key" in node else None)
+        ledger_key=Path(str(node["ledger-key"])) if "ledger-key" in node else None,
+        trainable=_modes(node))
+
+
+def _modes(node: dict) -> tuple[str, ...]:
+    raw = node.get("trainable", ",".join(TRAINABLE_MODES))
+    modes = tuple(m.strip() for m in str(raw).split(",") if m.strip())
+    if not modes or any(m not in TRAINABLE_MODES for m in modes):
+        raise SiteConfigError(f"node config 'trainable' must be comma-separated modes of "
+                              f"{', '.join(TRAINABLE_MODES)}, got {raw!r}")
+    return modes
 
 
 def site_settings(cfg: RunConfig, node: dict, *, simulated: bool) -> SiteSettings:
@@ -243,13 +260,18 @@ def site_settings(cfg: RunConfig, node: dict, *, simulated: bool) -> SiteSetting
         "target-epsilon=1.0 target-delta=1e-5'); it never takes them from the server")
 
 
-def check_policy(req: RoundRequest, settings: SiteSettings) -> None:
+def check_policy(req: RoundRequest, settings: SiteSettings, *,
+                 trainable: str | None = None) -> None:
     """Decline a request outside the site's policy, before any record is read.
+    ``trainable``: the mode the run would train (None for a query that trains nothing).
 
     Raises:
         PolicyDeclined: naming each request field and the policy it breaks.
     """
     problems = []
+    if trainable is not None and trainable not in settings.trainable:
+        problems.append(f"trainable {trainable!r} is not among the modes this site accepts "
+                        f"({', '.join(settings.trainable)})")
     if req.dp != settings.dp:
         problems.append(
             "this site trains only with DP-SGD (its policy: dp = true); the request asks for "

@@ -240,7 +240,7 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
         BudgetExhausted: the round would pass the cap; nothing was trained.
     """
     t_start = time.perf_counter()
-    check_policy(req, settings)
+    check_policy(req, settings, trainable=cfg.trainable)
     schema = request_schema(req, settings)
     data = data if data is not None else load_site_data(cfg, settings, head_classes(global_head),
                                                         schema)

@@ -343,3 +343,25 @@ def test_a_missing_policy_file_is_named_without_the_sites_paths(tmp_path):
     status = _status(_train({"data-path": "medmnist:/nowhere.npz", "policy-file": str(missing)}))
     assert status["status"] == protocol.SITE_CONFIG_ERROR
     assert "policy-file cannot be read" in status["reason"] and "secret-dir" not in status["reason"]
+
+
+def test_a_site_that_accepts_only_the_head_declines_backbone_tuning(tmp_path):
+    """What leaves the site is the site's call: a site whose policy is
+    ``trainable = "head"`` declines a run that would send backbone tensors, before
+    any record is read, and charges nothing."""
+    node = _site(tmp_path, trainable="head")
+    node["data-path"] = f"medmnist:{tmp_path / 'no-such-file.npz'}"  # never opened
+    status = _status(_train(node, run={"trainable": "last-block", "backbone": "efficientnet-lite0",
+                                       "image-size": 64}))
+    assert status["status"] == protocol.POLICY_DECLINED
+    assert "trainable 'last-block' is not among the modes this site accepts (head)" in \
+        status["reason"]
+    assert _entries(node) == 0
+
+
+def test_an_unknown_trainable_mode_in_the_site_policy_is_named(tmp_path):
+    node = _site(tmp_path, trainable="head, everything")
+    status = _status(_train(node))
+    assert "node config 'trainable' must be comma-separated modes of head, bitfit, " \
+           "last-block, got 'head, everything'" in status["reason"]
+    assert _entries(node) == 0
