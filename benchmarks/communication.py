@@ -15,6 +15,7 @@ from collections import OrderedDict
 import numpy as np
 
 from common.models.backbones import get_backbone
+from common.models.finetune import TRAINABLE_MODES, make_model, model_state
 from common.models.heads import head_state, make_head
 from common.protocol import to_array_record
 
@@ -72,5 +73,26 @@ def run(*, backbones: tuple[str, ...] = ("efficientnet-lite0", "identity"),
             "head_bytes": default["head_bytes"], "full_bytes": default["full_bytes"],
             "default": {"backbone": default["backbone"], "head": default["head"]},
             "rows": rows,
+            "trainable_modes": trainable_rows(image_size=image_size, num_classes=num_classes,
+                                              full_bytes=default["full_bytes"]),
             "not_measured": ["file:<checkpoint> backbones (a hospital's own model: its size is "
                              "its own)", "minilm (named in the architecture, not in the registry)"]}
+
+
+def trainable_rows(*, image_size: int, num_classes: int, full_bytes: int,
+                   backbone: str = "efficientnet-lite0", head: str = "linear") -> list[dict]:
+    """What each ``trainable`` mode sends (common/models/finetune.py: the head, plus the
+    tuned suffix tensors as ``backbone.<name>``), against the full model."""
+    out = []
+    for mode in TRAINABLE_MODES:
+        model = make_model(mode, head=head, backbone=backbone, image_size=image_size,
+                           in_dim=1280, num_classes=num_classes)
+        state = model_state(model)
+        b = record_bytes(state)
+        out.append({"mode": mode, "backbone": backbone, "head": head,
+                    "trained_parameters": int(sum(v.size for v in state.values())),
+                    "bytes": b, "per_round_both_ways": 2 * b,
+                    "ratio_full_to_mode": full_bytes / b})
+        log.info("communication trainable=%s: %d parameters, %d B each way (full model x%.1f)",
+                 mode, out[-1]["trained_parameters"], b, full_bytes / b)
+    return out

@@ -161,6 +161,12 @@ def render(doc: dict, results_path: Path, plots: dict[str, Path], here: Path) ->
         for r in comm["rows"]:
             L.append(f"| {r['backbone']} | {r['head']} | {r['feature_dim']} | {_kb(r['head_bytes'])} "
                      f"| {_kb(r['full_bytes'])} | {_f(r['ratio_full_to_head'], 1)}× |")
+        if comm.get("trainable_modes"):
+            L += ["", "Per `trainable` mode (what each site sends with the head; docs/finetuning.md):",
+                  "", "| mode | trained parameters | each way | full model / mode |", "|---|---|---|---|"]
+            for r in comm["trainable_modes"]:
+                L.append(f"| {r['mode']} | {r['trained_parameters']:,} | {_kb(r['bytes'])} | "
+                         f"{_f(r['ratio_full_to_mode'], 1)}× |")
         L += ["", "Not measured: " + "; ".join(comm.get("not_measured", [])) + ".", ""]
     # ---- 4
     if pu:
