@@ -14,15 +14,17 @@ bytes per round (every site downloads and uploads the trained tensors as float32
 The learning rate is chosen per (mode, ε, seed) on the *validation* split only,
 from ``learning_rates``; test is read once, for the chosen run.
 
-``python -m benchmarks.finetuning --reduced`` runs a configuration that fits a
-shared 2-core CPU (one seed, fewer rounds, 32 px) and writes
-``benchmarks/results/finetuning_reduced.json``; ``make bench-full`` runs the
-full sweep as its ``finetuning`` part.
+``python -m benchmarks.finetuning --cpu`` runs the sweep sized for a 2-core CPU
+(3 seeds, 64 px, 5 rounds x 1 local epoch, the learning rate chosen per mode and
+ε on the first seed's val); ``make bench-full`` runs the scenario's own schedule
+as its ``finetuning`` part (hours on a CPU; meant for a GPU). Results go to
+``benchmarks/results/<date>-<machine>-finetuning-<cpu|full>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import math
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.machine import machine_info, machine_tag
 from benchmarks.privacy_utility import Fixture, fedavg
 from common.config import RunConfig
 from common.jsonio import clean_json
@@ -39,6 +42,7 @@ from common.models.finetune import TRAINABLE_MODES, load_model_state, model_stat
 from common.privacy.accounting import epsilon
 
 log = logging.getLogger(__name__)
+RESULTS = Path(__file__).parent / "results"
 
 EPSILONS = (1.0, 4.0, 8.0, float("inf"))
 
@@ -76,17 +80,23 @@ def run_mode(fx: Fixture, target_epsilon: float, seed: int, lr: float) -> dict:
 
 def run(cfg: RunConfig, *, modes=TRAINABLE_MODES, epsilons=EPSILONS, seeds=(0,),
         learning_rates: dict[str, tuple[float, ...]] | None = None,
-        on_row=None) -> dict:
+        choose_on_first_seed: bool = False, on_row=None) -> dict:
     """The sweep's rows (one per mode, ε, seed: the val-chosen learning rate's run).
+
+    The learning rate is chosen by val AUC per (mode, ε, seed), or, with
+    ``choose_on_first_seed``, per (mode, ε) on the first seed and then reused for
+    the others (their test numbers are then not selected on at all).
     ``on_row(rows)`` is called after each row (e.g. to write partial results)."""
     rows = []
     for mode in modes:
         t0 = time.perf_counter()
         fx = Fixture(cfg.replace(trainable=mode))
         input_s = time.perf_counter() - t0
-        lrs = (learning_rates or {}).get(mode) or (cfg.learning_rate,)
+        grid = (learning_rates or {}).get(mode) or (cfg.learning_rate,)
+        chosen: dict[float, float] = {}
         for seed in seeds:
             for eps in epsilons:
+                lrs = (chosen[eps],) if choose_on_first_seed and eps in chosen else grid
                 tried = []
                 for lr in lrs:
                     out = run_mode(fx, eps, seed, lr)
@@ -95,6 +105,7 @@ def run(cfg: RunConfig, *, modes=TRAINABLE_MODES, epsilons=EPSILONS, seeds=(0,),
                     log.info("finetuning %s ε=%g seed %d lr %g: val AUC %.4f (%.1f s/round)",
                              mode, eps, seed, lr, m["val"]["auc"], out["seconds_per_round"])
                 val_auc, lr, out, m = max(tried, key=lambda t: t[0])
+                chosen.setdefault(eps, lr)
                 shipped = fx.eval.report(out["state"])  # the decision rule chosen on val
                 rows.append({
                     "mode": mode, "epsilon": eps if math.isfinite(eps) else None,
@@ -107,9 +118,9 @@ def run(cfg: RunConfig, *, modes=TRAINABLE_MODES, epsilons=EPSILONS, seeds=(0,),
                     "rule": shipped["decision"].get("rule"),
                     **{k: v for k, v in out.items() if k != "state"},
                     "input_cache_seconds": input_s})
-                log.info("finetuning %s ε=%s: test AUC %.4f bal. acc %.4f (lr %g by val)", mode,
-                         rows[-1]["epsilon_label"], rows[-1]["auc"],
-                         rows[-1]["balanced_accuracy"], lr)
+                log.info("finetuning %s ε=%s seed %d: test AUC %.4f bal. acc %.4f at the rule "
+                         "(lr %g by val)", mode, rows[-1]["epsilon_label"], seed,
+                         rows[-1]["auc"], rows[-1]["balanced_accuracy_at_rule"], lr)
                 if on_row is not None:
                     on_row(rows)
     return {"rows": rows,
@@ -126,9 +137,11 @@ def run(cfg: RunConfig, *, modes=TRAINABLE_MODES, epsilons=EPSILONS, seeds=(0,),
                                 "not Flower"}}
 
 
-REDUCED_LRS = {"head": (1.0,), "bitfit": (0.3, 1.0), "last-block": (0.1,)}
 # The full sweep's grid (chosen per mode, ε and seed on val only).
 FULL_LRS = {"head": (0.3, 1.0, 3.0), "bitfit": (0.1, 0.3, 1.0), "last-block": (0.03, 0.1, 0.3)}
+# The CPU sweep: fewer steps per run, so somewhat larger rates; 2-3 values per mode.
+CPU_LRS = {"head": (1.0, 3.0, 10.0), "bitfit": (0.3, 1.0), "last-block": (0.1, 0.3)}
+CPU_SCHEDULE = {"num_rounds": 5, "local_epochs": 1}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,38 +149,63 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.settings import BenchSettings
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.finetuning", description=__doc__)
-    p.add_argument("--reduced", action="store_true",
-                   help="1 seed, 32 px, 3 rounds x 1 epoch (a shared 2-core CPU)")
+    p.add_argument("--cpu", action="store_true",
+                   help="the sweep sized for a 2-core CPU: 3 seeds, 64 px, 5 rounds x 1 local "
+                        "epoch, learning rate chosen per (mode, ε) on the first seed's val")
     p.add_argument("--out", default=None)
     p.add_argument("--modes", default=",".join(TRAINABLE_MODES))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     st = BenchSettings()
-    if args.reduced:
-        cfg = st.config(image_size=32, num_rounds=3, local_epochs=1)
-        seeds, label = (0,), "reduced"
+    seeds = (0, 1, 2)
+    if args.cpu:
+        cfg, label, grid = st.config(**CPU_SCHEDULE), "cpu", CPU_LRS
     else:
-        cfg, seeds, label = st.config(), (0, 1, 2), "full"
+        cfg, label, grid = st.config(), "full", FULL_LRS
+    info = machine_info()
     t0 = time.perf_counter()
-    out = Path(args.out or Path(__file__).parent / "results" / f"finetuning_{label}.json")
-    note = ("REDUCED configuration (1 seed, 32 px, 3 rounds x 1 local epoch, learning rates "
-            "from a 1-2 value grid chosen on val) run on a shared 2-core CPU under nice; the "
-            "full sweep (3 seeds, 64 px, the scenario's 10 rounds x 5 epochs) is still to run"
-            if args.reduced else "")
+    out = Path(args.out or RESULTS / f"{dt.date.today().isoformat()}-{machine_tag(info)}-"
+                                     f"finetuning-{label}.json")
+    note = ("CPU sweep: the scenario's hospitals, partition, 64 px, batch and clip, but 5 rounds "
+            "x 1 local epoch (the scenario has 10 x 5), so every mode's numbers are for that "
+            "shorter schedule" if args.cpu else "the scenario's own schedule")
 
     def write(rows, done=False):
-        doc = {"mode": label, "note": note, "complete": done, "rows": rows,
+        doc = {"mode": label, "note": note, "complete": done, "machine": info, "rows": rows,
                "seconds": time.perf_counter() - t0}
         out.write_text(json.dumps(clean_json(doc), indent=1) + "\n")
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    res = run(cfg, modes=modes, seeds=seeds,
-              learning_rates=REDUCED_LRS if args.reduced else FULL_LRS, on_row=write)
+    res = run(cfg, modes=modes, seeds=seeds, learning_rates=grid,
+              choose_on_first_seed=args.cpu, on_row=write)
     write(res["rows"], done=True)
     doc = json.loads(out.read_text())
-    out.write_text(json.dumps(clean_json({**doc, "setting": res["setting"]}), indent=1) + "\n")
+    doc = {**doc, "setting": res["setting"], "summary": summarise(res["rows"])}
+    out.write_text(json.dumps(clean_json(doc), indent=1) + "\n")
     log.info("wrote %s", out)
     return 0
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean ± sd over seeds per (mode, ε), and each tuned mode's gap to ``head``."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["mode"], r["epsilon_label"]), []).append(r)
+    out = []
+    for (mode, eps), rs in groups.items():
+        auc = np.array([r["auc"] for r in rs])
+        bal = np.array([r["balanced_accuracy_at_rule"] for r in rs])
+        head = groups.get(("head", eps))
+        out.append({"mode": mode, "epsilon_label": eps, "seeds": len(rs),
+                    "auc_mean": float(auc.mean()),
+                    "auc_sd": float(auc.std(ddof=1)) if len(rs) > 1 else 0.0,
+                    "balanced_accuracy_at_rule_mean": float(bal.mean()),
+                    "seconds_per_round_mean": float(np.mean([r["seconds_per_round"] for r in rs])),
+                    "bytes_per_round": rs[0]["bytes_per_round"],
+                    "learning_rate": rs[0]["learning_rate"],
+                    "auc_minus_head": (float(auc.mean() - np.mean([r["auc"] for r in head]))
+                                       if head else None)})
+    return out
 
 
 if __name__ == "__main__":

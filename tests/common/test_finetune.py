@@ -125,3 +125,28 @@ def test_image_model_equals_prefix_then_tuned():
         direct = model(torch.from_numpy(acts))
         via = full(preprocess(images, SIZE) * 0.5 + 0.5)
     torch.testing.assert_close(via, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_depthwise_per_sample_gradients_equal_per_record_autograd():
+    """The depthwise convolution's own Opacus grad sampler (Opacus's generic
+    Conv2d sampler took ~2.6 s per step for 1152 groups) gives each record's
+    exact gradient: checked against autograd on one record at a time, and its
+    forward against nn.Conv2d."""
+    from opacus.grad_sample import GradSampleModule
+
+    torch.manual_seed(0)
+    c = 6
+    conv = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+    dw = finetune.Depthwise3x3(conv.weight)
+    x = torch.randn(5, c, 4, 3)
+    torch.testing.assert_close(dw(x), conv(x), rtol=1e-5, atol=1e-6)
+    finetune.register_grad_samplers()
+    target = torch.randn(5, c, 4, 3)
+    gsm = GradSampleModule(finetune.Depthwise3x3(conv.weight), loss_reduction="sum")
+    ((gsm(x) - target) ** 2).sum().backward()
+    per_sample = gsm._module.weight.grad_sample
+    gsm._close()
+    for i in range(len(x)):
+        ref = finetune.Depthwise3x3(conv.weight)
+        ((ref(x[i:i + 1]) - target[i:i + 1]) ** 2).sum().backward()
+        torch.testing.assert_close(per_sample[i], ref.weight.grad, rtol=1e-4, atol=1e-5)
