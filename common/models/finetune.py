@@ -123,13 +123,15 @@ class Depthwise3x3(nn.Module):
 
 def _depthwise_grad_sample(layer: Depthwise3x3, activations, backprops):
     """Per-sample gradients of :class:`Depthwise3x3`'s weight: for record n, channel
-    c and kernel tap k, the sum over positions of the output gradient times the
-    input at that tap (the same unfold as Opacus's sampler, per channel only)."""
-    x = activations[0]
-    n, c = x.shape[:2]
-    taps = F.unfold(x, kernel_size=3, padding=1).reshape(n, c, 9, -1)  # (N, C, 9, H*W)
-    g = torch.einsum("ncl,nckl->nck", backprops.reshape(n, c, -1), taps)
-    return {layer.weight: g.reshape(n, c, 1, 3, 3)} if layer.weight.requires_grad else {}
+    c and kernel tap (i, j), the sum over positions of the output gradient times
+    the zero-padded input shifted by that tap (nine products, no im2col)."""
+    if not layer.weight.requires_grad:
+        return {}
+    x = F.pad(activations[0], (1, 1, 1, 1))
+    h, w = backprops.shape[2:]
+    g = torch.stack([(backprops * x[:, :, i:i + h, j:j + w]).sum(dim=(2, 3))
+                     for i in range(3) for j in range(3)], dim=2)  # (N, C, 9)
+    return {layer.weight: g.reshape(g.shape[0], g.shape[1], 1, 3, 3)}
 
 
 def _affine_grad_sample(layer: ChannelAffine, activations, backprops):
