@@ -15,8 +15,9 @@ from collections import OrderedDict
 import numpy as np
 
 from common.models.backbones import get_backbone
-from common.models.finetune import TRAINABLE_MODES, make_model, model_state
+from common.models.finetune import make_model, model_state
 from common.models.heads import head_state, make_head
+from common.models.names import TRAINABLE_MODES
 from common.protocol import to_array_record
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,8 @@ from benchmarks.privacy_utility import Fixture, fedavg
 from common.config import RunConfig
 from common.jsonio import clean_json
 from common.models import training
-from common.models.finetune import TRAINABLE_MODES, load_model_state, model_state
+from common.models.finetune import load_model_state, model_state
+from common.models.names import TRAINABLE_MODES
 from common.privacy.accounting import epsilon
 
 log = logging.getLogger(__name__)

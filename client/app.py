@@ -40,13 +40,6 @@ from client.policy import (
     in_flower_simulation,
     site_settings,
 )
-from client.site import (
-    BudgetExhausted,
-    evaluate_site,
-    save_delivery,
-    scaling_release,
-    train_round,
-)
 from common import protocol
 from common.config import RunConfig, parse_config
 from common.data.readers import SiteDataError
@@ -105,6 +98,9 @@ def _pack_train(msg: Message, reply, legacy: bool) -> Message:
 def _decline(exc: Exception, site_id: int) -> tuple[str, str]:
     """``(status, reason)`` for a declined round. Only public values reach the
     server: a data error names files and classes in the site's log only."""
+    # lazy: client.site imports torch; only a message that reached the site's code declines
+    from client.site import BudgetExhausted
+
     if isinstance(exc, SiteDataError):
         return protocol.SITE_DATA_ERROR, protocol.SITE_DATA_REASON
     status = {BudgetExhausted: protocol.BUDGET_EXHAUSTED, RequestRejected: protocol.REQUEST_REJECTED,
@@ -135,6 +131,10 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        # A SuperNode starts a process per message; three of SecAgg+'s four never get here.
+        # lazy: torch, Opacus and the ledger load only in a process whose message trains
+        from client.site import BudgetExhausted, train_round
+
         site_id = int(context.node_config.get("partition-id", context.node_config.get("site-id", -1)))
         legacy, config, head = _unpack_train(msg)
         try:
@@ -167,6 +167,9 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
         The site evaluates the delivered head on its holdout for its own log;
         the reply carries only the receipt (:data:`common.protocol.DELIVERY_REPLY`).
         """
+        # lazy: torch loads only in a process that handles a model (see train)
+        from client.site import evaluate_site, save_delivery
+
         cfg, settings = setup(context)
         card = json.loads(str(msg.content.config_records["card"]["json"]))
         student = msg.content.array_records.get("student")
@@ -187,6 +190,9 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
     def scaling(msg: Message, context: Context) -> Message:
         """DP feature scaling before round 1 (``query.scaling``): the site's noisy
         clipped sums, charged to its ledger first (:func:`client.site.scaling_release`)."""
+        # lazy: as in train
+        from client.site import BudgetExhausted, scaling_release
+
         site_id = int(context.node_config.get("partition-id", context.node_config.get("site-id", -1)))
         try:
             cfg, settings = setup(context)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import RunConfig
-from common.models.finetune import TRAINABLE_MODES
+from common.models.names import TRAINABLE_MODES
 from common.privacy.accounting import dp_plan
 from common.protocol import MAX_CLASS_WEIGHT, RoundRequest
 

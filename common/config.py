@@ -23,13 +23,13 @@ from typing import Any
 
 from common.aggregation import AGGREGATIONS
 from common.data.schema import SchemaError, load_schema
-from common.models.finetune import TRAINABLE_MODES
-from common.models.heads import HEADS
-from common.models.students import STUDENTS
+from common.models.names import HEAD_NAMES, STUDENT_NAMES, TRAINABLE_MODES
 
 # The names each key takes. Registries with an implementation live beside it
-# (heads, students, aggregations, accountants, backbones, datasets) and are
-# imported here; the rest are listed here once.
+# (aggregations, accountants, backbones, datasets) and are imported here; the
+# torch-backed ones (heads, students, trainable modes) by name from
+# common/models/names.py, so that parsing a config never imports torch; the rest
+# are listed here once.
 MODES = ("federated", "centralized")
 PARTITIONERS = ("iid", "dirichlet", "site")  # site: the records' own sites (natural)
 DEVICES = ("auto", "cpu", "cuda")
@@ -264,12 +264,12 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.trainable != "head" and cfg.aggregation == "secagg+":
         raise bad("trainable", f"{cfg.trainable!r} is not supported with aggregation='secagg+' "
                   "(its masking is sized for a head); use 'head'")
-    if cfg.head not in HEADS:
-        raise bad("head", f"got {cfg.head!r}, allowed: {', '.join(HEADS)}")
+    if cfg.head not in HEAD_NAMES:
+        raise bad("head", f"got {cfg.head!r}, allowed: {', '.join(HEAD_NAMES)}")
     if cfg.device not in DEVICES:
         raise bad("device", f"got {cfg.device!r}, allowed: {', '.join(DEVICES)}")
-    if cfg.student not in STUDENTS:
-        raise bad("student", f"got {cfg.student!r}, allowed: {', '.join(STUDENTS)}")
+    if cfg.student not in STUDENT_NAMES:
+        raise bad("student", f"got {cfg.student!r}, allowed: {', '.join(STUDENT_NAMES)}")
     if cfg.selection_score not in SELECTION_SCORES:
         raise bad("selection-score", f"got {cfg.selection_score!r}, allowed: "
                   f"{', '.join(SELECTION_SCORES)}")

@@ -38,8 +38,8 @@ from torch.nn import functional as F
 
 from common.models.backbones import Backbone, get_backbone
 from common.models.heads import head_state, load_head_state, make_head
+from common.models.names import TRAINABLE_MODES
 
-TRAINABLE_MODES = ("head", "bitfit", "last-block")
 CUT_BLOCK = 15  # the suffix starts at EfficientNet-Lite0's last MBConv block
 PREFIX = "backbone."  # wire / bundle names of trained suffix tensors
 SUFFIX_DIM = 1280

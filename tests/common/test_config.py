@@ -178,3 +178,13 @@ def test_every_scenario_config_parses(path):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.toml"):
         load_config_file(tmp_path / "nope.toml")
+
+
+def test_the_torch_free_registry_names_match_the_registries():
+    """config.py validates by name (common/models/names.py) so that parsing a config
+    imports no torch; the names must be exactly the registries' keys."""
+    from common.models.heads import HEADS
+    from common.models.names import HEAD_NAMES, STUDENT_NAMES
+    from common.models.students import STUDENTS
+
+    assert tuple(HEADS) == HEAD_NAMES and tuple(STUDENTS) == STUDENT_NAMES
