@@ -132,8 +132,10 @@ def run(cfg: RunConfig, *, modes=TRAINABLE_MODES, epsilons=EPSILONS, seeds=(0,),
                         "image_size": cfg.image_size, "head": cfg.head, "seeds": list(seeds),
                         "learning_rates": {m: list((learning_rates or {}).get(m)
                                                    or (cfg.learning_rate,)) for m in modes},
-                        "selection": "learning rate per (mode, ε, seed) by val AUC; test read "
-                                     "for the chosen run only",
+                        "selection": ("learning rate per (mode, ε) by val AUC on the first seed, "
+                                      "reused for the others" if choose_on_first_seed else
+                                      "learning rate per (mode, ε, seed) by val AUC")
+                                     + "; test read for the chosen run only",
                         "path": "function-level (client.site + common.models.training), "
                                 "not Flower"}}
 
