@@ -158,12 +158,21 @@ def main(argv: list[str] | None = None) -> int:
                         "epoch, learning rate chosen per (mode, ε) on the first seed's val")
     p.add_argument("--out", default=None)
     p.add_argument("--modes", default=",".join(TRAINABLE_MODES))
+    p.add_argument("--epsilons", default="1,4,8,inf",
+                   help="comma-separated target ε values; inf: no DP (default 1,4,8,inf)")
+    p.add_argument("--schedule", choices=("scenario", "cpu"), default=None,
+                   help="override the local schedule: the scenario's (10 rounds x 5 epochs) or "
+                        "the CPU sweep's (10 x 1); with --cpu the default is cpu")
     args = p.parse_args(argv)
+    epsilons = tuple(float(e) for e in args.epsilons.split(","))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     st = BenchSettings()
     seeds = (0, 1, 2)
     if args.cpu:
-        cfg, label, grid = st.config(**CPU_SCHEDULE), "cpu", CPU_LRS
+        schedule = CPU_SCHEDULE if args.schedule in (None, "cpu") else {}
+        cfg, label, grid = st.config(**schedule), "cpu", CPU_LRS
+        if schedule == {}:
+            label = "cpu-scenario-schedule"
     else:
         cfg, label, grid = st.config(), "full", FULL_LRS
     info = machine_info()
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                                      f"finetuning-{label}.json")
     note = ("CPU sweep: the scenario's hospitals, partition, 64 px, batch, clip and 10 rounds, "
             "but 1 local epoch per round (the scenario has 5), so every mode's numbers are for "
-            "that shorter schedule" if args.cpu else "the scenario's own schedule")
+            "that shorter schedule" if label == "cpu" else "the scenario's own schedule")
 
     def write(rows, done=False):
         doc = {"mode": label, "note": note, "complete": done, "machine": info, "rows": rows,
@@ -180,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(clean_json(doc), indent=1) + "\n")
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    res = run(cfg, modes=modes, seeds=seeds, learning_rates=grid,
+    res = run(cfg, modes=modes, epsilons=epsilons, seeds=seeds, learning_rates=grid,
               choose_on_first_seed=args.cpu, on_row=write)
     write(res["rows"], done=True)
     doc = json.loads(out.read_text())
