@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu:
         schedule = CPU_SCHEDULE if args.schedule in (None, "cpu") else {}
         cfg, label, grid = st.config(**schedule), "cpu", CPU_LRS
-        if schedule == {}:
-            label = "cpu-scenario-schedule"
+        if schedule == {}:  # 5x the steps: the full grids, which hold the scenario's own rate
+            label, grid = "cpu-scenario-schedule", FULL_LRS
     else:
         cfg, label, grid = st.config(), "full", FULL_LRS
     info = machine_info()
