@@ -34,6 +34,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from common.aggregation import aggregate
 from common.data.datasets import partition_indices
 from common.models import training
 from common.models.backbones import get_backbone
@@ -283,10 +284,7 @@ def rehearsal_auc(features: np.ndarray, labels: np.ndarray, num_classes: int,
                 else:
                     training.train_plain(local, features[idx], labels[idx], **kw)
                 states.append(head_state(local))
-            total = float(sum(sizes))
-            state = {key: sum(s[key].astype(np.float64) * (n / total)
-                              for s, n in zip(states, sizes, strict=True)).astype(np.float32)
-                     for key in states[0]}
+            state = aggregate(states, sizes)  # record-weighted FedAvg, as the server runs it
         aucs.append(training.evaluate(load_head_state(head, state), features[te],
                                       labels[te])["auc"])
     return float(np.nanmean(aucs))
