@@ -61,6 +61,10 @@ class SiteData:
     holdout_x: np.ndarray
     holdout_y: np.ndarray
     num_classes: int
+    # Each record's patient (any hashable id, read only for grouping; never leaves the
+    # site), where the site declares where patient ids come from; None: one record, one unit.
+    train_groups: np.ndarray | None = None
+    holdout_groups: np.ndarray | None = None
 
     @property
     def fingerprint(self) -> str:

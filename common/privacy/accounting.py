@@ -36,8 +36,17 @@ from dataclasses import dataclass
 REPLACE_ONE = "replace-one"
 ADD_REMOVE = "add-remove"
 NEIGHBOURS = REPLACE_ONE  # the relation of every ε this product reports and enforces
-UNIT_OF_PRIVACY = ("one training record at one site (sample-level DP, replace-one neighbours: "
-                   "each site's record count is public)")
+# The unit of privacy a site declares (its own policy, ``privacy-unit``): one training
+# record, or one patient (all of a patient's records, clipped together). Every ε is
+# stated with its unit; a ledger records the unit of each entry and never mixes them.
+PRIVACY_UNITS = (RECORD, PATIENT) = ("record", "patient")
+UNITS_OF_PRIVACY = {
+    RECORD: ("one training record at one site (sample-level DP, replace-one neighbours: "
+             "each site's record count is public)"),
+    PATIENT: ("one patient at one site: all of that patient's training records (patient-level "
+              "DP, replace-one neighbours over patients: each site's patient count is public)"),
+}
+UNIT_OF_PRIVACY = UNITS_OF_PRIVACY[RECORD]
 ACCOUNTANTS = (PLD, PRV, RDP) = ("pld", "prv", "rdp")
 REPORTED_ACCOUNTANT = PLD  # what sites enforce and commit; PRV is the audit's cross-check
 # What a ledger entry records as its accountant: the accountant and the relation.
@@ -221,3 +230,24 @@ def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: i
     while eps_at(sigma) > target_epsilon:
         sigma *= 1.0 + tolerance
     return sigma
+
+
+def group_privacy(epsilon_: float, delta: float, k: int) -> tuple[float, float]:
+    """``(ε_k, δ_k)`` for a group of ``k`` records under an ``(ε, δ)``-DP guarantee
+    for one record: ``ε_k = k·ε``, ``δ_k = k·e^{(k−1)ε}·δ`` (group privacy; Dwork and
+    Roth, Theorem 2.2 with the δ term of Vadhan's survey, Lemma 2.2).
+
+    What a record-level guarantee means for a patient with up to ``k`` records:
+    usually a much weaker claim, which is why it is shown beside the per-record ε.
+    ``δ_k`` is capped at 1 (no guarantee at all).
+    """
+    if int(k) != k or k < 1:
+        raise ValueError(f"group size k must be an integer >= 1, got {k!r}")
+    if not (epsilon_ >= 0 and math.isfinite(epsilon_)) or not 0 <= delta < 1:
+        raise ValueError(f"need a finite ε >= 0 and δ in [0, 1), got ε={epsilon_}, δ={delta}")
+    k = int(k)
+    try:
+        delta_k = k * math.exp((k - 1) * epsilon_) * delta
+    except OverflowError:
+        delta_k = math.inf
+    return k * epsilon_, min(1.0, delta_k)

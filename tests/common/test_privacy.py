@@ -215,3 +215,15 @@ def test_equal_histories_share_one_pld_composition():
     first = epsilon([a, b], delta=1e-5)
     assert epsilon([b, a], delta=1e-5) == first == epsilon([Mechanism(1.1, 0.3, 10)], delta=1e-5)
     assert _pld_epsilon_merged.cache_info().hits >= before + 2
+
+
+def test_group_privacy_is_k_epsilon_and_the_grown_delta():
+    from common.privacy.accounting import group_privacy
+
+    assert group_privacy(1.0, 1e-5, 1) == (1.0, 1e-5)
+    eps, delta = group_privacy(0.5, 1e-6, 3)
+    assert eps == 1.5 and abs(delta - 3 * math.exp(1.0) * 1e-6) < 1e-15
+    # the example: ε = 4 per record, a patient with 5 records: no meaningful δ
+    assert group_privacy(4.0, 1e-5, 5) == (20.0, 1.0)
+    with pytest.raises(ValueError, match="group size"):
+        group_privacy(1.0, 1e-5, 0)
