@@ -91,7 +91,7 @@ def check_query(req: RoundRequest, settings: SiteSettings) -> None:
     _run(req, settings, [
         lambda: policy_problems(req, settings, trainable=None),
         lambda: declaration_problems(req, settings, fitted=False),
-        lambda: value_problems(req, settings),
+        lambda: value_problems(req, settings, first_round=0),
     ])
 
 
@@ -144,9 +144,15 @@ def declaration_problems(req: RoundRequest, settings: SiteSettings, *, fitted: b
     return problems
 
 
-def value_problems(req: RoundRequest, settings: SiteSettings) -> list[str]:
+def value_problems(req: RoundRequest, settings: SiteSettings, *, first_round: int = 1
+                   ) -> list[str]:
+    """Numbers in range and names known (``first_round``: 0 for a query made before
+    round 1)."""
     problems = []
-    for key, value, high in (("server-round", req.server_round, None),
+    if req.server_round < first_round:
+        problems.append(f"server-round must be an integer >= {first_round}, got "
+                        f"{req.server_round!r}")
+    for key, value, high in (
                              ("num-rounds", req.num_rounds, None),
                              ("local-epochs", req.local_epochs, MAX_LOCAL_EPOCHS),
                              ("batch-size", req.batch_size, None),
