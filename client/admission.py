@@ -63,7 +63,10 @@ class Admission:
     reason: str = ""
     # The shape of one record as read (fixed by the declaration: images resized to the
     # declared size, a table's declared columns; a simulated dataset's native size).
-    record_shape: tuple[int, ...] = ()  # why not admitted, for the site's own log and operator only
+    record_shape: tuple[int, ...] = ()
+    # The hash of the published public-record hash list the records were checked against
+    # (none of them may be the coordinator's public or test records); "" when none is published.
+    public_check: str = ""  # why not admitted, for the site's own log and operator only
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, indent=1)

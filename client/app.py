@@ -40,6 +40,7 @@ from common.config import RunConfig, parse_config
 from common.flowerlog import log_through_flower
 from common.protocol import (
     HEAD_KEYS,
+    DeclarationReply,
     Decline,
     DeliveryReceipt,
     declined_text,
@@ -219,6 +220,25 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
         receipt = DeliveryReceipt(settings.site_id, digest)
         return Message(content=RecordDict({"delivery": ConfigRecord(receipt.record())}),
                        reply_to=msg)
+
+    @app.query("declaration")
+    def declaration(msg: Message, context: Context) -> Message:
+        """The coordinator's declaration-only question before round 1
+        (``query.declaration``): the site's declaration, unit and admission. No
+        record is read for it (the admission is stored)."""
+        site_id = _site_id(context)
+        try:
+            settings = settings_of(context)
+            site_id = settings.site_id
+            adm = require(settings)
+            decl = settings.declaration
+            reply = DeclarationReply(settings.site_id, decl.sha256,
+                                     json.dumps(decl.to_dict(), sort_keys=True),
+                                     settings.privacy_unit, adm.public_check)
+            content = RecordDict({"declaration": ConfigRecord(reply.record())})
+        except Exception as exc:  # noqa: BLE001  (every failure becomes a fixed code)
+            content = RecordDict({"status": ConfigRecord(decline_for(exc, site_id).record())})
+        return Message(content=content, reply_to=msg)
 
     @app.query("scaling")
     def scaling(msg: Message, context: Context) -> Message:

@@ -35,6 +35,7 @@ from common.config import DEVICES, RunConfig
 from common.data.datasets import federation
 from common.data.schema import SchemaError, image_schema, load_schema
 from common.declaration import Declaration
+from common.federation import load_federation
 from common.models.names import TRAINABLE_MODES
 from common.privacy.accounting import RECORD, UNITS_OF_PRIVACY
 from common.privacy.planning import DEFAULT_MIN_NOISE_MULTIPLIER
@@ -112,6 +113,9 @@ POLICY_KEYS = {
     "image-channels": "1 or 3, for an image site without a schema file (default 1)",
     "backbone": "the backbone that turns a record into features (default: efficientnet-lite0 "
                 "for images, identity for tables); a request for another is declined",
+    "federation": "the site's copy of the federation file (TOML) the coordinator and every "
+                  "site share: the site's declaration (schema, backbone) and the plan come from "
+                  "it, instead of the schema / class-names / image-* / backbone keys",
     "dp": "true (default): train only with DP-SGD; false: this site trains without DP, says "
           "so in every reply, and the audit flags it",
     "site-id": "the site's id in the run records (default 0)",
@@ -189,7 +193,8 @@ def _read_policy_file(path: str) -> dict:
 
 
 # Keys that name files: a relative path in a policy file resolves against that file.
-PATH_KEYS = ("data-path", "ledger-path", "ledger-key", "schema", "cache-dir", "model-dir")
+PATH_KEYS = ("data-path", "ledger-path", "ledger-key", "schema", "cache-dir", "model-dir",
+             "federation")
 _SPEC_KINDS = ("imagefolder", "csv", "medmnist", "dicom")
 
 
@@ -276,12 +281,25 @@ def _class_names(node: dict) -> tuple[str, ...] | None:
 
 
 def declared(node: dict) -> Declaration:
-    """The site's declaration from its node config (see the module doc).
+    """The site's declaration from its node config (see the module doc): its copy of
+    the federation file (``federation``), or its own ``schema`` / ``class-names`` keys.
 
     Raises:
-        SiteConfigError: no classes declared, a schema file that cannot be read,
-            or keys that contradict each other (named).
+        SiteConfigError: no classes declared, a schema or federation file that cannot
+            be read, or keys that contradict each other (named).
     """
+    if "federation" in node:
+        try:
+            decl = load_federation(str(node["federation"])).declaration
+        except (ValueError, SchemaError) as exc:
+            log.warning("node config 'federation' %s: %s", node["federation"], exc)
+            raise SiteConfigError(f"the site's federation file cannot be used: {exc}") from exc
+        own = sorted(k for k in ("schema", "class-names", "image-size", "image-channels",
+                                 "backbone") if k in node)
+        if own:
+            raise SiteConfigError(f"node config keys {own} are fixed by the site's federation "
+                                  "file: remove them from the node config")
+        return decl
     classes = _class_names(node)
     if "schema" in node:
         try:

@@ -126,6 +126,10 @@ class RunConfig:
     distill_augment: int = 4
     distill_val_fraction: float = 0.3
     transfer_data: str = ""
+    # A federation file (TOML) the coordinator and every site share: the schema, the backbone,
+    # the public data and the plan (common/federation.py). Its keys are this config's keys,
+    # with paths relative to the file; a run config may not contradict it.
+    federation: str = ""
     # Where things go
     cache_dir: str = ".fedtransfer/cache"
     ledger_dir: str = ""
@@ -209,6 +213,7 @@ def parse_config(raw: Mapping[str, Any], base: RunConfig | None = None) -> RunCo
         ValueError: on an unknown key (listing the allowed ones) or a bad value.
     """
     values = (base or RunConfig()).to_dict()
+    raw = _with_federation(raw, values)
     for key, value in raw.items():
         if key not in _FIELDS:
             raise ValueError(
@@ -216,6 +221,65 @@ def parse_config(raw: Mapping[str, Any], base: RunConfig | None = None) -> RunCo
             )
         values[key] = _coerce(key, value)
     return RunConfig(**{k.replace("-", "_"): v for k, v in values.items()})
+
+
+# Keys of a federation file that name files: relative to the federation file.
+FEDERATION_PATH_KEYS = ("data-dir", "schema", "transfer-data")
+# The federation file's own table (name, published hashes), not config keys.
+FEDERATION_TABLE = "federation"
+
+
+def read_federation_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(config keys, [federation] table)`` of a federation file; paths in it are
+    resolved against the file, and its ``[schema]`` table becomes the ``schema`` key.
+
+    Raises:
+        ValueError: the file cannot be read, or names a key this config does not have.
+    """
+    path = Path(path).expanduser()
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"federation file {path}: {exc}") from exc
+    meta = data.pop(FEDERATION_TABLE, {})
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"federation file {path}: [{FEDERATION_TABLE}] must be a table")
+    unknown = sorted(k for k in data if k not in _FIELDS or k == "federation")
+    if unknown:
+        raise ValueError(f"federation file {path}: unknown key(s) {unknown}; allowed: "
+                         f"{', '.join(k for k in ALLOWED_KEYS if k != 'federation')}, and a "
+                         f"[{FEDERATION_TABLE}] table")
+    for key in FEDERATION_PATH_KEYS:
+        value = data.get(key)
+        if isinstance(value, str) and value and not value.lstrip().startswith("{") \
+                and not Path(value).expanduser().is_absolute():
+            data[key] = str((path.parent / value).resolve())
+    return data, {**meta, "path": str(path.resolve())}
+
+
+def _with_federation(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` on top of the federation file it names: the file's keys replace the
+    defaults; a raw value may repeat the file's, or leave a key at its default, but
+    never contradict it (that would be two plans for one federation)."""
+    path = raw.get("federation")
+    if not path:
+        return dict(raw)
+    keys, _ = read_federation_file(str(path))
+    out = {**keys, "federation": str(Path(str(path)).expanduser().resolve())}
+    for key, value in raw.items():
+        if key == "federation" or key not in _FIELDS:
+            out.setdefault(key, value)
+            continue
+        if key in keys:
+            mine = _coerce(key, value)
+            if mine != _coerce(key, keys[key]) and mine != defaults.get(key):
+                raise ValueError(f"config key '{key}' = {value!r} contradicts the federation file "
+                                 f"{path} ({keys[key]!r}); change the file, which every site "
+                                 "shares, not one run's config")
+            continue
+        out[key] = value
+    return out
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:

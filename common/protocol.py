@@ -112,8 +112,23 @@ SCALING_REPLY = (
     *(f for f in TRAIN_REPLY if f.privacy is not _DP),
 )
 SCALING_MESSAGE_TYPE = "query.scaling"
+# Before round 1 (and for a site that joins later), the coordinator's declaration-only
+# question: which declaration does the site hold, in which unit, and is it admitted?
+# Nothing in the answer is read from a record.
+DECLARATION_REPLY = (
+    Field("status", _P, "'ok' (the site is admitted; otherwise a decline)"),
+    Field("site-id", _P, "the site's id"),
+    Field("declaration", _P, "the hash of the site's declaration (schema and backbone)"),
+    Field("declaration-json", _P, "the site's declaration itself (what it reads its records "
+                                  "as: no record is in it)"),
+    Field("privacy-unit", _P, "the unit of privacy the site's ε is stated in"),
+    Field("public-check", _P, "the hash of the public-record hash list the site checked its "
+                              "records against at admission ('' when the federation publishes "
+                              "none)"),
+)
+DECLARATION_MESSAGE_TYPE = "query.declaration"
 REPLIES = {"train": TRAIN_REPLY, "scaling": SCALING_REPLY, "decline": DECLINE_REPLY,
-           "delivery": DELIVERY_REPLY}
+           "delivery": DELIVERY_REPLY, "declaration": DECLARATION_REPLY}
 _TRAIN = {f.key: f for f in TRAIN_REPLY}
 TIMING_KEYS = ("feature-seconds", "train-seconds", "privacy-seconds", "site-seconds")
 # The text values of a train reply travel in its status record, not in its metrics.
@@ -232,6 +247,20 @@ class Decline:
 
     def record(self) -> dict[str, int | str]:
         return {"status": self.status, "reason": self.reason, "site-id": int(self.site_id)}
+
+
+@dataclass(frozen=True)
+class DeclarationReply:
+    site_id: int
+    declaration: str
+    declaration_json: str
+    privacy_unit: str
+    public_check: str = ""
+
+    def record(self) -> dict[str, int | str]:
+        return {"status": OK, "site-id": int(self.site_id), "declaration": self.declaration,
+                "declaration-json": self.declaration_json, "privacy-unit": self.privacy_unit,
+                "public-check": self.public_check}
 
 
 @dataclass(frozen=True)

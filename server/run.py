@@ -33,6 +33,7 @@ from server.delivery import (
 )
 from server.distill import run_distillation
 from server.evaluation import GlobalEval
+from server.handshake import Handshake
 from server.polling import PollingGrid
 from server.records import (
     RunRecords,
@@ -103,6 +104,9 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
                           trim_fraction=cfg.trim_fraction, max_update_norm=cfg.max_update_norm,
                           max_site_weight=cfg.max_site_weight)
     strategy.run_id = run_id
+    handshake = Handshake(cfg, schema)  # every site reads its records as declared, or no run
+    handshake.start(grid)
+    strategy.allowed = handshake.accepted
     if cfg.resume and records.read_schema() is not None:
         # The fitted schema of the run being resumed: its DP scaling was released once.
         schema = records.read_schema()
@@ -124,6 +128,7 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
     stop_reason = "completed"
     for r in range(first, cfg.num_rounds + 1):
         t0 = time.perf_counter()
+        handshake.ask(grid, list(grid.get_node_ids()))  # sites that joined since
         if r > 1 and strategy.active_sites(grid) < cfg.min_sites:
             stop_reason = (f"stopped before round {r}: {strategy.active_sites(grid)} sites with "
                            f"budget left, min-sites = {cfg.min_sites}")
@@ -161,6 +166,7 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
         dropped_replies=strategy.dropped, stop_reason=stop_reason,
         timing={"total_seconds": time.perf_counter() - t_run,
                 "server_feature_seconds": ev.seconds})
+    summary["handshake"] = handshake.summary()
     if resumed:
         summary["resumed_from"] = resumed
     if secagg is not None:
@@ -208,7 +214,8 @@ def finish(cfg: RunConfig, grid: Grid, *, run_id: str, out: Path, ev: GlobalEval
                          sites=summary["sites"], unit=UNIT_OF_PRIVACY, schema=ev.schema.to_dict())
     server_card = read_card(write_server_copy(out, card, arrays, outcome))
     delivered = deliver(grid, card=card, head=arrays, student=outcome.student if outcome else None,
-                        expected_sha256=server_card["sha256"], timeout=cfg.round_timeout)
+                        expected_sha256=server_card["sha256"], timeout=cfg.round_timeout,
+                        allowed=strategy.allowed)
     extra["delivery"] = {
         "message_type": DELIVER_MESSAGE_TYPE, "sha256": server_card["sha256"],
         "server_copy": str(out / "models"), "sites": delivered,

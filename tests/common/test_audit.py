@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from cli.main import main as cli_main
-from client.policy import SiteSettings
-from client.site import BudgetExhausted, evaluate_site, train_round
+from client.budget import BudgetExhausted
+from client.round import evaluate_site, train_round
+from client.settings import SiteSettings, deployed_policy
 from common.audit.recompute import (
     audit,
     audit_site,
@@ -31,59 +32,54 @@ from common.audit.recompute import (
     read_ledger,
 )
 from common.audit.report import format_text, render_html
-from common.config import RunConfig
-from common.data.datasets import SiteData
 from common.models.heads import head_state, make_head
 from common.privacy.accounting import Mechanism, compress, epsilon
 from common.privacy.ledger import Entry, Ledger
 from common.protocol import RoundRequest, released_fields
+from tests import sites
 from tests.conftest import REPO
 
 DELTA = 1e-5
 
 
 # -- helpers: a real site run on tiny synthetic data ------------------------
-def _data(n: int = 96, seed: int = 0) -> SiteData:
+def _node(run_dir: Path, *, eps: float = 2.0, n: int = 96, seed: int = 0) -> dict:
+    """A deployed site (a CSV of 96 records beside the run) whose ledger is the run's."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)
-    x = (rng.normal(size=(n, 2, 3)) * 0.3 + y[:, None, None]).astype(np.float32)
-    return SiteData(site_id=0, train_x=x[: n - 16], train_y=y[: n - 16],
-                    holdout_x=x[n - 16:], holdout_y=y[n - 16:], num_classes=2)
-
-
-def _cfg(tmp_path: Path) -> RunConfig:
-    return RunConfig(backbone="identity", head="linear", cache_dir=str(tmp_path / "cache"))
+    x = rng.normal(size=(n, 6)) * 0.3 + y[:, None]
+    return sites.csv_site(run_dir.parent / "site-data", x, y, **{
+        "ledger-path": str(run_dir / "sites" / "site-0" / "ledger.sqlite"),
+        "cache-dir": str(run_dir.parent / "cache"), "target-epsilon": eps,
+        "target-delta": DELTA, "holdout": 1 / 6})
 
 
 def _settings(run_dir: Path, *, eps: float = 2.0) -> SiteSettings:
-    return SiteSettings(site_id=0, ledger_path=run_dir / "sites" / "site-0" / "ledger.sqlite",
-                        cache_dir=run_dir.parent / "cache", dp=True, target_epsilon=eps,
-                        target_delta=DELTA)
+    return deployed_policy(_node(run_dir, eps=eps))
 
 
-def _req(run: str = "run-a", r: int = 1, rounds: int = 2, sigma: float = 0.0) -> RoundRequest:
-    return RoundRequest(run_id=run, server_round=r, num_rounds=rounds, local_epochs=1,
-                        batch_size=16, learning_rate=0.5, momentum=0.0, clip_norm=1.0,
-                        noise_multiplier=sigma)
+def _req(run_dir: Path, run: str = "run-a", r: int = 1, rounds: int = 2,
+         sigma: float = 0.0) -> RoundRequest:
+    return sites.request(_node(run_dir), run_id=run, server_round=r, num_rounds=rounds,
+                         noise_multiplier=sigma)
 
 
 def make_run(run_dir: Path, *, eps: float = 2.0, rounds: int = 2, run_id: str = "run-a") -> dict:
     """Train one real site for ``rounds`` rounds and write the run directory the
     server would: ``summary.json`` (history from the site's replies) plus the ledger."""
-    cfg = _cfg(run_dir.parent)
     settings = _settings(run_dir, eps=eps)
-    data = _data()
     head = head_state(make_head("linear", in_dim=6, num_classes=2, seed=0))
     history = []
     for r in range(1, rounds + 1):
-        reply = train_round(cfg, settings, _req(run=run_id, r=r, rounds=rounds), head, data=data)
+        reply = train_round(settings, _req(run_dir, run=run_id, r=r, rounds=rounds), head)
         head = reply.arrays
-        m = reply.metrics
+        m = reply.public.metrics()
         history.append({"round": r, "run_id": run_id, "noise_multiplier": m["noise-multiplier"],
                         "sample_rate": m["sample-rate"], "steps": m["steps"],
                         "num_examples": m["num-examples"], "epsilon_after": m["epsilon"],
-                        "ledger_entries": m["ledger-entries"], "ledger_head": reply.ledger_head})
-    final = evaluate_site(cfg, settings, head, data=data)
+                        "ledger_entries": m["ledger-entries"],
+                        "ledger_head": reply.public.ledger_head})
+    final = evaluate_site(settings, head, trainable="head", head="linear", hidden_dim=128)
     summary = {
         "run_id": run_id, "mode": "federated", "dp": True, "dataset": "synthetic",
         "final": {"accuracy": final["accuracy"], "auc": final["auc"],
@@ -362,20 +358,20 @@ def test_discover_finds_runs_and_loose_ledgers(honest_run, tmp_path):
 _CRASH = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    import client.site as site
-    from tests.common.test_audit import _cfg, _data, _req, _settings
+    import client.budget as budget
+    import client.round as round_
+    from tests.common.test_audit import _req, _settings
     from common.models.heads import head_state, make_head
 
-    real_commit = site.commit_spend
-    def commit_then_die(*args, **kwargs):
-        real_commit(*args, **kwargs)   # the spend is durable...
+    real_charge = budget.charge
+    def charge_then_die(*args, **kwargs):
+        real_charge(*args, **kwargs)   # the spend is durable...
         os._exit(17)                   # ...and the process dies before the reply leaves
-    site.commit_spend = commit_then_die
+    budget.charge = charge_then_die
 
     run_dir = Path(sys.argv[1])
     head = head_state(make_head("linear", in_dim=6, num_classes=2, seed=0))
-    reply = site.train_round(_cfg(run_dir.parent), _settings(run_dir, eps=1.0),
-                             _req(r=1, rounds=1), head, data=_data())
+    reply = round_.train_round(_settings(run_dir, eps=1.0), _req(run_dir, r=1, rounds=1), head)
     (run_dir / "released.json").write_text("the update left the site")
 """)
 
@@ -399,7 +395,7 @@ def test_spend_counts_when_the_site_dies_between_commit_and_release(tmp_path):
     # The next projection counts the crashed round: a retry no longer fits the cap.
     head = head_state(make_head("linear", in_dim=6, num_classes=2, seed=0))
     with pytest.raises(BudgetExhausted) as info:
-        train_round(_cfg(tmp_path), settings, _req(r=1, rounds=1), head, data=_data())
+        train_round(settings, _req(run_dir, r=1, rounds=1), head)
     assert info.value.spent == pytest.approx(spent)
     assert info.value.projected > 1.0
     assert len(ledger.entries()) == 1
@@ -421,8 +417,7 @@ def test_refusal_is_machine_readable_and_the_audit_confirms_the_cap(run_copy):
     before = Ledger(settings.ledger_path).entries()
     # A fresh run asking for a large, explicit budget-busting round (σ at the site's minimum).
     with pytest.raises(BudgetExhausted) as info:
-        train_round(_cfg(run_copy.parent), settings, _req(run="run-b", r=1, rounds=1, sigma=0.3),
-                    head, data=_data())
+        train_round(settings, _req(run_copy, run="run-b", r=1, rounds=1, sigma=0.3), head)
     m = re.fullmatch(r"budget exhausted: spent (\S+), cap (\S+), this round would reach (\S+) "
                      r"\(ε at δ=1e-05, unit: one record at this site\)", str(info.value))
     assert m, str(info.value)

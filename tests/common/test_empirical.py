@@ -116,8 +116,8 @@ def test_empirical_hazards():
 def test_audit_run_site_audits_the_mechanism_in_the_sites_ledger(tmp_path):
     """The run's own config (digits, identity features) and the σ, q, steps and clip
     norm that the site's ledger recorded for the run."""
-    from client.policy import scenario_policy
-    from client.site import train_round
+    from client.round import train_round
+    from client.settings import scenario_policy
     from common.audit.empirical import audit_run_site
     from common.config import RunConfig
     from common.models.heads import head_state, make_head
@@ -133,10 +133,11 @@ def test_audit_run_site_audits_the_mechanism_in_the_sites_ledger(tmp_path):
     for r in (1, 2):
         req = RoundRequest(run_id="7", server_round=r, num_rounds=2, local_epochs=1,
                            batch_size=32, learning_rate=0.5, momentum=0.0, clip_norm=1.0,
-                           noise_multiplier=1.5)
-        reply = train_round(cfg, settings, req, head)
+                           noise_multiplier=1.5, schema=settings.declaration.schema.to_json(),
+                           backbone="identity")
+        reply = train_round(settings, req, head)
         history.append({"round": r, "run_id": "7"})
-    summary = {"run_id": "7", "sites": {"1": {"epsilon": reply.metrics["epsilon"],
+    summary = {"run_id": "7", "sites": {"1": {"epsilon": reply.public.epsilon,
                                               "history": history}, "0": {"history": []}}}
     from common.audit.recompute import read_ledger
 
@@ -145,8 +146,8 @@ def test_audit_run_site_audits_the_mechanism_in_the_sites_ledger(tmp_path):
     assert result["site"] == "1" and result["records"] > 100
     mech = result["mechanism"]
     assert mech["noise_multiplier"] == 1.5 and mech["clip_norm"] == 1.0
-    assert mech["steps"] == 2 * reply.metrics["steps"]
-    assert mech["sample_rate"] == reply.metrics["sample-rate"]
+    assert mech["steps"] == 2 * reply.public.steps
+    assert mech["sample_rate"] == reply.public.sample_rate
     assert not result["dp"]["caught"] and len(result["controls"]) == 2
     with pytest.raises(ValueError, match="did not train"):
         audit_run_site(tmp_path, summary, ledgers, site="0", m=200)
