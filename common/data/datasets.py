@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data.readers import read_site_records, splits_from_records
+from common.data.readers import holdout_split, read_site_records, splits_from_records
 from common.data.schema import SchemaError, derived_tabular, image_schema, load_schema
 from common.data.splits import (  # noqa: F401 (re-exported)
     MEDMNIST_CLASSES,
@@ -287,21 +287,22 @@ def site_data(splits: Splits, *, site_id: int, num_sites: int, partitioner: str,
     else:
         idx = partition_indices(splits.train_y, num_sites=num_sites, partitioner=partitioner,
                                 alpha=alpha, seed=seed)[site_id]
-    rng = np.random.default_rng([seed, site_id, 104729])
-    idx = rng.permutation(idx)
-    n_hold = max(1, int(round(len(idx) * holdout)))
-    if len(idx) - n_hold < 2:
+    groups = None if splits.train_groups is None else splits.train_groups[idx]
+    train, hold = holdout_split(len(idx), holdout, seed=seed, site_id=site_id, groups=groups)
+    if len(train) < 2 or len(hold) < 1:
         raise ValueError(
             f"site {site_id} has only {len(idx)} records: too few to train and hold out"
         )
-    hold, train = idx[:n_hold], idx[n_hold:]
-    x = apply_site_shift(splits.train_x[idx], site_id=site_id, strength=shift, seed=seed)
-    x_hold, x_train = x[:n_hold], x[n_hold:]
+    order = np.concatenate([hold, train])
+    x = apply_site_shift(splits.train_x[idx[order]], site_id=site_id, strength=shift, seed=seed)
+    x_hold, x_train = x[:len(hold)], x[len(hold):]
     return SiteData(
         site_id=site_id,
-        train_x=x_train, train_y=splits.train_y[train],
-        holdout_x=x_hold, holdout_y=splits.train_y[hold],
+        train_x=x_train, train_y=splits.train_y[idx[train]],
+        holdout_x=x_hold, holdout_y=splits.train_y[idx[hold]],
         num_classes=splits.num_classes,
+        train_groups=None if groups is None else groups[train],
+        holdout_groups=None if groups is None else groups[hold],
     )
 
 
@@ -361,7 +362,7 @@ def federation(cfg, *, dp_as_public: bool = False):
         raise SchemaError(f"the schema declares {declared.input} input, dataset {cfg.dataset!r} "
                           f"holds {'tabular' if tabular else 'image'} records")
     if declared is None:
-        schema = (derived_tabular(splits.classes, splits.columns, label="label") if tabular
+        schema = (derived_tabular(splits.classes, splits.columns, label=splits.label) if tabular
                   else image_schema(splits.classes, image_size=cfg.image_size,
                                     image_channels=cfg.image_channels))
     elif declared.input == "image":
