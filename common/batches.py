@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 MIN_STEPS_PER_EPOCH = 4
-MIN_BATCH = 2
+MIN_BATCH = 1
 
 
 class BatchPlanError(ValueError):

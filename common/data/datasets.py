@@ -104,7 +104,7 @@ def _load_medmnist(spec: str, data_dir: str, seed: int) -> Splits:
 
 
 def _load_local(kind: str) -> Callable[..., Splits]:
-    """``imagefolder:<dir>`` / ``csv:<file>``: a site's own files (common.data.readers),
+    """``imagefolder:<dir>`` / ``dicom:<dir>`` / ``csv:<file>``: a site's own files (common.data.readers),
     split 70/10/20 (seeded; site by site where records carry their site). Any
     corrupt file or bad label is an error naming it. A ``schema`` maps CSV
     columns and class names by name."""
@@ -164,10 +164,11 @@ def breast_cancer_hospitals_csv(folder: Path, *, num_sites: int = 4) -> Path:
 _REGISTRY: dict[str, Callable[[str, int], Splits]] = {"digits": _load_digits}
 _PREFIXES: dict[str, Callable[..., Splits]] = {
     "medmnist": _load_medmnist, "imagefolder": _load_local("imagefolder"),
-    "csv": _load_local("csv")}
+    "dicom": _load_local("dicom"), "csv": _load_local("csv")}
 _TABULAR = {"breast-cancer-hospitals": _load_breast_cancer_hospitals}
 DATASET_NAMES = ("digits", "breast-cancer-hospitals", "medmnist:<name or path.npz>",
-                 "imagefolder:<dir>[?site=folder]",
+                 "imagefolder:<dir>[?site=folder&patient=...]",
+                 "dicom:<dir>[?site=folder&patient=...]",
                  "csv:<file>[?label=COL&missing=error|drop|zero&site=COL]",
                  "csv:<dir of per-site .csv files>")
 
@@ -180,7 +181,7 @@ def load_dataset(spec: str, data_dir: str = "", seed: int = 0, schema=None) -> S
     if spec in _TABULAR:
         return _TABULAR[spec]("", data_dir, seed, schema)
     prefix, sep, rest = spec.partition(":")
-    if sep and prefix in ("imagefolder", "csv") and rest:
+    if sep and prefix in ("imagefolder", "dicom", "csv") and rest:
         return _PREFIXES[prefix](rest, data_dir, seed, schema)
     if sep and prefix in _PREFIXES and rest:
         return _PREFIXES[prefix](rest, data_dir, seed)
@@ -352,7 +353,9 @@ def federation(cfg, *, dp_as_public: bool = False):
         SchemaError: the declared schema does not match the dataset, naming both.
     """
     declared = load_schema(cfg.schema)
-    mapping = declared if declared is not None and declared.input == "tabular" else None
+    # A tabular schema maps a CSV's columns by name; an image schema may declare a window.
+    mapping = declared if declared is not None and (
+        declared.input == "tabular" or declared.image_window) else None
     splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed, schema=mapping)
     if declared is not None and tuple(declared.classes) != tuple(splits.classes):
         raise SchemaError(f"the schema's classes {list(declared.classes)} differ from dataset "

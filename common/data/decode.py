@@ -208,12 +208,12 @@ def decode_dicom(path: str | Path, *, window: Window | None = None, patient: boo
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     desc = f"{ds.Columns}x{ds.Rows} DICOM {photometric} {bits}-bit"
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
-        raw = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+        raw = np.asarray(apply_modality_lut(stored.astype(np.int64), ds), dtype=np.float64)
         if window is not None:
             values = window.apply(raw)
         else:
             lo, hi = ((-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1))
-            ends = np.asarray(apply_modality_lut(np.array([lo, hi], dtype=stored.dtype), ds),
+            ends = np.asarray(apply_modality_lut(np.array([lo, hi], dtype=np.int64), ds),
                               dtype=np.float64)
             lo_v, hi_v = float(ends.min()), float(ends.max())
             if not hi_v > lo_v:

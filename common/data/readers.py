@@ -125,6 +125,7 @@ class Scan:
     # (integer labels), or "sorted" (names sorted: depends on the names present).
     class_source: str = "indices"
     label: str = "label"  # a CSV's label column
+    ids: list[str] = field(default_factory=list)  # each record's file or row (site log only)
     refused: int = 0  # records (files, rows) read but not usable: named in the problems
 
     @property
@@ -327,6 +328,7 @@ def scan_imagefolder(root: str | Path, *, size: tuple[int, int] | None = None,
         if patient is not None and patient.kind == "manifest" else None
     corrupt: list[tuple[str, str]] = []
     loaded: list[tuple[np.ndarray, int, str | None]] = []
+    ids: list[str] = []
     sizes: Counter = Counter()
     notes: list[str] = []
     ignored = 0
@@ -348,6 +350,7 @@ def scan_imagefolder(root: str | Path, *, size: tuple[int, int] | None = None,
                 continue
             sizes[desc] += 1
             loaded.append((values, index[d.name], pid))
+            ids.append(rel)
     if ignored:
         notes.append(f"ignored {ignored} file(s) without an image suffix "
                      f"({', '.join(IMAGE_SUFFIXES)})")
@@ -370,7 +373,7 @@ def scan_imagefolder(root: str | Path, *, size: tuple[int, int] | None = None,
     y = np.array([lab for _, lab, _ in loaded], dtype=np.int64)
     out = Scan("dicom" if dicom else "imagefolder", root, x, y, classes, image_sizes=sizes,
                corrupt=corrupt, label_problems=label_problems, notes=notes,
-               class_source=source, refused=len(corrupt))
+               class_source=source, refused=len(corrupt), ids=ids)
     if patient is not None:
         out.patients = np.array([p for _, _, p in loaded], dtype=object)
     return out
@@ -487,10 +490,13 @@ def scan_csv(path: str | Path, *, label: str | None = None, missing: str | None 
     elif has_missing.any() and schema.missing == "zero":
         notes.append(f"missing values in {int(has_missing.sum())} row(s) set to each feature's "
                      "centre (policy 'zero')")
-    out = Scan("csv", path, x[keep].astype(np.float32), y[keep], tuple(found), corrupt=corrupt,
+    # The exact parsed values (float64): Schema.transform scales them to float32 at the
+    # site and in predict alike; rounding first would make the two disagree.
+    out = Scan("csv", path, x[keep], y[keep], tuple(found), corrupt=corrupt,
                label_problems=label_problems, notes=notes, class_source=source,
                column_problems=column_problems, columns=tuple(schema.columns), label=label,
-               refused=int(refused.sum()) + len(corrupt))
+               refused=int(refused.sum()) + len(corrupt),
+               ids=[f"{name}, row {r}" for r, k in zip(rownums, keep, strict=True) if k])
     if site:
         si = header.index(site)
         out.sites = np.array([c[si].strip() for c, k in zip(body, keep, strict=True) if k],
@@ -615,7 +621,8 @@ def _concat_sites(parts: list[tuple[str, Scan]]) -> Scan:
     out = Scan(first.kind, first.path.parent,
                np.concatenate(xs) if xs else first.x, np.concatenate([s.y for _, s in parts]),
                first.classes, class_source=first.class_source, columns=first.columns,
-               label=first.label, refused=sum(s.refused for _, s in parts))
+               label=first.label, refused=sum(s.refused for _, s in parts),
+               ids=[f"{name}/{i}" for name, s in parts for i in s.ids])
     for name, s in parts:
         out.image_sizes.update(s.image_sizes)
         out.corrupt += [(f"{name}/{f}", why) for f, why in s.corrupt]
