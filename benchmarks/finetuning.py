@@ -93,7 +93,7 @@ def run(cfg: RunConfig, *, modes=TRAINABLE_MODES, epsilons=EPSILONS, seeds=(0,),
         t0 = time.perf_counter()
         fx = Fixture(cfg.replace(trainable=mode))
         input_s = time.perf_counter() - t0
-        grid = (learning_rates or {}).get(mode) or (cfg.learning_rate,)
+        grid = (learning_rates or {}).get(mode) or (cfg.lr,)
         chosen: dict[float, float] = {}
         for seed in seeds:
             for eps in epsilons:
@@ -131,7 +131,7 @@ def run(cfg: RunConfig, *, modes=TRAINABLE_MODES, epsilons=EPSILONS, seeds=(0,),
                         "clip_norm": cfg.clip_norm, "delta": cfg.target_delta,
                         "image_size": cfg.image_size, "head": cfg.head, "seeds": list(seeds),
                         "learning_rates": {m: list((learning_rates or {}).get(m)
-                                                   or (cfg.learning_rate,)) for m in modes},
+                                                   or (cfg.lr,)) for m in modes},
                         "selection": ("learning rate per (mode, ε) by val AUC on the first seed, "
                                       "reused for the others" if choose_on_first_seed else
                                       "learning rate per (mode, ε, seed) by val AUC")

@@ -89,7 +89,7 @@ class Fixture:
 
 
 def _train(cfg: RunConfig, head, x, y, *, epochs: int, sigma: float | None, seed: int):
-    kw = dict(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate,
+    kw = dict(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
               momentum=cfg.momentum, seed=seed, device=training.resolve_device(cfg.device))
     if sigma is None:
         return training.train_plain(head, x, y, **kw)
@@ -152,7 +152,7 @@ def run(cfg: RunConfig, *, epsilons, seeds, fx: Fixture | None = None) -> dict:
             "setting": {"num_sites": cfg.num_sites, "partitioner": cfg.partitioner,
                         "dirichlet_alpha": cfg.dirichlet_alpha, "rounds": cfg.num_rounds,
                         "local_epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
-                        "learning_rate": cfg.learning_rate, "momentum": cfg.momentum,
+                        "learning_rate": cfg.lr, "momentum": cfg.momentum,
                         "clip_norm": cfg.clip_norm, "delta": cfg.target_delta,
                         "backbone": cfg.backbone, "image_size": cfg.image_size,
                         "head": cfg.head,

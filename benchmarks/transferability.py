@@ -208,7 +208,7 @@ def run_scenario(name: str, *, seeds, candidates: str, work: Path, doc: dict, sa
             "setting": {"num_sites": cfg.num_sites, "partitioner": cfg.partitioner,
                         "dirichlet_alpha": cfg.dirichlet_alpha, "site_shift": cfg.site_shift,
                         "rounds": cfg.num_rounds, "local_epochs": cfg.local_epochs,
-                        "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
+                        "batch_size": cfg.batch_size, "learning_rate": cfg.lr,
                         "clip_norm": cfg.clip_norm, "head": cfg.head},
             "seeds": list(seeds), "selection": selection, "selection_seconds": select_seconds,
             "runs": rows})

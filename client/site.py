@@ -30,11 +30,13 @@ from client.policy import (
 )
 from client.sigma_cache import calibrated_sigma
 from common import protocol
+from common.batches import BatchPlanError, plan_batch
 from common.config import RunConfig
 from common.data.datasets import SiteData, load_dataset, site_data
 from common.data.readers import SiteDataError, own_site_data
 from common.data.schema import Schema, SchemaError
 from common.models import training
+from common.models.backbones import BACKBONE_NAMES
 from common.models.features import cached_features
 from common.models.finetune import (
     input_backbone,
@@ -140,7 +142,9 @@ def load_site_data(cfg: RunConfig, settings: SiteSettings, num_classes: int | No
         except SchemaError as exc:
             raise SiteDataError(str(exc)) from exc
     else:
-        mapping = schema if schema is not None and schema.features else None
+        # issue 24: an image schema's declared window applies to simulated sites too
+        mapping = schema if schema is not None and (schema.features or schema.image_window) \
+            else None
         splits = _splits(cfg.dataset, cfg.data_dir, cfg.seed,
                          mapping.to_json() if mapping is not None else "")
         data = site_data(splits, site_id=settings.site_id, num_sites=cfg.num_sites,
@@ -203,6 +207,36 @@ def check_cap(ledger: Ledger, settings: SiteSettings) -> None:
             "site's ledger> --epsilon ... --reason '...'")
 
 
+# -- issue 24 (reader helper): the run's backbone, and each site's planned batch ----------
+def request_backbone(cfg: RunConfig, req: RoundRequest) -> RunConfig:
+    """The run's backbone: a site whose run config says ``auto`` (``flwr run .`` with the
+    defaults) takes the one the server chose on public data, a registry name only.
+
+    Raises:
+        RequestRejected: the request names a file, an unknown backbone, or one that
+            differs from the site's own run config; nothing was read.
+    """
+    if not req.backbone or (req.backbone == cfg.backbone and req.image_size in (0, cfg.image_size)):
+        return cfg
+    if cfg.backbone != "auto":
+        raise RequestRejected(f"request rejected by site: backbone {req.backbone!r} differs from "
+                              f"the run config's {cfg.backbone!r}")
+    if req.backbone not in BACKBONE_NAMES or req.image_size < 0:
+        raise RequestRejected(f"request rejected by site: backbone {req.backbone!r} is not a "
+                              f"registry name ({', '.join(BACKBONE_NAMES[:-1])})")
+    return cfg.replace(backbone=req.backbone, image_size=req.image_size or cfg.image_size)
+
+
+def planned_batch(req: RoundRequest, num_records: int) -> RoundRequest:
+    """The request at this site's expected batch: :func:`common.batches.plan_batch` of
+    the requested batch and the site's (public) record count, as the server plans it."""
+    try:
+        batch = plan_batch(num_records, batch_size=req.batch_size)
+    except BatchPlanError as exc:
+        raise RequestRejected(f"request rejected by site: {exc}") from exc
+    return dataclasses.replace(req, batch_size=batch)
+
+
 def plan_noise(req: RoundRequest, settings: SiteSettings, ledger: Ledger,
                num_records: int) -> tuple[float, Mechanism, list[Mechanism]]:
     """σ for this round and the mechanism it will run, plus the full prior history.
@@ -241,10 +275,12 @@ def train_round(cfg: RunConfig, settings: SiteSettings, req: RoundRequest,
     """
     t_start = time.perf_counter()
     check_policy(req, settings, trainable=cfg.trainable)
+    cfg = request_backbone(cfg, req)  # issue 24: backbone = "auto" takes the run's choice
     schema = request_schema(req, settings)
     data = data if data is not None else load_site_data(cfg, settings, head_classes(global_head),
                                                         schema)
     n = len(data.train_y)
+    req = planned_batch(req, n)  # issue 24: this site's expected batch (common/batches.py)
     check_request(req, n, settings, num_classes=data.num_classes)
     ledger = Ledger(settings.ledger_path, settings.ledger_key) if settings.dp else None
     mech = None

@@ -15,11 +15,13 @@ public (every reply declares it; the unit of privacy is replace-one):
 * a site with fewer than ``MIN_BATCH * MIN_STEPS_PER_EPOCH`` records cannot be
   planned: the run stops before round 1 naming the hospital and what to change.
 
-The plan is plain maths on public values: the server sends each site its entry
-(``batch-sizes`` in the round request), ``fedtransfer site check`` and the
-server's update-norm bound use the same function, and a site whose entry is
-missing (a deployed site whose count the server has not seen) applies it to its
-own count, reaching the same number.
+The plan is plain maths on public values (the requested batch and the record
+count), so no extra field travels: the site applies :func:`plan_batch` to its own
+count, and the server applies it to the counts it knows, to stop a run before
+round 1 that some hospital could not join (:func:`plan_site_batches`), to log
+each site's expected batch, and to bound each update's norm; ``fedtransfer site
+check`` applies it too. A deployed site's count reaches the server with its
+first reply (``num-examples``); the site's own planning never waits for it.
 """
 
 from __future__ import annotations
@@ -66,30 +68,3 @@ def plan_site_batches(counts: Mapping[int, int], *, batch_size: int,
     names = names or {}
     return {sid: plan_batch(n, batch_size=batch_size, site=names.get(sid, f"site {sid}"))
             for sid, n in sorted(counts.items())}
-
-
-def encode_plan(plan: Mapping[int, int]) -> str:
-    """The plan on the wire: ``"0:64,1:12"`` (a string: SecAgg+'s legacy config takes scalars)."""
-    return ",".join(f"{int(s)}:{int(b)}" for s, b in sorted(plan.items()))
-
-
-def decode_plan(text: str) -> dict[int, int]:
-    """The inverse of :func:`encode_plan` (``""``: no plan).
-
-    Raises:
-        ValueError: not ``site:batch`` pairs of integers >= 1.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"request field 'batch-sizes' must be text, got {type(text).__name__}")
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        site, sep, batch = part.partition(":")
-        try:
-            s, b = int(site), int(batch)
-        except ValueError:
-            s, b = -1, 0
-        if not sep or s < 0 or b < 1:
-            raise ValueError(f"request field 'batch-sizes' must be site:batch pairs of integers "
-                             f"(batch >= 1), got {part[:40]!r}")
-        out[s] = b
-    return out

@@ -46,6 +46,20 @@ CLASS_WEIGHTS = ("none", "public")
 # argmax: ship no threshold.
 DECISION_OBJECTIVES = ("balanced-accuracy", "accuracy", "argmax")
 SELECTION_SCORES = ("rehearsal", "logme", "probe")  # backbone = "auto" (common/models/transfer.py)
+# learning-rate = 0: by input. Image features: chosen on the digits public validation split
+# (the demo's); tabular records: chosen on breast-cancer's public validation split
+# (simulations/configs/breast-cancer.toml says how).
+DEFAULT_LEARNING_RATES = {"image": 8.0, "tabular": 0.5}
+# Datasets whose records are tabular, by name (a CSV, or a tabular registry entry).
+TABULAR_DATASETS = ("breast-cancer-hospitals",)
+# Backbones that take tabular records (the features as they are).
+TABULAR_BACKBONES = ("auto", "identity")
+
+
+def is_tabular_dataset(spec: str) -> bool:
+    """Whether ``dataset`` names tabular records: ``csv:...``, a bare ``.csv`` path, or a
+    tabular registry name. Decided from the name alone, so a config error needs no data."""
+    return spec in TABULAR_DATASETS or spec.startswith("csv:") or spec.lower().endswith(".csv")
 
 
 @dataclass(frozen=True)
@@ -69,7 +83,10 @@ class RunConfig:
     site_holdout: float = 0.2
     site_shift: float = 0.3  # per-site acquisition shift of simulated hospitals (0: none)
     # Backbone and head
-    backbone: str = "efficientnet-lite0"
+    # "auto" (the default, what `make demo` runs): identity for tabular records; for images,
+    # chosen before any ε is spent by the rehearsal on the public validation split
+    # (common/models/transfer.py, `fedtransfer select`).
+    backbone: str = "auto"
     image_size: int = 64
     image_channels: int = 1  # an image-folder site converts every image to this (1 or 3)
     # backbone = "auto": chosen before any ε is spent, by a transferability score on the
@@ -100,8 +117,11 @@ class RunConfig:
     secagg_max_weight: float = 1000.0  # secagg+: the num-examples a site's quantised weight is scaled by (Flower's max_weight)
     resume: bool = False  # continue from <out-dir>/checkpoint (the last completed round)
     # Optimisation
-    batch_size: int = 64
-    learning_rate: float = 8.0
+    batch_size: int = 64  # the expected batch; smaller sites get a smaller one (common/batches.py)
+    # 0 = by input (RunConfig.lr): 8.0 on image features (chosen on the digits public
+    # validation split), 0.5 on tabular records (chosen on breast-cancer's public validation
+    # split, simulations/configs/breast-cancer.toml).
+    learning_rate: float = 0.0
     momentum: float = 0.0
     class_weights: str = "none"  # none | public (from the server's public val split counts)
     decision_objective: str = "balanced-accuracy"  # balanced-accuracy | accuracy | argmax
@@ -133,6 +153,25 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+
+    @property
+    def tabular(self) -> bool:
+        """Whether the dataset holds tabular records (known from its name, no data read)."""
+        return is_tabular_dataset(self.dataset)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the sites are asked to use: ``learning-rate``, or with 0
+        the default for the input (:data:`DEFAULT_LEARNING_RATES`)."""
+        if self.learning_rate > 0:
+            return self.learning_rate
+        return DEFAULT_LEARNING_RATES["tabular" if self.tabular else "image"]
+
+    def resolved_backbone(self) -> RunConfig:
+        """``backbone = "auto"`` on tabular records is ``identity`` (nothing to choose)."""
+        if self.backbone == "auto" and self.tabular:
+            return self.replace(backbone="identity")
+        return self
 
     # -- conversions -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -258,9 +297,14 @@ def _validate(cfg: RunConfig) -> None:
         raise bad("partitioner", f"got {cfg.partitioner!r}, allowed: {', '.join(PARTITIONERS)}")
     if cfg.trainable not in TRAINABLE_MODES:
         raise bad("trainable", f"got {cfg.trainable!r}, allowed: {', '.join(TRAINABLE_MODES)}")
+    if is_tabular_dataset(cfg.dataset) and cfg.backbone not in TABULAR_BACKBONES:
+        raise bad("backbone", f"dataset {cfg.dataset!r} holds tabular records; backbone "
+                  f"{cfg.backbone!r} takes images. Set backbone = \"identity\" (or leave the "
+                  "default, \"auto\")")
     if cfg.trainable != "head" and cfg.backbone != "efficientnet-lite0":
         raise bad("trainable", f"{cfg.trainable!r} tunes EfficientNet-Lite0's last block; "
-                  f"backbone {cfg.backbone!r} supports only 'head'")
+                  f"backbone {cfg.backbone!r} supports only 'head' (set backbone = "
+                  "\"efficientnet-lite0\")")
     if cfg.trainable != "head" and cfg.aggregation == "secagg+":
         raise bad("trainable", f"{cfg.trainable!r} is not supported with aggregation='secagg+' "
                   "(its masking is sized for a head); use 'head'")
@@ -330,7 +374,10 @@ def _validate(cfg: RunConfig) -> None:
                   f"got {cfg.distill_augment}")
     if not 0.0 < cfg.distill_val_fraction < 1.0:
         raise bad("distill-val-fraction", f"must be in (0, 1), got {cfg.distill_val_fraction!r}")
-    for key in ("learning-rate", "clip-norm", "dirichlet-alpha", "round-timeout", "target-epsilon",
+    if not (0 <= cfg.learning_rate < float("inf")):  # also rejects NaN
+        raise bad("learning-rate", f"must be a finite number > 0, or 0 for the default by input "
+                  f"(8.0 on image features, 0.5 on tabular records), got {cfg.learning_rate!r}")
+    for key in ("clip-norm", "dirichlet-alpha", "round-timeout", "target-epsilon",
                 "distill-temperature", "distill-learning-rate"):
         value = getattr(cfg, key.replace("-", "_"))
         if not value > 0 or value != value or value == float("inf"):

@@ -183,6 +183,10 @@ class RoundRequest:
     # One loss weight per class, from the server's public validation split (config
     # ``class-weights = "public"``); empty: plain cross-entropy. The site checks them.
     class_weights: tuple[float, ...] = ()
+    # -- issue 24 (reader helper): the run's resolved backbone and image size (a site whose
+    # run config says backbone = "auto" takes them; "" in old requests).
+    backbone: str = ""
+    image_size: int = 0
 
 
 # The largest class weight a round may ask for. The weights do not change the DP
@@ -192,7 +196,8 @@ class RoundRequest:
 # class was sampled. Balanced weights from a public split are far below this bound.
 MAX_CLASS_WEIGHT = 100.0
 REQUEST_KEYS = tuple(f.name.replace("_", "-") for f in fields(RoundRequest) if f.name != "run_id")
-OPTIONAL_REQUEST_KEYS = ("dp", "schema", "scaling-budget", "class-weights")
+OPTIONAL_REQUEST_KEYS = ("dp", "schema", "scaling-budget", "class-weights", "backbone",
+                         "image-size")
 
 
 def encode_class_weights(weights) -> str:
@@ -227,10 +232,11 @@ def train_request(cfg, schema_json: str = "", *, class_weights=None
     the fitted schema's canonical JSON; ``class_weights`` (public, one per class)
     are sent when given."""
     req = {"num-rounds": cfg.num_rounds, "local-epochs": cfg.local_epochs,
-           "batch-size": cfg.batch_size, "learning-rate": cfg.learning_rate,
+           "batch-size": cfg.batch_size, "learning-rate": cfg.lr,
            "momentum": cfg.momentum, "clip-norm": cfg.clip_norm,
            "noise-multiplier": cfg.noise_multiplier, "dp": bool(cfg.dp),
-           "schema": schema_json, "scaling-budget": cfg.scaling_budget}
+           "schema": schema_json, "scaling-budget": cfg.scaling_budget,
+           "backbone": cfg.backbone, "image-size": cfg.image_size}
     if class_weights:
         req["class-weights"] = encode_class_weights(class_weights)
     return req
@@ -267,7 +273,9 @@ def parse_request(config, run_id: str) -> RoundRequest:
         noise_multiplier=num("noise-multiplier", float), dp=bool(dp),
         schema=_text(config, "schema"),
         scaling_budget=num("scaling-budget", float) if "scaling-budget" in config else 0.1,
-        class_weights=decode_class_weights(config.get("class-weights", "")))
+        class_weights=decode_class_weights(config.get("class-weights", "")),
+        backbone=_text(config, "backbone"),
+        image_size=num("image-size", int) if "image-size" in config else 0)
 
 
 def _text(config, key: str) -> str:

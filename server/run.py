@@ -19,10 +19,12 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from common.data.datasets import federation
+from common.batches import plan_site_batches
+from common.data.datasets import federation, site_train_counts
 from common.models.decision import describe_decision
 from common.models.finetune import model_state
 from common.models.modelio import read_card
+from common.models.selection import resolve_auto
 from common.privacy.accounting import UNIT_OF_PRIVACY
 from common.protocol import from_array_record, to_array_record, train_request
 from server.delivery import (
@@ -76,6 +78,25 @@ def round_line(r: int, total: int, m: dict, strategy: HeadFedAvg, cfg: RunConfig
             f"bal {test['balanced_accuracy']:.3f}{rule}{sites}{privacy}{timing}")
 
 
+def plan_batches(cfg: RunConfig, splits) -> dict[int, int]:
+    """Each simulated site's expected batch from its public count (common/batches.py),
+    logged; a site too small for any batch stops the run here, naming it.
+
+    Raises:
+        ValueError: naming the hospital (as the metrics name it) and the key to change.
+    """
+    counts, names = site_train_counts(splits, num_sites=cfg.num_sites, partitioner=cfg.partitioner,
+                                      alpha=cfg.dirichlet_alpha, holdout=cfg.site_holdout,
+                                      seed=cfg.seed)
+    plan = plan_site_batches(counts, batch_size=cfg.batch_size, names=names)
+    smaller = {names[s]: (b, counts[s]) for s, b in plan.items() if b != cfg.batch_size}
+    if smaller:
+        log.info("expected batch per site (batch-size %d; smaller sites, from their public "
+                 "record counts): %s", cfg.batch_size,
+                 ", ".join(f"{n} {b} of {c}" for n, (b, c) in smaller.items()))
+    return plan
+
+
 def warn_if_too_few_nodes(grid: Grid, cfg: RunConfig) -> int:
     """Say so when fewer nodes are connected than ``num-sites`` (``flwr run .`` starts
     Flower's default of 2 SuperNodes unless told otherwise); returns the count.
@@ -94,10 +115,12 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
     """Run all rounds against ``grid`` and write the run directory."""
     t_run = time.perf_counter()
     grid = PollingGrid(grid)  # replies are pulled every 0.1 s, not Flower's 3 s
+    cfg = resolve_auto(cfg)  # issue 24: backbone = "auto" (the default), chosen on public data
     records = RunRecords(run_dir(cfg))
     out = records.out
     records.write_config(cfg)
     splits, schema = federation(cfg)
+    plan_batches(cfg, splits)  # issue 24: every hospital can train, or stop before round 1
     strategy = HeadFedAvg(fraction_train=cfg.fraction_train, min_train_nodes=cfg.min_sites,
                           min_available_nodes=cfg.min_sites, aggregation=cfg.aggregation,
                           trim_fraction=cfg.trim_fraction, max_update_norm=cfg.max_update_norm,

@@ -12,8 +12,10 @@ from pathlib import Path
 
 from client.app import make_app as make_client
 from common.config import RunConfig
+from common.data.datasets import federation
 from server.app import make_app as make_server
 from server.records import run_dir
+from server.run import plan_batches
 from simulations.centralized import run_centralized
 from simulations.engine import install as install_linear_sweep
 from simulations.selection import resolve_auto
@@ -135,8 +137,9 @@ def simulate(cfg: RunConfig, *, ray_address: str | None = None) -> dict:
     must then be on storage every node sees (checked before round 1).
     """
     cfg = resolve_paths(cfg)
-    if cfg.backbone == "auto":  # chosen on the public split first (no ε)
-        cfg = resolve_auto(cfg)
+    cfg = resolve_auto(cfg)  # backbone = "auto": chosen on the public split first (no ε)
+    if cfg.mode == "federated":  # a hospital too small for any batch stops the run here, named
+        plan_batches(cfg, federation(cfg)[0])
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.mode == "centralized":

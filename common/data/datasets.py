@@ -307,6 +307,24 @@ def site_data(splits: Splits, *, site_id: int, num_sites: int, partitioner: str,
     )
 
 
+def site_train_counts(splits: Splits, *, num_sites: int, partitioner: str, alpha: float,
+                      holdout: float, seed: int) -> tuple[dict[int, int], dict[int, str]]:
+    """``(training records per site, site names)`` of a simulated federation: counts
+    only (the product's unit makes them public), computed as :func:`site_data` splits
+    (a patient-grouped holdout may move a few records). Names are the records' own
+    site names (``partitioner = "site"``), as the per-site metrics name them."""
+    if partitioner == "site":
+        check_natural_sites(splits, num_sites)
+        sizes = [int((splits.train_site == i).sum()) for i in range(num_sites)]
+        names = dict(enumerate(splits.site_names))
+    else:
+        sizes = [len(p) for p in partition_indices(splits.train_y, num_sites=num_sites,
+                                                   partitioner=partitioner, alpha=alpha,
+                                                   seed=seed)]
+        names = {i: f"site {i}" for i in range(num_sites)}
+    return {i: n - max(1, int(round(n * holdout))) for i, n in enumerate(sizes)}, names
+
+
 def export_site_folders(splits: Splits, out: str | Path, *, num_sites: int, alpha: float,
                         seed: int = 0) -> dict[str, dict[str, int]]:
     """Write every record of ``splits`` (train, val and test pooled) as PNG files in

@@ -65,7 +65,9 @@ def test_bad_type_names_the_key(key, value, words):
     ("head", "transformer"),
     ("device", "tpu"),
     ("learning-rate", math.nan),
-    ("learning-rate", 0.0),
+    ("learning-rate", -1.0),
+    ("learning-rate", math.inf),
+    ("backbone", "efficientnet-lite0"),  # with a CSV: refused at parse time, naming the fix
     ("clip-norm", -1.0),
     ("fraction-train", 0.0),
     ("site-holdout", 1.0),
@@ -76,8 +78,24 @@ def test_bad_type_names_the_key(key, value, words):
     ("noise-multiplier", math.inf),
 ])
 def test_bad_value_names_the_key(key, value):
+    raw = {key: value, **({"dataset": "csv:hospital.csv"} if key == "backbone" else {})}
     with pytest.raises(ValueError, match=f"config key '{key}'"):
-        parse_config({key: value})
+        parse_config(raw)
+
+
+def test_a_csv_with_an_image_backbone_fails_at_parse_time_naming_the_fix():
+    with pytest.raises(ValueError, match='Set backbone = "identity"') as err:
+        parse_config({"dataset": "breast-cancer-hospitals", "backbone": "efficientnet-lite0"})
+    assert "tabular records" in str(err.value)
+    cfg = parse_config({"dataset": "csv:x.csv"})  # the default backbone, "auto", is fine
+    assert cfg.resolved_backbone().backbone == "identity"
+
+
+def test_the_learning_rate_default_depends_on_the_input():
+    assert RunConfig().learning_rate == 0.0 and RunConfig().lr == 8.0
+    assert RunConfig(dataset="breast-cancer-hospitals").lr == 0.5
+    assert RunConfig(dataset="csv:a.csv").lr == 0.5
+    assert RunConfig(dataset="csv:a.csv", learning_rate=2.0).lr == 2.0
 
 
 def test_class_weights_name_the_allowed_values():
@@ -155,13 +173,14 @@ def test_there_are_named_scenarios():
 
 
 def test_the_default_scenario_is_runconfigs_defaults():
-    """`fedtransfer simulate` without --config runs RunConfig() itself; `make demo` runs
-    it with one override, ``backbone=auto`` (the backbone chosen on public data first)."""
+    """`fedtransfer simulate` without --config runs RunConfig() itself, and so does `make
+    demo`, with no override: the default backbone is "auto" (chosen on public data first)."""
     from simulations.scenarios import resolve_config
 
     assert resolve_config(None, [], None) == RunConfig()
+    assert RunConfig().backbone == "auto"
     demo = (REPO / "Makefile").read_text().split("demo: install", 1)[1].split("\n")[1]
-    assert demo.split("fedtransfer ", 1)[1] == "simulate --set backbone=auto"
+    assert demo.split("fedtransfer ", 1)[1] == "simulate"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

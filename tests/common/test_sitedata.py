@@ -166,7 +166,7 @@ def test_epsilon_estimate_calibrates_to_the_cap_or_reports_the_overrun():
     loud = estimate_epsilon(100, Plan(target_epsilon=0.5, num_rounds=3, batch_size=10,
                                       noise_multiplier=0.6))
     assert not loud.fits and loud.epsilon > 0.5 and "round(s) fit" in loud.note
-    tiny = estimate_epsilon(5, plan)
+    tiny = estimate_epsilon(3, plan)
     assert not tiny.fits and "too few for DP-SGD" in tiny.note
     small = estimate_epsilon(25, plan)  # planned down to 6 (4 steps per epoch), never refused
     assert small.fits and "expected batch 6" in small.note and small.steps_per_round == 5
