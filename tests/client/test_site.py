@@ -47,7 +47,7 @@ def _head(cfg: RunConfig):
 
 
 @pytest.mark.parametrize("bad, words", [
-    (dict(batch=500), "batch-size 500 exceeds"),
+    (dict(batch=0), "batch-size must be >= 1"),
     (dict(clip=-1.0), "clip-norm must be"),
     (dict(sigma=float("nan")), "noise-multiplier"),
     (dict(lr=float("inf")), "learning-rate"),
@@ -60,6 +60,21 @@ def test_hostile_request_is_rejected_before_anything_is_recorded(tmp_path, bad, 
     with pytest.raises(RequestRejected, match=words):
         train_round(cfg, _settings(tmp_path), _req(**bad), _head(cfg), data=_data())
     assert Ledger(tmp_path / "ledger.sqlite").entries() == []
+
+
+def test_a_batch_larger_than_the_site_is_planned_down_never_a_silent_decline(tmp_path):
+    """issue 24: the expected batch follows the site's public record count
+    (common/batches.py), so a small hospital trains instead of declining every round."""
+    from common.batches import plan_batch
+
+    cfg = _cfg(tmp_path)
+    data = _data()
+    reply = train_round(cfg, _settings(tmp_path), _req(batch=500), _head(cfg), data=data)
+    n = len(data.train_y)
+    assert reply.num_examples == n
+    assert reply.metrics["sample-rate"] == pytest.approx(plan_batch(n, batch_size=500) / n,
+                                                         rel=0.3)
+    assert len(Ledger(tmp_path / "ledger.sqlite").entries()) == 1
 
 
 def test_spend_is_committed_before_release_and_never_reset(tmp_path):
