@@ -488,7 +488,7 @@ def test_the_exported_head_gives_the_probabilities_predict_writes(tmp_path, caps
     # No --which: a bundle without a student exports its head.
     assert cli_main(["export", "--model", str(tmp_path / "m"), "--format", fmt, "--out",
                      str(out)]) == 0
-    assert "input 'features': float32 (N, 4), the records' numeric feature columns" in (
+    assert "input 'features': float32 (N, 4), the records' feature columns, already scaled" in (
         capsys.readouterr().out)
     if fmt == "torchscript":
         with torch.no_grad():
@@ -512,3 +512,38 @@ def test_an_image_bundles_head_exports_alone_and_takes_backbone_features(tmp_pat
     with torch.no_grad():
         np.testing.assert_allclose(torch.jit.load(str(tmp_path / "head.pt"))(feats).numpy(),
                                    head(feats).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_an_exported_tabular_head_takes_raw_columns_with_the_scaling_inside(tmp_path, capsys,
+                                                                             fmt):
+    """issue 24: the exported model takes the raw columns predict reads (the schema's
+    clip, centre and scale inside the graph; a missing value is the feature's centre)."""
+    schema = {"classes": ["neg", "pos"], "input": "tabular", "label": "label", "missing": "zero",
+              "features": [{"name": "age", "scaling": "declared", "center": 50.0, "scale": 10.0,
+                            "lower": 20.0, "upper": 90.0},
+                           {"name": "bp", "scaling": "declared", "center": 120.0, "scale": 15.0},
+                           {"name": "sex", "kind": "categorical", "levels": ["f", "m"]}]}
+    head = make_head("linear", in_dim=4, num_classes=2, seed=3)
+    card = {"run_id": "t1", "round": 2, "classes": ["neg", "pos"], "schema": schema,
+            "head": {"name": "linear", "backbone": "identity", "image_size": 0, "in_dim": 4,
+                     "num_classes": 2, "hidden_dim": 8}}
+    save_bundle(tmp_path / "m", card=card, head=head_state(head))
+    (tmp_path / "x.csv").write_text("age,bp,sex\n51,130,m\n95,118,f\n40,,f\n10,140,m\n")
+    predict_file(tmp_path / "m", tmp_path / "x.csv", tmp_path / "p.csv", progress=False)
+    out = tmp_path / f"head.{fmt}"
+    assert cli_main(["export", "--model", str(tmp_path / "m"), "--format", fmt, "--out",
+                     str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "input 'records': float32 (N, 4), the raw columns as recorded" in text
+    assert '["age", "bp", "sex=f", "sex=m"]' in text and "do not scale them" in text
+    raw = np.float32([[51, 130, 0, 1], [95, 118, 1, 0], [40, np.nan, 1, 0], [10, 140, 0, 1]])
+    if fmt == "torchscript":
+        with torch.no_grad():
+            logits = torch.jit.load(str(out))(torch.from_numpy(raw)).numpy()
+    else:
+        ort = pytest.importorskip("onnxruntime")
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        (logits,) = session.run(["logits"], {"records": raw})
+    probs = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
+    np.testing.assert_allclose(probs, _predicted_probs(tmp_path / "p.csv"), atol=1e-5)
