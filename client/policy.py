@@ -24,7 +24,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import RunConfig
+from common.config import RunConfig, simulated_ledger_dir
 from common.models.names import TRAINABLE_MODES
 from common.privacy.accounting import dp_plan
 from common.protocol import MAX_CLASS_WEIGHT, RoundRequest
@@ -127,7 +127,7 @@ def scenario_policy(cfg: RunConfig, node: dict) -> SiteSettings:
     site, except where the node config sets a policy key itself (a site's own
     setting always wins)."""
     site_id = int(node.get("partition-id", 0))
-    root = Path(cfg.ledger_dir or (Path(cfg.out_dir or ".fedtransfer") / "sites"))
+    root = simulated_ledger_dir(cfg)  # issue 24: one home, recorded by the server for the audit
     scenario = {"site-id": site_id, "ledger-path": str(root / f"site-{site_id}" / "ledger.sqlite"),
                 "cache-dir": cfg.cache_dir, "dp": cfg.dp, "target-epsilon": cfg.target_epsilon,
                 "target-delta": cfg.target_delta, "holdout": cfg.site_holdout,

@@ -56,6 +56,13 @@ TABULAR_DATASETS = ("breast-cancer-hospitals",)
 TABULAR_BACKBONES = ("auto", "identity")
 
 
+def simulated_ledger_dir(cfg: RunConfig) -> Path:
+    """Where a simulated site keeps its ledger: ``ledger-dir``, else ``<out-dir>/sites``,
+    else ``.fedtransfer/sites`` (``flwr run .`` with the default paths). The server records
+    it in the run's config.toml, so ``fedtransfer audit <run>`` finds the ledgers."""
+    return Path(cfg.ledger_dir or (Path(cfg.out_dir or ".fedtransfer") / "sites"))
+
+
 def is_tabular_dataset(spec: str) -> bool:
     """Whether ``dataset`` names tabular records: ``csv:...``, a bare ``.csv`` path, or a
     tabular registry name. Decided from the name alone, so a config error needs no data."""

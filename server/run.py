@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
-from common.config import RunConfig
+from common.config import RunConfig, simulated_ledger_dir
 from common.batches import plan_site_batches
 from common.data.datasets import federation, site_train_counts
 from common.models.decision import describe_decision
@@ -116,6 +116,8 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
     t_run = time.perf_counter()
     grid = PollingGrid(grid)  # replies are pulled every 0.1 s, not Flower's 3 s
     cfg = resolve_auto(cfg)  # issue 24: backbone = "auto" (the default), chosen on public data
+    if not cfg.ledger_dir:  # issue 24: record where simulated sites keep their ledgers (audit)
+        cfg = cfg.replace(ledger_dir=str(simulated_ledger_dir(cfg).resolve()))
     records = RunRecords(run_dir(cfg))
     out = records.out
     records.write_config(cfg)

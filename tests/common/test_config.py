@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -207,3 +208,30 @@ def test_the_torch_free_registry_names_match_the_registries():
     from common.models.students import STUDENTS
 
     assert tuple(HEADS) == HEAD_NAMES and tuple(STUDENTS) == STUDENT_NAMES
+
+
+def test_flwr_runs_default_paths_are_recorded_where_the_audit_looks(tmp_path):
+    """issue 24: `flwr run .` with the default paths: the sites keep their ledgers under
+    .fedtransfer/sites, the run goes to runs/<ts>; the server records the ledger folder in
+    the run's config.toml, and the audit finds the ledgers there."""
+    from client.policy import scenario_policy
+    from common.audit.recompute import audit
+    from common.config import simulated_ledger_dir
+    from common.privacy.ledger import Entry, Ledger
+
+    assert simulated_ledger_dir(RunConfig()) == Path(".fedtransfer/sites")
+    assert simulated_ledger_dir(RunConfig(out_dir="r")) == Path("r/sites")
+    cfg = RunConfig(ledger_dir=str(tmp_path / "ledgers"))
+    site = scenario_policy(cfg, {"partition-id": 1})
+    assert site.ledger_path == tmp_path / "ledgers" / "site-1" / "ledger.sqlite"
+    Ledger(site.ledger_path).append(Entry(
+        run_id="r", round=1, noise_multiplier=1.0, sample_rate=0.1, steps=10, clip_norm=1.0,
+        delta=1e-5, sampler="poisson", secure_rng=False, accountant="pld",
+        accountant_version="x", libraries="{}", dataset_size=100, data_fingerprint="f",
+        epsilon_after=0.5))
+    run = tmp_path / "runs" / "ts"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(cfg.to_toml())
+    (run / "summary.json").write_text('{"sites": {}}')
+    report = audit([str(run)])
+    assert [s.site for r in report.runs for s in r.sites] == ["1"]
