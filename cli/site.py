@@ -15,7 +15,8 @@ def cmd_site_check(args) -> int:
 
     plan = Plan(target_epsilon=args.cap, target_delta=args.delta, num_rounds=args.rounds,
                 local_epochs=args.epochs, batch_size=args.batch_size,
-                noise_multiplier=args.noise_multiplier, holdout=args.holdout)
+                noise_multiplier=args.noise_multiplier, holdout=args.holdout,
+                min_noise_multiplier=args.min_noise_multiplier)
     classes = tuple(c.strip() for c in args.class_names.split(",")) if args.class_names else None
     schema = None
     if args.schema:
@@ -90,9 +91,10 @@ def add_site_commands(sub) -> None:
     c = site.add_parser("check", help="validate the site's data and estimate ε for the planned "
                         "run (exit 1 when not ready)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("--data", required=True, help="imagefolder:<dir>, csv:<file>[?label=COL&"
-                   "missing=error|drop|zero&site=COL], medmnist:<file.npz>, or a bare "
-                   "directory / .csv / .npz path (the node config's data-path)")
+    c.add_argument("--data", required=True, help="imagefolder:<dir>, dicom:<dir>, csv:<file>[?label="
+                   "COL&missing=error|drop|zero&site=COL&patient=column:COL], medmnist:<file.npz>, "
+                   "or a bare directory / .csv / .npz path (the node config's data-path; "
+                   "docs/data.md)")
     c.add_argument("--cap", type=float, default=4.0, help="the site's ε cap (target-epsilon)")
     c.add_argument("--delta", type=float, default=1e-5, help="the site's δ (target-delta)")
     c.add_argument("--rounds", type=int, default=5, help="planned rounds (num-rounds)")
@@ -101,6 +103,9 @@ def add_site_commands(sub) -> None:
     c.add_argument("--noise-multiplier", type=float, default=0.0,
                    help="σ the server will request (0: the site calibrates to its cap)")
     c.add_argument("--holdout", type=float, default=0.2, help="the site's holdout fraction")
+    c.add_argument("--min-noise-multiplier", type=float, default=0.3,
+                   help="the site's σ floor (node config min-noise-multiplier): the σ the site "
+                        "runs is never below it, and the estimate uses the same")
     c.add_argument("--ledger", help="the site's ledger: its earlier spend counts")
     c.add_argument("--num-classes", type=int, help="the federation's class count")
     c.add_argument("--class-names", help="the federation's class names in order, comma-separated "

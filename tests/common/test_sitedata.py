@@ -202,3 +202,28 @@ def test_site_check_fails_when_the_planned_rounds_would_be_refused(tmp_path, cap
     out = capsys.readouterr().out
     assert "NOT READY" in out and "does not fit" in out and "ready to join" not in out.replace(
         "NOT READY", "")
+
+
+def test_site_check_plans_sigma_as_the_site_runs_it_floor_included(tmp_path):
+    """issue 24: site check's σ is the site's own (client.site.plan_noise): calibrated to
+    the cap at the planned batch, and never below the site's min-noise-multiplier."""
+    from client.policy import SiteSettings
+    from client.site import plan_noise
+    from common import protocol
+    from common.batches import plan_batch
+    from common.privacy.ledger import Ledger
+
+    for floor in (0.3, 5.0):  # the floor binds at 5.0 (a cap of 8 needs far less noise)
+        plan = Plan(target_epsilon=8.0, num_rounds=2, local_epochs=1, batch_size=64,
+                    min_noise_multiplier=floor)
+        est = estimate_epsilon(40, plan)
+        settings = SiteSettings(site_id=0, ledger_path=tmp_path / f"l{floor}.sqlite",
+                                cache_dir=tmp_path / "c", dp=True, target_epsilon=8.0,
+                                target_delta=1e-5, min_noise_multiplier=floor)
+        req = protocol.RoundRequest(run_id="r", server_round=1, num_rounds=2, local_epochs=1,
+                                    batch_size=plan_batch(40, batch_size=64), learning_rate=1.0,
+                                    momentum=0.0, clip_norm=1.0, noise_multiplier=0.0)
+        sigma, mech, _ = plan_noise(req, settings, Ledger(settings.ledger_path), 40)
+        assert est.noise_multiplier == pytest.approx(sigma, rel=0.01)
+        assert est.sample_rate == pytest.approx(mech.sample_rate)
+        assert sigma >= floor
