@@ -17,7 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data.readers import holdout_split, read_site_records, splits_from_records
+from common.data.readers import (
+    SiteDataError,
+    data_spec,
+    holdout_split,
+    read_site_records,
+    splits_from_records,
+)
 from common.data.schema import SchemaError, derived_tabular, image_schema, load_schema
 from common.data.splits import (  # noqa: F401 (re-exported)
     MEDMNIST_CLASSES,
@@ -122,7 +128,23 @@ def _load_breast_cancer_hospitals(rest: str, data_dir: str, seed: int, schema=No
     """scikit-learn's breast-cancer data (569 records, 30 features) as a CSV of
     hospitals (:func:`breast_cancer_hospitals_csv`), read like any site CSV."""
     path = breast_cancer_hospitals_csv(Path(data_dir or ".fedtransfer/data"))
-    return _load_local("csv")(f"{path}?label=diagnosis&site=hospital", data_dir, seed, schema)
+    return _load_local("csv")(f"{path}?{BREAST_CANCER_OPTIONS}", data_dir, seed, schema)
+
+
+BREAST_CANCER_OPTIONS = "label=diagnosis&site=hospital"
+
+
+def record_columns(dataset: str) -> tuple[str, ...]:
+    """The non-feature columns a dataset's CSV files carry (label, site, patient), from
+    its spec: ``predict`` reads those files as the sites did. ``()`` for other data."""
+    if dataset == "breast-cancer-hospitals":
+        dataset = f"csv:x.csv?{BREAST_CANCER_OPTIONS}"
+    if not dataset.startswith("csv:"):
+        return ()
+    try:
+        return data_spec(dataset).columns
+    except SiteDataError:
+        return ()
 
 
 def breast_cancer_hospitals_csv(folder: Path, *, num_sites: int = 4) -> Path:

@@ -99,6 +99,13 @@ class DataSpec:
     patient: PatientSource | None = None
 
     @property
+    def columns(self) -> tuple[str, ...]:
+        """The non-feature CSV columns this spec names: label, site and patient."""
+        return tuple(c for c in (self.label, self.site,
+                                 self.patient.value if self.patient is not None
+                                 and self.patient.kind == "column" else None) if c)
+
+    @property
     def options(self) -> dict[str, str]:
         return {k: v for k, v in (("label", self.label), ("missing", self.missing),
                                   ("site", self.site)) if v}

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from common.data.decode import IMAGE_SUFFIXES, RecordError, Window, read_csv_table, where
+from common.data.datasets import record_columns
 from common.data.readers import cell_messages, data_spec, image_files, read_image
 from common.data.schema import ID_COLUMN, Feature, Schema, SchemaError
 from common.models.decision import apply_decision, check_decision, explain_decision
@@ -244,9 +245,10 @@ def read_inputs(path: str | Path, *, channels: int | None = None,
     elif kind == "csv":
         if not target.is_file():
             raise FileNotFoundError(f"input not found: {target}")
-        extra = tuple(c for c in ((spec.site, spec.label,
-                                   spec.patient.value if spec.patient is not None else None)
-                                  if spec is not None else ()) if c)
+        # The columns beside the features: those the input's spec names, and those the
+        # run's own data spec named (the card's dataset, e.g. csv:<file>?site=hospital).
+        extra = (spec.columns if spec is not None else ()) + record_columns(
+            str((card or {}).get("dataset") or ""))
         data = csv_inputs(target, card, extra=extra)
     else:
         raise ValueError(f"{target}: unsupported input; give a folder of images, an .npz or a "
