@@ -176,6 +176,10 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
         head = from_array_record(msg.content["head"])
         _, digest = save_delivery(settings, card, head,
                                   from_array_record(student) if student is not None else None)
+        if cfg.backbone == "auto":  # issue 24: the backbone the run chose, as the card says
+            head_card = card.get("head") or {}
+            cfg = cfg.replace(backbone=str(head_card.get("backbone", "auto")),
+                              image_size=int(head_card.get("image_size") or cfg.image_size))
         try:
             log.info("site %d: the delivered head on its holdout (kept here): %s",
                      settings.site_id, evaluate_site(cfg, settings, head,
