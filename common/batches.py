@@ -36,7 +36,8 @@ class BatchPlanError(ValueError):
     """A site too small for any batch; the message names the site and the key to change."""
 
 
-def plan_batch(num_records: int, *, batch_size: int, site: str = "this site") -> int:
+def plan_batch(num_records: int, *, batch_size: int, site: str = "this site",
+               min_steps: int = MIN_STEPS_PER_EPOCH) -> int:
     """The expected batch of a site with ``num_records`` training records under a
     requested ``batch_size`` (see the module doc).
 
@@ -45,14 +46,14 @@ def plan_batch(num_records: int, *, batch_size: int, site: str = "this site") ->
     """
     if batch_size < 1:
         raise BatchPlanError(f"batch-size must be >= 1, got {batch_size}")
-    if num_records >= batch_size * MIN_STEPS_PER_EPOCH:
+    if num_records >= batch_size * min_steps:
         return batch_size
-    batch = num_records // MIN_STEPS_PER_EPOCH
+    batch = num_records // min_steps
     if batch < MIN_BATCH:
         raise BatchPlanError(
             f"{site} has {num_records} training records: too few for DP-SGD with at least "
-            f"{MIN_STEPS_PER_EPOCH} steps of {MIN_BATCH} expected records per epoch (needs "
-            f"{MIN_BATCH * MIN_STEPS_PER_EPOCH}); give it more records, lower site-holdout, or "
+            f"{min_steps} steps of {MIN_BATCH} expected records per epoch (needs "
+            f"{MIN_BATCH * min_steps}); give it more records, lower site-holdout, or "
             "leave it out of num-sites / the data")
     return min(batch, batch_size)
 
