@@ -92,8 +92,11 @@ def print_summary(s: dict) -> None:
                      f"{_fmt(q):>7} {_fmt(site.get('epsilon')):>7}  {site.get('status', '')}")
     idle = [(sid, site) for sid, site in s["sites"].items()
             if not [h for h in site.get("history") or [] if h.get("round", 1) >= 1]]
+    # issue 24: name a hospital as the per-site metrics name it (site id i is the i-th name)
+    names = list(((s["final"].get("test_sites") or {}).get("sites") or {}))
     for sid, site in idle:  # a site whose records never reached the model must not pass unseen
-        lines.append(f"WARNING: site {sid} never trained ({site.get('status')}: "
+        who = f"site {sid}" + (f" ({names[int(sid)]})" if int(sid) < len(names) else "")
+        lines.append(f"WARNING: {who} never trained ({site.get('status')}: "
                      f"{site.get('reason') or 'no reply'}); the results exclude its records")
     if "student" in s:
         t, st, d = s["teacher"], s["student"], s["distillation"]

@@ -26,7 +26,8 @@ def cmd_site_check(args) -> int:
 
     plan = Plan(target_epsilon=args.cap, target_delta=args.delta, num_rounds=args.rounds,
                 local_epochs=args.epochs, batch_size=args.batch_size,
-                noise_multiplier=args.noise_multiplier, holdout=args.holdout)
+                noise_multiplier=args.noise_multiplier, holdout=args.holdout,
+                min_noise_multiplier=args.min_noise_multiplier)
     classes = tuple(c.strip() for c in args.class_names.split(",")) if args.class_names else None
     schema = None
     if args.schema:
@@ -51,8 +52,11 @@ def _admit(args) -> int:
     # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
     from flwr.common.config import parse_config_args
 
-    from client import admission
+    # lazy: as above
+    from client.admission import ADMISSION_FILE, admit
+    # lazy: as above
     from client.settings import SiteConfigError, deployed_policy
+    # lazy: as above
     from common.data.sitecheck import Plan, check_site, format_report
 
     node = parse_config_args([args.node_config]) if args.node_config else {}
@@ -66,19 +70,19 @@ def _admit(args) -> int:
     schema = settings.declaration.schema
     plan = Plan(target_epsilon=settings.target_epsilon, target_delta=settings.target_delta,
                 num_rounds=args.rounds, local_epochs=args.epochs, batch_size=args.batch_size,
-                noise_multiplier=args.noise_multiplier, holdout=settings.holdout)
+                noise_multiplier=args.noise_multiplier, holdout=settings.holdout,
+                min_noise_multiplier=settings.min_noise_multiplier)
     report = check_site(settings.data_path, plan,
                         ledger=settings.ledger_path if settings.ledger_path.is_file() else None,
-                        classes=schema.classes, schema=schema,
-                        floor=settings.min_noise_multiplier)
-    adm = admission.admit(settings)
+                        classes=schema.classes, schema=schema)
+    adm = admit(settings)
     print(json.dumps({**report.to_dict(), "admission": adm.__dict__}, indent=2, default=str)
           if args.json else format_report(report))
     if adm.admitted:
         print(f"admitted: {adm.num_train} training {settings.privacy_unit}s (released as the "
               f"site's public count), {adm.num_holdout} held out; declaration "
               f"{settings.declaration.sha256[:16]}; recorded in "
-              f"{settings.state_dir / admission.ADMISSION_FILE}")
+              f"{settings.state_dir / ADMISSION_FILE}")
     else:
         print(f"NOT ADMITTED: {adm.reason}\nthe site answers every message with "
               "'site-unavailable' until this check passes")
@@ -144,9 +148,10 @@ def add_site_commands(sub) -> None:
                    "it ('data-path=\"...\" ledger-path=\"...\" ...'): check the data as the "
                    "site declares it and admit it (what the site releases as its count)")
     c.add_argument("--policy-file", help="the site's policy file (as node config policy-file)")
-    c.add_argument("--data", help="imagefolder:<dir>, csv:<file>[?label=COL&"
-                   "missing=error|drop|zero&site=COL], medmnist:<file.npz>, or a bare "
-                   "directory / .csv / .npz path (the node config's data-path)")
+    c.add_argument("--data", help="imagefolder:<dir>, dicom:<dir>, csv:<file>[?label="
+                   "COL&missing=error|drop|zero&site=COL&patient=column:COL], medmnist:<file.npz>, "
+                   "or a bare directory / .csv / .npz path (the node config's data-path; "
+                   "docs/data.md)")
     c.add_argument("--cap", type=float, default=4.0, help="the site's ε cap (target-epsilon)")
     c.add_argument("--delta", type=float, default=1e-5, help="the site's δ (target-delta)")
     c.add_argument("--rounds", type=int, default=5, help="planned rounds (num-rounds)")
@@ -155,6 +160,9 @@ def add_site_commands(sub) -> None:
     c.add_argument("--noise-multiplier", type=float, default=0.0,
                    help="σ the server will request (0: the site calibrates to its cap)")
     c.add_argument("--holdout", type=float, default=0.2, help="the site's holdout fraction")
+    c.add_argument("--min-noise-multiplier", type=float, default=0.3,
+                   help="the site's σ floor (node config min-noise-multiplier): the σ the site "
+                        "runs is never below it, and the estimate uses the same")
     c.add_argument("--ledger", help="the site's ledger: its earlier spend counts")
     c.add_argument("--num-classes", type=int, help="the federation's class count")
     c.add_argument("--class-names", help="the federation's class names in order, comma-separated "

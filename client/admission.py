@@ -194,19 +194,20 @@ def load_site_data(settings: SiteSettings) -> SiteData:
             in the site's own log only).
     """
     schema = settings.declaration.schema
-    tabular = schema if schema.input == "tabular" else None
+    # A CSV's columns map by the schema's names; an image schema's window applies too.
+    mapping = schema if schema.features or schema.image_window else None
     if settings.data_path:
         try:
             return own_site_data(settings.data_path, site_id=settings.site_id,
                                  holdout=settings.holdout, seed=settings.holdout_seed,
                                  num_classes=len(schema.classes), classes=schema.classes,
                                  image_size=schema.image_size or 64,
-                                 channels=schema.image_channels or 1, schema=tabular)
+                                 channels=schema.image_channels or 1, schema=mapping)
         except SchemaError as exc:
             raise SiteDataError(str(exc)) from exc
     cfg = settings.scenario
     splits = _splits(cfg.dataset, cfg.data_dir, cfg.seed,
-                     tabular.to_json() if tabular is not None else "")
+                     mapping.to_json() if mapping is not None else "")
     return site_data(splits, site_id=settings.site_id, num_sites=cfg.num_sites,
                      partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
                      holdout=settings.holdout, shift=cfg.site_shift, seed=cfg.seed)

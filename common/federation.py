@@ -20,11 +20,11 @@ when they differ.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common.config import RunConfig, parse_config, read_federation_file
-from common.data.schema import Schema, SchemaError, image_schema, load_schema
+from common.data.schema import Schema, SchemaError, load_schema
 from common.declaration import Declaration
 
 
@@ -51,9 +51,8 @@ def federation_schema(cfg: RunConfig) -> Schema:
         raise SchemaError("the federation file declares no [schema]: add classes = [...] in "
                           "order (and, for tables, the features), so that every site reads "
                           "its records the same way")
-    if schema.input == "image":
-        schema = image_schema(schema.classes, image_size=cfg.image_size,
-                              image_channels=cfg.image_channels)
+    if schema.input == "image":  # the declared window (if any) stays
+        schema = replace(schema, image_size=cfg.image_size, image_channels=cfg.image_channels)
     return schema
 
 

@@ -122,6 +122,8 @@ DECLARATION_REPLY = (
     Field("declaration-json", _P, "the site's declaration itself (what it reads its records "
                                   "as: no record is in it)"),
     Field("privacy-unit", _P, "the unit of privacy the site's ε is stated in"),
+    Field("num-examples", _P, "the training-unit count fixed when the site's data was checked "
+                              "(the FedAvg weight; public under replace-one neighbours)"),
     Field("public-check", _P, "the hash of the public-record hash list the site checked its "
                               "records against at admission ('' when the federation publishes "
                               "none)"),
@@ -255,12 +257,13 @@ class DeclarationReply:
     declaration: str
     declaration_json: str
     privacy_unit: str
+    num_examples: int
     public_check: str = ""
 
     def record(self) -> dict[str, int | str]:
         return {"status": OK, "site-id": int(self.site_id), "declaration": self.declaration,
                 "declaration-json": self.declaration_json, "privacy-unit": self.privacy_unit,
-                "public-check": self.public_check}
+                "num-examples": int(self.num_examples), "public-check": self.public_check}
 
 
 @dataclass(frozen=True)
@@ -280,7 +283,7 @@ class DeliveryReceipt:
 @dataclass(frozen=True)
 class RoundRequest:
     """What the server asks of a site for one round. It is only a request: the
-    site checks it against its own policy (:mod:`client.policy`)."""
+    site checks it against its own policy and declaration (:mod:`client.guard`)."""
 
     run_id: str
     server_round: int
@@ -351,7 +354,7 @@ def train_request(cfg, schema_json: str = "", *, class_weights=None
     the fitted schema's canonical JSON; ``class_weights`` (public, one per class)
     are sent when given."""
     req = {"num-rounds": cfg.num_rounds, "local-epochs": cfg.local_epochs,
-           "batch-size": cfg.batch_size, "learning-rate": cfg.learning_rate,
+           "batch-size": cfg.batch_size, "learning-rate": cfg.lr,
            "momentum": cfg.momentum, "clip-norm": cfg.clip_norm,
            "noise-multiplier": cfg.noise_multiplier, "dp": bool(cfg.dp),
            "schema": schema_json, "scaling-budget": cfg.scaling_budget,

@@ -79,7 +79,9 @@ class Handshake:
         new = [n for n in nodes if n not in self.asked]
         if not new:
             return []
-        config = ConfigRecord({"declaration": self.expected.sha256})
+        config = ConfigRecord({"declaration": self.expected.sha256,
+                               "backbone": self.expected.backbone,
+                               "schema": self.expected.schema.to_json()})
         messages = [Message(content=RecordDict({"config": config}),
                             message_type=DECLARATION_MESSAGE_TYPE, dst_node_id=n) for n in new]
         mismatches = []
@@ -122,6 +124,11 @@ class Handshake:
         diffs = [f"{k} {json.dumps(theirs.get(k))} where the federation has {json.dumps(mine[k])}"
                  for k in mine if theirs.get(k) != mine[k]] or ["another declaration"]
         return "declares " + "; ".join(diffs), record
+
+    def counts(self) -> dict[int, int]:
+        """The accepted sites' admitted training-record counts (public), by site id."""
+        return {int(v["site_id"]): int(v["num_examples"]) for v in self.sites.values()
+                if v.get("accepted") and "num_examples" in v}
 
     def summary(self) -> dict:
         return {"declaration": self.expected.sha256, "expected": self.expected.to_dict(),

@@ -2,7 +2,7 @@
 
 Only for schema features whose scaling is ``dp`` (:mod:`common.data.schema`). Each
 site charges its release to its own ledger (round 0) before replying
-(:func:`client.site.scaling_release`); the server books each reply's spend
+(:func:`client.round.scaling_release`); the server books each reply's spend
 like a round's, sums the noisy vectors and fits each feature's centre and
 scale (post-processing). The fitted schema then travels in every round request.
 """

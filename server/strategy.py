@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.aggregation import aggregate, clip_derived_bound, update_norm
+from common.batches import plan_batch
 from common.protocol import (
     OUT_OF_RUN,
     TIMING_KEYS,
@@ -219,7 +220,8 @@ class HeadFedAvg(FedAvg):
         if self.max_update_norm < 0 or sigma <= 0 or any(k not in self._request for k in keys):
             return None
         r = self._request
-        batch = int(r["batch-size"])
+        # the site's expected batch, planned from its public count as the site plans it
+        batch = plan_batch(int(float(metrics["num-examples"])), batch_size=int(r["batch-size"]))
         steps = int(r["local-epochs"]) * math.ceil(float(metrics["num-examples"]) / batch)
         dim = sum(int(v.size) for v in (self._global or {}).values())
         return clip_derived_bound(clip_norm=float(r["clip-norm"]),

@@ -39,6 +39,10 @@ class Splits:
     train_site: np.ndarray | None = None
     val_site: np.ndarray | None = None
     test_site: np.ndarray | None = None
+    label: str = "label"  # a CSV's label column (what the derived schema records)
+    # Each training record's patient (site-local ids, for grouping only), where the data
+    # spec declares where they come from; the splits above never put a patient on two sides.
+    train_groups: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
