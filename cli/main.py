@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cli.models import add_model_commands
 from cli.select import add_select_command
+from cli.federation import add_federation_commands
 from cli.site import add_site_commands
 from common.flowerlog import PROJECT_LOGGERS
 from common.models.decision import describe_decision
@@ -259,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(sub)
 
     add_site_commands(sub)
+    add_federation_commands(sub)
     add_select_command(sub)
     return p
 

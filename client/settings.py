@@ -36,7 +36,7 @@ from common.config import DEVICES, RunConfig, simulated_ledger_dir
 from common.data.datasets import federation
 from common.data.schema import SchemaError, image_schema, load_schema
 from common.declaration import Declaration
-from common.federation import load_federation
+from common.federation import Federation, load_federation
 from common.models.backbones import BACKBONE_NAMES
 from common.models.names import TRAINABLE_MODES
 from common.privacy.accounting import RECORD, UNITS_OF_PRIVACY
@@ -81,6 +81,11 @@ class SiteSettings:
     privacy_unit: str = RECORD
     # In a simulation, the scenario the simulated site is a partition of (None when deployed).
     scenario: RunConfig | None = None
+    # The coordinator's published public and test record digests (common/data/digests.py):
+    # the site is admitted only if it holds none of those records.
+    public_hashes: Path | None = None
+    # The federation file the site named (its plan for `site check`), if any.
+    federation: Federation | None = None
 
     @property
     def models(self) -> Path:
@@ -118,6 +123,9 @@ POLICY_KEYS = {
     "federation": "the site's copy of the federation file (TOML) the coordinator and every "
                   "site share: the site's declaration (schema, backbone) and the plan come from "
                   "it, instead of the schema / class-names / image-* / backbone keys",
+    "public-hashes": "the coordinator's published digests of its public and test records "
+                     "(default: the federation file's); the site is admitted only if it holds "
+                     "none of them",
     "dp": "true (default): train only with DP-SGD; false: this site trains without DP, says "
           "so in every reply, and the audit flags it",
     "site-id": "the site's id in the run records (default 0)",
@@ -213,7 +221,7 @@ def _read_policy_file(path: str) -> dict:
 
 # Keys that name files: a relative path in a policy file resolves against that file.
 PATH_KEYS = ("data-path", "ledger-path", "ledger-key", "schema", "cache-dir", "model-dir",
-             "federation")
+             "federation", "public-hashes")
 _SPEC_KINDS = ("imagefolder", "csv", "medmnist", "dicom")
 
 
@@ -277,8 +285,12 @@ def deployed_policy(node: dict) -> SiteSettings:
             f"itself: flower-supernode --node-config 'data-path=\"...\" ledger-path=\"...\" "
             f"target-epsilon=1.0 target-delta=1e-5 class-names=\"...\" ...'")
     _check_keys(node)
-    return _parse_policy(node, data_path=str(node["data-path"]),
-                         declaration=declared(node), scenario=None)
+    settings = _parse_policy(node, data_path=str(node["data-path"]),
+                             declaration=declared(node), scenario=None)
+    fed = load_federation(str(node["federation"])) if "federation" in node else None
+    hashes = node.get("public-hashes") or (fed.public_hashes if fed is not None else None)
+    return dataclasses.replace(settings, public_hashes=Path(str(hashes)) if hashes else None,
+                               federation=fed)
 
 
 def _check_keys(node: dict) -> None:

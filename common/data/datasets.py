@@ -347,28 +347,37 @@ def site_train_counts(splits: Splits, *, num_sites: int, partitioner: str, alpha
     return {i: n - max(1, int(round(n * holdout))) for i, n in enumerate(sizes)}, names
 
 
+EXPORT_SPLITS = ("train", "val", "test")
+
+
 def export_site_folders(splits: Splits, out: str | Path, *, num_sites: int, alpha: float,
-                        seed: int = 0) -> dict[str, dict[str, int]]:
-    """Write every record of ``splits`` (train, val and test pooled) as PNG files in
-    ``out/<site>/<class>/``: hospitals as folders, dealt by a Dirichlet(α) label
-    skew (flwr-datasets), for ``imagefolder:<out>?site=folder`` with
-    ``partitioner = "site"``. Returns the record count per site and class.
+                        seed: int = 0, include: tuple[str, ...] = ("train",)
+                        ) -> dict[str, dict[str, int]]:
+    """Write the records of ``include`` (by default the source's training split only: the
+    public val and test splits are the coordinator's, never a site's) as PNG files in
+    ``out/site-<i>/<class>/``: hospitals as folders, dealt by a Dirichlet(α) label skew
+    (flwr-datasets), for ``imagefolder:<out>?site=folder`` with ``partitioner = "site"``,
+    or one folder per deployed site. Returns the record count per site and class.
 
     Raises:
         FileExistsError: ``out`` exists and is not empty (nothing is overwritten).
+        ValueError: an unknown split in ``include``.
     """
-    from PIL import Image
+    from PIL import Image  # lazy: only an export writes images
 
+    bad = [p for p in include if p not in EXPORT_SPLITS]
+    if bad or not include:
+        raise ValueError(f"unknown split(s) {bad}; allowed: {', '.join(EXPORT_SPLITS)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
-    x = np.concatenate([splits.train_x, splits.val_x, splits.test_x])
-    y = np.concatenate([splits.train_y, splits.val_y, splits.test_y])
+    x = np.concatenate([getattr(splits, f"{p}_x") for p in include])
+    y = np.concatenate([getattr(splits, f"{p}_y") for p in include])
     parts = partition_indices(y, num_sites=num_sites, partitioner="dirichlet", alpha=alpha,
                               seed=seed)
     counts: dict[str, dict[str, int]] = {}
     for s, idx in enumerate(parts):
-        site = f"hospital-{s + 1}"
+        site = f"site-{s}"  # as the node configs, keys and the run records name it
         counts[site] = {}
         for c, name in enumerate(splits.classes):
             folder = out / site / name

@@ -62,6 +62,7 @@ from common.data.decode import (
     read_csv_table,
     where,
 )
+from common.data.digests import record_digests
 from common.data.schema import ID_COLUMN, MISSING, MISSING_TOKENS, Feature, Schema, SchemaError
 from common.data.splits import SiteData, Splits, read_medmnist_npz
 
@@ -134,6 +135,9 @@ class Scan:
     label: str = "label"  # a CSV's label column
     ids: list[str] = field(default_factory=list)  # each record's file or row (site log only)
     refused: int = 0  # records (files, rows) read but not usable: named in the problems
+    # One digest per record as decoded at its native size (common/data/digests.py): what the
+    # site compares with the coordinator's public and test records. Site-local, never sent.
+    digests: list[str] = field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -375,12 +379,13 @@ def scan_imagefolder(root: str | Path, *, size: tuple[int, int] | None = None,
     shapes = {v.shape[:2] for v, _, _ in loaded}
     if loaded and (len(shapes) > 1 or (size[1], size[0]) not in shapes):
         notes.append(f"images of {len(shapes)} size(s), each resized to {size[0]}x{size[1]}")
+    digests = record_digests(v for v, _, _ in loaded)
     arrays = [conform(v, channels=channels, size=size) for v, _, _ in loaded]
     x = np.stack(arrays) if arrays else np.zeros((0, 1, 1), np.float32)
     y = np.array([lab for _, lab, _ in loaded], dtype=np.int64)
     out = Scan("dicom" if dicom else "imagefolder", root, x, y, classes, image_sizes=sizes,
                corrupt=corrupt, label_problems=label_problems, notes=notes,
-               class_source=source, refused=len(corrupt), ids=ids)
+               class_source=source, refused=len(corrupt), ids=ids, digests=digests)
     if patient is not None:
         out.patients = np.array([p for _, _, p in loaded], dtype=object)
     return out
@@ -503,7 +508,8 @@ def scan_csv(path: str | Path, *, label: str | None = None, missing: str | None 
                label_problems=label_problems, notes=notes, class_source=source,
                column_problems=column_problems, columns=tuple(schema.columns), label=label,
                refused=int(refused.sum()) + len(corrupt),
-               ids=[f"{name}, row {r}" for r, k in zip(rownums, keep, strict=True) if k])
+               ids=[f"{name}, row {r}" for r, k in zip(rownums, keep, strict=True) if k],
+               digests=record_digests(x[keep]))
     if site:
         si = header.index(site)
         out.sites = np.array([c[si].strip() for c, k in zip(body, keep, strict=True) if k],
@@ -558,7 +564,8 @@ def scan_npz(path: str | Path) -> Scan:
     x = np.concatenate([s.train_x, s.val_x, s.test_x])
     y = np.concatenate([s.train_y, s.val_y, s.test_y])
     shape = "x".join(str(d) for d in x.shape[1:3]) + (" RGB" if x.ndim == 4 else " L")
-    out = Scan("medmnist", path, x, y, s.classes, image_sizes=Counter({shape: len(x)}))
+    out = Scan("medmnist", path, x, y, s.classes, image_sizes=Counter({shape: len(x)}),
+               digests=record_digests(x))
     out.label_problems = [f"class '{c}' is empty (no record has label {i})"
                           for i, c in enumerate(s.classes) if not (y == i).any()]
     return out
@@ -629,7 +636,8 @@ def _concat_sites(parts: list[tuple[str, Scan]]) -> Scan:
                np.concatenate(xs) if xs else first.x, np.concatenate([s.y for _, s in parts]),
                first.classes, class_source=first.class_source, columns=first.columns,
                label=first.label, refused=sum(s.refused for _, s in parts),
-               ids=[f"{name}/{i}" for name, s in parts for i in s.ids])
+               ids=[f"{name}/{i}" for name, s in parts for i in s.ids],
+               digests=[d for _, s in parts for d in s.digests])
     for name, s in parts:
         out.image_sizes.update(s.image_sizes)
         out.corrupt += [(f"{name}/{f}", why) for f, why in s.corrupt]
@@ -795,4 +803,5 @@ def own_site_data(spec: str, *, site_id: int, holdout: float, seed: int,
     return SiteData(site_id=site_id, train_x=s.x[train], train_y=s.y[train],
                     holdout_x=s.x[hold], holdout_y=s.y[hold], num_classes=k,
                     train_groups=None if groups is None else groups[train],
-                    holdout_groups=None if groups is None else groups[hold])
+                    holdout_groups=None if groups is None else groups[hold],
+                    digests=tuple(s.digests), record_ids=tuple(s.ids))

@@ -127,6 +127,21 @@ def _rounds_that_fit(prior, sigma, q, steps, plan: Plan) -> int:
     return n
 
 
+# A class this many times rarer than the site's most common one is worth a warning: the
+# site's DP head sees few of its gradients, and its holdout says little about it.
+IMBALANCE_RATIO = 10.0
+
+
+def imbalance_warnings(counts: dict[str, int], ratio: float = IMBALANCE_RATIO) -> list[str]:
+    """A warning per class (with records) rarer than the most common by more than ``ratio``."""
+    present = {c: n for c, n in counts.items() if n}
+    if len(present) < 2:
+        return []
+    top, most = max(present.items(), key=lambda kv: kv[1])
+    return [f"class imbalance: '{c}' has {n} records against {most} of '{top}' (ratio "
+            f"{most / n:.0f}, above {ratio:g})" for c, n in present.items() if most / n > ratio]
+
+
 def check_site(spec: str, plan: Plan, *, ledger: str | Path | None = None,
                num_classes: int | None = None, classes: tuple[str, ...] | None = None,
                schema: Schema | None = None) -> SiteReport:
@@ -157,6 +172,7 @@ def check_site(spec: str, plan: Plan, *, ledger: str | Path | None = None,
                       "class-names in the node config (and --class-names here) to the "
                       "federation's class names, in its order")
     warnings = [p for p in s.label_problems if "is empty" in p]
+    warnings += imbalance_warnings(s.counts)
     if num_classes is not None and len(s.classes) > num_classes:
         errors.append(f"{len(s.classes)} classes, the federation has {num_classes}")
     n = len(s.y)

@@ -69,6 +69,10 @@ class SiteData:
     # site), where the site declares where patient ids come from; None: one record, one unit.
     train_groups: np.ndarray | None = None
     holdout_groups: np.ndarray | None = None
+    # Every record's digest and name (files, rows) as read, train and holdout alike: for the
+    # site's own check against the coordinator's public records. Site-local, never sent.
+    digests: tuple[str, ...] = ()
+    record_ids: tuple[str, ...] = ()
 
     @property
     def fingerprint(self) -> str:
