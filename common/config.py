@@ -328,6 +328,24 @@ def _with_federation(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dic
     return out
 
 
+# Keys that name files or folders (a run config's relative path resolves against whichever
+# process reads it: under `flwr run` that is the SuperLink's working directory).
+PATH_KEYS = ("data-dir", "schema", "transfer-data", "cache-dir", "ledger-dir", "out-dir",
+             "federation")
+
+
+def relative_paths(raw: Mapping[str, Any]) -> list[str]:
+    """The keys of ``raw`` that give a relative path different from the default."""
+    defaults = RunConfig().to_dict()
+    out = []
+    for key in PATH_KEYS:
+        value = raw.get(key)
+        if (isinstance(value, str) and value and value != defaults[key]
+                and not value.lstrip().startswith("{") and not Path(value).expanduser().is_absolute()):
+            out.append(key)
+    return out
+
+
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """Turn ``["key=value", ...]`` (from ``--set``) into a raw mapping.
 

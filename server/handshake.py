@@ -21,8 +21,10 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
+from common.data.digests import read_public_hashes
 from common.data.schema import Schema
 from common.declaration import Declaration
+from common.federation import load_federation
 from common.protocol import DECLARATION_MESSAGE_TYPE
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,9 @@ class Handshake:
     def __init__(self, cfg: RunConfig, schema: Schema) -> None:
         self.cfg = cfg
         self.expected = Declaration(schema=schema, backbone=cfg.backbone)
+        # The hash of the public-record digest list the federation publishes: each site
+        # must have checked its records against exactly this list ('' when none is published).
+        self.public_check = published_check(cfg)
         self.sites: dict[str, dict] = {}  # by site id: what each answered
         self.accepted: set[int] = set()  # node ids
         self.asked: set[int] = set()
@@ -115,6 +120,11 @@ class Handshake:
             return f"is not ready ({status.get('status')}: {status.get('reason', '')})", status
         record = dict(content["declaration"])
         if record.get("declaration") == self.expected.sha256:
+            if self.public_check and record.get("public-check") != self.public_check:
+                return ("did not check its records against the federation's published public "
+                        "and test record digests (its check: "
+                        f"{str(record.get('public-check'))[:16] or 'none'}, published "
+                        f"{self.public_check[:16]})"), record
             return None, record
         try:
             theirs = json.loads(str(record.get("declaration-json", "")))
@@ -132,4 +142,12 @@ class Handshake:
 
     def summary(self) -> dict:
         return {"declaration": self.expected.sha256, "expected": self.expected.to_dict(),
-                "sites": self.sites}
+                "public_check": self.public_check, "sites": self.sites}
+
+
+def published_check(cfg: RunConfig) -> str:
+    """The sha256 of the public-record digest list the run's federation file publishes."""
+    if not cfg.federation:
+        return ""
+    hashes = load_federation(cfg.federation).public_hashes
+    return read_public_hashes(hashes)[1] if hashes is not None else ""

@@ -11,12 +11,12 @@ operator is told locally (how many, which files), and the coordinator sees only
 a site that did not join, never a per-request answer.
 
 A digest is computed on the record as decoded, at its native size, before any
-resizing or scaling, so that a PNG exported from an ``.npz`` and the ``.npz``
-array itself agree: image values are quantised to 16-bit levels (an 8-bit
-image's levels are exact multiples of 257), a colour image whose channels are
-equal counts as grey; a table's row is its unscaled numeric design at 9
-decimals. It detects exact copies (the common case: a public split exported
-into a hospital's folder), not near-duplicates.
+resizing or scaling, so that a PNG exported from an ``.npz`` (or from any
+array in [0, 1]) and the array itself agree: image values are quantised to the
+8-bit levels an export writes, a colour image whose channels are equal counts as
+grey; a table's row is its unscaled numeric design at 9 decimals. It detects
+copies (the common case: a public split exported into a hospital's folder), not
+near-duplicates.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def record_digest(values: np.ndarray) -> str:
         if np.array_equal(v[..., 0], v[..., 1]) and np.array_equal(v[..., 0], v[..., 2]):
             v = v[..., 0]
     if v.ndim >= 2:  # an image in [0, 1]
-        q = np.round(np.asarray(v, np.float64) * 65535).astype(np.uint16)
+        q = np.round(np.asarray(v, np.float64) * 255).astype(np.uint8)
         kind = "image"
     else:  # a table's row (NaN: a missing cell)
         q = np.round(np.asarray(v, np.float64), 9)
