@@ -79,17 +79,20 @@ def round_line(r: int, total: int, m: dict, strategy: HeadFedAvg, cfg: RunConfig
             f"bal {test['balanced_accuracy']:.3f}{rule}{sites}{privacy}{timing}")
 
 
-def plan_batches(cfg: RunConfig, splits, counts: dict[int, int]) -> dict[int, int]:
+def plan_batches(cfg: RunConfig, splits, counts: dict[int, int] | None = None
+                 ) -> dict[int, int]:
     """Each site's expected batch from its public count (common/batches.py), logged;
     a site too small for any batch stops the run here, before round 1, naming it.
-    ``counts``: the sites' admitted training-record counts (from the handshake: public).
+    ``counts``: the sites' admitted training-record counts (from the handshake: public);
+    None: a simulated federation's partition counts (a check before Ray starts).
 
     Raises:
         ValueError: naming the hospital (as the metrics name it) and the key to change.
     """
-    _, names = site_train_counts(splits, num_sites=cfg.num_sites, partitioner=cfg.partitioner,
-                                 alpha=cfg.dirichlet_alpha, holdout=cfg.site_holdout,
-                                 seed=cfg.seed)
+    simulated, names = site_train_counts(splits, num_sites=cfg.num_sites,
+                                         partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
+                                         holdout=cfg.site_holdout, seed=cfg.seed)
+    counts = simulated if counts is None else counts
     plan = plan_site_batches(counts, batch_size=cfg.batch_size, names=names)
     smaller = {names.get(s, f"site {s}"): (b, counts[s]) for s, b in plan.items()
                if b != cfg.batch_size}
