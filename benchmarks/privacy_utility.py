@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 
-from client.policy import scenario_policy
-from client.site import load_site_data, site_features
+from client.admission import load_site_data
+from client.round import site_features
+from client.settings import scenario_policy
 from common.config import RunConfig
 from common.models import training
 from common.models.heads import head_state, load_head_state
@@ -60,8 +60,9 @@ class Fixture:
         self.cfg = cfg
         self.sites = []
         for site_id in range(cfg.num_sites):
-            data = load_site_data(cfg, scenario_policy(cfg, {"partition-id": site_id}))
-            f = site_features(cfg, Path(cfg.cache_dir), data)
+            settings = scenario_policy(cfg, {"partition-id": site_id})
+            data = load_site_data(settings)
+            f = site_features(settings, cfg.trainable, data)
             self.sites.append((f.train, data.train_y))
         self.eval = GlobalEval(cfg)
         self._sigma: dict[tuple, float] = {}

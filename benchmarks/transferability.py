@@ -15,7 +15,7 @@ For each scenario:
    over seeds (the same models' AUC on the public val split is recorded beside it,
    as a diagnostic of a val/test shift). The run is the *function-level* path that
    ``benchmarks/privacy_utility.py`` uses: each site's records from
-   ``client.site.load_site_data``, σ calibrated per site so all planned rounds fit
+   ``client.admission.load_site_data``, σ calibrated per site so all planned rounds fit
    the cap (``client.site.plan_noise``'s rule), local rounds with
    ``common.models.training.train_dp`` and weighted FedAvg, as the Flower server does;
    message passing and ledgers are skipped. A seed is the scenario's ``seed``
@@ -46,8 +46,8 @@ import numpy as np
 from benchmarks.machine import machine_info, machine_tag
 from benchmarks.privacy_utility import Fixture, run_federated
 from benchmarks.settings import scratch_env
-from client.policy import scenario_policy
-from client.site import load_site_data
+from client.admission import load_site_data
+from client.settings import scenario_policy
 from common.config import RunConfig
 from common.data.datasets import federation
 from common.jsonio import clean_json
@@ -117,7 +117,7 @@ class PooledFixture(Fixture):
         self.cfg = cfg
         self.sites, self.dropped = [], []
         for site_id in range(cfg.num_sites):
-            data = load_site_data(cfg, scenario_policy(cfg, {"partition-id": site_id}))
+            data = load_site_data(scenario_policy(cfg, {"partition-id": site_id}))
             if len(data.train_y) < cfg.batch_size:
                 # A real site fails its round here (common.privacy.accounting.dp_plan: the batch
                 # exceeds its records) and the server aggregates the others.

@@ -56,7 +56,7 @@ def round_line(r: int, total: int, m: dict, strategy: HeadFedAvg, cfg: RunConfig
                    for s in sorted(strategy.sites.values(), key=lambda s: s.site_id))
     hist = [h for s in strategy.sites.values() for h in s.history if h["round"] == r]
     timing = ""
-    if hist:
+    if hist and all("site_seconds" in h for h in hist):  # where the sites release timings
         timing = (f" | client s: features {np.mean([h['feature_seconds'] for h in hist]):.2f}"
                   f" train {np.mean([h['train_seconds'] for h in hist]):.2f}"
                   f" accounting {np.mean([h['privacy_seconds'] for h in hist]):.2f}"

@@ -70,7 +70,7 @@ def fit_dp_scaling(grid: Grid, cfg: RunConfig, schema: Schema, strategy: HeadFed
         if vec is None or vec.shape != (width,) or not np.isfinite(vec).all():
             strategy.drop(0, node, f"scaling sums must be {width} finite numbers")
             continue
-        strategy.record_round(0, node, metrics, ledger_head=str(status.get("ledger-head", "")))
+        strategy.record_round(0, node, metrics, status=status)
         total = vec.astype(np.float64) if total is None else total + vec
         count += int(metrics["num-examples"])
         answered += 1

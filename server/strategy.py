@@ -22,7 +22,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.aggregation import aggregate, clip_derived_bound, update_norm
 from common.protocol import (
-    BUDGET_EXHAUSTED,
+    OUT_OF_RUN,
+    TIMING_KEYS,
     TRAIN_METRICS,
     from_array_record,
     to_array_record,
@@ -72,7 +73,7 @@ class HeadFedAvg(FedAvg):
 
     # -- sampling ----------------------------------------------------------
     def exhausted_nodes(self) -> set[int]:
-        return {s.node_id for s in self.sites.values() if s.status == BUDGET_EXHAUSTED}
+        return {s.node_id for s in self.sites.values() if s.status in OUT_OF_RUN}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -145,13 +146,12 @@ class HeadFedAvg(FedAvg):
                 # book the spend, and why its update was not aggregated.
                 try:
                     self.record_round(server_round, node, metrics, dropped=problem,
-                                      ledger_head=str((status or {}).get("ledger-head", "")))
+                                      status=status)
                 except (ValueError, TypeError, OverflowError) as exc:  # garbage metrics too
                     log.warning("round %d: node %d's spend could not be booked: %s",
                                 server_round, node, exc)
                 continue
-            self.record_round(server_round, node, metrics, update,
-                              ledger_head=str((status or {}).get("ledger-head", "")))
+            self.record_round(server_round, node, metrics, update, status=status)
             kept.append(msg)
         return kept
 
@@ -163,15 +163,18 @@ class HeadFedAvg(FedAvg):
         log.warning("round %d: site %d declined: %s", server_round, site_id, reason)
 
     def record_round(self, server_round: int, node_id: int, metrics, head: dict | None = None,
-                     *, dropped: str | None = None, ledger_head: str = "") -> SiteRecord:
-        """Book a reply's spend: the site's ε, mechanism, ledger anchor and coarse
-        timings for the round, why its update was dropped (if it was), and (when
-        the server may see it) its head, an ensemble-teacher member.
+                     *, dropped: str | None = None, status=None) -> SiteRecord:
+        """Book a reply's spend: the site's ε (with its unit), mechanism, signed ledger
+        anchor, coarse timings where the site releases them, why its update was
+        dropped (if it was), and (when the server may see it) its head, an
+        ensemble-teacher member. ``status`` is the reply's status record (its text
+        fields; under SecAgg+ they travel in ``metrics``).
 
         Raises:
             ValueError, TypeError, OverflowError: metrics that are not numbers;
                 nothing is booked.
         """
+        text = status if status is not None else metrics
         epsilon, delta = float(metrics["epsilon"]), float(metrics["delta"])
         row = {
             "round": server_round,
@@ -183,11 +186,10 @@ class HeadFedAvg(FedAvg):
             "epsilon_after": epsilon,
             "dp": bool(metrics["dp"]),
             "ledger_entries": int(metrics["ledger-entries"]),
-            "ledger_head": ledger_head,
-            "feature_seconds": float(metrics["feature-seconds"]),
-            "train_seconds": float(metrics["train-seconds"]),
-            "privacy_seconds": float(metrics["privacy-seconds"]),
-            "site_seconds": float(metrics["site-seconds"]),
+            "ledger_head": str(text.get("ledger-head", "")),
+            "ledger_signature": str(text.get("ledger-signature", "")),
+            "privacy_unit": str(text.get("privacy-unit", "record")),
+            **{k.replace("-", "_"): float(metrics[k]) for k in TIMING_KEYS if k in metrics},
             **({"dropped": dropped} if dropped else {}),
         }
         site = self._site(node_id, int(metrics.get("site-id", -1)))

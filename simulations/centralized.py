@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 
-from client.policy import scenario_policy
-from client.site import load_site_data, site_features
+from client.admission import load_site_data, scaled
+from client.round import site_features
+from client.settings import scenario_policy
 from common.config import RunConfig
 from common.models import training
 from common.models.finetune import model_state
@@ -34,9 +34,9 @@ def run_centralized(cfg: RunConfig) -> dict:
     ev = GlobalEval(cfg)  # the federation's schema, dp-scaled features fitted on public data
     feats_x, feats_y, feat_seconds = [], [], 0.0
     for site_id in range(cfg.num_sites):
-        data = load_site_data(cfg, scenario_policy(cfg, {"partition-id": site_id}),
-                              schema=ev.schema)
-        f = site_features(cfg, Path(cfg.cache_dir), data)
+        settings = scenario_policy(cfg, {"partition-id": site_id})
+        data = scaled(load_site_data(settings), ev.schema)
+        f = site_features(settings, cfg.trainable, data)
         feats_x.append(f.train)
         feats_y.append(data.train_y)
         feat_seconds += f.seconds

@@ -1,22 +1,29 @@
-"""The site's privacy policy: what its records cost and what may leave, decided by the site.
+"""The site's settings: its privacy policy and its declaration, decided by the site.
 
-A deployed site reads its policy from its own node config
+A deployed site reads them from its own node config
 (``flower-supernode --node-config '...'``), or from a TOML file that the node
 config names (``policy-file``); node-config keys win over the file. The run
-config the server sends is only a *request*: :func:`check_request` declines
-anything outside the policy, with a named reason, before any record is read
-and before anything is written to the ledger.
+config the server sends is only a *request*: :mod:`client.guard` declines
+anything outside the policy or the declaration, with a named reason, before any
+record is read and before anything is written to the ledger. A deployed site
+takes nothing from the run config.
+
+The declaration (:class:`common.declaration.Declaration`) fixes how the site's
+records are read: the federation's schema (a ``schema`` file, or for images
+``class-names`` with ``image-size`` and ``image-channels``) and the backbone.
+The site checks it against its data once (:mod:`client.admission`).
 
 In a simulation (``fedtransfer simulate``, or ``flwr run .`` on Flower's
 simulation engine) one person plays every site's administrator, so the
-scenario's config is every simulated site's policy (:func:`scenario_policy`).
-A node config that looks like a simulated partition (``partition-id``) but runs
-anywhere else is refused: falling back to the run config there would let the
-coordinator choose the site's cap, ledger and data.
+scenario's config is every simulated site's policy and declaration
+(:func:`scenario_policy`). A node config that looks like a simulated partition
+(``partition-id``) but runs anywhere else is refused: falling back to the run
+config there would let the coordinator choose the site's cap, ledger and data.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -24,10 +31,13 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import RunConfig
+from common.config import DEVICES, RunConfig
+from common.data.datasets import federation
+from common.data.schema import SchemaError, image_schema, load_schema
+from common.declaration import Declaration
 from common.models.names import TRAINABLE_MODES
-from common.privacy.accounting import dp_plan
-from common.protocol import MAX_CLASS_WEIGHT, RoundRequest
+from common.privacy.accounting import RECORD, UNITS_OF_PRIVACY
+from common.privacy.planning import DEFAULT_MIN_NOISE_MULTIPLIER
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +46,10 @@ class SiteConfigError(ValueError):
     """The site's own node config or policy file is incomplete or invalid; it does not train."""
 
 
-class PolicyDeclined(ValueError):
-    """The server's request is outside the site's policy; nothing was read or recorded."""
-
-
-class RequestRejected(ValueError):
-    """The server's round request is unsafe or malformed; nothing was touched."""
-
-
 @dataclass(frozen=True)
 class SiteSettings:
-    """The site's own settings and privacy policy. The server can neither see nor
-    override them (it learns only what the protocol declares public)."""
+    """The site's own settings, privacy policy and declaration. The server can neither
+    see nor override them (it learns only what the protocol declares public)."""
 
     site_id: int
     ledger_path: Path
@@ -55,7 +57,8 @@ class SiteSettings:
     dp: bool
     target_epsilon: float
     target_delta: float
-    min_noise_multiplier: float = 0.3
+    declaration: Declaration
+    min_noise_multiplier: float = DEFAULT_MIN_NOISE_MULTIPLIER
     model_dir: Path | None = None  # delivered models; default: <ledger dir>/models
     # A deployed site's own data (node config ``data-path``: a dataset spec such as
     # ``imagefolder:<dir>``); None in simulation, where the site is a partition.
@@ -65,15 +68,29 @@ class SiteSettings:
     holdout_seed: int = 0  # the site's own seed for that split
     max_rounds: int = 100  # the most rounds one run may ask of this site
     max_steps: int = 10_000  # the most DP-SGD steps one round may take
-    class_names: tuple[str, ...] | None = None  # labels by name, in the federation's order
-    ledger_key: Path | None = None  # the chain's HMAC key; default <ledger-path>.key
+    ledger_key: Path | None = None  # the ledger's signing key; default <ledger-path>.key
     # The trainable modes (common/models/finetune.py) the site accepts: what leaves the
     # site each round (the head alone, or backbone tensors too) is the site's call.
     trainable: tuple[str, ...] = TRAINABLE_MODES
+    # Timings are a side channel (machine, load, caches): sent only where the site opts in.
+    release_timings: bool = False
+    device: str = "auto"
+    privacy_unit: str = RECORD
+    # In a simulation, the scenario the simulated site is a partition of (None when deployed).
+    scenario: RunConfig | None = None
 
     @property
     def models(self) -> Path:
         return self.model_dir or self.ledger_path.parent / "models"
+
+    @property
+    def state_dir(self) -> Path:
+        """The site's own local state (admission record), beside its ledger."""
+        return self.ledger_path.parent
+
+    @property
+    def unit_text(self) -> str:
+        return UNITS_OF_PRIVACY[self.privacy_unit]
 
 
 # Node-config keys of a deployed site, with their meaning (`fedtransfer site check`
@@ -81,10 +98,20 @@ class SiteSettings:
 POLICY_KEYS = {
     "data-path": "the site's data: imagefolder:<dir>, csv:<file>?..., medmnist:<file.npz> (required)",
     "ledger-path": "the site's privacy ledger, SQLite (required)",
-    "ledger-key": "the ledger chain's secret key, a file outside the ledger (default: "
+    "ledger-key": "the ledger's signing key, a file outside the ledger (default: "
                   "<ledger-path>.key, made on first use)",
     "target-epsilon": "the site's ε cap over all runs (required)",
     "target-delta": "the site's δ (required)",
+    "schema": "the federation's schema, a TOML ([schema] table) or JSON file: how the site's "
+              "records are read (classes; image size and channels, or the features, levels, "
+              "label and missing-value policy of a CSV). Relative to the policy file that names it",
+    "class-names": "comma-separated class names in the federation's order, for an image site "
+                   "without a schema file; labels are mapped by name",
+    "image-size": "the side each image is resized to, for an image site without a schema file "
+                  "(default 64)",
+    "image-channels": "1 or 3, for an image site without a schema file (default 1)",
+    "backbone": "the backbone that turns a record into features (default: efficientnet-lite0 "
+                "for images, identity for tables); a request for another is declined",
     "dp": "true (default): train only with DP-SGD; false: this site trains without DP, says "
           "so in every reply, and the audit flags it",
     "site-id": "the site's id in the run records (default 0)",
@@ -93,14 +120,16 @@ POLICY_KEYS = {
     "model-dir": "where delivered models are saved (default: <ledger dir>/models)",
     "holdout": "fraction of records held out from training, for local evaluation (default 0.2)",
     "holdout-seed": "the site's seed for the holdout split (default 0)",
-    "min-noise-multiplier": "the smallest σ the site accepts (default 0.3)",
+    "min-noise-multiplier": f"the smallest σ the site accepts (default "
+                            f"{DEFAULT_MIN_NOISE_MULTIPLIER})",
     "max-rounds": "the most rounds one run may ask of the site (default 100)",
     "max-steps": "the most DP-SGD steps one round may take (default 10000)",
-    "class-names": "comma-separated class names in the federation's order; labels are mapped "
-                   "by name (needed when labels are not integer indices)",
     "trainable": "comma-separated trainable modes the site accepts, of "
                  f"{', '.join(TRAINABLE_MODES)} (default: all); 'head' keeps every backbone "
                  "tensor at the site",
+    "release-timings": "true: send coarse timings with each reply (a side channel: they depend "
+                       "on the machine, its load and the site's caches); default false",
+    "device": f"where the site trains: {', '.join(DEVICES)} (default auto)",
     "policy-file": "a TOML file holding any of these keys (node-config keys win)",
 }
 REQUIRED_KEYS = ("data-path", "ledger-path", "target-epsilon", "target-delta")
@@ -125,14 +154,23 @@ def in_flower_simulation() -> bool:
 def scenario_policy(cfg: RunConfig, node: dict) -> SiteSettings:
     """A simulated hospital's policy: the scenario's, since one person runs every
     site, except where the node config sets a policy key itself (a site's own
-    setting always wins)."""
+    setting always wins). Its declaration is the scenario's schema and backbone,
+    and it releases timings (the operator is the one person who runs every site)."""
     site_id = int(node.get("partition-id", 0))
     root = Path(cfg.ledger_dir or (Path(cfg.out_dir or ".fedtransfer") / "sites"))
     scenario = {"site-id": site_id, "ledger-path": str(root / f"site-{site_id}" / "ledger.sqlite"),
                 "cache-dir": cfg.cache_dir, "dp": cfg.dp, "target-epsilon": cfg.target_epsilon,
                 "target-delta": cfg.target_delta, "holdout": cfg.site_holdout,
-                "holdout-seed": cfg.seed}
-    return _parse_policy({**scenario, **node}, data_path=None)
+                "holdout-seed": cfg.seed, "release-timings": True, "device": cfg.device}
+    return _parse_policy({**scenario, **node}, data_path=None,
+                         declaration=scenario_declaration(cfg), scenario=cfg)
+
+
+@functools.lru_cache(maxsize=4)
+def scenario_declaration(cfg: RunConfig) -> Declaration:
+    """What every simulated site of a scenario declares: the federation's schema
+    (as the server builds it, from the same config) and the scenario's backbone."""
+    return Declaration(schema=federation(cfg)[1], backbone=cfg.backbone)
 
 
 def _read_policy_file(path: str) -> dict:
@@ -147,7 +185,22 @@ def _read_policy_file(path: str) -> dict:
             from exc
     if "policy-file" in data:
         raise SiteConfigError("the site's policy-file may not name another policy-file")
-    return data
+    return {k: _resolve(k, v, p.parent) for k, v in data.items()}
+
+
+# Keys that name files: a relative path in a policy file resolves against that file.
+PATH_KEYS = ("data-path", "ledger-path", "ledger-key", "schema", "cache-dir", "model-dir")
+_SPEC_KINDS = ("imagefolder", "csv", "medmnist", "dicom")
+
+
+def _resolve(key: str, value, base: Path):
+    if key not in PATH_KEYS or not isinstance(value, str) or not value:
+        return value
+    kind, sep, rest = value.partition(":")
+    if key == "data-path" and sep and kind in _SPEC_KINDS:
+        return f"{kind}:{_resolve('schema', rest, base)}"
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else base / path)
 
 
 def _number(node: dict, key: str, kind, default=None, *, low=None, high=None, open_low=False):
@@ -162,7 +215,7 @@ def _number(node: dict, key: str, kind, default=None, *, low=None, high=None, op
         value = kind(raw)
         if kind is int and float(raw) != value:
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise SiteConfigError(f"node config '{key}' must be {'an integer' if kind is int else 'a number'}, "
                               f"got {raw!r}") from None
     bad = not math.isfinite(value) or (low is not None and (value <= low if open_low else value < low)) \
@@ -198,21 +251,78 @@ def deployed_policy(node: dict) -> SiteSettings:
         raise SiteConfigError(
             f"the site's node config lacks {', '.join(missing)}; a deployed site sets them "
             f"itself: flower-supernode --node-config 'data-path=\"...\" ledger-path=\"...\" "
-            f"target-epsilon=1.0 target-delta=1e-5 ...'")
-    return _parse_policy(node, data_path=str(node["data-path"]))
+            f"target-epsilon=1.0 target-delta=1e-5 class-names=\"...\" ...'")
+    _check_keys(node)
+    return _parse_policy(node, data_path=str(node["data-path"]),
+                         declaration=declared(node), scenario=None)
 
 
-def _parse_policy(node: dict, *, data_path: str | None) -> SiteSettings:
+def _check_keys(node: dict) -> None:
     unknown = sorted(set(node) - set(POLICY_KEYS) - set(FLOWER_KEYS))
     if unknown:
         raise SiteConfigError(f"unknown node config key(s) {unknown}; allowed: "
                               f"{', '.join(POLICY_KEYS)}")
-    ledger = Path(str(node["ledger-path"]))
+
+
+def _class_names(node: dict) -> tuple[str, ...] | None:
     names = node.get("class-names")
-    classes = tuple(c.strip() for c in str(names).split(",")) if names else None
-    if classes is not None and (any(not c for c in classes) or len(set(classes)) != len(classes)):
-        raise SiteConfigError(f"node config 'class-names' must be distinct, non-empty names, "
-                              f"got {names!r}")
+    if not names:
+        return None
+    classes = tuple(c.strip() for c in str(names).split(","))
+    if any(not c for c in classes) or len(set(classes)) != len(classes) or len(classes) < 2:
+        raise SiteConfigError(f"node config 'class-names' must be at least two distinct, "
+                              f"non-empty names, got {names!r}")
+    return classes
+
+
+def declared(node: dict) -> Declaration:
+    """The site's declaration from its node config (see the module doc).
+
+    Raises:
+        SiteConfigError: no classes declared, a schema file that cannot be read,
+            or keys that contradict each other (named).
+    """
+    classes = _class_names(node)
+    if "schema" in node:
+        try:
+            schema = load_schema(str(node["schema"]))
+        except SchemaError as exc:
+            log.warning("node config 'schema' %s: %s", node["schema"], exc)
+            raise SiteConfigError(f"the site's schema file cannot be used: {exc}") from exc
+        if classes is not None and classes != schema.classes:
+            raise SiteConfigError(f"node config 'class-names' {list(classes)} differ from the "
+                                  f"schema's classes {list(schema.classes)}")
+        if schema.input == "image":
+            schema = image_schema(schema.classes,
+                                  image_size=_number(node, "image-size", int,
+                                                     schema.image_size or 64, low=1),
+                                  image_channels=_channels(node, schema.image_channels or 1))
+    elif classes is not None:
+        schema = image_schema(classes, image_size=_number(node, "image-size", int, 64, low=1),
+                              image_channels=_channels(node, 1))
+    else:
+        raise SiteConfigError("the site declares how its records are read: set 'schema' (the "
+                              "federation's schema file) or, for images, 'class-names' (and "
+                              "'image-size', 'image-channels')")
+    default = "identity" if schema.input == "tabular" else "efficientnet-lite0"
+    return Declaration(schema=schema, backbone=str(node.get("backbone", default)))
+
+
+def _channels(node: dict, default: int) -> int:
+    value = _number(node, "image-channels", int, default)
+    if value not in (1, 3):
+        raise SiteConfigError(f"node config 'image-channels' must be 1 or 3, got {value!r}")
+    return value
+
+
+def _parse_policy(node: dict, *, data_path: str | None, declaration: Declaration,
+                  scenario: RunConfig | None) -> SiteSettings:
+    _check_keys(node)
+    ledger = Path(str(node["ledger-path"]))
+    device = str(node.get("device", "auto"))
+    if device not in DEVICES:
+        raise SiteConfigError(f"node config 'device' must be one of {', '.join(DEVICES)}, "
+                              f"got {device!r}")
     return SiteSettings(
         site_id=_number(node, "site-id", int, 0, low=0),
         ledger_path=ledger,
@@ -220,17 +330,18 @@ def _parse_policy(node: dict, *, data_path: str | None) -> SiteSettings:
         dp=_bool(node, "dp", True),
         target_epsilon=_number(node, "target-epsilon", float, low=0, open_low=True),
         target_delta=_number(node, "target-delta", float, low=0, high=1, open_low=True),
-        min_noise_multiplier=_number(node, "min-noise-multiplier", float, 0.3, low=0,
-                                     open_low=True),
+        declaration=declaration,
+        min_noise_multiplier=_number(node, "min-noise-multiplier", float,
+                                     DEFAULT_MIN_NOISE_MULTIPLIER, low=0, open_low=True),
         model_dir=Path(str(node["model-dir"])) if "model-dir" in node else None,
         data_path=data_path, site_name=str(node.get("site-name", "")),
         holdout=_number(node, "holdout", float, 0.2, low=0, high=1, open_low=True),
         holdout_seed=_number(node, "holdout-seed", int, 0),
         max_rounds=_number(node, "max-rounds", int, 100, low=1),
         max_steps=_number(node, "max-steps", int, 10_000, low=1),
-        class_names=classes,
         ledger_key=Path(str(node["ledger-key"])) if "ledger-key" in node else None,
-        trainable=_modes(node))
+        trainable=_modes(node), release_timings=_bool(node, "release-timings", False),
+        device=device, scenario=scenario)
 
 
 def _modes(node: dict) -> tuple[str, ...]:
@@ -242,86 +353,19 @@ def _modes(node: dict) -> tuple[str, ...]:
     return modes
 
 
-def site_settings(cfg: RunConfig, node: dict, *, simulated: bool) -> SiteSettings:
+def site_settings(node: dict, *, scenario: RunConfig | None) -> SiteSettings:
     """The site's settings: its own node config, or the scenario's in a simulation.
 
-    ``simulated`` is true only where one person runs every site: the
+    ``scenario`` is given only where one person runs every site: the
     ``fedtransfer simulate`` harness, or Flower's simulation engine
     (:func:`in_flower_simulation`). A node config with ``data-path`` is always
     a deployed site's, and one without it outside a simulation is refused.
     """
     if "data-path" in node or "policy-file" in node:
         return deployed_policy(node)
-    if simulated and "partition-id" in node:
-        return scenario_policy(cfg, node)
+    if scenario is not None and "partition-id" in node:
+        return scenario_policy(scenario, node)
     raise SiteConfigError(
         "the site's node config has no 'data-path': a deployed site names its own data, ledger "
         "and cap (flower-supernode --node-config 'data-path=\"...\" ledger-path=\"...\" "
         "target-epsilon=1.0 target-delta=1e-5'); it never takes them from the server")
-
-
-def check_policy(req: RoundRequest, settings: SiteSettings, *,
-                 trainable: str | None = None) -> None:
-    """Decline a request outside the site's policy, before any record is read.
-    ``trainable``: the mode the run would train (None for a query that trains nothing).
-
-    Raises:
-        PolicyDeclined: naming each request field and the policy it breaks.
-    """
-    problems = []
-    if trainable is not None and trainable not in settings.trainable:
-        problems.append(f"trainable {trainable!r} is not among the modes this site accepts "
-                        f"({', '.join(settings.trainable)})")
-    if req.dp != settings.dp:
-        problems.append(
-            "this site trains only with DP-SGD (its policy: dp = true); the request asks for "
-            "dp = false" if settings.dp else
-            "this site's policy trains without DP (dp = false); the request asks for dp = true")
-    for key, value in (("server-round", req.server_round), ("num-rounds", req.num_rounds)):
-        if isinstance(value, int) and value > settings.max_rounds:
-            problems.append(f"{key} {value} exceeds the site's max-rounds {settings.max_rounds}")
-    sigma = req.noise_multiplier
-    if settings.dp and math.isfinite(sigma) and 0 < sigma < settings.min_noise_multiplier:
-        problems.append(f"noise-multiplier {sigma} is below this site's minimum "
-                        f"{settings.min_noise_multiplier}")
-    if problems:
-        raise PolicyDeclined("outside the site's policy: " + "; ".join(problems))
-
-
-def check_request(req: RoundRequest, num_records: int, settings: SiteSettings, *,
-                  num_classes: int) -> None:
-    """Reject a hostile or buggy request before any data is used for training.
-
-    The record count is public (the reply declares it), so naming it is safe;
-    so is the class count (the head's shape, which the server sent).
-    """
-    problems = []
-    for key in ("server_round", "num_rounds", "local_epochs", "batch_size"):
-        value = getattr(req, key)
-        if not isinstance(value, int) or value < 1:
-            problems.append(f"{key.replace('_', '-')} must be an integer >= 1, got {value!r}")
-    for key in ("learning_rate", "clip_norm"):
-        value = getattr(req, key)
-        if not (isinstance(value, float | int) and math.isfinite(value) and value > 0):
-            problems.append(f"{key.replace('_', '-')} must be a finite number > 0, got {value!r}")
-    if not (math.isfinite(req.momentum) and 0 <= req.momentum < 1):
-        problems.append(f"momentum must be in [0, 1), got {req.momentum!r}")
-    sigma = req.noise_multiplier
-    if not math.isfinite(sigma) or sigma < 0:
-        problems.append(f"noise-multiplier must be >= 0 (0: the site calibrates), got {sigma!r}")
-    weights = req.class_weights
-    if weights and len(weights) != num_classes:
-        problems.append(f"class-weights has {len(weights)} values, the head has {num_classes} "
-                        "classes")
-    if weights and not all(math.isfinite(w) and 0 < w <= MAX_CLASS_WEIGHT for w in weights):
-        problems.append(f"class-weights must be finite numbers in (0, {MAX_CLASS_WEIGHT:g}], got "
-                        f"{list(weights)[:10]!r}")
-    if isinstance(req.batch_size, int) and req.batch_size > num_records:
-        problems.append(f"batch-size {req.batch_size} exceeds this site's {num_records} training records")
-    elif not problems:
-        _, steps = dp_plan(num_records, batch_size=req.batch_size, epochs=req.local_epochs)
-        if steps > settings.max_steps:
-            problems.append(f"the round would take {steps} steps, above the site's max-steps "
-                            f"{settings.max_steps}")
-    if problems:
-        raise RequestRejected("request rejected by site: " + "; ".join(problems))
