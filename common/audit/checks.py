@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,8 +149,8 @@ HAZARDS = _registry(
                "ledger has no entry for it"),
     HazardCode("charged-not-released", W, "the ledger charges a round the run records do not "
                "list (counting it is conservative)"),
-    HazardCode("ledger-summary-mismatch", E, "σ, q, steps or the record count of a round differ "
-               "between the ledger and the run records"),
+    HazardCode("ledger-summary-mismatch", E, "σ, q, steps, the record count or the unit of a "
+               "round differ between the ledger and the run records"),
     HazardCode("site-not-in-summary", E, "the ledger charges the run but the run records have "
                "no record of the site"),
     HazardCode("no-ledger", W, "no ledger (the pooled centralized baseline): ε from the run "
@@ -336,6 +336,8 @@ def ledger_integrity(site: str, lf: LedgerFile, *, key: RegisteredKey | None,
     def check_signature(a: Anchor, what: str) -> bool:
         if verify_key is None:
             return False
+        if not a.key_id:  # a run record that keeps the signature but not the key's id
+            a = replace(a, key_id=key_id(verify_key))
         problem = anchor_problem(verify_key, a)
         if problem is None:
             return True
@@ -700,6 +702,9 @@ def compare_with_summary(site: str, entries: Sequence[Entry], run_id: str,
         if "num_examples" in h and int(h["num_examples"]) != int(es[-1].dataset_size):
             problems.append(f"{h['num_examples']} records reported vs {es[-1].dataset_size} "
                             "in the ledger")
+        if h.get("privacy_unit") and {str(h["privacy_unit"])} != {e.unit for e in es}:
+            problems.append(f"unit {h['privacy_unit']!r} reported vs "
+                            f"{sorted({e.unit for e in es})} in the ledger")
         if problems:
             hz.append(hazard("ledger-summary-mismatch",
                              f"round {r}: the ledger disagrees with summary.json: "
