@@ -341,8 +341,10 @@ def ledger_integrity(site: str, lf: LedgerFile, *, key: RegisteredKey | None,
         problem = anchor_problem(verify_key, a)
         if problem is None:
             return True
-        code = "key-mismatch" if problem.startswith("signed by key") else "signature-invalid"
-        hz.append(hazard(code, f"{what}: {problem}", site))
+        if problem.startswith("signed by key"):
+            hz.append(hazard("key-mismatch", f"{what}: {problem}", site))
+        else:
+            hz.append(hazard("signature-invalid", f"{what}: {problem}", site))
         return False
 
     seal_ok = False
