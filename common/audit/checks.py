@@ -430,7 +430,8 @@ def ledger_integrity(site: str, lf: LedgerFile, *, key: RegisteredKey | None,
             out.seals_matched += 1
             anchored = max(anchored, s.count)
     out.anchored = anchored
-    if n > anchored:
+    # Without a key nothing is vouched for, and public-key-missing already says so.
+    if n > anchored and (verify_key is not None or trust.accept_unverified):
         first = anchored + 1
         span = f"entry {n}" if first == n else f"entries {first}–{n}"
         hz.append(hazard("unanchored-entries",

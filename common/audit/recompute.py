@@ -23,6 +23,7 @@ seals, keys); checks: :mod:`common.audit.checks`; rendering:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -131,11 +132,17 @@ def epsilon_three_ways(history: Sequence[Mechanism], *, delta: float) -> dict[st
     """The reported relation and the other one, beside each other:
     ``replace_one`` (PLD: what the sites report and enforce, since their record
     counts are public), and add/remove three ways: ``prv``, ``pld``, ``rdp``."""
-    grouped = compress(history)
-    return {"replace_one": pld_epsilon(grouped, delta=delta, neighbours=REPLACE_ONE),
-            PRV: epsilon(grouped, delta=delta, accountant=PRV, neighbours=ADD_REMOVE),
-            "pld": pld_epsilon(grouped, delta=delta),
-            "rdp": epsilon(grouped, delta=delta, accountant="rdp", neighbours=ADD_REMOVE)}
+    return dict(_three_ways(tuple(compress(history)), float(delta)))
+
+
+@functools.lru_cache(maxsize=256)
+def _three_ways(grouped: tuple[Mechanism, ...], delta: float) -> tuple[tuple[str, float], ...]:
+    """The memoised core of :func:`epsilon_three_ways` (a pure function of the merged
+    history): an auditor comparing runs, or re-auditing one, pays for it once."""
+    return (("replace_one", pld_epsilon(grouped, delta=delta, neighbours=REPLACE_ONE)),
+            (PRV, epsilon(grouped, delta=delta, accountant=PRV, neighbours=ADD_REMOVE)),
+            ("pld", pld_epsilon(grouped, delta=delta)),
+            ("rdp", epsilon(grouped, delta=delta, accountant="rdp", neighbours=ADD_REMOVE)))
 
 
 # --------------------------------------------------------------------------

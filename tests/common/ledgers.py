@@ -94,18 +94,22 @@ def ledger_path(run_dir: Path, site: str = "0") -> Path:
 
 
 def sql(path: Path, *statements: str, params=()) -> None:
-    """Edit a ledger behind its triggers' back, as anyone with the file can."""
+    """Edit a ledger behind its triggers' back, as anyone with the file can
+    (``params`` bind the last statement)."""
     con = sqlite3.connect(path)
-    for s in statements:
-        con.execute(s, params) if params else con.execute(s)
-    con.commit()
-    con.close()
+    try:
+        for i, s in enumerate(statements, start=1):
+            con.execute(s, params if i == len(statements) else ())
+        con.commit()
+    finally:
+        con.close()
 
 
 def rechain(path: Path, *, resign_with=None) -> None:
     """Rebuild a ledger's chain after its rows were edited (what anyone with the file
     can do: the chain is plain SHA-256), and with ``resign_with`` (a private key:
-    the site's own, or another) sign a new seal over it and declare that key."""
+    the site's own, or another) sign a new seal over it and declare that key. The
+    append-only triggers are put back, as a careful forger would."""
     from common.audit.sources import read_ledger
 
     lf = read_ledger(path)
@@ -127,6 +131,9 @@ def rechain(path: Path, *, resign_with=None) -> None:
                     (json.dumps(sealed.to_dict()),))
         con.execute("INSERT OR REPLACE INTO meta VALUES ('public_key', ?)",
                     (public_key_pem(resign_with.public_key()),))
+    for name, verb in (("entries_no_update", "UPDATE"), ("entries_no_delete", "DELETE")):
+        con.execute(f"CREATE TRIGGER {name} BEFORE {verb} ON entries BEGIN SELECT "
+                    f"RAISE(ABORT, 'privacy ledger is append-only: {verb} refused'); END")
     con.commit()
     con.close()
 
