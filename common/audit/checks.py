@@ -32,6 +32,7 @@ from common.privacy.accounting import (
     epsilon,
 )
 from common.privacy.ledger import (
+    GENESIS,
     LEGACY_KEYED_FORMAT,
     LEGACY_UNKEYED_FORMAT,
     SIGNED_FORMAT,
@@ -349,24 +350,23 @@ def ledger_integrity(site: str, lf: LedgerFile, *, key: RegisteredKey | None,
 
     seal_ok = False
     signed = SIGNED_FORMAT in formats
-    if entries:
-        if lf.seal is None:
-            if lf.seal_problem:
-                hz.append(hazard("seal-mismatch", lf.seal_problem, site))
-            elif signed:
-                hz.append(hazard("seal-missing", "the ledger has signed entries but no signed "
-                                 "seal: it was removed", site, trust))
+    last = str(entries[-1].hash) if entries else GENESIS
+    if lf.seal is None:
+        if lf.seal_problem:
+            hz.append(hazard("seal-mismatch", lf.seal_problem, site))
+        elif signed:
+            hz.append(hazard("seal-missing", "the ledger has signed entries but no signed "
+                             "seal: it was removed", site, trust))
+    else:  # even with no entry left: a seal over rows that are gone
+        sig_ok = check_signature(lf.seal, "the ledger's seal")
+        if (lf.seal.ledger_id, lf.seal.count, lf.seal.head) != (lf.ledger_id, n, last):
+            hz.append(hazard("seal-mismatch",
+                             f"the ledger's seal covers {lf.seal.count} entries ending in "
+                             f"{lf.seal.head[:31]}… of ledger {lf.seal.ledger_id[:12]}; the "
+                             f"ledger holds {n} ending in {last[:31]}…: entries were deleted "
+                             "or the file was rewritten", site))
         else:
-            sig_ok = check_signature(lf.seal, "the ledger's seal")
-            here = (lf.ledger_id, n, entries[-1].hash)
-            if (lf.seal.ledger_id, lf.seal.count, lf.seal.head) != here:
-                hz.append(hazard("seal-mismatch",
-                                 f"the ledger's seal covers {lf.seal.count} entries ending in "
-                                 f"{lf.seal.head[:31]}… of ledger {lf.seal.ledger_id[:12]}; the "
-                                 f"ledger holds {n} ending in {str(entries[-1].hash)[:31]}…: "
-                                 "entries were deleted or the file was rewritten", site))
-            else:
-                seal_ok = sig_ok
+            seal_ok = sig_ok
 
     # What the auditor holds: the anchors of the site's replies, and seals.
     anchored = 0
@@ -447,14 +447,16 @@ def ledger_integrity(site: str, lf: LedgerFile, *, key: RegisteredKey | None,
 
 def _chain_state(entries, *, broken: bool, seal_ok: bool, registered: bool, legacy: bool,
                  signed: bool) -> str:
-    if not entries:
-        return "n/a"
     if broken:
         return "broken"
+    if not entries:
+        return "n/a"
     if not signed:
         return "legacy"
+    if not registered:
+        return "signed, unverified"  # no registered key (at most the ledger's own checked)
     if not seal_ok:
-        return "signed, unverified" if not registered else "unsealed"
+        return "unsealed"
     return "signed, verified" + (" (legacy part)" if legacy else "")
 
 

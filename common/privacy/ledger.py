@@ -60,7 +60,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -363,7 +363,7 @@ def load_public_key(data: bytes | str | Path | Ed25519PublicKey) -> Ed25519Publi
         else:
             raise ValueError("neither PEM ('-----BEGIN PUBLIC KEY-----') nor OpenSSH "
                              "('ssh-ed25519 ...')")
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ValueError(f"{where} is not a readable Ed25519 public key: {exc}") from exc
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError(f"{where} holds a {type(key).__name__}, not an Ed25519 public key")
@@ -678,9 +678,8 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
             con.executescript(_SCHEMA)
-            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                        (str(SCHEMA_VERSION),))
-            con.execute("INSERT OR IGNORE INTO meta VALUES ('ledger_id', ?)", (uuid.uuid4().hex,))
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?), ('ledger_id', ?)",
+                        (str(SCHEMA_VERSION), uuid.uuid4().hex))
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)

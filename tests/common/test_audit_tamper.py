@@ -548,6 +548,13 @@ def _dump_ok_raw(raw: bytes):
         return _dump_ok(p)
 
 
+def test_a_ledger_emptied_of_every_row_still_fails_on_its_own_seal(run):
+    path = ledger_path(run)
+    sql(path, "DROP TRIGGER entries_no_delete", "DELETE FROM entries")
+    report = audit([path], trust=ACCEPT_ALL)  # the file alone, no anchors, all accepted
+    assert "seal-mismatch" in _codes(report) and report.runs[0].sites[0].chain == "broken"
+
+
 def test_named_bad_ledgers_are_named(run):
     path = ledger_path(run)
     for content, words in ((b"", "neither a SQLite ledger"),
