@@ -10,7 +10,18 @@ from pathlib import Path
 
 
 def cmd_site_check(args) -> int:
-    """Exit 0 when the data is ready to join, 1 when it is not."""
+    """Exit 0 when the data is ready to join, 1 when it is not.
+
+    With ``--node-config`` / ``--policy-file`` (the site's own settings, exactly as its
+    SuperNode gets them) this is the site's admission: its data is read as it declares,
+    the outcome (and the public count) is stored beside its ledger, and a site that
+    was out of the federation is back in once its data reads as declared.
+    """
+    if args.node_config or args.policy_file:
+        return _admit(args)
+    if not args.data:
+        print("error: give --data (a first look), or the site's --node-config / --policy-file")
+        return 2
     # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
     from common.data.sitecheck import Plan, check_site, format_report
 
@@ -34,6 +45,45 @@ def cmd_site_check(args) -> int:
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json
           else format_report(report))
     return 0 if report.ok else 1
+
+
+def _admit(args) -> int:
+    """``site check`` on the site's own settings: read, check, store the admission."""
+    # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
+    from flwr.common.config import parse_config_args
+
+    from client import admission
+    from client.settings import SiteConfigError, deployed_policy
+    from common.data.sitecheck import Plan, check_site, format_report
+
+    node = parse_config_args([args.node_config]) if args.node_config else {}
+    if args.policy_file:
+        node["policy-file"] = args.policy_file
+    try:
+        settings = deployed_policy(node)
+    except SiteConfigError as exc:
+        print(f"error: {exc}")
+        return 2
+    schema = settings.declaration.schema
+    plan = Plan(target_epsilon=settings.target_epsilon, target_delta=settings.target_delta,
+                num_rounds=args.rounds, local_epochs=args.epochs, batch_size=args.batch_size,
+                noise_multiplier=args.noise_multiplier, holdout=settings.holdout)
+    report = check_site(settings.data_path, plan,
+                        ledger=settings.ledger_path if settings.ledger_path.is_file() else None,
+                        classes=schema.classes, schema=schema,
+                        floor=settings.min_noise_multiplier)
+    adm = admission.admit(settings)
+    print(json.dumps({**report.to_dict(), "admission": adm.__dict__}, indent=2, default=str)
+          if args.json else format_report(report))
+    if adm.admitted:
+        print(f"admitted: {adm.num_train} training {settings.privacy_unit}s (released as the "
+              f"site's public count), {adm.num_holdout} held out; declaration "
+              f"{settings.declaration.sha256[:16]}; recorded in "
+              f"{settings.state_dir / admission.ADMISSION_FILE}")
+    else:
+        print(f"NOT ADMITTED: {adm.reason}\nthe site answers every message with "
+              "'site-unavailable' until this check passes")
+    return 0 if report.ok and adm.admitted else 1
 
 
 def cmd_raise_cap(args) -> int:
@@ -110,7 +160,11 @@ def add_site_commands(sub) -> None:
     c = site.add_parser("check", help="validate the site's data and estimate ε for the planned "
                         "run (exit 1 when not ready)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("--data", required=True, help="imagefolder:<dir>, csv:<file>[?label=COL&"
+    c.add_argument("--node-config", help="the site's own node config, as its SuperNode gets "
+                   "it ('data-path=\"...\" ledger-path=\"...\" ...'): check the data as the "
+                   "site declares it and admit it (what the site releases as its count)")
+    c.add_argument("--policy-file", help="the site's policy file (as node config policy-file)")
+    c.add_argument("--data", help="imagefolder:<dir>, csv:<file>[?label=COL&"
                    "missing=error|drop|zero&site=COL], medmnist:<file.npz>, or a bare "
                    "directory / .csv / .npz path (the node config's data-path)")
     c.add_argument("--cap", type=float, default=4.0, help="the site's ε cap (target-epsilon)")

@@ -33,6 +33,7 @@ from flwr.compat.common.recorddict_compat import (
     recorddict_to_fitins,
 )
 
+from client.admission import SiteUnavailable, require
 from client.settings import SiteConfigError, SiteSettings, in_flower_simulation, site_settings
 from common import protocol
 from common.config import RunConfig, parse_config
@@ -94,7 +95,6 @@ def decline_for(exc: BaseException, site_id: int) -> Decline:
     policy and its ledger carry their reason; anything else is a fixed code with a
     fixed sentence, and its text stays in the site's log."""
     # lazy: the site's round code imports torch; only a message that reached it declines
-    from client.admission import SiteUnavailable
     from client.budget import BudgetExhausted
     from client.guard import PolicyDeclined, RequestRejected
 
@@ -159,11 +159,13 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
             legacy, config, head = _unpack_train(msg)
             settings = settings_of(context)
             site_id = settings.site_id
+            # A site out of the federation answers every message with one fixed code.
+            adm = require(settings)
             req = dataclasses.replace(_parse(config), run_id=str(context.run_id))
             # lazy: torch, Opacus and the ledger load only in a process whose message trains
             from client.round import train_round
 
-            reply = train_round(settings, req, head)
+            reply = train_round(settings, req, head, adm)
         except Exception as exc:  # noqa: BLE001  (every failure becomes a fixed code)
             decline = decline_for(exc, site_id)
             log.warning("site %d declines round: %s (%s)", site_id, decline.status, exc)
@@ -190,6 +192,7 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
         try:
             settings = settings_of(context)
             site_id = settings.site_id
+            require(settings)
             card = json.loads(str(msg.content.config_records["card"]["json"]))
             student = msg.content.array_records.get("student")
             head = from_array_record(msg.content["head"])
@@ -225,12 +228,13 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
         try:
             settings = settings_of(context)
             site_id = settings.site_id
+            adm = require(settings)
             req = dataclasses.replace(_parse(msg.content.config_records["config"]),
                                       run_id=str(context.run_id))
             # lazy: as in train
             from client.round import scaling_release
 
-            sums, public = scaling_release(settings, req)
+            sums, public = scaling_release(settings, req, adm)
         except Exception as exc:  # noqa: BLE001  (every failure becomes a fixed code)
             decline = decline_for(exc, site_id)
             log.warning("site %d declines the scaling query: %s (%s)", site_id, decline.status,

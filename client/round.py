@@ -119,7 +119,8 @@ def _timings(settings: SiteSettings, **seconds: float) -> dict[str, float] | Non
 
 
 def train_round(settings: SiteSettings, req: RoundRequest,
-                global_arrays: dict[str, np.ndarray]) -> SiteReply:
+                global_arrays: dict[str, np.ndarray],
+                adm: admission.Admission | None = None) -> SiteReply:
     """One site round: admission, checks, budget, then the records: train, charge, reply.
 
     The reply carries only what :mod:`common.protocol` declares: the DP head and
@@ -134,7 +135,7 @@ def train_round(settings: SiteSettings, req: RoundRequest,
         BudgetExhausted: the round would pass the cap; nothing was trained.
     """
     t_start = time.perf_counter()
-    adm = admission.require(settings)
+    adm = adm or admission.require(settings)
     guard.check_train(req, settings, global_arrays, adm.num_train, adm.record_shape)
     fitted = Schema.from_json(req.schema)
     ledger = budget.open_ledger(settings)
@@ -204,7 +205,8 @@ def train_round(settings: SiteSettings, req: RoundRequest,
     return SiteReply(arrays=arrays, public=public)
 
 
-def scaling_release(settings: SiteSettings, req: RoundRequest) -> tuple[np.ndarray, TrainReply]:
+def scaling_release(settings: SiteSettings, req: RoundRequest,
+                    adm: admission.Admission | None = None) -> tuple[np.ndarray, TrainReply]:
     """The site's DP release for ``dp`` feature scaling (``query.scaling``):
     noisy clipped sums over its training records, charged to its ledger as
     round 0 *before* they leave (:mod:`common.privacy.scaling`). One release per
@@ -215,7 +217,7 @@ def scaling_release(settings: SiteSettings, req: RoundRequest) -> tuple[np.ndarr
             a round; nothing is released or recorded.
     """
     t_start = time.perf_counter()
-    adm = admission.require(settings)
+    adm = adm or admission.require(settings)
     guard.check_query(req, settings)
     schema = Schema.from_json(req.schema)
     if not schema.needs("dp"):

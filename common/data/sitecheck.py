@@ -3,8 +3,8 @@
 Pure functions over :mod:`common.data.readers` scans and :mod:`common.privacy.accounting`.
 The ε estimate is for the *planned* run at the site's own cap: with σ = 0
 (the default) the site calibrates σ so that its ledger's history plus every
-planned round fits the cap, exactly as :func:`client.site.plan_noise` does
-at training time; with a fixed σ it reports the ε that σ reaches.
+planned round fits the cap, exactly as the site does at training time
+(:func:`common.privacy.planning.plan_round`, the one planner); with a fixed σ it reports the ε that σ reaches.
 Unit of privacy: one training record at this site.
 """
 
@@ -16,14 +16,9 @@ from pathlib import Path
 
 from common.data.readers import Scan, SiteDataError, scan
 from common.data.schema import Schema, SchemaError
-from common.privacy.accounting import (
-    UNIT_OF_PRIVACY,
-    Mechanism,
-    calibrate_noise_multiplier,
-    dp_plan,
-    epsilon,
-)
+from common.privacy.accounting import UNIT_OF_PRIVACY, Mechanism, dp_plan, epsilon
 from common.privacy.ledger import Ledger
+from common.privacy.planning import DEFAULT_MIN_NOISE_MULTIPLIER, plan_round
 
 
 @dataclass(frozen=True)
@@ -74,26 +69,28 @@ class SiteReport:
         return {**asdict(self), "ok": self.ok, "unit": UNIT_OF_PRIVACY}
 
 
-def estimate_epsilon(num_train: int, plan: Plan, prior: list[Mechanism] | None = None
-                     ) -> Estimate:
-    """σ and ε for ``plan.num_rounds`` rounds on ``num_train`` records."""
+def estimate_epsilon(num_train: int, plan: Plan, prior: list[Mechanism] | None = None, *,
+                     floor: float = DEFAULT_MIN_NOISE_MULTIPLIER) -> Estimate:
+    """σ and ε for ``plan.num_rounds`` rounds on ``num_train`` units, planned exactly
+    as the site plans them (:func:`common.privacy.planning.plan_round`, with the
+    site's σ ``floor``)."""
     prior = prior or []
     spent = epsilon(prior, delta=plan.target_delta)
     if num_train < plan.batch_size:
         return Estimate(num_train, math.nan, 0, None, None, spent, False,
                         f"batch size {plan.batch_size} exceeds the {num_train} training records: "
                         "every round would be refused")
-    q, steps = dp_plan(num_train, batch_size=plan.batch_size, epochs=plan.local_epochs)
-    sigma = plan.noise_multiplier
-    if sigma == 0:
-        try:
-            sigma = calibrate_noise_multiplier(
-                target_epsilon=plan.target_epsilon, delta=plan.target_delta, sample_rate=q,
-                steps=steps * plan.num_rounds, prior=prior)
-        except ValueError as exc:
-            return Estimate(num_train, q, steps, None, spent, spent, False, str(exc))
-    eps = epsilon([*prior, Mechanism(noise_multiplier=sigma, sample_rate=q,
-                                     steps=steps * plan.num_rounds)], delta=plan.target_delta)
+    try:
+        planned = plan_round(num_units=num_train, batch_size=plan.batch_size,
+                             epochs=plan.local_epochs, rounds=plan.num_rounds,
+                             target_epsilon=plan.target_epsilon, delta=plan.target_delta,
+                             prior=prior, floor=floor, requested_sigma=plan.noise_multiplier)
+    except ValueError as exc:
+        q, steps = dp_plan(num_train, batch_size=plan.batch_size, epochs=plan.local_epochs)
+        return Estimate(num_train, q, steps, None, spent, spent, False, str(exc))
+    mech = planned.mechanism
+    sigma, q, steps = mech.noise_multiplier, mech.sample_rate, mech.steps
+    eps = planned.epsilon_after_run
     fits = eps <= plan.target_epsilon + 1e-9
     how = "calibrated to the cap" if plan.noise_multiplier == 0 else "fixed by the server"
     note = (f"{plan.num_rounds} rounds x {steps} steps at q={q:.4f}, σ={sigma:.3f} ({how}): "
@@ -115,7 +112,8 @@ def _rounds_that_fit(prior, sigma, q, steps, plan: Plan) -> int:
 
 def check_site(spec: str, plan: Plan, *, ledger: str | Path | None = None,
                num_classes: int | None = None, classes: tuple[str, ...] | None = None,
-               schema: Schema | None = None) -> SiteReport:
+               schema: Schema | None = None,
+               floor: float = DEFAULT_MIN_NOISE_MULTIPLIER) -> SiteReport:
     """Read ``spec`` and report on it (never raises for bad data: it is listed).
     ``classes``: the site's declared class names (node config ``class-names``);
     ``schema``: the federation's schema (classes, and a CSV's columns by name)."""
@@ -149,7 +147,7 @@ def check_site(spec: str, plan: Plan, *, ledger: str | Path | None = None,
 
             prior = Ledger(ledger).history()
         n_train = n - max(1, int(round(n * plan.holdout)))
-        estimate = estimate_epsilon(n_train, plan, prior)
+        estimate = estimate_epsilon(n_train, plan, prior, floor=floor)
         if not estimate.fits:  # a site that would decline rounds is not ready to join
             errors.append(f"the planned run does not fit: {estimate.note}")
     return SiteReport(spec=spec, kind=s.kind, num_records=n, classes=list(s.classes),
