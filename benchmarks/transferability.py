@@ -16,7 +16,7 @@ For each scenario:
    as a diagnostic of a val/test shift). The run is the *function-level* path that
    ``benchmarks/privacy_utility.py`` uses: each site's records from
    ``client.admission.load_site_data``, σ calibrated per site so all planned rounds fit
-   the cap (``client.site.plan_noise``'s rule), local rounds with
+   the cap (``common.privacy.planning.plan_round``'s rule), local rounds with
    ``common.models.training.train_dp`` and weighted FedAvg, as the Flower server does;
    message passing and ledgers are skipped. A seed is the scenario's ``seed``
    key: it fixes the hospital partition (and, for digits, the dataset's
@@ -208,7 +208,7 @@ def run_scenario(name: str, *, seeds, candidates: str, work: Path, doc: dict, sa
             "setting": {"num_sites": cfg.num_sites, "partitioner": cfg.partitioner,
                         "dirichlet_alpha": cfg.dirichlet_alpha, "site_shift": cfg.site_shift,
                         "rounds": cfg.num_rounds, "local_epochs": cfg.local_epochs,
-                        "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
+                        "batch_size": cfg.batch_size, "learning_rate": cfg.lr,
                         "clip_norm": cfg.clip_norm, "head": cfg.head},
             "seeds": list(seeds), "selection": selection, "selection_seconds": select_seconds,
             "runs": rows})
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     work = Path(tempfile.mkdtemp(prefix="fedtransfer-transfer-"))
     doc = {"schema": 1, "date": dt.date.today().isoformat(), "machine": info,
-           "path": "function-level federated DP-SGD (client.site + common.models.training + FedAvg, as "
+           "path": "function-level federated DP-SGD (client.round + common.models.training + FedAvg, as "
                    "benchmarks/privacy_utility.py), not a Flower simulation",
            "targets": {"gap_to_best": TARGET_GAP, "kendall_tau": TARGET_TAU}, "scenarios": []}
     tag = f"{doc['date']}-{machine_tag(info)}-transferability"

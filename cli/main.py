@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cli.models import add_model_commands
 from cli.select import add_select_command
+from cli.federation import add_federation_commands
 from cli.site import add_site_commands
 from common.flowerlog import PROJECT_LOGGERS
 from common.models.decision import describe_decision
@@ -92,8 +93,11 @@ def print_summary(s: dict) -> None:
                      f"{_fmt(q):>7} {_fmt(site.get('epsilon')):>7}  {site.get('status', '')}")
     idle = [(sid, site) for sid, site in s["sites"].items()
             if not [h for h in site.get("history") or [] if h.get("round", 1) >= 1]]
+    # issue 24: name a hospital as the per-site metrics name it (site id i is the i-th name)
+    names = list(((s["final"].get("test_sites") or {}).get("sites") or {}))
     for sid, site in idle:  # a site whose records never reached the model must not pass unseen
-        lines.append(f"WARNING: site {sid} never trained ({site.get('status')}: "
+        who = f"site {sid}" + (f" ({names[int(sid)]})" if int(sid) < len(names) else "")
+        lines.append(f"WARNING: {who} never trained ({site.get('status')}: "
                      f"{site.get('reason') or 'no reply'}); the results exclude its records")
     if "student" in s:
         t, st, d = s["teacher"], s["student"], s["distillation"]
@@ -282,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(sub)
 
     add_site_commands(sub)
+    add_federation_commands(sub)
     add_select_command(sub)
     return p
 

@@ -23,11 +23,17 @@ def cmd_site_check(args) -> int:
         print("error: give --data (a first look), or the site's --node-config / --policy-file")
         return 2
     # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
+    from common.config import RunConfig
+    # lazy: as above
     from common.data.sitecheck import Plan, check_site, format_report
 
-    plan = Plan(target_epsilon=args.cap, target_delta=args.delta, num_rounds=args.rounds,
-                local_epochs=args.epochs, batch_size=args.batch_size,
-                noise_multiplier=args.noise_multiplier, holdout=args.holdout)
+    run = RunConfig()  # the run's defaults: what a site joins unless told otherwise
+    plan = Plan(target_epsilon=args.cap, target_delta=args.delta,
+                num_rounds=args.rounds or run.num_rounds,
+                local_epochs=args.epochs or run.local_epochs,
+                batch_size=args.batch_size or run.batch_size,
+                noise_multiplier=args.noise_multiplier, holdout=args.holdout,
+                min_noise_multiplier=args.min_noise_multiplier)
     classes = tuple(c.strip() for c in args.class_names.split(",")) if args.class_names else None
     schema = None
     if args.schema:
@@ -52,8 +58,13 @@ def _admit(args) -> int:
     # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
     from flwr.common.config import parse_config_args
 
-    from client import admission
+    # lazy: as above
+    from client.admission import ADMISSION_FILE, admit
+    # lazy: as above
     from client.settings import SiteConfigError, deployed_policy
+    # lazy: as above
+    from common.config import RunConfig
+    # lazy: as above
     from common.data.sitecheck import Plan, check_site, format_report
 
     node = parse_config_args([args.node_config]) if args.node_config else {}
@@ -65,24 +76,29 @@ def _admit(args) -> int:
         print(f"error: {exc}")
         return 2
     schema = settings.declaration.schema
+    run = settings.federation.config if settings.federation is not None else RunConfig()
     plan = Plan(target_epsilon=settings.target_epsilon, target_delta=settings.target_delta,
-                num_rounds=args.rounds, local_epochs=args.epochs, batch_size=args.batch_size,
-                noise_multiplier=args.noise_multiplier, holdout=settings.holdout)
+                num_rounds=args.rounds or run.num_rounds,
+                local_epochs=args.epochs or run.local_epochs,
+                batch_size=args.batch_size or run.batch_size,
+                noise_multiplier=args.noise_multiplier, holdout=settings.holdout,
+                min_noise_multiplier=settings.min_noise_multiplier)
     report = check_site(settings.data_path, plan,
                         ledger=settings.ledger_path if settings.ledger_path.is_file() else None,
-                        classes=schema.classes, schema=schema,
-                        floor=settings.min_noise_multiplier)
-    adm = admission.admit(settings)
+                        classes=schema.classes, schema=schema)
+    adm = admit(settings)
+    if not adm.admitted:
+        report.errors.append(adm.reason)
     print(json.dumps({**report.to_dict(), "admission": adm.__dict__}, indent=2, default=str)
           if args.json else format_report(report))
     if adm.admitted:
         print(f"admitted: {adm.num_train} training {settings.privacy_unit}s (released as the "
               f"site's public count), {adm.num_holdout} held out; declaration "
               f"{settings.declaration.sha256[:16]}; recorded in "
-              f"{settings.state_dir / admission.ADMISSION_FILE}")
+              f"{settings.state_dir / ADMISSION_FILE}")
     else:
-        print(f"NOT ADMITTED: {adm.reason}\nthe site answers every message with "
-              "'site-unavailable' until this check passes")
+        print("NOT ADMITTED: the site answers every message with 'site-unavailable' until "
+              "this check passes")
     return 0 if report.ok and adm.admitted else 1
 
 
@@ -133,13 +149,20 @@ def cmd_site_export(args) -> int:
     if splits.columns:
         print(f"error: {args.dataset} holds tabular records; export writes images")
         return 2
+    include = tuple(p.strip() for p in args.splits.split(",") if p.strip())
     counts = export_site_folders(splits, args.out, num_sites=args.sites, alpha=args.alpha,
-                                 seed=args.seed)
+                                 seed=args.seed, include=include)
     for site, per_class in counts.items():
         print(f"{site}: " + ", ".join(f"{c} {n}" for c, n in per_class.items()))
-    print(f"wrote {sum(sum(v.values()) for v in counts.values())} images to {args.out}; train "
-          f"on them with dataset = \"imagefolder:{args.out}?site=folder\", partitioner = "
-          f"\"site\", num-sites = {args.sites}")
+    print(f"wrote {sum(sum(v.values()) for v in counts.values())} images of the "
+          f"{', '.join(include)} split(s) to {args.out}: each site-<i> folder is one hospital's "
+          f"(node config data-path=\"imagefolder:{args.out}/site-<i>\"), or simulate them all "
+          f"with dataset = \"imagefolder:{args.out}?site=folder\", partitioner = \"site\", "
+          f"num-sites = {args.sites}")
+    if include != ("train",):
+        print("warning: the val and test splits are the coordinator's public and test records; "
+              "a site holding them is refused at its check (fedtransfer federation init "
+              "publishes their hashes)")
     return 0
 
 
@@ -164,17 +187,22 @@ def add_site_commands(sub) -> None:
                    "it ('data-path=\"...\" ledger-path=\"...\" ...'): check the data as the "
                    "site declares it and admit it (what the site releases as its count)")
     c.add_argument("--policy-file", help="the site's policy file (as node config policy-file)")
-    c.add_argument("--data", help="imagefolder:<dir>, csv:<file>[?label=COL&"
-                   "missing=error|drop|zero&site=COL], medmnist:<file.npz>, or a bare "
-                   "directory / .csv / .npz path (the node config's data-path)")
+    c.add_argument("--data", help="imagefolder:<dir>, dicom:<dir>, csv:<file>[?label="
+                   "COL&missing=error|drop|zero&site=COL&patient=column:COL], medmnist:<file.npz>, "
+                   "or a bare directory / .csv / .npz path (the node config's data-path; "
+                   "docs/data.md)")
     c.add_argument("--cap", type=float, default=4.0, help="the site's ε cap (target-epsilon)")
     c.add_argument("--delta", type=float, default=1e-5, help="the site's δ (target-delta)")
-    c.add_argument("--rounds", type=int, default=5, help="planned rounds (num-rounds)")
-    c.add_argument("--epochs", type=int, default=1, help="local epochs per round")
-    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--rounds", type=int, help="planned rounds (default: the federation file's "
+                   "num-rounds, else the run config's default)")
+    c.add_argument("--epochs", type=int, help="local epochs per round (default: as --rounds)")
+    c.add_argument("--batch-size", type=int, help="requested batch (default: as --rounds)")
     c.add_argument("--noise-multiplier", type=float, default=0.0,
                    help="σ the server will request (0: the site calibrates to its cap)")
     c.add_argument("--holdout", type=float, default=0.2, help="the site's holdout fraction")
+    c.add_argument("--min-noise-multiplier", type=float, default=0.3,
+                   help="the site's σ floor (node config min-noise-multiplier): the σ the site "
+                        "runs is never below it, and the estimate uses the same")
     c.add_argument("--ledger", help="the site's ledger: its earlier spend counts")
     c.add_argument("--num-classes", type=int, help="the federation's class count")
     c.add_argument("--class-names", help="the federation's class names in order, comma-separated "
@@ -187,6 +215,8 @@ def add_site_commands(sub) -> None:
     x.add_argument("--sites", type=int, default=4)
     x.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--splits", default="train", help="comma-separated splits to write (the "
+                   "source's val and test are the coordinator's public records)")
     x.set_defaults(func=cmd_site_export)
     c.add_argument("--schema", help="the federation's schema (a .toml with a [schema] table, "
                    "or .json): classes, and a CSV's columns by name")

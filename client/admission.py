@@ -34,6 +34,7 @@ import numpy as np
 
 from client.settings import SiteSettings
 from common.data.datasets import SiteData, load_dataset, site_data
+from common.data.digests import read_public_hashes
 from common.data.readers import SiteDataError, own_site_data
 from common.data.schema import Schema, SchemaError
 
@@ -63,7 +64,10 @@ class Admission:
     reason: str = ""
     # The shape of one record as read (fixed by the declaration: images resized to the
     # declared size, a table's declared columns; a simulated dataset's native size).
-    record_shape: tuple[int, ...] = ()  # why not admitted, for the site's own log and operator only
+    record_shape: tuple[int, ...] = ()
+    # The hash of the published public-record hash list the records were checked against
+    # (none of them may be the coordinator's public or test records); "" when none is published.
+    public_check: str = ""  # why not admitted, for the site's own log and operator only
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, indent=1)
@@ -74,12 +78,23 @@ def admission_key(settings: SiteSettings) -> str:
     which records the site trains on. A change to any of them needs a new check."""
     sim = settings.scenario
     reading = {"declaration": settings.declaration.sha256, "data": settings.data_path,
+               "public-hashes": _file_sha256(settings.public_hashes),
                "holdout": settings.holdout, "holdout-seed": settings.holdout_seed,
                "unit": settings.privacy_unit, "site-id": settings.site_id,
                "scenario": None if sim is None else {
                    k: getattr(sim, k) for k in ("dataset", "data_dir", "num_sites", "partitioner",
                                                 "dirichlet_alpha", "site_shift", "seed")}}
     return hashlib.sha256(json.dumps(reading, sort_keys=True).encode()).hexdigest()
+
+
+def _file_sha256(path: Path | None) -> str:
+    """A published file's hash ('' when none is named; 'missing' when it is not there)."""
+    if path is None:
+        return ""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return "missing"
 
 
 def _path(settings: SiteSettings) -> Path:
@@ -110,9 +125,13 @@ def admit(settings: SiteSettings) -> Admission:
     reason is in the site's log and its admission file, never in a reply).
     """
     key = admission_key(settings)
+    public_check = ""
     try:
         data = load_site_data(settings)
         problems = data_problems(data, tabular=settings.declaration.schema.input == "tabular")
+        if settings.public_hashes is not None:
+            public, public_check = read_public_hashes(settings.public_hashes)
+            problems += public_overlap(data, public)
     except Exception as exc:  # noqa: BLE001  (any fault reading the site's own data)
         problems = [f"{type(exc).__name__}: {exc}"]
         data = None
@@ -125,7 +144,8 @@ def admit(settings: SiteSettings) -> Admission:
     else:
         adm = Admission(key=key, admitted=True, num_train=len(data.train_y),
                         num_holdout=len(data.holdout_y), fingerprint=data.fingerprint,
-                        checked_at=time.time(), record_shape=tuple(data.train_x.shape[1:]))
+                        checked_at=time.time(), record_shape=tuple(data.train_x.shape[1:]),
+                        public_check=public_check)
         log.info("site %d admitted: %d training and %d holdout records read as declared",
                  settings.site_id, adm.num_train, adm.num_holdout)
     _write(settings, adm)
@@ -157,6 +177,21 @@ def take_out(settings: SiteSettings, why: str) -> None:
     _write(settings, out)
     log.error("site %d is out of the federation until its operator runs `fedtransfer site "
               "check`: %s", settings.site_id, why)
+
+
+def public_overlap(data: SiteData, public: frozenset[str]) -> list[str]:
+    """The site's records that are the coordinator's public or test records (named here,
+    for the site's operator only)."""
+    if not data.digests:
+        return ["the site's records carry no digests to check against the coordinator's "
+                "public records (a simulated partition?)"]
+    hits = [name for name, d in zip(data.record_ids or data.digests, data.digests, strict=True)
+            if d in public]
+    if not hits:
+        return []
+    return [f"{len(hits)} of the site's {len(data.digests)} records are the coordinator's public "
+            f"or test records (first: {', '.join(hits[:5])}); a site may not hold them: remove "
+            "them, then run `fedtransfer site check` again"]
 
 
 def data_problems(data: SiteData, *, tabular: bool = False) -> list[str]:
@@ -191,19 +226,20 @@ def load_site_data(settings: SiteSettings) -> SiteData:
             in the site's own log only).
     """
     schema = settings.declaration.schema
-    tabular = schema if schema.input == "tabular" else None
+    # A CSV's columns map by the schema's names; an image schema's window applies too.
+    mapping = schema if schema.features or schema.image_window else None
     if settings.data_path:
         try:
             return own_site_data(settings.data_path, site_id=settings.site_id,
                                  holdout=settings.holdout, seed=settings.holdout_seed,
                                  num_classes=len(schema.classes), classes=schema.classes,
                                  image_size=schema.image_size or 64,
-                                 channels=schema.image_channels or 1, schema=tabular)
+                                 channels=schema.image_channels or 1, schema=mapping)
         except SchemaError as exc:
             raise SiteDataError(str(exc)) from exc
     cfg = settings.scenario
     splits = _splits(cfg.dataset, cfg.data_dir, cfg.seed,
-                     tabular.to_json() if tabular is not None else "")
+                     mapping.to_json() if mapping is not None else "")
     return site_data(splits, site_id=settings.site_id, num_sites=cfg.num_sites,
                      partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
                      holdout=settings.holdout, shift=cfg.site_shift, seed=cfg.seed)

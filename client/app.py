@@ -34,12 +34,15 @@ from flwr.compat.common.recorddict_compat import (
 )
 
 from client.admission import SiteUnavailable, require
+from client.budget import BudgetExhausted
+from client.guard import PolicyDeclined, RequestRejected
 from client.settings import SiteConfigError, SiteSettings, in_flower_simulation, site_settings
 from common import protocol
 from common.config import RunConfig, parse_config
 from common.flowerlog import log_through_flower
 from common.protocol import (
     HEAD_KEYS,
+    DeclarationReply,
     Decline,
     DeliveryReceipt,
     declined_text,
@@ -94,10 +97,6 @@ def decline_for(exc: BaseException, site_id: int) -> Decline:
     """The one reply for a failure. Declines the site decides from the request, its
     policy and its ledger carry their reason; anything else is a fixed code with a
     fixed sentence, and its text stays in the site's log."""
-    # lazy: the site's round code imports torch; only a message that reached it declines
-    from client.budget import BudgetExhausted
-    from client.guard import PolicyDeclined, RequestRejected
-
     for kind, status in ((BudgetExhausted, protocol.BUDGET_EXHAUSTED),
                          (PolicyDeclined, protocol.POLICY_DECLINED),
                          (RequestRejected, protocol.REQUEST_REJECTED),
@@ -119,10 +118,18 @@ def _site_id(context: Context) -> int:
         return -1
 
 
-def _parse(config) -> protocol.RoundRequest:
-    # lazy: as in decline_for
-    from client.guard import RequestRejected
+def chosen_in(config) -> tuple[str, int]:
+    """The backbone and image size a message names (its ``backbone`` and its schema's
+    ``image-size``); a simulated site whose scenario says ``auto`` takes them."""
+    try:
+        schema = json.loads(str(config.get("schema", "") or "{}"))
+        size = int(schema.get("image-size", 0)) if isinstance(schema, dict) else 0
+    except (TypeError, ValueError):
+        size = 0
+    return str(config.get("backbone", "")), size
 
+
+def _parse(config) -> protocol.RoundRequest:
     try:
         return parse_request(config, "")
     except (ValueError, KeyError, TypeError) as exc:
@@ -141,15 +148,17 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
     """
     app = ClientApp(mods=[secagg_when_asked])
 
-    def settings_of(context: Context) -> SiteSettings:
+    def settings_of(context: Context, chosen: tuple[str, int] | None = None) -> SiteSettings:
+        """``chosen``: the backbone and image size the message names (taken only by a
+        simulated site whose scenario leaves the backbone to the selection)."""
         node = dict(context.node_config)
         if override is not None:
-            return site_settings(node, scenario=override)
+            return site_settings(node, scenario=override, chosen=chosen)
         # Under a SuperNode (never at import, which would also hit simulations).
         log_through_flower()
         simulated = in_flower_simulation() and "data-path" not in node
         return site_settings(node, scenario=parse_config(dict(context.run_config))
-                             if simulated else None)
+                             if simulated else None, chosen=chosen)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -157,7 +166,7 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
         site_id, legacy = _site_id(context), False
         try:
             legacy, config, head = _unpack_train(msg)
-            settings = settings_of(context)
+            settings = settings_of(context, chosen_in(config))
             site_id = settings.site_id
             # A site out of the federation answers every message with one fixed code.
             adm = require(settings)
@@ -190,10 +199,12 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
         """
         site_id = _site_id(context)
         try:
-            settings = settings_of(context)
+            card = json.loads(str(msg.content.config_records["card"]["json"]))
+            model = card.get("head") or {}
+            settings = settings_of(context, (str(model.get("backbone", "")),
+                                             int(model.get("image_size") or 0)))
             site_id = settings.site_id
             require(settings)
-            card = json.loads(str(msg.content.config_records["card"]["json"]))
             student = msg.content.array_records.get("student")
             head = from_array_record(msg.content["head"])
             # lazy: torch loads only in a process that handles a model (see train)
@@ -206,7 +217,6 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
             return Message(content=RecordDict({"status": ConfigRecord(decline.record())}),
                            reply_to=msg)
         try:
-            model = card.get("head", {})
             log.info("site %d: the delivered head on its holdout (kept here): %s",
                      settings.site_id, evaluate_site(
                          settings, head, trainable=str(model.get("trainable", "head")),
@@ -220,13 +230,32 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
         return Message(content=RecordDict({"delivery": ConfigRecord(receipt.record())}),
                        reply_to=msg)
 
+    @app.query("declaration")
+    def declaration(msg: Message, context: Context) -> Message:
+        """The coordinator's declaration-only question before round 1
+        (``query.declaration``): the site's declaration, unit and admission. No
+        record is read for it (the admission is stored)."""
+        site_id = _site_id(context)
+        try:
+            settings = settings_of(context, chosen_in(msg.content.config_records["config"]))
+            site_id = settings.site_id
+            adm = require(settings)
+            decl = settings.declaration
+            reply = DeclarationReply(settings.site_id, decl.sha256,
+                                     json.dumps(decl.to_dict(), sort_keys=True),
+                                     settings.privacy_unit, adm.num_train, adm.public_check)
+            content = RecordDict({"declaration": ConfigRecord(reply.record())})
+        except Exception as exc:  # noqa: BLE001  (every failure becomes a fixed code)
+            content = RecordDict({"status": ConfigRecord(decline_for(exc, site_id).record())})
+        return Message(content=content, reply_to=msg)
+
     @app.query("scaling")
     def scaling(msg: Message, context: Context) -> Message:
         """DP feature scaling before round 1 (``query.scaling``): the site's noisy
         clipped sums, charged to its ledger first (:func:`client.round.scaling_release`)."""
         site_id = _site_id(context)
         try:
-            settings = settings_of(context)
+            settings = settings_of(context, chosen_in(msg.content.config_records["config"]))
             site_id = settings.site_id
             adm = require(settings)
             req = dataclasses.replace(_parse(msg.content.config_records["config"]),

@@ -15,7 +15,6 @@ import json
 from client.guard import PolicyDeclined
 from client.settings import SiteSettings
 from client.sigma_cache import calibrated_sigma
-from common.models.training import SECURE_RNG
 from common.privacy.accounting import LEDGER_ACCOUNTANT, Mechanism, epsilon
 from common.privacy.ledger import Entry, Ledger, accountant_version, library_versions
 from common.privacy.planning import RoundPlan, plan_round
@@ -107,7 +106,7 @@ def project(settings: SiteSettings, ledger: Ledger, mechanism: Mechanism) -> flo
 
 def charge(ledger: Ledger, settings: SiteSettings, *, run_id: str, server_round: int,
            mechanisms: list[Mechanism], clip_norm: float, num_units: int, sampler: str,
-           secure_rng: bool = SECURE_RNG, planned: RoundPlan | None = None,
+           secure_rng: bool, planned: RoundPlan | None = None,
            trained: str = "") -> float:
     """Durably record what ran, before anything is released; returns the cumulative
     ε after it, computed from the ledger's tuples (read inside this call).

@@ -16,8 +16,9 @@ finds a problem declines the message with every problem of that stage named:
    names and shapes the declaration, mode and head imply, are finite and
    bounded (a huge weight could overflow a record's loss, and clipping cannot
    bound a NaN);
-5. **count** (``request-rejected``): batch size and steps against the site's
-   training-unit count, which is public and was fixed when its data was checked.
+5. **count** (``request-rejected``): the expected batch planned from the request and
+   the site's training-unit count (:mod:`common.batches`), and the steps it implies,
+   against that count, which is public and was fixed when its data was checked.
 
 So every decline is a function of the request, the site's policy and
 declaration and its public count: two sites that differ in one record decline
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from client.settings import SiteConfigError, SiteSettings
+from common.batches import BatchPlanError, plan_batch
 from common.data.schema import Schema, SchemaError
 from common.declaration import Declaration, differences
 from common.models.names import HEAD_NAMES, TRAINABLE_MODES
@@ -207,15 +209,22 @@ def model_problems(req: RoundRequest, declaration: Declaration,
 
 
 def count_problems(req: RoundRequest, settings: SiteSettings, num_units: int) -> list[str]:
-    """Batch and steps against the site's public training-unit count."""
-    if req.batch_size > num_units:
-        return [f"batch-size {req.batch_size} exceeds this site's {num_units} training "
-                f"{settings.privacy_unit}s"]
-    _, steps = dp_plan(num_units, batch_size=req.batch_size, epochs=req.local_epochs)
+    """The planned batch and the steps against the site's public training-unit count."""
+    try:
+        batch = planned_batch(req, num_units)
+    except BatchPlanError as exc:
+        return [str(exc)]
+    _, steps = dp_plan(num_units, batch_size=batch, epochs=req.local_epochs)
     if steps > settings.max_steps:
         return [f"the round would take {steps} steps, above the site's max-steps "
                 f"{settings.max_steps}"]
     return []
+
+
+def planned_batch(req: RoundRequest, num_units: int) -> int:
+    """The site's expected batch: :func:`common.batches.plan_batch` of the requested
+    batch and its own public count, exactly as the coordinator plans it."""
+    return plan_batch(num_units, batch_size=req.batch_size)
 
 
 def expected_shapes(declaration: Declaration, trainable: str, head: str, hidden_dim: int,

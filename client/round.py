@@ -12,6 +12,7 @@ coordinator sees one fixed status, never the fault.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -137,6 +138,7 @@ def train_round(settings: SiteSettings, req: RoundRequest,
     t_start = time.perf_counter()
     adm = adm or admission.require(settings)
     guard.check_train(req, settings, global_arrays, adm.num_train, adm.record_shape)
+    req = dataclasses.replace(req, batch_size=guard.planned_batch(req, adm.num_train))
     fitted = Schema.from_json(req.schema)
     ledger = budget.open_ledger(settings)
     t_privacy = time.perf_counter()
@@ -175,7 +177,8 @@ def train_round(settings: SiteSettings, req: RoundRequest,
             t_commit = time.perf_counter()
             eps = budget.charge(ledger, settings, run_id=req.run_id, server_round=req.server_round,
                                 mechanisms=result.mechanisms, clip_norm=req.clip_norm,
-                                num_units=adm.num_train, sampler="poisson", planned=planned,
+                                num_units=adm.num_train, sampler="poisson",
+                                secure_rng=training.SECURE_RNG, planned=planned,
                                 trained=json.dumps({"trainable": req.trainable,
                                                     "params": num_trainable(model)},
                                                    sort_keys=True))

@@ -23,6 +23,7 @@ config there would let the coordinator choose the site's cap, ledger and data.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -31,10 +32,12 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import DEVICES, RunConfig
+from common.config import DEVICES, RunConfig, simulated_ledger_dir
 from common.data.datasets import federation
 from common.data.schema import SchemaError, image_schema, load_schema
 from common.declaration import Declaration
+from common.federation import Federation, load_federation
+from common.models.backbones import BACKBONE_NAMES
 from common.models.names import TRAINABLE_MODES
 from common.privacy.accounting import RECORD, UNITS_OF_PRIVACY
 from common.privacy.planning import DEFAULT_MIN_NOISE_MULTIPLIER
@@ -78,6 +81,11 @@ class SiteSettings:
     privacy_unit: str = RECORD
     # In a simulation, the scenario the simulated site is a partition of (None when deployed).
     scenario: RunConfig | None = None
+    # The coordinator's published public and test record digests (common/data/digests.py):
+    # the site is admitted only if it holds none of those records.
+    public_hashes: Path | None = None
+    # The federation file the site named (its plan for `site check`), if any.
+    federation: Federation | None = None
 
     @property
     def models(self) -> Path:
@@ -112,6 +120,12 @@ POLICY_KEYS = {
     "image-channels": "1 or 3, for an image site without a schema file (default 1)",
     "backbone": "the backbone that turns a record into features (default: efficientnet-lite0 "
                 "for images, identity for tables); a request for another is declined",
+    "federation": "the site's copy of the federation file (TOML) the coordinator and every "
+                  "site share: the site's declaration (schema, backbone) and the plan come from "
+                  "it, instead of the schema / class-names / image-* / backbone keys",
+    "public-hashes": "the coordinator's published digests of its public and test records "
+                     "(default: the federation file's); the site is admitted only if it holds "
+                     "none of them",
     "dp": "true (default): train only with DP-SGD; false: this site trains without DP, says "
           "so in every reply, and the audit flags it",
     "site-id": "the site's id in the run records (default 0)",
@@ -151,13 +165,30 @@ def in_flower_simulation() -> bool:
         return False
 
 
-def scenario_policy(cfg: RunConfig, node: dict) -> SiteSettings:
+def scenario_policy(cfg: RunConfig, node: dict, *, chosen: tuple[str, int] | None = None
+                    ) -> SiteSettings:
     """A simulated hospital's policy: the scenario's, since one person runs every
     site, except where the node config sets a policy key itself (a site's own
     setting always wins). Its declaration is the scenario's schema and backbone,
-    and it releases timings (the operator is the one person who runs every site)."""
+    and it releases timings (the operator is the one person who runs every site).
+
+    A scenario with ``backbone = "auto"`` leaves the backbone (and its image size) to
+    the selection on public data, which the ServerApp runs under ``flwr run .``:
+    ``chosen`` is what the message says was chosen, a registry name only.
+
+    Raises:
+        SiteConfigError: ``auto`` without a choice in the message, or a choice that is
+            not a registry backbone.
+    """
+    if cfg.backbone == "auto":
+        names = [n for n in BACKBONE_NAMES if not n.startswith("file:")]
+        if chosen is None or chosen[0] not in names:
+            raise SiteConfigError(
+                f"the scenario leaves the backbone to the selection on public data, and the "
+                f"message names {chosen[0] if chosen else 'none'!r}; allowed: {', '.join(names)}")
+        cfg = cfg.replace(backbone=chosen[0], image_size=chosen[1] or cfg.image_size)
     site_id = int(node.get("partition-id", 0))
-    root = Path(cfg.ledger_dir or (Path(cfg.out_dir or ".fedtransfer") / "sites"))
+    root = simulated_ledger_dir(cfg)  # one home, recorded by the server for the audit
     scenario = {"site-id": site_id, "ledger-path": str(root / f"site-{site_id}" / "ledger.sqlite"),
                 "cache-dir": cfg.cache_dir, "dp": cfg.dp, "target-epsilon": cfg.target_epsilon,
                 "target-delta": cfg.target_delta, "holdout": cfg.site_holdout,
@@ -189,7 +220,8 @@ def _read_policy_file(path: str) -> dict:
 
 
 # Keys that name files: a relative path in a policy file resolves against that file.
-PATH_KEYS = ("data-path", "ledger-path", "ledger-key", "schema", "cache-dir", "model-dir")
+PATH_KEYS = ("data-path", "ledger-path", "ledger-key", "schema", "cache-dir", "model-dir",
+             "federation", "public-hashes")
 _SPEC_KINDS = ("imagefolder", "csv", "medmnist", "dicom")
 
 
@@ -253,8 +285,12 @@ def deployed_policy(node: dict) -> SiteSettings:
             f"itself: flower-supernode --node-config 'data-path=\"...\" ledger-path=\"...\" "
             f"target-epsilon=1.0 target-delta=1e-5 class-names=\"...\" ...'")
     _check_keys(node)
-    return _parse_policy(node, data_path=str(node["data-path"]),
-                         declaration=declared(node), scenario=None)
+    settings = _parse_policy(node, data_path=str(node["data-path"]),
+                             declaration=declared(node), scenario=None)
+    fed = load_federation(str(node["federation"])) if "federation" in node else None
+    hashes = node.get("public-hashes") or (fed.public_hashes if fed is not None else None)
+    return dataclasses.replace(settings, public_hashes=Path(str(hashes)) if hashes else None,
+                               federation=fed)
 
 
 def _check_keys(node: dict) -> None:
@@ -276,12 +312,25 @@ def _class_names(node: dict) -> tuple[str, ...] | None:
 
 
 def declared(node: dict) -> Declaration:
-    """The site's declaration from its node config (see the module doc).
+    """The site's declaration from its node config (see the module doc): its copy of
+    the federation file (``federation``), or its own ``schema`` / ``class-names`` keys.
 
     Raises:
-        SiteConfigError: no classes declared, a schema file that cannot be read,
-            or keys that contradict each other (named).
+        SiteConfigError: no classes declared, a schema or federation file that cannot
+            be read, or keys that contradict each other (named).
     """
+    if "federation" in node:
+        try:
+            decl = load_federation(str(node["federation"])).declaration
+        except (ValueError, SchemaError) as exc:
+            log.warning("node config 'federation' %s: %s", node["federation"], exc)
+            raise SiteConfigError(f"the site's federation file cannot be used: {exc}") from exc
+        own = sorted(k for k in ("schema", "class-names", "image-size", "image-channels",
+                                 "backbone") if k in node)
+        if own:
+            raise SiteConfigError(f"node config keys {own} are fixed by the site's federation "
+                                  "file: remove them from the node config")
+        return decl
     classes = _class_names(node)
     if "schema" in node:
         try:
@@ -292,11 +341,11 @@ def declared(node: dict) -> Declaration:
         if classes is not None and classes != schema.classes:
             raise SiteConfigError(f"node config 'class-names' {list(classes)} differ from the "
                                   f"schema's classes {list(schema.classes)}")
-        if schema.input == "image":
-            schema = image_schema(schema.classes,
-                                  image_size=_number(node, "image-size", int,
-                                                     schema.image_size or 64, low=1),
-                                  image_channels=_channels(node, schema.image_channels or 1))
+        if schema.input == "image":  # the declared window (if any) stays
+            schema = dataclasses.replace(
+                schema, image_size=_number(node, "image-size", int, schema.image_size or 64,
+                                           low=1),
+                image_channels=_channels(node, schema.image_channels or 1))
     elif classes is not None:
         schema = image_schema(classes, image_size=_number(node, "image-size", int, 64, low=1),
                               image_channels=_channels(node, 1))
@@ -353,18 +402,21 @@ def _modes(node: dict) -> tuple[str, ...]:
     return modes
 
 
-def site_settings(node: dict, *, scenario: RunConfig | None) -> SiteSettings:
+def site_settings(node: dict, *, scenario: RunConfig | None,
+                  chosen: tuple[str, int] | None = None) -> SiteSettings:
     """The site's settings: its own node config, or the scenario's in a simulation.
 
     ``scenario`` is given only where one person runs every site: the
     ``fedtransfer simulate`` harness, or Flower's simulation engine
     (:func:`in_flower_simulation`). A node config with ``data-path`` is always
     a deployed site's, and one without it outside a simulation is refused.
+    ``chosen``: the backbone and image size a message names (only a scenario with
+    ``backbone = "auto"`` takes them, see :func:`scenario_policy`).
     """
     if "data-path" in node or "policy-file" in node:
         return deployed_policy(node)
     if scenario is not None and "partition-id" in node:
-        return scenario_policy(scenario, node)
+        return scenario_policy(scenario, node, chosen=chosen)
     raise SiteConfigError(
         "the site's node config has no 'data-path': a deployed site names its own data, ledger "
         "and cap (flower-supernode --node-config 'data-path=\"...\" ledger-path=\"...\" "

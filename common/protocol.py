@@ -112,8 +112,25 @@ SCALING_REPLY = (
     *(f for f in TRAIN_REPLY if f.privacy is not _DP),
 )
 SCALING_MESSAGE_TYPE = "query.scaling"
+# Before round 1 (and for a site that joins later), the coordinator's declaration-only
+# question: which declaration does the site hold, in which unit, and is it admitted?
+# Nothing in the answer is read from a record.
+DECLARATION_REPLY = (
+    Field("status", _P, "'ok' (the site is admitted; otherwise a decline)"),
+    Field("site-id", _P, "the site's id"),
+    Field("declaration", _P, "the hash of the site's declaration (schema and backbone)"),
+    Field("declaration-json", _P, "the site's declaration itself (what it reads its records "
+                                  "as: no record is in it)"),
+    Field("privacy-unit", _P, "the unit of privacy the site's ε is stated in"),
+    Field("num-examples", _P, "the training-unit count fixed when the site's data was checked "
+                              "(the FedAvg weight; public under replace-one neighbours)"),
+    Field("public-check", _P, "the hash of the public-record hash list the site checked its "
+                              "records against at admission ('' when the federation publishes "
+                              "none)"),
+)
+DECLARATION_MESSAGE_TYPE = "query.declaration"
 REPLIES = {"train": TRAIN_REPLY, "scaling": SCALING_REPLY, "decline": DECLINE_REPLY,
-           "delivery": DELIVERY_REPLY}
+           "delivery": DELIVERY_REPLY, "declaration": DECLARATION_REPLY}
 _TRAIN = {f.key: f for f in TRAIN_REPLY}
 TIMING_KEYS = ("feature-seconds", "train-seconds", "privacy-seconds", "site-seconds")
 # The text values of a train reply travel in its status record, not in its metrics.
@@ -235,6 +252,21 @@ class Decline:
 
 
 @dataclass(frozen=True)
+class DeclarationReply:
+    site_id: int
+    declaration: str
+    declaration_json: str
+    privacy_unit: str
+    num_examples: int
+    public_check: str = ""
+
+    def record(self) -> dict[str, int | str]:
+        return {"status": OK, "site-id": int(self.site_id), "declaration": self.declaration,
+                "declaration-json": self.declaration_json, "privacy-unit": self.privacy_unit,
+                "num-examples": int(self.num_examples), "public-check": self.public_check}
+
+
+@dataclass(frozen=True)
 class DeliveryReceipt:
     site_id: int
     sha256: str
@@ -251,7 +283,7 @@ class DeliveryReceipt:
 @dataclass(frozen=True)
 class RoundRequest:
     """What the server asks of a site for one round. It is only a request: the
-    site checks it against its own policy (:mod:`client.policy`)."""
+    site checks it against its own policy and declaration (:mod:`client.guard`)."""
 
     run_id: str
     server_round: int
@@ -322,7 +354,7 @@ def train_request(cfg, schema_json: str = "", *, class_weights=None
     the fitted schema's canonical JSON; ``class_weights`` (public, one per class)
     are sent when given."""
     req = {"num-rounds": cfg.num_rounds, "local-epochs": cfg.local_epochs,
-           "batch-size": cfg.batch_size, "learning-rate": cfg.learning_rate,
+           "batch-size": cfg.batch_size, "learning-rate": cfg.lr,
            "momentum": cfg.momentum, "clip-norm": cfg.clip_norm,
            "noise-multiplier": cfg.noise_multiplier, "dp": bool(cfg.dp),
            "schema": schema_json, "scaling-budget": cfg.scaling_budget,

@@ -39,11 +39,12 @@ def delivery_content(card: dict, head: dict, student: dict | None) -> RecordDict
 
 
 def deliver(grid: Grid, *, card: dict, head: dict, student: dict | None, expected_sha256: str,
-            timeout: float) -> dict[str, dict]:
-    """Deliver to every connected node; returns per-site outcome (keyed by site id,
-    or ``node-<id>`` for a node that did not answer)."""
+            timeout: float, allowed: set[int] | None = None) -> dict[str, dict]:
+    """Deliver to every connected node (of ``allowed``: the sites that answered the
+    declaration question as the federation declares); returns per-site outcome (keyed
+    by site id, or ``node-<id>`` for a node that did not answer)."""
     content = delivery_content(card, head, student)
-    nodes = list(grid.get_node_ids())
+    nodes = [n for n in grid.get_node_ids() if allowed is None or n in allowed]
     messages = [Message(content=content, message_type=DELIVER_MESSAGE_TYPE, dst_node_id=n)
                 for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))

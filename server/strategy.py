@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.aggregation import aggregate, clip_derived_bound, update_norm
+from common.batches import plan_batch
 from common.protocol import (
     OUT_OF_RUN,
     TIMING_KEYS,
@@ -70,6 +71,9 @@ class HeadFedAvg(FedAvg):
         self.dropped: list[dict] = []
         # The last accepted head per site (a DP release): the ensemble teacher's members.
         self.site_heads: dict[int, dict] = {}
+        # Nodes that answered the declaration question as the federation declares
+        # (server/handshake.py); None: no handshake (every connected node).
+        self.allowed: set[int] | None = None
 
     # -- sampling ----------------------------------------------------------
     def exhausted_nodes(self) -> set[int]:
@@ -80,14 +84,15 @@ class HeadFedAvg(FedAvg):
         self._global = from_array_record(arrays)
         self._request = dict(config)
         skip = self.exhausted_nodes()
-        if not skip:
+        if not skip and self.allowed is None:
             return super().configure_train(server_round, arrays, config, grid)
-        nodes = [n for n in grid.get_node_ids() if n not in skip]
+        nodes = self.eligible(grid)
         n = max(int(len(nodes) * self.fraction_train), min(self.min_train_nodes, len(nodes)))
         nodes = nodes[:n]
         config["server-round"] = server_round
-        log.info("round %d: sampling %d sites, skipping %d with spent budgets",
-                 server_round, len(nodes), len(skip))
+        if skip:
+            log.info("round %d: sampling %d sites, skipping %d out of the run", server_round,
+                     len(nodes), len(skip))
         from flwr.app import RecordDict
 
         record = RecordDict({"arrays": arrays, "config": config})
@@ -101,9 +106,15 @@ class HeadFedAvg(FedAvg):
         if head is not None:
             self.site_heads[rec.site_id] = head
 
-    def active_sites(self, grid: Grid) -> int:
+    def eligible(self, grid: Grid) -> list[int]:
+        """Connected nodes that may be asked for a round: not out of the run, and (once the
+        handshake has run) answered the declaration question as the federation declares."""
         skip = self.exhausted_nodes()  # once, not once per node (O(sites²) at 1000 sites)
-        return len([n for n in grid.get_node_ids() if n not in skip])
+        return [n for n in grid.get_node_ids()
+                if n not in skip and (self.allowed is None or n in self.allowed)]
+
+    def active_sites(self, grid: Grid) -> int:
+        return len(self.eligible(grid))
 
     # -- aggregation -------------------------------------------------------
     def _site(self, node_id: int, site_id: int) -> SiteRecord:
@@ -209,7 +220,8 @@ class HeadFedAvg(FedAvg):
         if self.max_update_norm < 0 or sigma <= 0 or any(k not in self._request for k in keys):
             return None
         r = self._request
-        batch = int(r["batch-size"])
+        # the site's expected batch, planned from its public count as the site plans it
+        batch = plan_batch(int(float(metrics["num-examples"])), batch_size=int(r["batch-size"]))
         steps = int(r["local-epochs"]) * math.ceil(float(metrics["num-examples"]) / batch)
         dim = sum(int(v.size) for v in (self._global or {}).values())
         return clip_derived_bound(clip_norm=float(r["clip-norm"]),

@@ -51,14 +51,14 @@ def run_centralized(cfg: RunConfig) -> dict:
         sigma = cfg.noise_multiplier or calibrate_noise_multiplier(
             target_epsilon=cfg.target_epsilon, delta=cfg.target_delta, sample_rate=q, steps=steps)
         res = training.train_dp(head, x, y, epochs=epochs, batch_size=cfg.batch_size,
-                                lr=cfg.learning_rate, momentum=cfg.momentum,
+                                lr=cfg.lr, momentum=cfg.momentum,
                                 noise_multiplier=sigma, clip_norm=cfg.clip_norm, seed=None,
                                 device=device, class_weights=weights)
         history = res.mechanisms
         eps = epsilon(history, delta=cfg.target_delta)
     else:
         res = training.train_plain(head, x, y, epochs=epochs, batch_size=cfg.batch_size,
-                                   lr=cfg.learning_rate, momentum=cfg.momentum, seed=cfg.seed,
+                                   lr=cfg.lr, momentum=cfg.momentum, seed=cfg.seed,
                                    device=device, class_weights=weights)
     m = ev.report(model_state(head))
     sites = {"pooled": {

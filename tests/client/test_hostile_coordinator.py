@@ -213,7 +213,7 @@ def test_the_training_loss_never_leaves_and_public_values_do_not_depend_on_a_rec
 
 def test_every_field_a_site_can_send_has_a_privacy_class():
     declared = protocol.released_fields()
-    assert set(declared) == {"train", "scaling", "decline", "delivery"}
+    assert set(declared) == {"train", "scaling", "decline", "delivery", "declaration"}
     for reply in declared.values():
         for f in reply:
             assert f["class"] in {"dp", "public", "forbidden"} and f["meaning"]
@@ -451,16 +451,18 @@ def test_the_coordinator_cannot_choose_how_a_site_reads_its_table(tmp_path):
     assert ok[0]["num-examples"] == ok[1]["num-examples"] == 31
 
 
-def test_an_oversized_batch_is_declined_from_the_public_count_however_often_asked(tmp_path):
+def test_an_oversized_batch_is_answered_from_the_public_count_however_often_asked(tmp_path):
     """On eb87760 `batch-size=100000` plus a crafted head read the records first:
-    `site-data-error` against `request-rejected`, free and repeatable."""
+    `site-data-error` against `request-rejected`, free and repeatable. Now the head is
+    declined by its declared shape, identically, and the batch is planned from the
+    public count (common/batches.py): both neighbours train at the same batch."""
     a, b = _pair(tmp_path)
     nine = head_state(make_head("linear", in_dim=64, num_classes=9))
     for _ in range(5):
         status = _same_answer(a, b, head=nine, **{"batch-size": 100000})
         assert status["status"] == protocol.REQUEST_REJECTED
-    status = _same_answer(a, b, **{"batch-size": 100000})
-    assert "batch-size 100000 exceeds this site's 320 training records" in status["reason"]
+    ok = [_metrics_of(_train(node, **{"batch-size": 100000})) for node in (a, b)]
+    assert ok[0] == ok[1] and ok[0]["sample-rate"] == pytest.approx(1 / 4)  # 320 // 4 = 80
 
 
 def test_no_timing_leaves_a_site_unless_its_policy_releases_it(tmp_path):

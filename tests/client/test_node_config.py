@@ -53,7 +53,7 @@ def test_a_deployed_site_must_set_its_own_cap_ledger_and_data(key):
 
 def test_simulated_partition_keeps_the_scenario_cap():
     s = site_settings({"partition-id": 1, "num-partitions": 3},
-                      scenario=RunConfig(target_epsilon=3.0, out_dir="/r"))
+                      scenario=RunConfig(target_epsilon=3.0, out_dir="/r", backbone="identity"))
     assert (s.site_id, s.target_epsilon, s.data_path) == (1, 3.0, None)
     assert s.ledger_path == Path("/r/sites/site-1/ledger.sqlite")
 

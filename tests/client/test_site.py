@@ -41,7 +41,7 @@ def _head(node):
 
 
 @pytest.mark.parametrize("bad, words", [
-    (dict(batch=500), "batch-size 500 exceeds"),
+    (dict(batch=0), r"batch-size must be an integer in \[1, inf\], got 0"),
     (dict(clip=-1.0), "clip-norm must be"),
     (dict(sigma=float("nan")), "noise-multiplier"),
     (dict(lr=float("inf")), "learning-rate"),
@@ -54,6 +54,19 @@ def test_hostile_request_is_rejected_before_anything_is_recorded(tmp_path, bad, 
     with pytest.raises(RequestRejected, match=words):
         train_round(_settings(node), _req(node, **bad), _head(node))
     assert not Path(node["ledger-path"]).exists() or Ledger(node["ledger-path"]).entries() == []
+
+
+def test_a_batch_larger_than_the_site_is_planned_down_never_a_silent_decline(tmp_path):
+    """issue 24: the expected batch follows the site's public record count
+    (common/batches.py), so a small hospital trains instead of declining every round."""
+    from common.batches import plan_batch
+
+    node = _site(tmp_path)
+    reply = train_round(_settings(node), _req(node, batch=500), _head(node))
+    n = reply.public.num_examples
+    assert n == 77  # 96 records, 19 held out
+    assert reply.public.sample_rate == pytest.approx(plan_batch(n, batch_size=500) / n, rel=0.3)
+    assert len(Ledger(node["ledger-path"]).entries()) == 1
 
 
 def test_spend_is_committed_before_release_and_never_reset(tmp_path):

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
+import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +32,8 @@ from common.privacy.accounting import (
     group_privacy,
 )
 from common.privacy.ledger import Entry, Ledger
+from client.settings import deployed_policy
+from tests import sites
 from tests.common.ledgers import DELTA, charge_run, ledger_path, make_run, sql, write_summary
 from tests.conftest import REPO
 
@@ -414,6 +419,111 @@ def test_sites_with_different_units_share_a_report_each_with_its_own(tmp_path):
     assert not report.has_errors, format_text(report)
     assert [s.unit for s in report.runs[0].sites] == ["record", "patient"]
     assert report.unit_of_privacy.startswith("per site")
+
+
+# -- the site's side: spend before release, and refusals (through the real site) --------
+def _node(run_dir: Path, *, eps: float = 4.0, n: int = 96, seed: int = 0) -> dict:
+    """A deployed site (a CSV of 96 records beside the run) whose ledger is the run's."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, 6)) * 0.3 + y[:, None]
+    return sites.csv_site(run_dir.parent / "site-data", x, y, **{
+        "ledger-path": str(run_dir / "sites" / "site-0" / "ledger.sqlite"),
+        "cache-dir": str(run_dir.parent / "cache"), "target-epsilon": eps,
+        "target-delta": DELTA, "holdout": 1 / 6})
+
+
+def _settings(run_dir: Path, *, eps: float = 4.0):
+    return deployed_policy(_node(run_dir, eps=eps))
+
+
+def _req(run_dir: Path, run: str = "run-a", r: int = 1, rounds: int = 2, sigma: float = 0.0):
+    return sites.request(_node(run_dir), run_id=run, server_round=r, num_rounds=rounds,
+                         noise_multiplier=sigma)
+
+
+_CRASH = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    import client.budget as budget
+    import client.round as round_
+    from tests.common.test_audit import _req, _settings
+    from common.models.heads import head_state, make_head
+
+    real_charge = budget.charge
+    def charge_then_die(*args, **kwargs):
+        real_charge(*args, **kwargs)   # the spend is durable...
+        os._exit(17)                   # ...and the process dies before the reply leaves
+    budget.charge = charge_then_die
+
+    run_dir = Path(sys.argv[1])
+    head = head_state(make_head("linear", in_dim=6, num_classes=2, seed=0))
+    reply = round_.train_round(_settings(run_dir, eps=1.0), _req(run_dir, r=1, rounds=1), head)
+    (run_dir / "released.json").write_text("the update left the site")
+""")
+
+
+@pytest.mark.integration
+def test_spend_counts_when_the_site_dies_between_commit_and_release(tmp_path):
+    from client.budget import BudgetExhausted
+    from client.round import train_round
+    from common.models.heads import head_state, make_head
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _CRASH, str(run_dir)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    assert not (run_dir / "released.json").exists()  # nothing was released
+    settings = _settings(run_dir, eps=1.0)
+    ledger = Ledger(settings.ledger_path)
+    (entry,) = ledger.entries()
+    assert (entry.run_id, entry.round) == ("run-a", 1) and ledger.verify_chain() == []
+    spent = ledger.epsilon(delta=DELTA)
+    assert 0.9 < spent <= 1.0  # the one planned round used the cap
+
+    # The next projection counts the crashed round: a retry no longer fits the cap.
+    head = head_state(make_head("linear", in_dim=6, num_classes=2, seed=0))
+    with pytest.raises(BudgetExhausted) as info:
+        train_round(settings, _req(run_dir, r=1, rounds=1), head)
+    assert info.value.spent == pytest.approx(spent)
+    assert info.value.projected > 1.0
+    assert len(ledger.entries()) == 1
+
+    # The audit sees a charge the server never received: conservative, a warning (and,
+    # run in full, an unanchored row until the site gives the auditor a fresh seal).
+    lf = read_ledger(settings.ledger_path)
+    site = audit_site("0", lf.entries, run_id="run-a", cap=1.0,
+                      summary_site={"status": "active", "history": []})
+    assert {h.code: h.severity for h in site.hazards}["charged-not-released"] == "warning"
+    assert not any(h.severity == "error" for h in site.hazards)
+
+
+def test_refusal_is_machine_readable_and_the_audit_confirms_the_cap(run_copy):
+    """The server asks for a round beyond the plan; the site declines, and the
+    numbers in its reason are exactly what the audit recomputes."""
+    from client.budget import BudgetExhausted
+    from client.round import train_round
+    from common.models.heads import head_state, make_head
+
+    settings = _settings(run_copy, eps=4.0)
+    head = head_state(make_head("linear", in_dim=6, num_classes=2, seed=0))
+    before = Ledger(settings.ledger_path).entries()
+    # A fresh run asking for a large, explicit budget-busting round (σ at the site's minimum).
+    with pytest.raises(BudgetExhausted) as info:
+        train_round(settings, _req(run_copy, run="run-b", r=1, rounds=1, sigma=0.3), head)
+    m = re.fullmatch(r"budget exhausted: spent (\S+), cap (\S+), this round would reach (\S+) "
+                     r"\(ε at δ=1e-05, unit: one record at this site\)", str(info.value))
+    assert m, str(info.value)
+    spent, cap, projected = map(float, m.groups())
+    assert cap == 4.0 and projected > cap
+    assert Ledger(settings.ledger_path).entries() == before  # nothing trained or recorded
+    report = audit([run_copy])
+    (site,) = report.runs[0].sites
+    assert site.cumulative[-1]["epsilon"] == pytest.approx(spent, abs=1e-4)
+    assert site.epsilon["replace_one"] <= cap and "cap-exceeded" not in _codes(report)
+    assert not report.has_errors, format_text(report)
 
 
 # -- the registry of hazard codes ---------------------------------------------------------
