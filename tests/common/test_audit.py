@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from cli.main import main as cli_main
+from client.settings import deployed_policy
 from common.audit.checks import HAZARDS, Trust, cross_run_hazards
 from common.audit.recompute import audit, audit_site, epsilon_three_ways, pld_epsilon
 from common.audit.report import format_text, render_html
@@ -32,7 +33,6 @@ from common.privacy.accounting import (
     group_privacy,
 )
 from common.privacy.ledger import Entry, Ledger
-from client.settings import deployed_policy
 from tests import sites
 from tests.common.ledgers import DELTA, charge_run, ledger_path, make_run, sql, write_summary
 from tests.conftest import REPO
