@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def cmd_site_check(args) -> int:
@@ -120,6 +121,25 @@ def cmd_raise_cap(args) -> int:
     return 0
 
 
+def cmd_site_seal(args) -> int:
+    """Write a fresh signed seal of the site's ledger, for an auditor's --seal."""
+    # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
+    from common.privacy.ledger import Ledger
+
+    if not Path(args.ledger).is_file():
+        raise FileNotFoundError(f"no ledger at {args.ledger} (the node config's ledger-path)")
+    sealed = Ledger(args.ledger, args.key).seal()
+    text = json.dumps(sealed.to_dict(), indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"{args.out}: ledger {sealed.ledger_id} sealed at {sealed.count} entries, head "
+              f"{sealed.head[:23]}…, signed by {sealed.key_id[:31]}…; give it to the auditor "
+              "(fedtransfer audit ... --seal FILE)")
+    else:
+        print(text)
+    return 0
+
+
 def cmd_site_export(args) -> int:
     """Write a dataset as hospital folders (<out>/<site>/<class>/*.png)."""
     # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
@@ -210,10 +230,19 @@ def add_site_commands(sub) -> None:
     r.add_argument("--reason", required=True, help="why, for the audit")
     r.set_defaults(func=cmd_raise_cap)
 
+    sl = site.add_parser("seal", help="write a fresh signed seal of the site's ledger (entry "
+                         "count, head hash, time, ledger id) for an auditor: fedtransfer audit "
+                         "... --seal FILE")
+    sl.add_argument("--ledger", required=True, help="the site's ledger (node config ledger-path)")
+    sl.add_argument("--key", help="its signing key (node config ledger-key; default "
+                    "<ledger>.key)")
+    sl.add_argument("--out", help="write the seal here (default: print it)")
+    sl.set_defaults(func=cmd_site_seal)
+
     dp = sub.add_parser("deploy", help="a coordinator's deployment helpers")
     dep = dp.add_subparsers(dest="deploy_command", required=True)
-    k = dep.add_parser("certs", help="make a CA, the SuperLink's TLS certificate and one "
-                       "SuperNode authentication key pair per site")
+    k = dep.add_parser("certs", help="make a CA, the SuperLink's TLS certificate and, per "
+                       "site, a SuperNode authentication key pair and a ledger signing key pair")
     k.add_argument("--out", required=True, help="folder for the keys and certificates")
     k.add_argument("--sites", type=int, default=3, help="SuperNode key pairs to make")
     k.add_argument("--host", action="append", default=None,

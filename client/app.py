@@ -40,6 +40,7 @@ from client.settings import SiteConfigError, SiteSettings, in_flower_simulation,
 from common import protocol
 from common.config import RunConfig, parse_config
 from common.flowerlog import log_through_flower
+from common.privacy.ledger import default_key_path, ensure_key_pair, public_key_pem
 from common.protocol import (
     HEAD_KEYS,
     DeclarationReply,
@@ -208,10 +209,11 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
             student = msg.content.array_records.get("student")
             head = from_array_record(msg.content["head"])
             # lazy: torch loads only in a process that handles a model (see train)
-            from client.round import evaluate_site, save_delivery
+            from client.round import evaluate_site, ledger_export, save_delivery
 
             _, digest = save_delivery(settings, card, head,
                                       from_array_record(student) if student is not None else None)
+            export = ledger_export(settings)
         except Exception as exc:  # noqa: BLE001
             decline = decline_for(exc, site_id)
             return Message(content=RecordDict({"status": ConfigRecord(decline.record())}),
@@ -226,7 +228,7 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
         except Exception as exc:  # noqa: BLE001  (the site's own log; the receipt is unchanged)
             log.warning("site %d saved the delivery but could not evaluate it: %s",
                         settings.site_id, exc)
-        receipt = DeliveryReceipt(settings.site_id, digest)
+        receipt = DeliveryReceipt(settings.site_id, digest, export)
         return Message(content=RecordDict({"delivery": ConfigRecord(receipt.record())}),
                        reply_to=msg)
 
@@ -241,9 +243,12 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
             site_id = settings.site_id
             adm = require(settings)
             decl = settings.declaration
+            key = ensure_key_pair(settings.ledger_key or default_key_path(settings.ledger_path)) \
+                if settings.dp else None
             reply = DeclarationReply(settings.site_id, decl.sha256,
                                      json.dumps(decl.to_dict(), sort_keys=True),
-                                     settings.privacy_unit, adm.num_train, adm.public_check)
+                                     settings.privacy_unit, adm.num_train, adm.public_check,
+                                     public_key_pem(key) if key is not None else "")
             content = RecordDict({"declaration": ConfigRecord(reply.record())})
         except Exception as exc:  # noqa: BLE001  (every failure becomes a fixed code)
             content = RecordDict({"status": ConfigRecord(decline_for(exc, site_id).record())})

@@ -130,5 +130,6 @@ def charge(ledger: Ledger, settings: SiteSettings, *, run_id: str, server_round:
             delta=settings.target_delta, sampler=sampler, secure_rng=secure_rng,
             accountant=LEDGER_ACCOUNTANT, accountant_version=accountant_version(),
             libraries=json.dumps(library_versions(), sort_keys=True), dataset_size=num_units,
-            data_fingerprint="", epsilon_after=eps_after, trained=trained))
+            epsilon_after=eps_after, trained=trained, unit=settings.privacy_unit,
+            group_size=settings.group_size))
     return eps_after

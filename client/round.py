@@ -43,7 +43,7 @@ from common.models.finetune import (
 )
 from common.models.modelio import read_card, save_bundle
 from common.privacy import scaling
-from common.privacy.ledger import Ledger
+from common.privacy.ledger import Ledger, canonical_json, export_ledger
 from common.protocol import RoundRequest, TrainReply
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,24 @@ def _model(settings: SiteSettings, req: RoundRequest, in_dim: int):
     return make_model(req.trainable, head=req.head, backbone=decl.backbone,
                       image_size=decl.schema.image_size or 64, in_dim=in_dim,
                       num_classes=decl.num_classes, hidden_dim=req.hidden_dim)
+
+
+def anchor_fields(ledger: Ledger | None) -> dict:
+    """The signed anchor a reply carries (count, head, signature, ledger and key ids):
+    deterministic for a ledger state, verifiable with the site's public key only."""
+    if ledger is None:  # a site without DP keeps no ledger, and says so (dp = 0)
+        return {"ledger_entries": 0, "ledger_head": ""}
+    a = ledger.anchor()
+    return {"ledger_entries": a.count, "ledger_head": a.head, "ledger_signature": a.signature,
+            "ledger_id": a.ledger_id, "ledger_key_id": a.key_id}
+
+
+def ledger_export(settings: SiteSettings) -> str:
+    """What the site sends at delivery: its ledger's rows, caps and a fresh signed seal
+    (canonical JSON; all of it mechanism tuples and public values). '' without DP."""
+    if not settings.dp or not settings.ledger_path.is_file():
+        return ""
+    return canonical_json(export_ledger(settings.ledger_path, settings.ledger_key)).decode()
 
 
 def _timings(settings: SiteSettings, **seconds: float) -> dict[str, float] | None:
@@ -195,14 +213,13 @@ def train_round(settings: SiteSettings, req: RoundRequest,
     log.info("site %d round %d (kept here): train loss %.4f, features %.2f s (cache %s)",
              settings.site_id, req.server_round, result.loss, feats.seconds,
              "hit" if feats.hit else "miss")
-    count, head = ledger.head() if ledger is not None else (0, "")
     mech = result.mechanisms[0] if result.mechanisms else None
     public = TrainReply(
         site_id=settings.site_id, num_examples=adm.num_train, dp=settings.dp, epsilon=eps,
         delta=settings.target_delta if mech is not None else 0.0,
         noise_multiplier=mech.noise_multiplier if mech is not None else 0.0,
         sample_rate=mech.sample_rate if mech is not None else 0.0, steps=result.steps,
-        ledger_entries=count, ledger_head=head, privacy_unit=settings.privacy_unit,
+        **anchor_fields(ledger), privacy_unit=settings.privacy_unit,
         timings=_timings(settings, feature=feats.seconds, train=result.seconds,
                          privacy=privacy_seconds, site=time.perf_counter() - t_start))
     return SiteReply(arrays=arrays, public=public)
@@ -251,7 +268,6 @@ def scaling_release(settings: SiteSettings, req: RoundRequest,
             eps = budget.charge(ledger, settings, run_id=req.run_id, server_round=0,
                                 mechanisms=[mech], clip_norm=bound, num_units=adm.num_train,
                                 sampler=scaling.SAMPLER, secure_rng=scaling.SECURE_RNG)
-    count, head = ledger.head() if ledger is not None else (0, "")
     log.info("site %d: DP scaling release of %d features over %d records (σ=%s), ε %.4f",
              settings.site_id, len(schema.needs("dp")), adm.num_train,
              mech and mech.noise_multiplier, eps)
@@ -261,7 +277,7 @@ def scaling_release(settings: SiteSettings, req: RoundRequest,
         delta=settings.target_delta if mech is not None else 0.0,
         noise_multiplier=mech.noise_multiplier if mech is not None else 0.0,
         sample_rate=1.0 if mech is not None else 0.0, steps=1 if mech is not None else 0,
-        ledger_entries=count, ledger_head=head, privacy_unit=settings.privacy_unit,
+        **anchor_fields(ledger), privacy_unit=settings.privacy_unit,
         timings=_timings(settings, feature=0.0, train=0.0, privacy=seconds, site=seconds))
     return sums, public
 

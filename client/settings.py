@@ -79,6 +79,9 @@ class SiteSettings:
     release_timings: bool = False
     device: str = "auto"
     privacy_unit: str = RECORD
+    # The most records one patient has at this site (its public declaration; 1: one
+    # record each). With record-level DP it gives the group-privacy ε per patient.
+    group_size: int = 1
     # In a simulation, the scenario the simulated site is a partition of (None when deployed).
     scenario: RunConfig | None = None
     # The coordinator's published public and test record digests (common/data/digests.py):

@@ -75,8 +75,11 @@ TRAIN_REPLY = (
     Field("ledger-entries", _P, "entries in the site's ledger after the round (an anchor)"),
     Field("ledger-head", _P, "hash of the ledger's last entry (an anchor; the entries hold "
                              "mechanism tuples and public values only)"),
-    Field("ledger-signature", _P, "the site's signature over its ledger's anchor (verifiable "
-                                  "with the site's public key only)"),
+    Field("ledger-signature", _P, "the site's Ed25519 signature over its ledger's anchor "
+                                  "(ledger id, entry count, head hash): verifiable with the "
+                                  "site's public key only"),
+    Field("ledger-id", _P, "the ledger's random id (part of the signed anchor)"),
+    Field("ledger-key-id", _P, "which of the site's public keys signed the anchor"),
     Field("privacy-unit", _P, "the unit of privacy the site's ε is stated in (its own policy)"),
     Field("feature-seconds", _P, f"seconds for features, to {TIMING_RESOLUTION_S} s; only where "
                                  "the site's policy sets release-timings = true (a side channel)"),
@@ -102,6 +105,10 @@ DELIVERY_REPLY = (
     Field("site-id", _P, "the site's id"),
     Field("sha256", _P, "hash of the bundle the site saved (what the server sent, plus the "
                         "site's own ε)"),
+    Field("ledger-export", _P, "the site's ledger: its rows (raw mechanism tuples and public "
+                               "values), caps and a fresh signed seal, as canonical JSON, so "
+                               "the audit works where the run lives; the site keeps the "
+                               "original"),
 )
 # Before round 1, for features with ``dp`` scaling (common/data/schema.py): each site's
 # noisy clipped sums (the Gaussian mechanism through OpenDP), charged to its
@@ -124,6 +131,9 @@ DECLARATION_REPLY = (
     Field("privacy-unit", _P, "the unit of privacy the site's ε is stated in"),
     Field("num-examples", _P, "the training-unit count fixed when the site's data was checked "
                               "(the FedAvg weight; public under replace-one neighbours)"),
+    Field("ledger-public-key", _P, "the public half of the site's ledger signing key (PEM): "
+                                   "the coordinator registers it with the run (or checks it "
+                                   "against the key it holds) so the audit can verify"),
     Field("public-check", _P, "the hash of the public-record hash list the site checked its "
                               "records against at admission ('' when the federation publishes "
                               "none)"),
@@ -134,7 +144,7 @@ REPLIES = {"train": TRAIN_REPLY, "scaling": SCALING_REPLY, "decline": DECLINE_RE
 _TRAIN = {f.key: f for f in TRAIN_REPLY}
 TIMING_KEYS = ("feature-seconds", "train-seconds", "privacy-seconds", "site-seconds")
 # The text values of a train reply travel in its status record, not in its metrics.
-TRAIN_STATUS = ("ledger-head", "ledger-signature", "privacy-unit")
+TRAIN_STATUS = ("ledger-head", "ledger-signature", "ledger-id", "ledger-key-id", "privacy-unit")
 # What a train reply must carry (all public; the server drops a reply without them).
 TRAIN_METRICS = tuple(f.key for f in TRAIN_REPLY if f.privacy is _P
                       and f.key not in TRAIN_STATUS and f.key not in TIMING_KEYS)
@@ -211,6 +221,8 @@ class TrainReply:
     ledger_entries: int
     ledger_head: str
     ledger_signature: str = ""
+    ledger_id: str = ""
+    ledger_key_id: str = ""
     privacy_unit: str = "record"
     timings: Mapping[str, float] | None = None
 
@@ -225,7 +237,8 @@ class TrainReply:
 
     def status(self) -> dict[str, str]:
         return {"status": OK, "ledger-head": self.ledger_head,
-                "ledger-signature": self.ledger_signature, "privacy-unit": self.privacy_unit}
+                "ledger-signature": self.ledger_signature, "ledger-id": self.ledger_id,
+                "ledger-key-id": self.ledger_key_id, "privacy-unit": self.privacy_unit}
 
 
 @dataclass(frozen=True)
@@ -259,20 +272,24 @@ class DeclarationReply:
     privacy_unit: str
     num_examples: int
     public_check: str = ""
+    ledger_public_key: str = ""
 
     def record(self) -> dict[str, int | str]:
         return {"status": OK, "site-id": int(self.site_id), "declaration": self.declaration,
                 "declaration-json": self.declaration_json, "privacy-unit": self.privacy_unit,
-                "num-examples": int(self.num_examples), "public-check": self.public_check}
+                "num-examples": int(self.num_examples), "public-check": self.public_check,
+                "ledger-public-key": self.ledger_public_key}
 
 
 @dataclass(frozen=True)
 class DeliveryReceipt:
     site_id: int
     sha256: str
+    ledger_export: str = ""  # canonical JSON ("" for a site without DP, which keeps no ledger)
 
     def record(self) -> dict[str, int | str]:
-        return {"status": "saved", "site-id": int(self.site_id), "sha256": self.sha256}
+        return {"status": "saved", "site-id": int(self.site_id), "sha256": self.sha256,
+                "ledger-export": self.ledger_export}
 
 
 # --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -23,8 +24,10 @@ from flwr.serverapp import Grid
 from common.config import RunConfig
 from common.data.digests import read_public_hashes
 from common.data.schema import Schema
+from common.audit.sources import register_public_key
 from common.declaration import Declaration
 from common.federation import load_federation
+from common.privacy.ledger import key_id, load_public_key
 from common.protocol import DECLARATION_MESSAGE_TYPE
 
 log = logging.getLogger(__name__)
@@ -54,8 +57,9 @@ def wait_for_sites(grid: Grid, count: int, timeout: float, *, want: int | None =
 class Handshake:
     """Which nodes answered as the federation declares (see the module doc)."""
 
-    def __init__(self, cfg: RunConfig, schema: Schema) -> None:
+    def __init__(self, cfg: RunConfig, schema: Schema, *, run_dir: Path | None = None) -> None:
         self.cfg = cfg
+        self.run_dir = run_dir  # where each site's ledger public key is registered
         self.expected = Declaration(schema=schema, backbone=cfg.backbone)
         # The hash of the public-record digest list the federation publishes: each site
         # must have checked its records against exactly this list ('' when none is published).
@@ -98,7 +102,8 @@ class Handshake:
             problem, record = self._read(node, msg)
             site = str(record.get("site-id", f"node-{node}"))
             self.sites[site] = {"node_id": node, **{k.replace("-", "_"): v for k, v in
-                                                    record.items() if k != "declaration-json"},
+                                                    record.items() if k not in
+                                                    ("declaration-json", "ledger-public-key")},
                                 "accepted": problem is None}
             if problem is None:
                 self.accepted.add(node)
@@ -120,6 +125,9 @@ class Handshake:
             return f"is not ready ({status.get('status')}: {status.get('reason', '')})", status
         record = dict(content["declaration"])
         if record.get("declaration") == self.expected.sha256:
+            problem = self._register_key(record)
+            if problem:
+                return problem, record
             if self.public_check and record.get("public-check") != self.public_check:
                 return ("did not check its records against the federation's published public "
                         "and test record digests (its check: "
@@ -134,6 +142,19 @@ class Handshake:
         diffs = [f"{k} {json.dumps(theirs.get(k))} where the federation has {json.dumps(mine[k])}"
                  for k in mine if theirs.get(k) != mine[k]] or ["another declaration"]
         return "declares " + "; ".join(diffs), record
+
+    def _register_key(self, record: dict) -> str | None:
+        """Keep the site's ledger public key with the run (the audit verifies with it), or
+        refuse a site whose key differs from the one the run already registered."""
+        pem = str(record.pop("ledger-public-key", "") or "")
+        if not pem or self.run_dir is None:
+            return None
+        try:
+            path = register_public_key(self.run_dir, record.get("site-id"), pem)
+        except ValueError as exc:
+            return f"presents another ledger key than the run registered ({exc})"
+        record["ledger-key-id"] = key_id(load_public_key(path))
+        return None
 
     def counts(self) -> dict[int, int]:
         """The accepted sites' admitted training-record counts (public), by site id."""

@@ -133,7 +133,7 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
                           trim_fraction=cfg.trim_fraction, max_update_norm=cfg.max_update_norm,
                           max_site_weight=cfg.max_site_weight)
     strategy.run_id = run_id
-    handshake = Handshake(cfg, schema)  # every site reads its records as declared, or no run
+    handshake = Handshake(cfg, schema, run_dir=out)  # sites read records as declared, or no run
     handshake.start(grid)
     strategy.allowed = handshake.accepted
     plan_batches(cfg, splits, handshake.counts())  # every hospital can train, or no round 1
@@ -245,7 +245,7 @@ def finish(cfg: RunConfig, grid: Grid, *, run_id: str, out: Path, ev: GlobalEval
     server_card = read_card(write_server_copy(out, card, arrays, outcome))
     delivered = deliver(grid, card=card, head=arrays, student=outcome.student if outcome else None,
                         expected_sha256=server_card["sha256"], timeout=cfg.round_timeout,
-                        allowed=strategy.allowed)
+                        allowed=strategy.allowed, run_dir=out)
     extra["delivery"] = {
         "message_type": DELIVER_MESSAGE_TYPE, "sha256": server_card["sha256"],
         "server_copy": str(out / "models"), "sites": delivered,

@@ -199,6 +199,8 @@ class HeadFedAvg(FedAvg):
             "ledger_entries": int(metrics["ledger-entries"]),
             "ledger_head": str(text.get("ledger-head", "")),
             "ledger_signature": str(text.get("ledger-signature", "")),
+            "ledger_id": str(text.get("ledger-id", "")),
+            "ledger_key_id": str(text.get("ledger-key-id", "")),
             "privacy_unit": str(text.get("privacy-unit", "record")),
             **{k.replace("-", "_"): float(metrics[k]) for k in TIMING_KEYS if k in metrics},
             **({"dropped": dropped} if dropped else {}),

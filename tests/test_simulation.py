@@ -47,7 +47,8 @@ def test_simulation_writes_a_complete_summary(tmp_path):
         # The reported ε is the ledger's, recomputed from its raw tuples.
         ledger = Ledger(out / "sites" / f"site-{sid}" / "ledger.sqlite")
         assert ledger.verify_chain() == []
-        assert all(e.keyed for e in ledger.entries()) and ledger.cap() == (3.0, 1e-5)
+        assert all(e.hash.startswith("sha256:") for e in ledger.entries())
+        assert ledger.cap() == (3.0, 1e-5)
         assert [h["ledger_entries"] for h in site["history"]] == [1, 2]
         tuples = [Mechanism(h["noise_multiplier"], h["sample_rate"], h["steps"])
                   for h in site["history"]]
@@ -65,7 +66,7 @@ def test_simulation_writes_a_complete_summary(tmp_path):
     audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert audit["counts"]["error"] == 0
     for site in audit["runs"][0]["sites"]:
-        assert site["chain_ok"] and site["chain"] == "keyed, verified"
+        assert site["chain_ok"] and site["chain"] == "signed, verified"
         assert site["anchors_matched"] == 2
         assert site["cumulative"][-1]["epsilon"] == pytest.approx(
             s["sites"][site["site"]]["epsilon"], rel=1e-9)

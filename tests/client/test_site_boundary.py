@@ -163,9 +163,13 @@ def make_pair(tmp: Path, kind: str, edge: str, j: int, seed: int, missing: str
         neighbour = [*base[:j], _edge_image(edge, base, j, rng), *base[j + 1:]]
         for name, data in (("a", base), ("b", neighbour)):
             nodes.append(_write_images(tmp / name / "data", data))
-    return tuple({**common, **n, "ledger-path": str(tmp / name / "ledger.sqlite"),
-                  "cache-dir": str(tmp / name / "cache")} for name, n in zip("ab", nodes,
-                                                                              strict=True))
+    a, b = ({**common, **n, "ledger-path": str(tmp / name / "ledger.sqlite"),
+             "cache-dir": str(tmp / name / "cache")} for name, n in zip("ab", nodes, strict=True))
+    # One empty ledger, copied: the same ledger id and signing key at both neighbours, so
+    # their signed anchors are equal exactly when their ledgers hold the same entries.
+    Ledger(a["ledger-path"], common["ledger-key"]).anchor()
+    shutil.copy(a["ledger-path"], b["ledger-path"])
+    return a, b
 
 
 # -- what a hostile coordinator sends -------------------------------------------
