@@ -516,6 +516,7 @@ KEY_DOCS: dict[str, str] = {
     "backbone-candidates": "for `backbone = \"auto\"`: comma-separated `name@size`; empty: the offline zoo",
     "selection-score": "for `backbone = \"auto\"`: `rehearsal` (default), `logme` or `probe`",
     "backbone-selection": "written by the selection: its evidence (JSON); leave empty",
+    "federation": "a federation file (`fedtransfer federation init`, [deployment.md](deployment.md)): its keys are the defaults of this run; a key given here that contradicts it is an error",
     "schema": "the federation's schema ([data.md](data.md)): a `[schema]` table in the scenario file, JSON text, or a `.toml`/`.json` path; empty: derived from the dataset",
     "scaling-budget": "for `dp`-scaled features: the share of each site's cap its scaling release spends (0–0.5)",
     "head": "`linear` or `mlp` classifier head (with `trainable = head`, the only weights that cross the wire)",
