@@ -75,7 +75,8 @@ BIN = Path(sys.executable).parent
 
 # What the fork server imports before it forks: Flower's ClientApp process and
 # what the app imports from Flower, torch with the parts torch.optim and Opacus
-# load on first use, Opacus, the accountant (dp_accounting), and the storage
+# load on first use, Opacus, the accountant (dp_accounting), scikit-learn's metrics
+# (the site's holdout evaluation; they pull pandas and pyarrow), and the storage
 # libraries of the ledger and the model files. Only third-party modules.
 PRELOAD = (
     "flwr.supernode.cli.flwr_clientapp",  # ~2.5 s: it pulls the SuperNode server stack
@@ -83,7 +84,9 @@ PRELOAD = (
     "torch", "torch._dynamo", "torch.onnx",
     "opacus",
     "dp_accounting.pld", "dp_accounting.rdp", "dp_accounting.mechanism_calibration",
-    "safetensors.torch", "sqlite3",
+    "sklearn.metrics",
+    "safetensors.torch", "safetensors.numpy", "sqlite3",
+    "httpx", "httpcore", "h11",  # Flower's HTTP client loads its transport on first use
 )
 # The app's own top-level packages: the fork server never holds them.
 APP_PACKAGES = ("client", "common", "server", "simulations", "cli")
@@ -93,12 +96,26 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUI
 SOCKET_NAME = "launcher.sock"
 MAX_SOCKET_PATH = 100  # AF_UNIX paths hold 107 bytes on Linux
 
-# The SuperNode's idle sleep (``time.sleep(3)`` when a pull finds no message) is a
-# literal in this module of this Flower release; the cap patches exactly this file.
+# Two of Flower's waits are changed here, each in exactly one file of exactly one
+# Flower release (checked byte for byte before patching):
+# - the SuperNode's idle sleep (``time.sleep(3)`` when a pull finds no message),
+#   capped only on request (``--idle-poll``): every idle site then pulls from the
+#   SuperLink once per interval;
+# - the backoff of a ClientApp pulling its message's objects from its SuperNode
+#   (1 s, then 2 s, ...: ``PULL_INITIAL_BACKOFF``). The SuperNode creates the task
+#   before it has fetched the objects from the SuperLink, so a warm child, which
+#   asks within milliseconds of its start, often misses once and waits a second
+#   (a cold process spends that second importing). The fork server shortens this
+#   backoff for its children: local requests to the site's own SuperNode only.
 FLWR_PIN = "1.41.0"
 SUPERNODE_LOOP = "flwr/supernode/start_client_internal.py"
-SUPERNODE_LOOP_SHA256 = "d6342f743fdf768f63305b88414ae2654e9a21bda153739da19c608e8d375067"
+PULL_UTILS = "flwr/supercore/inflatable/inflatable_utils.py"
+FLOWER_SHA256 = {
+    SUPERNODE_LOOP: "d6342f743fdf768f63305b88414ae2654e9a21bda153739da19c608e8d375067",
+    PULL_UTILS: "077b26d921aa86389f0a9e16bab761bd10525ec66d6f175b56fdf4bac7872d40",
+}
 IDLE_POLL_RANGE = (0.01, 3.0)
+PULL_BACKOFF = {"initial_backoff": 0.05, "backoff_cap": 1.0}  # Flower's: 1 s, 10 s
 
 GRACE = 10.0  # seconds a process gets after SIGTERM before SIGKILL
 
@@ -418,6 +435,7 @@ class ForkServer:
         self.sock_path = sock_path
         self.target = target
         self.facts = facts
+        self.forked = 0  # children so far (the readiness record reports it)
         self.jobs: dict[int, _Job] = {}
         self.stopping: float | None = None
         self.sel = selectors.DefaultSelector()
@@ -514,7 +532,8 @@ class ForkServer:
             return None
         if request.get("ping"):
             with contextlib.suppress(OSError):
-                _send_line(conn, {"ready": True, "pid": self.pid, **self.facts})
+                _send_line(conn, {"ready": True, "pid": self.pid, "forked": self.forked,
+                                  **self.facts})
             conn.close()
             return None
         if len(fds) != 3 or not isinstance(request.get("argv"), list):
@@ -529,6 +548,7 @@ class ForkServer:
         pid = os.fork()
         if pid == 0:
             return self._child(request, fds, conn)
+        self.forked += 1
         for fd in fds:
             os.close(fd)
         conn.setblocking(True)
@@ -624,6 +644,8 @@ def serve_forks(sock_path: Path, modules: tuple[str, ...], target: str = TARGET,
     """The fork server's life: preload, serve, stop. None when it stops; a child's work
     when it returns in a forked child."""
     facts = preload(modules)
+    if target == TARGET:
+        facts["pull_backoff"] = patch_pull_backoff()
     server = ForkServer(sock_path, _resolve(target), facts, lifeline=lifeline)
     try:
         return server.loop()
@@ -658,10 +680,10 @@ def check_idle_poll(seconds: float) -> None:
                          "own idle sleep is 3 s)")
 
 
-def supernode_loop_mismatch() -> str | None:
-    """Why the installed Flower cannot take the idle-poll cap, or None when it can:
-    the cap patches one literal in one file of one release, byte for byte."""
-    # lazy: only the capped SuperNode loads Flower's metadata
+def flower_mismatch(relpath: str) -> str | None:
+    """Why the installed Flower's ``relpath`` cannot be patched here, or None when it
+    is the very file the patch was written for (:data:`FLWR_PIN`, :data:`FLOWER_SHA256`)."""
+    # lazy: only the processes that patch Flower read its metadata
     from importlib.metadata import PackageNotFoundError, distribution
 
     try:
@@ -669,22 +691,34 @@ def supernode_loop_mismatch() -> str | None:
     except PackageNotFoundError:
         return "flwr is not installed"
     if dist.version != FLWR_PIN:
-        return f"flwr {dist.version} is installed; --idle-poll is written for flwr {FLWR_PIN}"
-    path = Path(str(dist.locate_file(SUPERNODE_LOOP)))
+        return f"flwr {dist.version} is installed; this patch is written for flwr {FLWR_PIN}"
+    path = Path(str(dist.locate_file(relpath)))
     try:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError as exc:
         return f"{path}: {exc}"
-    if digest != SUPERNODE_LOOP_SHA256:
-        return (f"{path} is not the file --idle-poll was written for (sha256 {digest[:12]}…, "
-                f"expected {SUPERNODE_LOOP_SHA256[:12]}…)")
+    if digest != FLOWER_SHA256[relpath]:
+        return (f"{path} is not the file this patch was written for (sha256 {digest[:12]}…, "
+                f"expected {FLOWER_SHA256[relpath][:12]}…)")
     return None
+
+
+def patch_pull_backoff() -> dict:
+    """Shorten the backoff of a ClientApp pulling its message from its SuperNode (in
+    the fork server, for every child). Returns what was done, or why not."""
+    if why := flower_mismatch(PULL_UTILS):
+        return {"skipped": why}
+    # lazy: only the fork server patches Flower's object pulls
+    from flwr.supercore.inflatable import inflatable_utils
+
+    inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__.update(PULL_BACKOFF)
+    return dict(PULL_BACKOFF)
 
 
 def patch_idle_poll(seconds: float) -> None:
     """Cap the SuperNode's sleeps at ``seconds`` in this process (see :class:`CappedTime`)."""
     check_idle_poll(seconds)
-    if why := supernode_loop_mismatch():
+    if why := flower_mismatch(SUPERNODE_LOOP):
         raise RuntimeError(f"--idle-poll: {why}; run without it")
     # lazy: only the capped SuperNode imports Flower's SuperNode loop
     from flwr.supernode import start_client_internal as loop

@@ -249,10 +249,12 @@ def test_a_live_socket_is_refused_and_a_stale_one_cleared(fork_server, tmp_path)
 # -- the SuperNode's idle sleep ------------------------------------------------
 
 
-def test_the_idle_poll_cap_is_pinned_to_the_installed_flower():
-    """Fails when Flower's SuperNode loop changes (a new flwr release, or any edit to
-    that file): the cap must then be re-checked against the new loop."""
-    assert serve.supernode_loop_mismatch() is None
+def test_the_flower_patches_are_pinned_to_the_installed_flower():
+    """Fails when Flower's SuperNode loop or its object pulls change (a new flwr
+    release, or any edit to those files): the patches must then be re-checked
+    against the new code."""
+    assert serve.flower_mismatch(serve.SUPERNODE_LOOP) is None
+    assert serve.flower_mismatch(serve.PULL_UTILS) is None
     pin = [d for d in __import__("tomllib").loads((REPO / "pyproject.toml").read_text())[
         "project"]["dependencies"] if d.startswith("flwr[")]
     assert pin == [f"flwr[simulation]=={serve.FLWR_PIN}"]
@@ -263,6 +265,20 @@ def test_the_idle_poll_cap_is_pinned_to_the_installed_flower():
     sleeps = [n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call)
               and ast.unparse(n.func) == "time.sleep" and isinstance(n.args[0], ast.Constant)]
     assert sorted(sleeps) == [0.5, 0.5, 3]
+
+
+def test_the_pull_backoff_patch_changes_only_the_backoff():
+    """What the fork server does for every child: the ClientApp's first retry after
+    a miss comes after 0.05 s, not Flower's 1 s (in a subprocess: it patches Flower)."""
+    code = ("from client.serve import patch_pull_backoff; print(patch_pull_backoff()); "
+            "import inspect; from flwr.supercore.inflatable import inflatable_utils as u; "
+            "f = u.pull_and_inflate_object_from_tree; print(f.__kwdefaults__['initial_backoff'], "
+            "f.__kwdefaults__['backoff_cap'], f.__kwdefaults__['max_tries_per_object'], "
+            "u.pull_objects.__kwdefaults__['initial_backoff'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       timeout=120)
+    lines = r.stdout.splitlines()
+    assert lines == [str(serve.PULL_BACKOFF), "0.05 1.0 500 1"], r.stderr
 
 
 def test_capped_time_sleeps_at_most_the_cap():
