@@ -37,12 +37,12 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.machine import machine_info, machine_tag
+from benchmarks.machine import code_version, machine_info, machine_tag
+from benchmarks.markdown import deployment_table
 from benchmarks.settings import scratch_env
 from common.config import parse_config
 from simulations.loopback import Loopback
@@ -176,44 +176,6 @@ def run(work_dir: Path, *, rounds: int = 4, arms: tuple[str, ...] = ARMS,
     return out
 
 
-def _commit() -> str | None:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                       cwd=Path(__file__).parent)
-    return (r.stdout.strip() or None) if r.returncode == 0 else None
-
-
-ROWS = (("simulation", "simulation (Ray)"),
-        ("deployment", "deployed, warm launcher"),
-        ("deployment_idle_poll", f"deployed, warm launcher, --idle-poll {IDLE_POLL:g}"),
-        ("deployment_stock", "deployed, stock Flower"))
-
-
-def table(doc: dict) -> list[str]:
-    """The Markdown table of one results document: s per round, plain and SecAgg+."""
-    lines = ["| runtime | plain: s per round | SecAgg+: s per round | SecAgg+ / plain | "
-             "÷ simulated (plain) | stock ÷ this (plain / SecAgg+) |",
-             "|---|---|---|---|---|---|"]
-
-    def f(x, suffix=""):
-        return "—" if x is None else f"{x:.2f}{suffix}"
-
-    for name, label in ROWS:
-        plain, sec = doc.get(name), doc.get(f"{name}_secagg")
-        if plain is None and sec is None:
-            continue
-        sim = (doc.get("simulation") or {}).get("round_seconds")
-        p = plain["round_seconds"] if plain else None
-        s = sec["round_seconds"] if sec else None
-        stock_p = (doc.get("deployment_stock") or {}).get("round_seconds")
-        stock_s = (doc.get("deployment_stock_secagg") or {}).get("round_seconds")
-        speed = ("—" if name in ("simulation", "deployment_stock") else
-                 f"{f(stock_p / p if stock_p and p else None, '×')} / "
-                 f"{f(stock_s / s if stock_s and s else None, '×')}")
-        lines.append(f"| {label} | {f(p)} | {f(s)} | {f(s / p if p and s else None, '×')} | "
-                     f"{f(p / sim if p and sim else None, '×')} | {speed} |")
-    return lines
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.deployment",
                                 description=__doc__.split("\n\n")[0])
@@ -240,13 +202,13 @@ def main(argv: list[str] | None = None) -> int:
                    "Flower, SecAgg+ against plain; rounds 2 onward",
            "date": started.date().isoformat(), "started": started.isoformat(timespec="seconds"),
            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-           "commit": _commit(), "machine": info,
+           "code": code_version(), "machine": info,
            "load_average": {"before": list(load), "after": list(os.getloadavg())},
            "deployment_vs_simulation": res}
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"{doc['date']}-{machine_tag(info)}-deployment.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
-    print("\n".join(table(res)))
+    print("\n".join(deployment_table(res)))
     print(f"results: {path}")
     return 0
 
