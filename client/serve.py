@@ -900,8 +900,8 @@ class _Launcher:
         env = site_environment(site, shim_dir)
         if opts.warm:
             ready = self._start_fork_server(sock, env, site)
-            if ready is None:
-                return self._stop(1)
+            if ready is None:  # stopped while it preloaded (0), or it failed (1)
+                return self._stop(0 if self.stop_requested else 1)
             joined.fork_server_pid = ready["pid"]
             joined.preload_seconds = ready["preload_seconds"]
         args = ["--superlink", opts.superlink, "--node-config", str(node_config),
@@ -1074,7 +1074,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.role == "fork-server":
         modules = tuple(m.strip() for m in a.preload.split(",") if m.strip())
-        child = serve_forks(a.socket, modules, a.target, lifeline=a.lifeline)
+        try:
+            child = serve_forks(a.socket, modules, a.target, lifeline=a.lifeline)
+        except (ImportError, ValueError, RuntimeError) as exc:
+            print(f"fedtransfer fork server: {exc}", file=sys.stderr, flush=True)
+            return 2
         return 0 if child is None else child.run()
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
     return run_supernode(args, a.idle_poll)

@@ -121,6 +121,16 @@ def test_preload_refuses_the_apps_own_modules():
         serve.preload(("json", "client.app"))
 
 
+@pytest.mark.parametrize("module, message", [("client.app", "never preloaded"),
+                                             ("no_such_module_xyz", "No module named")])
+def test_a_fork_server_that_cannot_preload_says_why(tmp_path, module, message):
+    r = subprocess.run([sys.executable, "-P", str(serve.SERVE_PY), "fork-server", "--socket",
+                        str(tmp_path / "s.sock"), "--preload", f"json,{module}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
 def test_ready_facts(fork_server):
     ready = fork_server["ready"]
     assert ready["ready"] and ready["pid"] == fork_server["proc"].pid
