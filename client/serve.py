@@ -54,6 +54,7 @@ import gc
 import hashlib
 import importlib
 import json
+import logging
 import os
 import re
 import selectors
@@ -406,11 +407,18 @@ def preload(modules: tuple[str, ...]) -> dict:
     """Import ``modules`` and check what a fork may copy: no module of the app's own
     packages, one Python thread. Returns the readiness record's facts."""
     t0 = time.monotonic()
+    root = logging.getLogger()
+    handlers = list(root.handlers)
     for name in modules:
         if name.partition(".")[0] in APP_PACKAGES:
             raise ValueError(f"--preload {name}: the app's own modules are never preloaded "
                              "(Flower's loader would run them instead of the shipped app)")
         importlib.import_module(name)
+    # Opacus calls logging.basicConfig when imported: a child would then print Flower's
+    # DEBUG records from its start. Leave the root logger as the server found it.
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
     seconds = time.monotonic() - t0
     held = sorted(m for m in sys.modules if m.partition(".")[0] in APP_PACKAGES)
     if held:
@@ -835,15 +843,16 @@ class Joined:
     shim: str | None = None
     socket: str | None = None
     preload_seconds: float | None = None
+    warm_ready: bool = False
     idle_poll: float | None = None
     node_id: int | None = None
     started: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(
         timespec="seconds"))
 
     def lines(self) -> list[str]:
-        warm = (f"pid {self.fork_server_pid}, shim {self.shim}, socket {self.socket}, "
-                f"preloaded in {self.preload_seconds:.1f} s" if self.fork_server_pid
-                else "off (Flower's own flwr-clientapp per message)")
+        warm = (f"pid {self.fork_server_pid}, shim {self.shim}, socket {self.socket}; "
+                "preloading (until it is ready, messages run in Flower's own flwr-clientapp)"
+                if self.fork_server_pid else "off (Flower's own flwr-clientapp per message)")
         idle = (f"{self.idle_poll:g} s (capped; one pull per {self.idle_poll:g} s while idle)"
                 if self.idle_poll else "Flower's 3 s")
         return [f"fedtransfer site serve: site {self.site_dir}",
@@ -898,12 +907,8 @@ class _Launcher:
             joined.shim = str(write_shim(shim_dir, sock, fallback))
             joined.socket = str(sock)
         env = site_environment(site, shim_dir)
-        if opts.warm:
-            ready = self._start_fork_server(sock, env, site)
-            if ready is None:  # stopped while it preloaded (0), or it failed (1)
-                return self._stop(0 if self.stop_requested else 1)
-            joined.fork_server_pid = ready["pid"]
-            joined.preload_seconds = ready["preload_seconds"]
+        if opts.warm:  # it preloads while the SuperNode joins; the shim falls back until then
+            joined.fork_server_pid = self._start_fork_server(sock, env, site).pid
         args = ["--superlink", opts.superlink, "--node-config", str(node_config),
                 "--port", str(port), "--health-server-address", joined.health]
         if opts.insecure:
@@ -931,21 +936,33 @@ class _Launcher:
         self._record(site, joined)
         return self._watch(supernode, site, joined)
 
-    def _start_fork_server(self, sock: Path, env: dict, site: Path) -> dict | None:
+    def _start_fork_server(self, sock: Path, env: dict, site: Path) -> subprocess.Popen:
         cmd = [sys.executable, "-P", str(SERVE_PY), "fork-server", "--socket", str(sock),
                "--preload", ",".join(self.opts.preload), "--lifeline"]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env, cwd=site,
                                 start_new_session=True)
         self.procs["fork-server"] = proc
-        while not self.stop_requested:
-            if proc.poll() is not None:
-                self.say(f"fedtransfer site serve: the warm launcher exited with {proc.returncode} "
-                         "before it was ready (its error is above)")
-                return None
-            if (ready := ping(sock, timeout=1.0)) is not None:
-                return ready
-            time.sleep(0.2)
-        return None
+        return proc
+
+    def _check_fork_server(self, site: Path, joined: Joined) -> bool:
+        """Whether there is nothing more to check: the warm launcher is ready (said
+        once), or it exited (said once; the shim then starts Flower's own process)."""
+        fork = self.procs.get("fork-server")
+        if fork is None:
+            return True
+        if fork.poll() is not None:
+            self.say(f"fedtransfer site serve: the warm launcher exited with {fork.returncode}"
+                     f"{'' if joined.warm_ready else ' before it was ready'} (see above); "
+                     "messages now run in Flower's own flwr-clientapp")
+            return True
+        if joined.warm_ready:
+            return False
+        if (ready := ping(joined.socket, timeout=0.2)) is not None:
+            joined.warm_ready, joined.preload_seconds = True, ready["preload_seconds"]
+            self._record(site, joined)
+            self.say(f"fedtransfer site serve: warm launcher ready (pid {ready['pid']}, "
+                     f"preloaded in {ready['preload_seconds']:.1f} s)")
+        return False
 
     def _emit(self, data: bytes) -> None:
         sink = getattr(self.out, "buffer", None)
@@ -975,7 +992,7 @@ class _Launcher:
         os.set_blocking(out, False)
         sel = selectors.DefaultSelector()
         sel.register(out, selectors.EVENT_READ)
-        tail, warned, open_ = b"", False, True
+        tail, settled, open_ = b"", False, True
         try:
             while not self.stop_requested:
                 if open_ and sel.select(timeout=0.5):
@@ -1000,11 +1017,8 @@ class _Launcher:
                     self.say(f"fedtransfer site serve: the SuperNode exited with "
                              f"{supernode.returncode}")
                     return self._stop(supernode.returncode)
-                fork = self.procs.get("fork-server")
-                if fork is not None and fork.poll() is not None and not warned:
-                    warned = True
-                    self.say(f"fedtransfer site serve: the warm launcher exited with "
-                             f"{fork.returncode}; messages now start Flower's own flwr-clientapp")
+                if not settled:
+                    settled = self._check_fork_server(site, joined)
                 _reap_orphans({p.pid for p in self.procs.values()} | self.before)
         finally:
             sel.close()

@@ -18,6 +18,7 @@ is recorded in ``left_behind`` (and then killed).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -99,7 +100,7 @@ class Loopback:
                     # SuperExec picks up tasks every 0.1 s (Flower's default: 1 s).
                     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", **(env or {})}
         self.procs: dict[str, subprocess.Popen] = {}
-        self._launchers: set[str] = set()  # names started with `fedtransfer site serve`
+        self._launchers: dict[str, Path] = {}  # `fedtransfer site serve` name -> its folder
         self._logs: list = []
 
     # -- processes -------------------------------------------------------------
@@ -228,6 +229,23 @@ class Loopback:
             self.register(site)
             self.start_supernode(site)
         self.wait_online(self.num_sites)
+        for site in range(self.num_sites):
+            self.wait_warm(f"supernode-{site}")
+
+    def wait_warm(self, name: str) -> dict | None:
+        """``site serve``'s record (``serve.json``) once its warm launcher is ready (it
+        preloads while the SuperNode joins); None for a site without one."""
+        folder = self._launchers.get(name)
+        if folder is None or "--cold" in self.serve_args:
+            return None
+
+        def ready() -> dict | None:
+            with contextlib.suppress(OSError, ValueError):
+                doc = json.loads((folder / "serve.json").read_text())
+                return doc if doc.get("warm_ready") else None
+            return None
+
+        return self.wait_until(ready, what=f"{name}: its warm launcher ready", watch=name)
 
     def flwr(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), *args], cwd=REPO, env=self.env, timeout=timeout,
@@ -265,15 +283,15 @@ class Loopback:
                 args += ["--root-certificates", str(self.keys / "ca.crt")]
         else:
             own = key == site and ca and site < self.num_sites
+            folder = self.site_dir(site) if own else self.root / name
             args = [sys.executable, "-m", "cli.main", "site", "serve",
                     "--superlink", f"127.0.0.1:{self.port}", "--node-config", node,
-                    "--dir", str(self.site_dir(site) if own else self.root / name),
-                    *self.serve_args]
+                    "--dir", str(folder), *self.serve_args]
             if key >= 0:
                 args += ["--auth-key", str(self.keys / f"site-{key}" / "auth_key")]
             if ca:
                 args += ["--root-certificates", str(self.keys / "ca.crt")]
-            self._launchers.add(name)
+            self._launchers[name] = folder
         if retries is not None:
             args += ["--max-retries", str(retries), "--max-wait-time", "15"]
         env = dict(self.env)
@@ -291,8 +309,6 @@ class Loopback:
 
     def online_nodes(self) -> int:
         r = self.flwr("supernode", "list", "edge", "--format", "json")
-        import json
-
         doc = json.loads(r.stdout[r.stdout.index("{"):])
         return sum(n.get("status") == "online" for n in doc.get("nodes", []))
 

@@ -121,6 +121,23 @@ def test_preload_refuses_the_apps_own_modules():
         serve.preload(("json", "client.app"))
 
 
+def test_preloading_leaves_the_root_logger_alone():
+    """Opacus calls logging.basicConfig on import; the server undoes that, so a child
+    logs like Flower's own process until the app imports what it imports."""
+    load = ("import importlib.util, logging; spec = importlib.util.spec_from_file_location("
+            f"'warm', {str(serve.SERVE_PY)!r}); warm = importlib.util.module_from_spec(spec); "
+            "import sys; sys.modules['warm'] = warm; spec.loader.exec_module(warm); ")  # by path
+    code = load + ("print(len(logging.getLogger().handlers)); import opacus; "
+                   "print(len(logging.getLogger().handlers))")
+    r = subprocess.run([sys.executable, "-P", "-c", code.replace(
+        "import opacus; ", "warm.preload(('opacus',)); ")], capture_output=True, text=True,
+        timeout=300)
+    assert r.stdout.split() == ["0", "0"], r.stderr
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    assert r.stdout.split() == ["0", "1"], r.stderr  # what the server undoes
+
+
 @pytest.mark.parametrize("module, message", [("client.app", "never preloaded"),
                                              ("no_such_module_xyz", "No module named")])
 def test_a_fork_server_that_cannot_preload_says_why(tmp_path, module, message):
@@ -398,10 +415,12 @@ def test_site_serve_prints_how_it_joined_and_leaves_nothing_behind(tmp_path, sig
                    .read_bytes().decode().split("\0") if "=" in e)
         assert env["PATH"].split(os.pathsep)[0] == str(Path(joined["shim"]).parent)
         assert env["FLWR_HOME"] == joined["flwr_home"]
-        deadline = time.monotonic() + 120
-        while not serve.descendants(joined["supernode_pid"]):  # its SuperExec
-            assert time.monotonic() < deadline
+        deadline = time.monotonic() + 300
+        while not serve.descendants(joined["supernode_pid"]) or "warm launcher ready" not in \
+                log.read_text():  # its SuperExec; the fork server done preloading
+            assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
+        assert json.loads((site / "serve.json").read_text())["warm_ready"] is True
         tree = [proc.pid, *serve.descendants(proc.pid)]
         assert {joined["supernode_pid"], joined["fork_server_pid"]} <= set(tree)
         proc.send_signal(sig)
