@@ -116,12 +116,13 @@ def test_tls_authenticated_federation_of_three_sites(tmp_path):
 
 
 def test_site_killed_mid_round_then_rejoins(tmp_path):
+    LAST = 6  # noqa: N806  (ε stays under the cap of 8 through round 6)
     out = tmp_path / "run"
     # A generous round timeout: a slow but live site (a cold ClientApp process on a
     # loaded 2-core machine takes 15-25 s, more under heavy load) is waited for; the
     # killed one drops out of its round when the SuperLink finds it offline.
     run = RUN.format(out=out, cache=tmp_path / "server-cache", timeout=600.0).replace(
-        "num-rounds=3", "num-rounds=5")
+        "num-rounds=3", f"num-rounds={LAST}")
     with Loopback(tmp_path) as fed:
         fed.start_federation()
         fed.run(run)
@@ -135,7 +136,7 @@ def test_site_killed_mid_round_then_rejoins(tmp_path):
         fed.wait_online(2, exactly=True)
         fed.start_supernode(2, name="supernode-2-restarted")
         fed.wait_for("supernode-2-restarted", "SuperNode ID:")
-        s = _summary(fed, out, num_rounds=5)
+        s = _summary(fed, out, num_rounds=LAST)
         # The restarted launcher took over the killed one's site folder, whose socket
         # the SIGKILL left behind (it joined at once; its messages ran cold until then).
         assert fed.wait_warm("supernode-2-restarted")["site_dir"] == str(fed.site_dir(2))
@@ -152,10 +153,12 @@ def test_site_killed_mid_round_then_rejoins(tmp_path):
     # Whatever site 2 committed before it died stays on its ledger (spent, never released).
     ledger = Ledger(fed.site_dir(2) / "ledger.sqlite")
     assert {e.round for e in ledger.entries()} >= {h["round"] for h in killed["history"]}
-    # Restarted, it rejoined the later rounds: at the latest round 5, and it got the delivery.
+    # Restarted, it rejoined the later rounds: at the latest the last one, and it got the
+    # delivery. (Warm sites make a round take seconds: the run leaves the restarted
+    # site a few rounds to join in.)
     trained = [h["round"] for h in killed["history"]]
-    assert 5 in trained and rounds[5] == 3, (rounds, trained)
-    assert all(rounds[r] == 2 + (r in trained) for r in (3, 4)), (rounds, trained)
+    assert LAST in trained and rounds[LAST] == 3, (rounds, trained)
+    assert all(rounds[r] == 2 + (r in trained) for r in range(3, LAST)), (rounds, trained)
     assert s["delivery"]["sites"]["2"]["status"] == "saved"
 
 
