@@ -287,6 +287,8 @@ class Loopback:
             args = [sys.executable, "-m", "cli.main", "site", "serve",
                     "--superlink", f"127.0.0.1:{self.port}", "--node-config", node,
                     "--dir", str(folder), *self.serve_args]
+            if not own and "--cold" not in args:
+                args.append("--cold")  # a node the SuperLink refuses runs no ClientApp
             if key >= 0:
                 args += ["--auth-key", str(self.keys / f"site-{key}" / "auth_key")]
             if ca:
