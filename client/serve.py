@@ -102,12 +102,14 @@ MAX_SOCKET_PATH = 100  # AF_UNIX paths hold 107 bytes on Linux
 # - the SuperNode's idle sleep (``time.sleep(3)`` when a pull finds no message),
 #   capped only on request (``--idle-poll``): every idle site then pulls from the
 #   SuperLink once per interval;
-# - the backoff of a ClientApp pulling its message's objects from its SuperNode
-#   (1 s, then 2 s, ...: ``PULL_INITIAL_BACKOFF``). The SuperNode creates the task
-#   before it has fetched the objects from the SuperLink, so a warm child, which
-#   asks within milliseconds of its start, often misses once and waits a second
-#   (a cold process spends that second importing). The fork server shortens this
-#   backoff for its children: local requests to the site's own SuperNode only.
+# - the backoff of a pull that finds a message's objects not there yet (1 s, then
+#   2 s, ...: ``PULL_INITIAL_BACKOFF``). A message is announced before its objects
+#   are uploaded: the SuperNode pulls a message from the SuperLink while the
+#   ServerApp is still pushing its objects, and creates the ClientApp's task before
+#   it has them, so both wait whole seconds for objects that arrive milliseconds
+#   later (a cold ClientApp spends that time importing). With the warm launcher the
+#   SuperNode and every child retry after 0.05 s, doubling to at most 1 s: a few
+#   more requests per message while its objects are in flight.
 FLWR_PIN = "1.41.0"
 SUPERNODE_LOOP = "flwr/supernode/start_client_internal.py"
 PULL_UTILS = "flwr/supercore/inflatable/inflatable_utils.py"
@@ -712,14 +714,16 @@ def flower_mismatch(relpath: str) -> str | None:
 
 
 def patch_pull_backoff() -> dict:
-    """Shorten the backoff of a ClientApp pulling its message from its SuperNode (in
-    the fork server, for every child). Returns what was done, or why not."""
+    """Shorten the backoff of object pulls in this process (the SuperNode's from the
+    SuperLink, a ClientApp's from its SuperNode: the fork server does it for every
+    child). Returns what was done, or why not."""
     if why := flower_mismatch(PULL_UTILS):
         return {"skipped": why}
-    # lazy: only the fork server patches Flower's object pulls
+    # lazy: only the warm launcher's processes patch Flower's object pulls
     from flwr.supercore.inflatable import inflatable_utils
 
-    inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__.update(PULL_BACKOFF)
+    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        fn.__kwdefaults__.update(PULL_BACKOFF)
     return dict(PULL_BACKOFF)
 
 
@@ -734,9 +738,15 @@ def patch_idle_poll(seconds: float) -> None:
     loop.time = CappedTime(seconds)
 
 
-def run_supernode(args: list[str], idle_poll: float) -> int:
-    """``flower-supernode ARGS`` in this process, its idle sleep capped."""
-    patch_idle_poll(idle_poll)
+def run_supernode(args: list[str], idle_poll: float | None) -> int:
+    """``flower-supernode ARGS`` in this process: its object pulls retried sooner
+    (:func:`patch_pull_backoff`) and, with ``idle_poll``, its idle sleep capped."""
+    if idle_poll is not None:
+        patch_idle_poll(idle_poll)
+    backoff = patch_pull_backoff()
+    if "skipped" in backoff:
+        print(f"fedtransfer site serve: the SuperNode keeps Flower's pull backoff: "
+              f"{backoff['skipped']}", file=sys.stderr, flush=True)
     # lazy: as above
     from flwr.supernode.cli import flower_supernode
 
@@ -921,9 +931,11 @@ class _Launcher:
             args += ["--max-retries", str(opts.max_retries)]
         if opts.max_wait_time is not None:
             args += ["--max-wait-time", str(opts.max_wait_time)]
-        cmd = ([sys.executable, "-P", str(SERVE_PY), "supernode", "--idle-poll",
-                str(opts.idle_poll), "--", *args] if opts.idle_poll
-               else [str(BIN / "flower-supernode"), *args])
+        # The SuperNode runs in this file (its pulls patched) with the warm launcher
+        # or a capped idle sleep; with --cold alone it is Flower's own, untouched.
+        cmd = ([sys.executable, "-P", str(SERVE_PY), "supernode",
+                *(["--idle-poll", str(opts.idle_poll)] if opts.idle_poll else []), "--", *args]
+               if opts.warm or opts.idle_poll else [str(BIN / "flower-supernode"), *args])
         if self.stop_requested:
             return self._stop(0)
         supernode = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -1082,8 +1094,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--target", default=TARGET, help="module:function each child runs")
     f.add_argument("--lifeline", action="store_true",
                    help="stop when stdin (a pipe from the launcher) ends")
-    s = sub.add_parser("supernode", help="flower-supernode with its idle sleep capped")
-    s.add_argument("--idle-poll", type=float, required=True)
+    s = sub.add_parser("supernode", help="flower-supernode with its object pulls retried "
+                       "sooner and, with --idle-poll, its idle sleep capped")
+    s.add_argument("--idle-poll", type=float, default=None)
     s.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
     if a.role == "fork-server":

@@ -295,17 +295,18 @@ def test_the_flower_patches_are_pinned_to_the_installed_flower():
 
 
 def test_the_pull_backoff_patch_changes_only_the_backoff():
-    """What the fork server does for every child: the ClientApp's first retry after
-    a miss comes after 0.05 s, not Flower's 1 s (in a subprocess: it patches Flower)."""
-    code = ("from client.serve import patch_pull_backoff; print(patch_pull_backoff()); "
-            "import inspect; from flwr.supercore.inflatable import inflatable_utils as u; "
-            "f = u.pull_and_inflate_object_from_tree; print(f.__kwdefaults__['initial_backoff'], "
-            "f.__kwdefaults__['backoff_cap'], f.__kwdefaults__['max_tries_per_object'], "
-            "u.pull_objects.__kwdefaults__['initial_backoff'])")
+    """What the warm SuperNode and every child do: a pull that misses retries after
+    0.05 s, not Flower's 1 s (in a subprocess: it patches Flower)."""
+    code = ("from flwr.supercore.inflatable import inflatable_utils as u; "
+            "print(u.pull_objects.__kwdefaults__['initial_backoff']); "
+            "from client.serve import patch_pull_backoff; print(patch_pull_backoff()); "
+            "f, g = u.pull_and_inflate_object_from_tree, u.pull_objects; "
+            "print(*(x.__kwdefaults__[k] for x in (f, g) "
+            "for k in ('initial_backoff', 'backoff_cap', 'max_tries_per_object')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                        timeout=120)
     lines = r.stdout.splitlines()
-    assert lines == [str(serve.PULL_BACKOFF), "0.05 1.0 500 1"], r.stderr
+    assert lines == ["1", str(serve.PULL_BACKOFF), "0.05 1.0 500 0.05 1.0 500"], r.stderr
 
 
 def test_capped_time_sleeps_at_most_the_cap():
