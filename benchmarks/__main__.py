@@ -12,7 +12,7 @@ from pathlib import Path
 
 from benchmarks import report
 from benchmarks import settings as S
-from benchmarks.machine import machine_info, machine_tag
+from benchmarks.machine import code_version, machine_info, machine_tag
 from benchmarks.schema import problems
 from common.data.datasets import read_medmnist_npz
 from common.jsonio import clean_json
@@ -31,7 +31,7 @@ def run_suite(st: S.BenchSettings) -> dict:
     st.work_dir.mkdir(parents=True, exist_ok=True)
     cfg = st.config()
     doc: dict = {"schema": 1, "mode": st.mode, "date": dt.date.today().isoformat(),
-                 "machine": info, "device": device,
+                 "code": code_version(), "machine": info, "device": device,
                  "notes": ["CPU timings are noisy when other processes share the cores; "
                            "compare ratios measured in the same process, not absolute times"],
                  "scenario": "simulations/configs/pneumonia.toml", "timings": {}}

@@ -6,8 +6,17 @@ import os
 import platform
 import re
 import socket
+import subprocess
+from pathlib import Path
 
 from common.privacy.ledger import library_versions
+
+REPO = Path(__file__).resolve().parents[1]
+# The report's own line naming the code it was generated from: what
+# tests/test_benchmarks_current.py reads back.
+STAMP = "<!-- fedtransfer-benchmarks: commit={commit} committed={committed} dirty={dirty} -->"
+STAMP_RE = re.compile(r"<!-- fedtransfer-benchmarks: commit=(?P<commit>[0-9a-f]{40}|unknown) "
+                      r"committed=(?P<committed>\S+) dirty=(?P<dirty>true|false|unknown) -->")
 
 LIBRARIES = ("torch", "opacus", "flwr", "flwr-datasets", "ray", "numpy", "scikit-learn",
              "efficientnet-lite-pytorch", "dp-accounting", "safetensors")
@@ -78,3 +87,22 @@ def machine_tag(info: dict) -> str:
     cpu = info.get("cpu_model", "").lower()
     vendor = "xeon" if "xeon" in cpu else "epyc" if "epyc" in cpu else "cpu"
     return f"cpu{info.get('cpu_cores_usable') or info.get('cpu_cores')}-{vendor}"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        r = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def code_version() -> dict:
+    """The commit this checkout is at (full SHA), its commit date, and whether tracked
+    files differ from it; ``None`` values outside a git checkout."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "committed": None, "dirty": None}
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "committed": _git("show", "-s", "--format=%cI", commit),
+            "dirty": bool(status) if status is not None else None}

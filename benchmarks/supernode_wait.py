@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 RECEIVE, SEND = "Receiving: train message", "Sending: train message"
 
 
-def timeline(work: Path, rounds: int, num_sites: int = 3) -> dict:
-    """Run the federation and return the event times (seconds since the run started)."""
+def timeline(work: Path, rounds: int, num_sites: int = 3, *, sites: str = "serve",
+             serve_args: tuple[str, ...] = ()) -> dict:
+    """Run the federation and return the event times (seconds since the run started).
+    ``sites``/``serve_args``: how the sites join (``simulations/loopback.py``)."""
 
     out = work / "run"
     config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}"
@@ -53,7 +55,8 @@ def timeline(work: Path, rounds: int, num_sites: int = 3) -> dict:
     events: dict = {"checkpoint": {}, "receive": {s: [] for s in range(num_sites)},
                     "send": {s: [] for s in range(num_sites)}}
     state = out / "checkpoint" / "state.json"
-    with Loopback(work / "loopback", num_sites=num_sites) as fed:
+    with Loopback(work / "loopback", num_sites=num_sites, sites=sites,
+                  serve_args=serve_args) as fed:
         fed.start_federation()
         proc = fed.run(config)
         t0 = time.monotonic()
@@ -112,12 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--stock", action="store_true", help="sites on Flower's own flower-supernode "
+                   "(default: fedtransfer site serve, the warm launcher)")
+    p.add_argument("--idle-poll", type=float, help="site serve --idle-poll SECONDS")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     a.out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    events = timeline(a.out.resolve(), a.rounds)
+    events = timeline(a.out.resolve(), a.rounds, sites="flower" if a.stock else "serve",
+                      serve_args=("--idle-poll", str(a.idle_poll)) if a.idle_poll else ())
     res = {"date": dt.date.today().isoformat(), "machine": machine_info(),
+           "sites": "stock flower-supernode" if a.stock else "fedtransfer site serve",
+           "idle_poll": a.idle_poll,
            "load_average": {"before": load_before, "after": os.getloadavg()},
            "rounds": a.rounds, "events": events, **split(events, a.rounds)}
     (a.out / "supernode_wait.json").write_text(json.dumps(res, indent=1))

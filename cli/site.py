@@ -177,6 +177,64 @@ def cmd_deploy_certs(args) -> int:
     return 0
 
 
+def cmd_site_serve(args) -> int:
+    """Join the federation: the SuperNode with the warm launcher, until SIGTERM/SIGINT
+    (exit 0) or until the SuperNode exits (its status)."""
+    # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
+    from client.serve import PRELOAD, ServeOptions, serve
+
+    node_config = args.node_config
+    site_dir = args.dir or (str(Path(node_config).parent) if node_config.endswith(".toml")
+                            else None)
+    if site_dir is None:
+        print("error: --dir: the site's folder (FLWR_HOME, the shim and serve.json go "
+              "there) is needed when --node-config is not a .toml file")
+        return 2
+    extra = tuple(m.strip() for m in (args.preload or "").split(",") if m.strip())
+    try:
+        opts = ServeOptions(superlink=args.superlink, node_config=node_config,
+                            site_dir=Path(site_dir), root_certificates=args.root_certificates,
+                            auth_key=args.auth_key, insecure=args.insecure, port=args.port,
+                            health_port=args.health_port, warm=not args.cold,
+                            idle_poll=args.idle_poll, max_retries=args.max_retries,
+                            max_wait_time=args.max_wait_time, preload=PRELOAD + extra)
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    return serve(opts)
+
+
+def _add_serve_parser(site) -> None:
+    v = site.add_parser("serve", help="join the federation: start this site's SuperNode "
+                        "(TLS, authentication, node config) with a warm ClientApp launcher")
+    v.add_argument("--superlink", required=True, help="the SuperLink's Fleet API, host:port")
+    v.add_argument("--node-config", required=True,
+                   help="the site's node config: a .toml file, or 'key=value ...' as "
+                        "flower-supernode takes it (then written to <dir>/node-config.toml)")
+    v.add_argument("--dir", help="the site's folder: FLWR_HOME, the shim and serve.json "
+                   "(default: the node config file's folder)")
+    v.add_argument("--root-certificates", type=Path, help="the federation's CA certificate "
+                   "(TLS; without it, the system's CAs)")
+    v.add_argument("--auth-key", type=Path, help="this site's SuperNode private key "
+                   "(authentication; the coordinator registered its public key)")
+    v.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
+    v.add_argument("--port", type=int, help="the SuperNode's ClientAppIo API port on "
+                   "127.0.0.1 (default: a free one)")
+    v.add_argument("--health-port", type=int, help="the SuperNode's health server port on "
+                   "127.0.0.1 (default: a free one)")
+    v.add_argument("--cold", action="store_true", help="no warm launcher: Flower's own "
+                   "flwr-clientapp process per message")
+    v.add_argument("--idle-poll", type=float, metavar="SECONDS",
+                   help="cap the SuperNode's 3 s idle sleep (flwr 1.41.0 only; costs one "
+                        "pull per SECONDS per idle site at the SuperLink; default: off)")
+    v.add_argument("--preload", help="more third-party modules for the warm launcher to "
+                   "import, comma-separated (never the app's own)")
+    v.add_argument("--max-retries", type=int, help="reconnection tries (default: no limit)")
+    v.add_argument("--max-wait-time", type=float, help="seconds to keep reconnecting "
+                   "(default: no limit)")
+    v.set_defaults(func=cmd_site_serve)
+
+
 def add_site_commands(sub) -> None:
     sp = sub.add_parser("site", help="a site operator's commands")
     site = sp.add_subparsers(dest="site_command", required=True)
@@ -229,6 +287,7 @@ def add_site_commands(sub) -> None:
     r.add_argument("--delta", type=float, required=True, help="δ (the same as before, usually)")
     r.add_argument("--reason", required=True, help="why, for the audit")
     r.set_defaults(func=cmd_raise_cap)
+    _add_serve_parser(site)
 
     sl = site.add_parser("seal", help="write a fresh signed seal of the site's ledger (entry "
                          "count, head hash, time, ledger id) for an auditor: fedtransfer audit "

@@ -2,20 +2,25 @@
 and ``benchmarks/deployment.py`` use it.
 
 One SuperLink with TLS (certificates from ``fedtransfer deploy certs``),
-SuperNode authentication and a SQLite database; SuperNodes with their own key,
-the CA certificate and a node config pointing at their own data, ledger, cache
-and model folders. Every process is started in its own process group and
-stopped by pid with bounded waits, including the detached helpers Flower
-starts (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``), which
-are found by walking the process tree from the pids we started.
+SuperNode authentication and a SQLite database; sites that join with
+``fedtransfer site serve`` (their own key, the CA certificate, a node config
+pointing at their own data, ledger, cache and model folders, and the warm
+launcher), or, for a stock baseline, with Flower's own ``flower-supernode``.
+Every process is started in its own process group and stopped by pid with
+bounded waits, including the detached helpers Flower starts
+(``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``), which are found
+by walking the process tree from the pids we started. A site started with
+``site serve`` is stopped the way its operator would stop it (SIGTERM to the
+launcher alone); whatever of its tree is still alive after the launcher exits
+is recorded in ``left_behind`` (and then killed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,8 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from client.serve import alive, descendants, free_port, kill_tree
 from common.certs import make_deployment_keys
 from common.data.datasets import load_dataset
+
+__all__ = ["BIN", "Loopback", "descendants", "free_port", "kill_tree", "write_site_files"]
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]  # the checkout: `flwr run .` needs its pyproject
@@ -34,66 +42,6 @@ REPO = Path(__file__).resolve().parents[1]  # the checkout: `flwr run .` needs i
 # in all, and then says what it was waiting for.
 STALL = 240.0
 CAP = 1200.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        kids.setdefault(ppid, []).append(int(entry.name))
-    return kids
-
-
-def descendants(pid: int) -> list[int]:
-    kids, out, todo = _children(), [], [pid]
-    while todo:
-        for child in kids.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
-    """Stop ``proc``, its process group and every descendant, by pid, with bounded waits."""
-    tree = descendants(proc.pid)
-    for pid in [proc.pid, *tree]:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=grace)
-    deadline = time.monotonic() + grace
-    while any(_alive(p) for p in tree) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in [proc.pid, *tree]:
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=grace)
 
 
 def write_site_files(root: Path, num_sites: int, seed: int = 0) -> list[Path]:
@@ -117,8 +65,23 @@ class Loopback:
     """A SuperLink and its SuperNodes under ``root``; use as a context manager."""
 
     def __init__(self, root: Path, *, num_sites: int = 3, cap: float = 8.0,
-                 env: dict[str, str] | None = None):
-        """``env``: extra environment for every Flower process (e.g. poll intervals)."""
+                 env: dict[str, str] | None = None, sites: str = "serve",
+                 serve_args: tuple[str, ...] = (), site_threads: int | None = 1):
+        """``env``: extra environment for every Flower process (e.g. poll intervals).
+        ``sites``: ``"serve"`` (``fedtransfer site serve``, with ``serve_args``, e.g.
+        ``("--idle-poll", "0.1")`` or ``("--cold",)``) or ``"flower"`` (Flower's own
+        ``flower-supernode``, the stock baseline). ``site_threads``: torch's intra-op
+        threads per site (``OMP_NUM_THREADS``; None: torch's default, one per core).
+        The sites share this machine's cores, so each gets one thread by default, as
+        Ray gives each simulated ClientApp one CPU (it sets ``OMP_NUM_THREADS=1``):
+        with a thread per core at every site, OpenMP's spinning threads
+        oversubscribe the cores and DP training runs several times slower."""
+        if sites not in ("serve", "flower"):
+            raise ValueError(f"sites={sites!r}: allowed 'serve' or 'flower'")
+        self.sites = sites
+        self.serve_args = tuple(serve_args)
+        self.site_threads = site_threads
+        self.left_behind: dict[str, list[int]] = {}
         self.root = root
         self.num_sites = num_sites
         self.cap = cap
@@ -137,21 +100,39 @@ class Loopback:
                     # SuperExec picks up tasks every 0.1 s (Flower's default: 1 s).
                     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", **(env or {})}
         self.procs: dict[str, subprocess.Popen] = {}
+        self._launchers: dict[str, Path] = {}  # `fedtransfer site serve` name -> its folder
         self._logs: list = []
 
     # -- processes -------------------------------------------------------------
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None
+              ) -> subprocess.Popen:
         fh = (self.root / f"{name}.log").open("ab")
         self._logs.append(fh)
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
-                                env=self.env, start_new_session=True)
+                                env=env or self.env, start_new_session=True)
         self.procs[name] = proc
         return proc
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """Stop ``name`` and everything under it. A ``site serve`` launcher stopped with
+        SIGTERM gets it alone and must stop its own processes (bounded wait); what is
+        left of its tree afterwards lands in ``left_behind``. Any other signal (SIGKILL:
+        a power cut) goes to the whole tree at once."""
         proc = self.procs.pop(name, None)
-        if proc is not None:
-            kill_tree(proc, sig)
+        if proc is None:
+            return
+        if sig == signal.SIGTERM and name in self._launchers and proc.poll() is None:
+            tree = descendants(proc.pid)
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=60)
+            left = [p for p in tree if alive(p)]
+            if proc.poll() is None or left:
+                self.left_behind[name] = ([proc.pid] if proc.poll() is None else []) + left
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        kill_tree(proc, sig)
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
@@ -248,6 +229,23 @@ class Loopback:
             self.register(site)
             self.start_supernode(site)
         self.wait_online(self.num_sites)
+        for site in range(self.num_sites):
+            self.wait_warm(f"supernode-{site}")
+
+    def wait_warm(self, name: str) -> dict | None:
+        """``site serve``'s record (``serve.json``) once its warm launcher is ready (it
+        preloads while the SuperNode joins); None for a site without one."""
+        folder = self._launchers.get(name)
+        if folder is None or "--cold" in self.serve_args:
+            return None
+
+        def ready() -> dict | None:
+            with contextlib.suppress(OSError, ValueError):
+                doc = json.loads((folder / "serve.json").read_text())
+                return doc if doc.get("warm_ready") else None
+            return None
+
+        return self.wait_until(ready, what=f"{name}: its warm launcher ready", watch=name)
 
     def flwr(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), *args], cwd=REPO, env=self.env, timeout=timeout,
@@ -270,17 +268,38 @@ class Loopback:
 
     def start_supernode(self, site: int, *, key: int | None = None, ca: bool = True,
                         name: str | None = None, retries: int | None = None) -> subprocess.Popen:
+        """Site ``site`` joins (``key``: whose private key, -1 for none; ``ca``: with
+        the CA certificate). A site with its own key and the CA runs in its own folder
+        (``site_dir``); any other (the refused ones) in a folder of its own name."""
         key = site if key is None else key
-        args = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-                "--port", str(free_port()), "--node-config",
-                self.node_config(min(site, self.num_sites - 1))]
-        if key >= 0:
-            args += ["--auth-supernode-private-key", str(self.keys / f"site-{key}" / "auth_key")]
-        if ca:
-            args += ["--root-certificates", str(self.keys / "ca.crt")]
+        name = name or f"supernode-{site}"
+        node = self.node_config(min(site, self.num_sites - 1))
+        if self.sites == "flower":
+            args = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                    "--port", str(free_port()), "--node-config", node]
+            if key >= 0:
+                args += ["--auth-supernode-private-key", str(self.keys / f"site-{key}" / "auth_key")]
+            if ca:
+                args += ["--root-certificates", str(self.keys / "ca.crt")]
+        else:
+            own = key == site and ca and site < self.num_sites
+            folder = self.site_dir(site) if own else self.root / name
+            args = [sys.executable, "-m", "cli.main", "site", "serve",
+                    "--superlink", f"127.0.0.1:{self.port}", "--node-config", node,
+                    "--dir", str(folder), *self.serve_args]
+            if not own and "--cold" not in args:
+                args.append("--cold")  # a node the SuperLink refuses runs no ClientApp
+            if key >= 0:
+                args += ["--auth-key", str(self.keys / f"site-{key}" / "auth_key")]
+            if ca:
+                args += ["--root-certificates", str(self.keys / "ca.crt")]
+            self._launchers[name] = folder
         if retries is not None:
             args += ["--max-retries", str(retries), "--max-wait-time", "15"]
-        return self.start(name or f"supernode-{site}", args)
+        env = dict(self.env)
+        if self.site_threads is not None:
+            env["OMP_NUM_THREADS"] = str(self.site_threads)
+        return self.start(name, args, env)
 
     def wait_for(self, name: str, text: str, *, count: int = 1, stall: float = STALL,
                  cap: float = CAP) -> None:
@@ -292,8 +311,6 @@ class Loopback:
 
     def online_nodes(self) -> int:
         r = self.flwr("supernode", "list", "edge", "--format", "json")
-        import json
-
         doc = json.loads(r.stdout[r.stdout.index("{"):])
         return sum(n.get("status") == "online" for n in doc.get("nodes", []))
 
