@@ -98,8 +98,10 @@ def _deployment(work: Path, rounds: int, extra: dict | None, tag: str, *, sites:
                       for k, v in {**RUN, **(extra or {})}.items())
     config += f" num-rounds={rounds} out-dir='{out}' cache-dir='{work / 'deploy-cache'}'"
     config = config.replace('"', "'")
+    # The sites release their coarse timings (off by default: a side channel) so that
+    # the split between site work and the rest can be measured.
     with Loopback(work / f"loopback-{tag}", num_sites=RUN["num-sites"], env=env, sites=sites,
-                  serve_args=serve_args) as fed:
+                  serve_args=serve_args, node_extra="release-timings=true") as fed:
         fed.start_federation()
         fed.run(config)
         rc = fed.wait_run("flwr-run", num_rounds=rounds)  # on progress, round by round

@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]  # the checkout: `flwr run .` needs i
 # in all, and then says what it was waiting for.
 STALL = 240.0
 CAP = 1200.0
+DIGITS_CLASSES = ",".join(str(c) for c in range(10))
 
 
 def write_site_files(root: Path, num_sites: int, seed: int = 0) -> list[Path]:
@@ -66,7 +67,8 @@ class Loopback:
 
     def __init__(self, root: Path, *, num_sites: int = 3, cap: float = 8.0,
                  env: dict[str, str] | None = None, sites: str = "serve",
-                 serve_args: tuple[str, ...] = (), site_threads: int | None = 1):
+                 serve_args: tuple[str, ...] = (), site_threads: int | None = 1,
+                 node_extra: str = ""):
         """``env``: extra environment for every Flower process (e.g. poll intervals).
         ``sites``: ``"serve"`` (``fedtransfer site serve``, with ``serve_args``, e.g.
         ``("--idle-poll", "0.1")`` or ``("--cold",)``) or ``"flower"`` (Flower's own
@@ -76,6 +78,7 @@ class Loopback:
         Ray gives each simulated ClientApp one CPU (it sets ``OMP_NUM_THREADS=1``):
         with a thread per core at every site, OpenMP's spinning threads
         oversubscribe the cores and DP training runs several times slower."""
+        self.extra_node = f" {node_extra}" if node_extra else ""
         if sites not in ("serve", "flower"):
             raise ValueError(f"sites={sites!r}: allowed 'serve' or 'flower'")
         self.sites = sites
@@ -264,7 +267,11 @@ class Loopback:
         d = self.site_dir(site)
         return (f'site-id={site} site-name="hospital-{site}" data-path="medmnist:{self.data[site]}" '
                 f'ledger-path="{d / "ledger.sqlite"}" cache-dir="{d / "cache"}" '
-                f'model-dir="{d / "models"}" target-epsilon={self.cap} target-delta=1e-5')
+                f'model-dir="{d / "models"}" target-epsilon={self.cap} target-delta=1e-5 '
+                # The site's declaration (docs/privacy.md, the site boundary): digits'
+                # classes, read as the coordinator's digits scenario reads them.
+                f'class-names="{DIGITS_CLASSES}" image-size=64 image-channels=1 '
+                f'backbone="identity"{self.extra_node}')
 
     def start_supernode(self, site: int, *, key: int | None = None, ca: bool = True,
                         name: str | None = None, retries: int | None = None) -> subprocess.Popen:
