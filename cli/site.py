@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 
@@ -152,6 +153,9 @@ def cmd_site_export(args) -> int:
     include = tuple(p.strip() for p in args.splits.split(",") if p.strip())
     counts = export_site_folders(splits, args.out, num_sites=args.sites, alpha=args.alpha,
                                  seed=args.seed, include=include)
+    if counts.left_out:
+        print(f"left out {counts.left_out} record(s) of the {', '.join(include)} split(s) "
+              "identical to a public (val) or test record: a site may not hold them")
     for site, per_class in counts.items():
         print(f"{site}: " + ", ".join(f"{c} {n}" for c, n in per_class.items()))
     print(f"wrote {sum(sum(v.values()) for v in counts.values())} images of the "
@@ -190,6 +194,10 @@ def cmd_site_serve(args) -> int:
         print("error: --dir: the site's folder (FLWR_HOME, the shim and serve.json go "
               "there) is needed when --node-config is not a .toml file")
         return 2
+    problem = _admit_before_joining(node_config)
+    if problem:
+        print(f"error: this site does not join: {problem}")
+        return 2
     extra = tuple(m.strip() for m in (args.preload or "").split(",") if m.strip())
     try:
         opts = ServeOptions(superlink=args.superlink, node_config=node_config,
@@ -202,6 +210,30 @@ def cmd_site_serve(args) -> int:
         print(f"error: {exc}")
         return 2
     return serve(opts)
+
+
+def _admit_before_joining(node_config: str) -> str:
+    """The site's own check before it joins (its policy, declaration and data, and the
+    public-record check): the reason it cannot join, told here only, or ``""``."""
+    # lazy: a command imports only what it runs
+    from flwr.common.config import parse_config_args
+
+    # lazy: as above
+    from client.admission import SiteUnavailable, require
+    # lazy: as above
+    from client.settings import SiteConfigError, deployed_policy
+
+    try:
+        settings = deployed_policy(parse_config_args([node_config]))
+        adm = require(settings)
+    except (SiteConfigError, ValueError, OSError) as exc:
+        return str(exc)
+    except SiteUnavailable as exc:
+        return (f"its data is not admitted ({exc}); fix it, then run `fedtransfer site check "
+                f"--node-config ...`")
+    print(f"fedtransfer site serve: admitted {adm.num_train} training records "
+          f"(fixed at {time.strftime('%Y-%m-%d %H:%M', time.localtime(adm.checked_at))})")
+    return ""
 
 
 def _add_serve_parser(site) -> None:

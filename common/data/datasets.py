@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.data.digests import record_digests
 from common.data.readers import (
     SiteDataError,
     data_spec,
@@ -350,12 +351,22 @@ def site_train_counts(splits: Splits, *, num_sites: int, partitioner: str, alpha
 EXPORT_SPLITS = ("train", "val", "test")
 
 
+class ExportCounts(dict):
+    """Records written per site and class; ``left_out``: records of the written splits
+    left out because they are identical to a public or test record."""
+
+    def __init__(self, counts: dict[str, dict[str, int]], left_out: int = 0):
+        super().__init__(counts)
+        self.left_out = left_out
+
+
 def export_site_folders(splits: Splits, out: str | Path, *, num_sites: int, alpha: float,
                         seed: int = 0, include: tuple[str, ...] = ("train",)
-                        ) -> dict[str, dict[str, int]]:
+                        ) -> ExportCounts:
     """Write the records of ``include`` (by default the source's training split only: the
     public val and test splits are the coordinator's, never a site's) as PNG files in
-    ``out/site-<i>/<class>/``: hospitals as folders, dealt by a Dirichlet(α) label skew
+    ``out/site-<i>/<class>/``, leaving out any record identical to one of the splits not
+    written (see below): hospitals as folders, dealt by a Dirichlet(α) label skew
     (flwr-datasets), for ``imagefolder:<out>?site=folder`` with ``partitioner = "site"``,
     or one folder per deployed site. Returns the record count per site and class.
 
@@ -373,6 +384,14 @@ def export_site_folders(splits: Splits, out: str | Path, *, num_sites: int, alph
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
     x = np.concatenate([getattr(splits, f"{p}_x") for p in include])
     y = np.concatenate([getattr(splits, f"{p}_y") for p in include])
+    # A record of the written splits identical to one of the coordinator's public or
+    # test records (sources hold such duplicates across their splits: PneumoniaMNIST's
+    # train split has 7) is left out: a site holding it would not be admitted.
+    public = {d for p in ("val", "test") if p not in include
+              for d in record_digests(getattr(splits, f"{p}_x"))}
+    keep = np.array([d not in public for d in record_digests(x)], dtype=bool)
+    left_out = int((~keep).sum())
+    x, y = x[keep], y[keep]
     parts = partition_indices(y, num_sites=num_sites, partitioner="dirichlet", alpha=alpha,
                               seed=seed)
     counts: dict[str, dict[str, int]] = {}
@@ -387,7 +406,7 @@ def export_site_folders(splits: Splits, out: str | Path, *, num_sites: int, alph
                 img = np.clip(np.round(x[i] * 255), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(folder / f"{i:06d}.png")
             counts[site][name] = int(len(mine))
-    return counts
+    return ExportCounts(counts, left_out)
 
 
 def federation(cfg, *, dp_as_public: bool = False):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -301,6 +303,14 @@ def test_natural_sites_from_folders_and_csv_keep_each_records_site(tmp_path):
     # By default an export writes the training split only: val and test are public.
     only = export_site_folders(small, tmp_path / "train-only", num_sites=3, alpha=100.0, seed=0)
     assert sum(sum(v.values()) for v in only.values()) == len(small.train_y)
+    assert only.left_out == 0
+    # A training record identical to a public (val) or test record is left out, said so.
+    dup = replace(small, train_x=np.concatenate([small.train_x, small.val_x[:2],
+                                                 small.test_x[:1]]),
+                  train_y=np.concatenate([small.train_y, small.val_y[:2], small.test_y[:1]]))
+    kept = export_site_folders(dup, tmp_path / "dup", num_sites=2, alpha=100.0, seed=0)
+    assert kept.left_out == 3
+    assert sum(sum(v.values()) for v in kept.values()) == len(small.train_y)
     with pytest.raises(ValueError, match="needs records that carry their site"):
         check_natural_sites(full, 4)
     with pytest.raises(FileExistsError):
