@@ -77,6 +77,9 @@ def test_every_shell_snippet_parses_and_its_fedtransfer_commands_are_valid(lang,
         if words[0] == "flwr":  # its --run-config keys are RunConfig keys
             if "--run-config" in words:
                 items = shlex.split(words[words.index("--run-config") + 1])
+                # A federation file named through a shell variable is the walk-through's
+                # own (tests/test_deployment_page.py runs it); its other keys still parse.
+                items = [i for i in items if not (i.startswith("federation=") and "$" in i)]
                 parse_config(parse_overrides(items))
             continue
         args = parser.parse_args(words[1:])  # exits (fails the test) on a bad command

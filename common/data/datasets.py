@@ -386,7 +386,7 @@ def export_site_folders(splits: Splits, out: str | Path, *, num_sites: int, alph
     y = np.concatenate([getattr(splits, f"{p}_y") for p in include])
     # A record of the written splits identical to one of the coordinator's public or
     # test records (sources hold such duplicates across their splits: PneumoniaMNIST's
-    # train split has 7) is left out: a site holding it would not be admitted.
+    # train split has 10) is left out: a site holding it would not be admitted.
     public = {d for p in ("val", "test") if p not in include
               for d in record_digests(getattr(splits, f"{p}_x"))}
     keep = np.array([d not in public for d in record_digests(x)], dtype=bool)
