@@ -235,7 +235,8 @@ def privacy_block(cfg: RunConfig) -> dict:
         "not_charged": ["each site's exact training-record count (num-examples), and the "
                         "schedule derived from it (sample-rate, steps), are declared public; ε "
                         "is therefore for replace-one neighbours",
-                        "coarse timings (0.1 s) are declared public"],
+                        "coarse timings (0.1 s), from a site whose own policy releases them "
+                        "(release-timings, off by default), are declared public"],
         "site_local": ["training loss", "holdout metrics", "feature-cache hits",
                        "file and class names in data errors"],
     }

@@ -95,6 +95,8 @@ _BAD_CHAIN = ("broken", "unreadable", "missing", "legacy", "unsealed", "signed, 
 
 
 def _value(v) -> str:
+    if isinstance(v, float) and v and abs(v) < 1e-3:  # δ = 1e-05, not 0.0000
+        return f"{v:.4g}"
     return _f(v, 4) if isinstance(v, float) else str(v)
 
 
