@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from cli.main import main
@@ -229,3 +231,18 @@ def test_site_check_plans_sigma_as_the_site_runs_it_floor_included(tmp_path):
         assert est.noise_multiplier == pytest.approx(sigma, rel=0.01)
         assert est.sample_rate == pytest.approx(mech.sample_rate)
         assert sigma >= floor
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(counts=st.dictionaries(st.sampled_from("abcdef"), st.integers(0, 5000), min_size=2))
+def test_a_class_imbalance_beyond_the_stated_ratio_is_warned_and_only_then(counts):
+    """Issue 27 item 5: a hospital with 7 normal and 1,200 pneumonia images is warned."""
+    from common.data.sitecheck import IMBALANCE_RATIO, imbalance_warnings
+
+    warned = imbalance_warnings(counts)
+    most = max(counts.values())
+    beyond = [c for c, n in counts.items() if n > 0 and most / n > IMBALANCE_RATIO]
+    assert len(warned) == len(beyond)
+    for c in beyond:
+        assert any(f"'{c}'" in w for w in warned)
+    assert imbalance_warnings({"normal": 7, "pneumonia": 1200})
