@@ -39,6 +39,9 @@ class Splits:
     train_site: np.ndarray | None = None
     val_site: np.ndarray | None = None
     test_site: np.ndarray | None = None
+    # Each training record's patient (e.g. the constructed grouping, common/data/grouping.py);
+    # simulated sites are then partitioned by patient (site_data). None: no patient ids.
+    train_groups: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
