@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from collections import OrderedDict
 from functools import lru_cache
 
@@ -103,8 +104,11 @@ class PointwiseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, (c, h, w) = x.shape[:-3], x.shape[-3:]
         # (B, [K,] C, H, W) -> (B, [K*]H*W, C): always 3-D, which ghost clipping needs.
-        y = self.linear(x.flatten(-2).transpose(-1, -2).reshape(x.shape[0], -1, c))
-        return y.reshape(*lead, h * w, -1).transpose(-1, -2).reshape(*lead, -1, h, w)
+        # Sizes are explicit (no -1): an empty Poisson batch (B = 0) must reshape too.
+        rows = math.prod(lead[1:]) * h * w
+        y = self.linear(x.flatten(-2).transpose(-1, -2).reshape(x.shape[0], rows, c))
+        c_out = self.linear.out_features
+        return y.reshape(*lead, h * w, c_out).transpose(-1, -2).reshape(*lead, c_out, h, w)
 
 
 class Depthwise3x3(nn.Module):
@@ -134,9 +138,10 @@ def _depthwise_grad_sample(layer: Depthwise3x3, activations, backprops):
     gradient, one per-sample gradient per bag (patient-level DP)."""
     if not layer.weight.requires_grad:
         return {}
-    n, (c, h, w) = activations[0].shape[0], activations[0].shape[-3:]
-    x = F.pad(activations[0].reshape(n, -1, c, h, w), (1, 1, 1, 1))
-    gy = backprops.reshape(n, -1, c, h, w)
+    a = activations[0]
+    n, k, (c, h, w) = a.shape[0], math.prod(a.shape[1:-3]), a.shape[-3:]  # k: 1, or the bag
+    x = F.pad(a.reshape(n, k, c, h, w), (1, 1, 1, 1))
+    gy = backprops.reshape(n, k, c, h, w)
     g = torch.stack([(gy * x[..., i:i + h, j:j + w]).sum(dim=(1, 3, 4))
                      for i in range(3) for j in range(3)], dim=2)  # (N, C, 9)
     return {layer.weight: g.reshape(n, c, 1, 3, 3)}
@@ -146,7 +151,8 @@ def _affine_grad_sample(layer: ChannelAffine, activations, backprops):
     """Per-sample gradients of :class:`ChannelAffine`'s parameters (a bag's summed
     over its records, as in :func:`_depthwise_grad_sample`)."""
     a = activations[0]
-    x = a.reshape(a.shape[0], -1, a.shape[-3], a.shape[-2] * a.shape[-1])  # (N, K, C, H*W)
+    k = math.prod(a.shape[1:-3])  # 1, or the bag
+    x = a.reshape(a.shape[0], k, a.shape[-3], a.shape[-2] * a.shape[-1])  # (N, K, C, H*W)
     gy = backprops.reshape(x.shape)
     out = {}
     if layer.weight.requires_grad:
