@@ -22,6 +22,13 @@ Two rewrites make the suffix DP-SGD friendly under Opacus:
 
 The trained suffix tensors travel with the head as ``backbone.<name>``
 (:data:`PREFIX`); nothing else of the backbone is ever sent.
+
+Patient-level DP (:func:`common.models.training.train_dp_patients`) feeds the
+suffix *bags* ``(B, K, C, H, W)``: one Opacus sample per patient, K records
+each. Every layer keeps the bag dimension (the 1x1 convolutions run as
+``nn.Linear`` over ``(B, K*H*W, C)``), so Opacus's per-sample gradient of
+each layer, and its ghost norm, is the sum over the patient's records: the
+patient's gradient, clipped once.
 """
 
 from __future__ import annotations
