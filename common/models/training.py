@@ -310,6 +310,8 @@ class PatientBags:
                              f"got {max_records_per_patient!r}")
         if not np.isfinite(features).all():
             raise ValueError("features contain NaN or Inf")
+        if np.asarray(labels).min() < 0:
+            raise ValueError("labels must be class indices >= 0")
         inverse, count = factorize(groups)
         sizes = np.bincount(inverse, minlength=count)
         self.cap = int(max_records_per_patient)

@@ -325,9 +325,11 @@ def test_empty_poisson_batches_and_every_mode_train(tuned_models, model_kind):
     ({"groups": ["a", None, "b"]}, "record 1 has no patient id"),
     ({"max_records_per_patient": 0}, "max_records_per_patient must be an integer >= 1"),
     ({"noise_multiplier": 0.0}, "noise_multiplier must be > 0"),
+    ({"labels": np.array([0, -100, 1])}, "labels must be class indices >= 0"),
 ])
 def test_bad_input_is_named(kwargs, words):
-    x, y = np.zeros((3, 2), np.float32), np.array([0, 1, 0])
+    x = np.zeros((3, 2), np.float32)
+    y = kwargs.pop("labels", np.array([0, 1, 0]))
     args = dict(groups=["a", "b", "a"], max_records_per_patient=2, epochs=1, batch_size=1,
                 lr=0.1, noise_multiplier=1.0, clip_norm=1.0, seed=0)
     with pytest.raises(ValueError, match=words):
