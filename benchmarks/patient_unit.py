@@ -83,8 +83,8 @@ MIN_NOISE_MULTIPLIER = 0.3  # the sites' σ floor (client.policy default)
 # public rule in common/data/grouping.py, not of any site's records).
 PATIENTS_PER_STEP = 100
 MAX_RECORDS_PER_PATIENT = 10  # the construction's largest patient: no patient is subsampled
-LEARNING_RATES = {PATIENT: (0.1, 0.3, 1.0, 3.0), RECORD: (0.1, 0.3, 1.0, 3.0),
-                  "none": (0.3, 1.0, 3.0, 10.0)}
+LEARNING_RATES = {PATIENT: (0.03, 0.1, 0.3, 1.0, 3.0), RECORD: (0.03, 0.1, 0.3, 1.0, 3.0),
+                  "none": (0.3, 1.0, 3.0, 10.0, 30.0)}
 # The known levers for patient-level DP-SGD, each changed alone from the base setting.
 LEVERS = ({"max_records_per_patient": 5}, {"max_records_per_patient": 2},
           {"patients_per_step": 200}, {"patients_per_step": 50}, {"num_rounds": 20})
