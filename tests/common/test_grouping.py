@@ -10,9 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from client.policy import scenario_policy
+from client.site import load_site_data
 from common.data import grouping
 from common.data.datasets import load_dataset, partition_patients, site_data
 from common.data.splits import Splits
+from simulations.scenarios import resolve_config
 
 labels_strategy = st.lists(st.integers(0, 3), min_size=1, max_size=300).map(np.array)
 
@@ -129,3 +132,22 @@ def test_the_dataset_option_constructs_patients_and_names_bad_options(tmp_path: 
     for bad in ("?patients=real", "?patient=constructed", "?patients=constructed&x=1"):
         with pytest.raises(ValueError, match="patients=constructed"):
             load_dataset(f"medmnist:{path}{bad}")
+
+
+@pytest.mark.integration
+def test_the_grouped_scenario_partitions_real_pneumoniamnist_by_patient(pneumonia_npz, tmp_path):
+    """The scenario file, through the loader a simulated site uses (client.site)."""
+    cfg = resolve_config("pneumonia-patients", [f"data-dir={pneumonia_npz.parent}",
+                                                f"cache-dir={tmp_path / 'cache'}"], None)
+    assert cfg.dataset == "medmnist:pneumoniamnist?patients=constructed"
+    seen: set = set()
+    records = 0
+    for site_id in range(cfg.num_sites):
+        d = load_site_data(cfg, scenario_policy(cfg, {"partition-id": site_id}))
+        mine = set(d.train_groups.tolist()) | set(d.holdout_groups.tolist())
+        assert not set(d.train_groups.tolist()) & set(d.holdout_groups.tolist())
+        assert not mine & seen
+        seen |= mine
+        records += len(d.train_y) + len(d.holdout_y)
+        assert grouping.group_sizes(d.train_groups).max() <= 10
+    assert records == 4708 and len(seen) == 1922  # seed 0's construction (docs/data.md)
