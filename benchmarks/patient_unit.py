@@ -86,8 +86,10 @@ MAX_RECORDS_PER_PATIENT = 10  # the construction's largest patient: no patient i
 LEARNING_RATES = {PATIENT: (0.03, 0.1, 0.3, 1.0, 3.0), RECORD: (0.03, 0.1, 0.3, 1.0, 3.0),
                   "none": (0.3, 1.0, 3.0, 10.0, 30.0)}
 # The known levers for patient-level DP-SGD, each changed alone from the base setting.
+# (150 patients per step: the smallest site holds 198 patients.)
 LEVERS = ({"max_records_per_patient": 5}, {"max_records_per_patient": 2},
-          {"patients_per_step": 200}, {"patients_per_step": 50}, {"num_rounds": 20})
+          {"patients_per_step": 150}, {"patients_per_step": 50}, {"num_rounds": 20},
+          {"num_rounds": 5})
 
 
 @dataclass
