@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(BIN)/fedtransfer simulate --set backbone=auto
+	$(BIN)/fedtransfer simulate
 
 test: install
 	$(BIN)/python -m pytest -q

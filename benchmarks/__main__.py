@@ -56,7 +56,7 @@ def run_suite(st: S.BenchSettings) -> dict:
         return cvn.run(x, y, splits.test_x, splits.test_y, backbone_name=cfg.backbone,
                        image_size=cfg.image_size, head_name=cfg.head, rounds=st.naive_rounds,
                        epochs=st.naive_epochs, batch_size=st.naive_batch_size or cfg.batch_size,
-                       lr=cfg.learning_rate, momentum=cfg.momentum, clip_norm=cfg.clip_norm,
+                       lr=cfg.lr, momentum=cfg.momentum, clip_norm=cfg.clip_norm,
                        target_epsilon=st.naive_epsilon, delta=cfg.target_delta, device=device,
                        work_dir=st.work_dir, eval_cache_dir=Path(cfg.cache_dir))
 
@@ -76,7 +76,7 @@ def run_suite(st: S.BenchSettings) -> dict:
 
         x, y = fixture().pooled()
         return dpo.run(x, y, batch_sizes=st.overhead_batch_sizes, epochs=st.overhead_epochs,
-                       repeats=st.overhead_repeats, lr=cfg.learning_rate, momentum=cfg.momentum,
+                       repeats=st.overhead_repeats, lr=cfg.lr, momentum=cfg.momentum,
                        clip=cfg.clip_norm, hidden_dim=cfg.hidden_dim, device=device)
 
     def communication():

@@ -3,7 +3,7 @@
 For every mode (``head``, ``bitfit``, ``last-block``; common/models/finetune.py),
 every ε (and no DP) and every seed: federated DP training over the scenario's
 hospitals on the *function-level* path of :mod:`benchmarks.privacy_utility`
-(the sites' records, partition and cached inputs from :mod:`client.site`, σ
+(the sites' records, partition and cached inputs from :mod:`client.round`, σ
 calibrated so all planned rounds fit the cap, :func:`common.models.training.train_dp`
 per site and round, weighted FedAvg over every trained tensor). Reported per
 run: test AUC, balanced accuracy at argmax and at the decision rule the server
@@ -93,7 +93,7 @@ def run(cfg: RunConfig, *, modes=TRAINABLE_MODES, epsilons=EPSILONS, seeds=(0,),
         t0 = time.perf_counter()
         fx = Fixture(cfg.replace(trainable=mode))
         input_s = time.perf_counter() - t0
-        grid = (learning_rates or {}).get(mode) or (cfg.learning_rate,)
+        grid = (learning_rates or {}).get(mode) or (cfg.lr,)
         chosen: dict[float, float] = {}
         for seed in seeds:
             for eps in epsilons:
@@ -131,12 +131,12 @@ def run(cfg: RunConfig, *, modes=TRAINABLE_MODES, epsilons=EPSILONS, seeds=(0,),
                         "clip_norm": cfg.clip_norm, "delta": cfg.target_delta,
                         "image_size": cfg.image_size, "head": cfg.head, "seeds": list(seeds),
                         "learning_rates": {m: list((learning_rates or {}).get(m)
-                                                   or (cfg.learning_rate,)) for m in modes},
+                                                   or (cfg.lr,)) for m in modes},
                         "selection": ("learning rate per (mode, ε) by val AUC on the first seed, "
                                       "reused for the others" if choose_on_first_seed else
                                       "learning rate per (mode, ε, seed) by val AUC")
                                      + "; test read for the chosen run only",
-                        "path": "function-level (client.site + common.models.training), "
+                        "path": "function-level (client.round + common.models.training), "
                                 "not Flower"}}
 
 

@@ -182,7 +182,7 @@ def render(doc: dict, results_path: Path, plots: dict[str, Path], here: Path) ->
               "ε is per site, for one training record at one site (add/remove), PRV "
               "accountant; σ is calibrated per site so that all rounds fit ε. ε = ∞ is the same "
               "schedule without DP.", "",
-              "**Path:** function-level, not a Flower simulation: `client.site` gives each "
+              "**Path:** function-level, not a Flower simulation: `client.round` gives each "
               "hospital's records and cached features, `common.models.training.train_dp` runs each "
               "local round, and the heads are averaged with weighted FedAvg as the server does. "
               "Message passing, ledgers and per-round evaluation are skipped to keep the sweep "

@@ -1,9 +1,9 @@
 """5. Privacy-utility on PneumoniaMNIST: ε against test AUC and accuracy.
 
 This runs the *function-level* path, not a Flower simulation: each site's
-records, partition and cached features come from :mod:`client.site`
+records, partition and cached features come from :mod:`client.admission` and :mod:`client.round`
 (``load_site_data``, ``site_features``), σ is calibrated per site exactly as
-``client.site.plan_noise`` does (all planned rounds fit the cap), each local
+``common.privacy.planning.plan_round`` does (all planned rounds fit the cap), each local
 round is :func:`common.models.training.train_dp` (or ``train_plain`` for ε = ∞), and
 the heads are averaged with weighted FedAvg (weights = record counts), which
 is what the Flower server does. Only the message passing, the ledgers and the
@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 
-from client.policy import scenario_policy
-from client.site import load_site_data, site_features
+from client.admission import load_site_data
+from client.round import site_features
+from client.settings import scenario_policy
 from common.config import RunConfig
 from common.models import training
 from common.models.heads import head_state, load_head_state
@@ -43,7 +43,7 @@ REFERENCE = [
      "source": "Yang et al. 2023, MedMNIST v2, Sci Data 10:41 (PneumoniaMNIST, test split)",
      "privacy": "none (centralized, non-private, full network trained)"},
 ]
-MIN_NOISE_MULTIPLIER = 0.3  # client.site.SiteSettings default
+MIN_NOISE_MULTIPLIER = 0.3  # the sites' default floor (common.privacy.planning)
 
 
 def fedavg(states: list[dict[str, np.ndarray]], weights: list[int]) -> dict[str, np.ndarray]:
@@ -60,8 +60,9 @@ class Fixture:
         self.cfg = cfg
         self.sites = []
         for site_id in range(cfg.num_sites):
-            data = load_site_data(cfg, scenario_policy(cfg, {"partition-id": site_id}))
-            f = site_features(cfg, Path(cfg.cache_dir), data)
+            settings = scenario_policy(cfg, {"partition-id": site_id})
+            data = load_site_data(settings)
+            f = site_features(settings, cfg.trainable, data)
             self.sites.append((f.train, data.train_y))
         self.eval = GlobalEval(cfg)
         self._sigma: dict[tuple, float] = {}
@@ -89,7 +90,7 @@ class Fixture:
 
 
 def _train(cfg: RunConfig, head, x, y, *, epochs: int, sigma: float | None, seed: int):
-    kw = dict(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate,
+    kw = dict(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
               momentum=cfg.momentum, seed=seed, device=training.resolve_device(cfg.device))
     if sigma is None:
         return training.train_plain(head, x, y, **kw)
@@ -152,12 +153,12 @@ def run(cfg: RunConfig, *, epsilons, seeds, fx: Fixture | None = None) -> dict:
             "setting": {"num_sites": cfg.num_sites, "partitioner": cfg.partitioner,
                         "dirichlet_alpha": cfg.dirichlet_alpha, "rounds": cfg.num_rounds,
                         "local_epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
-                        "learning_rate": cfg.learning_rate, "momentum": cfg.momentum,
+                        "learning_rate": cfg.lr, "momentum": cfg.momentum,
                         "clip_norm": cfg.clip_norm, "delta": cfg.target_delta,
                         "backbone": cfg.backbone, "image_size": cfg.image_size,
                         "head": cfg.head,
                         "site_records": [int(len(y)) for _, y in fx.sites],
-                        "path": "function-level (client.site + common.models.training), not Flower",
+                        "path": "function-level (client.round + common.models.training), not Flower",
                         "hyperparameters": "simulations/configs/pneumonia.toml, chosen on val"},
             "reference": REFERENCE}
 

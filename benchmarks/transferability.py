@@ -15,8 +15,8 @@ For each scenario:
    over seeds (the same models' AUC on the public val split is recorded beside it,
    as a diagnostic of a val/test shift). The run is the *function-level* path that
    ``benchmarks/privacy_utility.py`` uses: each site's records from
-   ``client.site.load_site_data``, σ calibrated per site so all planned rounds fit
-   the cap (``client.site.plan_noise``'s rule), local rounds with
+   ``client.admission.load_site_data``, σ calibrated per site so all planned rounds fit
+   the cap (``common.privacy.planning.plan_round``'s rule), local rounds with
    ``common.models.training.train_dp`` and weighted FedAvg, as the Flower server does;
    message passing and ledgers are skipped. A seed is the scenario's ``seed``
    key: it fixes the hospital partition (and, for digits, the dataset's
@@ -46,8 +46,8 @@ import numpy as np
 from benchmarks.machine import machine_info, machine_tag
 from benchmarks.privacy_utility import Fixture, run_federated
 from benchmarks.settings import scratch_env
-from client.policy import scenario_policy
-from client.site import load_site_data
+from client.admission import load_site_data
+from client.settings import scenario_policy
 from common.config import RunConfig
 from common.data.datasets import federation
 from common.jsonio import clean_json
@@ -117,7 +117,7 @@ class PooledFixture(Fixture):
         self.cfg = cfg
         self.sites, self.dropped = [], []
         for site_id in range(cfg.num_sites):
-            data = load_site_data(cfg, scenario_policy(cfg, {"partition-id": site_id}))
+            data = load_site_data(scenario_policy(cfg, {"partition-id": site_id}))
             if len(data.train_y) < cfg.batch_size:
                 # A real site fails its round here (common.privacy.accounting.dp_plan: the batch
                 # exceeds its records) and the server aggregates the others.
@@ -208,7 +208,7 @@ def run_scenario(name: str, *, seeds, candidates: str, work: Path, doc: dict, sa
             "setting": {"num_sites": cfg.num_sites, "partitioner": cfg.partitioner,
                         "dirichlet_alpha": cfg.dirichlet_alpha, "site_shift": cfg.site_shift,
                         "rounds": cfg.num_rounds, "local_epochs": cfg.local_epochs,
-                        "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
+                        "batch_size": cfg.batch_size, "learning_rate": cfg.lr,
                         "clip_norm": cfg.clip_norm, "head": cfg.head},
             "seeds": list(seeds), "selection": selection, "selection_seconds": select_seconds,
             "runs": rows})
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     work = Path(tempfile.mkdtemp(prefix="fedtransfer-transfer-"))
     doc = {"schema": 1, "date": dt.date.today().isoformat(), "machine": info,
-           "path": "function-level federated DP-SGD (client.site + common.models.training + FedAvg, as "
+           "path": "function-level federated DP-SGD (client.round + common.models.training + FedAvg, as "
                    "benchmarks/privacy_utility.py), not a Flower simulation",
            "targets": {"gap_to_best": TARGET_GAP, "kendall_tau": TARGET_TAU}, "scenarios": []}
     tag = f"{doc['date']}-{machine_tag(info)}-transferability"

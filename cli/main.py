@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cli.models import add_model_commands
 from cli.select import add_select_command
+from cli.federation import add_federation_commands
 from cli.site import add_site_commands
 from common.flowerlog import PROJECT_LOGGERS
 from common.models.decision import describe_decision
@@ -92,8 +93,11 @@ def print_summary(s: dict) -> None:
                      f"{_fmt(q):>7} {_fmt(site.get('epsilon')):>7}  {site.get('status', '')}")
     idle = [(sid, site) for sid, site in s["sites"].items()
             if not [h for h in site.get("history") or [] if h.get("round", 1) >= 1]]
+    # issue 24: name a hospital as the per-site metrics name it (site id i is the i-th name)
+    names = list(((s["final"].get("test_sites") or {}).get("sites") or {}))
     for sid, site in idle:  # a site whose records never reached the model must not pass unseen
-        lines.append(f"WARNING: site {sid} never trained ({site.get('status')}: "
+        who = f"site {sid}" + (f" ({names[int(sid)]})" if int(sid) < len(names) else "")
+        lines.append(f"WARNING: {who} never trained ({site.get('status')}: "
                      f"{site.get('reason') or 'no reply'}); the results exclude its records")
     if "student" in s:
         t, st, d = s["teacher"], s["student"], s["distillation"]
@@ -200,6 +204,9 @@ def cmd_audit(args) -> int:
     Exit status 1 when any hazard of severity "error" is found.
     """
     # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
+    from common.audit.checks import Trust
+
+    # lazy, as above
     from common.audit.recompute import audit
 
     # lazy, as above
@@ -209,7 +216,12 @@ def cmd_audit(args) -> int:
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
                 handler.setStream(sys.stderr)
-    report = audit(args.paths, empirical=args.empirical, site=args.site,
+    trust = Trust(public_keys=tuple(Path(p) for p in args.public_keys),
+                  seals=tuple(Path(p) for p in args.seal),
+                  legacy_keys=tuple(Path(p) for p in args.legacy_key),
+                  accept_unverified=args.accept_unverified,
+                  accept_unanchored=args.accept_unanchored)
+    report = audit(args.paths, trust=trust, empirical=args.empirical, site=args.site,
                    canaries=args.canaries, seed=args.seed)
     paths = write_report(report, args.out or default_audit_out(args.paths))
     if args.json:
@@ -238,10 +250,28 @@ def build_parser() -> argparse.ArgumentParser:
                              "else a fresh local Ray instance); ledger-dir and cache-dir must be "
                              "storage every node sees (docs/ray-cluster.md)")
         sp.set_defaults(func=fn)
-    sp = sub.add_parser("audit", help="recompute ε from site ledgers, flag hazards, write a report "
-                        "(exit 1 on any error-level hazard)")
+    sp = sub.add_parser("audit", help="recompute ε from site ledgers, verify their signatures, "
+                        "flag hazards, write a report (exit 1 on any error-level hazard, including "
+                        "whatever it cannot verify)")
     sp.add_argument("paths", nargs="+", metavar="PATH",
-                    help="a run directory, a ledger .sqlite file, or a folder searched recursively")
+                    help="a run directory, a ledger (.sqlite, or a ledger.json export), or a "
+                         "folder searched recursively")
+    sp.add_argument("--public-keys", action="append", default=[], metavar="DIR",
+                    help="a folder of the sites' registered public keys, "
+                         "DIR/site-<id>/ledger.pub or ledger.key.pub (repeatable); they come "
+                         "before the run directory's sites/site-<id>/ledger.pub")
+    sp.add_argument("--seal", action="append", default=[], metavar="FILE",
+                    help="a seal from 'fedtransfer site seal' to check a ledger against "
+                         "(repeatable): rows up to it count as anchored")
+    sp.add_argument("--legacy-key", action="append", default=[], metavar="FILE",
+                    help="an older ledger's HMAC secret, to check its hmac-sha256 entries "
+                         "(repeatable); they stay unverified: the key also forges them")
+    sp.add_argument("--accept-unverified", action="store_true",
+                    help="accept what no registered public key verifies (no key, unsigned "
+                         "anchors, legacy entries) as warnings; the report's banner says so")
+    sp.add_argument("--accept-unanchored", action="store_true",
+                    help="accept entries newer than every anchor and seal held as warnings; "
+                         "the report's banner says so")
     sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
     sp.add_argument("--out", help="where report.html and audit.json go "
                     "(default: <run>/audit for one run directory, else ./audit)")
@@ -256,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(sub)
 
     add_site_commands(sub)
+    add_federation_commands(sub)
     add_select_command(sub)
     return p
 

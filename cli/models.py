@@ -29,7 +29,18 @@ def _export_io(card: dict, which: str) -> str:
     """What an exported model takes and returns, in words."""
     if which == "head":
         h = card["head"]
-        what = ("the records' numeric feature columns" if h["backbone"] == "identity" else
+        schema = card.get("schema") or {}
+        if schema.get("input") == "tabular":
+            columns = [c for f in schema.get("features", []) for c in (
+                [f["name"]] if f.get("kind", "numeric") == "numeric"
+                else [f"{f['name']}={v}" for v in f["levels"]])]
+            return (f"input 'records': float32 (N, {h['in_dim']}), the raw columns as recorded, "
+                    f"in this order: {json.dumps(columns)} (categorical ones one-hot as "
+                    "name=level; NaN for a missing value); the run's clipping and scaling are "
+                    "inside the model, so do not scale them; "
+                    f"output: logits over {json.dumps(card['classes'])}")
+        what = ("the records' feature columns, already scaled (this card has no schema to "
+                "scale them)" if h["backbone"] == "identity" else
                 f"features from the {h['backbone']} backbone (not images)")
         return (f"input 'features': float32 (N, {h['in_dim']}), {what}; "
                 f"output: logits over {json.dumps(card['classes'])}")

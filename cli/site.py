@@ -6,16 +6,34 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def cmd_site_check(args) -> int:
-    """Exit 0 when the data is ready to join, 1 when it is not."""
+    """Exit 0 when the data is ready to join, 1 when it is not.
+
+    With ``--node-config`` / ``--policy-file`` (the site's own settings, exactly as its
+    SuperNode gets them) this is the site's admission: its data is read as it declares,
+    the outcome (and the public count) is stored beside its ledger, and a site that
+    was out of the federation is back in once its data reads as declared.
+    """
+    if args.node_config or args.policy_file:
+        return _admit(args)
+    if not args.data:
+        print("error: give --data (a first look), or the site's --node-config / --policy-file")
+        return 2
     # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
+    from common.config import RunConfig
+    # lazy: as above
     from common.data.sitecheck import Plan, check_site, format_report
 
-    plan = Plan(target_epsilon=args.cap, target_delta=args.delta, num_rounds=args.rounds,
-                local_epochs=args.epochs, batch_size=args.batch_size,
-                noise_multiplier=args.noise_multiplier, holdout=args.holdout)
+    run = RunConfig()  # the run's defaults: what a site joins unless told otherwise
+    plan = Plan(target_epsilon=args.cap, target_delta=args.delta,
+                num_rounds=args.rounds or run.num_rounds,
+                local_epochs=args.epochs or run.local_epochs,
+                batch_size=args.batch_size or run.batch_size,
+                noise_multiplier=args.noise_multiplier, holdout=args.holdout,
+                min_noise_multiplier=args.min_noise_multiplier)
     classes = tuple(c.strip() for c in args.class_names.split(",")) if args.class_names else None
     schema = None
     if args.schema:
@@ -33,6 +51,55 @@ def cmd_site_check(args) -> int:
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json
           else format_report(report))
     return 0 if report.ok else 1
+
+
+def _admit(args) -> int:
+    """``site check`` on the site's own settings: read, check, store the admission."""
+    # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
+    from flwr.common.config import parse_config_args
+
+    # lazy: as above
+    from client.admission import ADMISSION_FILE, admit
+    # lazy: as above
+    from client.settings import SiteConfigError, deployed_policy
+    # lazy: as above
+    from common.config import RunConfig
+    # lazy: as above
+    from common.data.sitecheck import Plan, check_site, format_report
+
+    node = parse_config_args([args.node_config]) if args.node_config else {}
+    if args.policy_file:
+        node["policy-file"] = args.policy_file
+    try:
+        settings = deployed_policy(node)
+    except SiteConfigError as exc:
+        print(f"error: {exc}")
+        return 2
+    schema = settings.declaration.schema
+    run = settings.federation.config if settings.federation is not None else RunConfig()
+    plan = Plan(target_epsilon=settings.target_epsilon, target_delta=settings.target_delta,
+                num_rounds=args.rounds or run.num_rounds,
+                local_epochs=args.epochs or run.local_epochs,
+                batch_size=args.batch_size or run.batch_size,
+                noise_multiplier=args.noise_multiplier, holdout=settings.holdout,
+                min_noise_multiplier=settings.min_noise_multiplier)
+    report = check_site(settings.data_path, plan,
+                        ledger=settings.ledger_path if settings.ledger_path.is_file() else None,
+                        classes=schema.classes, schema=schema)
+    adm = admit(settings)
+    if not adm.admitted:
+        report.errors.append(adm.reason)
+    print(json.dumps({**report.to_dict(), "admission": adm.__dict__}, indent=2, default=str)
+          if args.json else format_report(report))
+    if adm.admitted:
+        print(f"admitted: {adm.num_train} training {settings.privacy_unit}s (released as the "
+              f"site's public count), {adm.num_holdout} held out; declaration "
+              f"{settings.declaration.sha256[:16]}; recorded in "
+              f"{settings.state_dir / ADMISSION_FILE}")
+    else:
+        print("NOT ADMITTED: the site answers every message with 'site-unavailable' until "
+              "this check passes")
+    return 0 if report.ok and adm.admitted else 1
 
 
 def cmd_raise_cap(args) -> int:
@@ -54,6 +121,25 @@ def cmd_raise_cap(args) -> int:
     return 0
 
 
+def cmd_site_seal(args) -> int:
+    """Write a fresh signed seal of the site's ledger, for an auditor's --seal."""
+    # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
+    from common.privacy.ledger import Ledger
+
+    if not Path(args.ledger).is_file():
+        raise FileNotFoundError(f"no ledger at {args.ledger} (the node config's ledger-path)")
+    sealed = Ledger(args.ledger, args.key).seal()
+    text = json.dumps(sealed.to_dict(), indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"{args.out}: ledger {sealed.ledger_id} sealed at {sealed.count} entries, head "
+              f"{sealed.head[:23]}…, signed by {sealed.key_id[:31]}…; give it to the auditor "
+              "(fedtransfer audit ... --seal FILE)")
+    else:
+        print(text)
+    return 0
+
+
 def cmd_site_export(args) -> int:
     """Write a dataset as hospital folders (<out>/<site>/<class>/*.png)."""
     # lazy: a command imports only what it runs (torch, Flower and Ray cost seconds)
@@ -63,13 +149,20 @@ def cmd_site_export(args) -> int:
     if splits.columns:
         print(f"error: {args.dataset} holds tabular records; export writes images")
         return 2
+    include = tuple(p.strip() for p in args.splits.split(",") if p.strip())
     counts = export_site_folders(splits, args.out, num_sites=args.sites, alpha=args.alpha,
-                                 seed=args.seed)
+                                 seed=args.seed, include=include)
     for site, per_class in counts.items():
         print(f"{site}: " + ", ".join(f"{c} {n}" for c, n in per_class.items()))
-    print(f"wrote {sum(sum(v.values()) for v in counts.values())} images to {args.out}; train "
-          f"on them with dataset = \"imagefolder:{args.out}?site=folder\", partitioner = "
-          f"\"site\", num-sites = {args.sites}")
+    print(f"wrote {sum(sum(v.values()) for v in counts.values())} images of the "
+          f"{', '.join(include)} split(s) to {args.out}: each site-<i> folder is one hospital's "
+          f"(node config data-path=\"imagefolder:{args.out}/site-<i>\"), or simulate them all "
+          f"with dataset = \"imagefolder:{args.out}?site=folder\", partitioner = \"site\", "
+          f"num-sites = {args.sites}")
+    if include != ("train",):
+        print("warning: the val and test splits are the coordinator's public and test records; "
+              "a site holding them is refused at its check (fedtransfer federation init "
+              "publishes their hashes)")
     return 0
 
 
@@ -90,17 +183,26 @@ def add_site_commands(sub) -> None:
     c = site.add_parser("check", help="validate the site's data and estimate ε for the planned "
                         "run (exit 1 when not ready)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("--data", required=True, help="imagefolder:<dir>, csv:<file>[?label=COL&"
-                   "missing=error|drop|zero&site=COL], medmnist:<file.npz>, or a bare "
-                   "directory / .csv / .npz path (the node config's data-path)")
+    c.add_argument("--node-config", help="the site's own node config, as its SuperNode gets "
+                   "it ('data-path=\"...\" ledger-path=\"...\" ...'): check the data as the "
+                   "site declares it and admit it (what the site releases as its count)")
+    c.add_argument("--policy-file", help="the site's policy file (as node config policy-file)")
+    c.add_argument("--data", help="imagefolder:<dir>, dicom:<dir>, csv:<file>[?label="
+                   "COL&missing=error|drop|zero&site=COL&patient=column:COL], medmnist:<file.npz>, "
+                   "or a bare directory / .csv / .npz path (the node config's data-path; "
+                   "docs/data.md)")
     c.add_argument("--cap", type=float, default=4.0, help="the site's ε cap (target-epsilon)")
     c.add_argument("--delta", type=float, default=1e-5, help="the site's δ (target-delta)")
-    c.add_argument("--rounds", type=int, default=5, help="planned rounds (num-rounds)")
-    c.add_argument("--epochs", type=int, default=1, help="local epochs per round")
-    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--rounds", type=int, help="planned rounds (default: the federation file's "
+                   "num-rounds, else the run config's default)")
+    c.add_argument("--epochs", type=int, help="local epochs per round (default: as --rounds)")
+    c.add_argument("--batch-size", type=int, help="requested batch (default: as --rounds)")
     c.add_argument("--noise-multiplier", type=float, default=0.0,
                    help="σ the server will request (0: the site calibrates to its cap)")
     c.add_argument("--holdout", type=float, default=0.2, help="the site's holdout fraction")
+    c.add_argument("--min-noise-multiplier", type=float, default=0.3,
+                   help="the site's σ floor (node config min-noise-multiplier): the σ the site "
+                        "runs is never below it, and the estimate uses the same")
     c.add_argument("--ledger", help="the site's ledger: its earlier spend counts")
     c.add_argument("--num-classes", type=int, help="the federation's class count")
     c.add_argument("--class-names", help="the federation's class names in order, comma-separated "
@@ -113,6 +215,8 @@ def add_site_commands(sub) -> None:
     x.add_argument("--sites", type=int, default=4)
     x.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--splits", default="train", help="comma-separated splits to write (the "
+                   "source's val and test are the coordinator's public records)")
     x.set_defaults(func=cmd_site_export)
     c.add_argument("--schema", help="the federation's schema (a .toml with a [schema] table, "
                    "or .json): classes, and a CSV's columns by name")
@@ -126,10 +230,19 @@ def add_site_commands(sub) -> None:
     r.add_argument("--reason", required=True, help="why, for the audit")
     r.set_defaults(func=cmd_raise_cap)
 
+    sl = site.add_parser("seal", help="write a fresh signed seal of the site's ledger (entry "
+                         "count, head hash, time, ledger id) for an auditor: fedtransfer audit "
+                         "... --seal FILE")
+    sl.add_argument("--ledger", required=True, help="the site's ledger (node config ledger-path)")
+    sl.add_argument("--key", help="its signing key (node config ledger-key; default "
+                    "<ledger>.key)")
+    sl.add_argument("--out", help="write the seal here (default: print it)")
+    sl.set_defaults(func=cmd_site_seal)
+
     dp = sub.add_parser("deploy", help="a coordinator's deployment helpers")
     dep = dp.add_subparsers(dest="deploy_command", required=True)
-    k = dep.add_parser("certs", help="make a CA, the SuperLink's TLS certificate and one "
-                       "SuperNode authentication key pair per site")
+    k = dep.add_parser("certs", help="make a CA, the SuperLink's TLS certificate and, per "
+                       "site, a SuperNode authentication key pair and a ledger signing key pair")
     k.add_argument("--out", required=True, help="folder for the keys and certificates")
     k.add_argument("--sites", type=int, default=3, help="SuperNode key pairs to make")
     k.add_argument("--host", action="append", default=None,

@@ -1,4 +1,4 @@
-"""Flower ClientApp: unpack the message, call :mod:`client.site`, pack the reply.
+"""Flower ClientApp: unpack the message, call :mod:`client.round`, pack the reply.
 
 Three messages: ``query.scaling`` (before round 1, only for ``dp``-scaled
 features: the site's DP sums), ``train`` and ``query.deliver`` (save the final
@@ -12,6 +12,7 @@ head that ``train`` returns.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -32,20 +33,19 @@ from flwr.compat.common.recorddict_compat import (
     recorddict_to_fitins,
 )
 
-from client.policy import (
-    PolicyDeclined,
-    RequestRejected,
-    SiteConfigError,
-    SiteSettings,
-    in_flower_simulation,
-    site_settings,
-)
+from client.admission import SiteUnavailable, require
+from client.budget import BudgetExhausted
+from client.guard import PolicyDeclined, RequestRejected
+from client.settings import SiteConfigError, SiteSettings, in_flower_simulation, site_settings
 from common import protocol
 from common.config import RunConfig, parse_config
-from common.data.readers import SiteDataError
 from common.flowerlog import log_through_flower
+from common.privacy.ledger import default_key_path, ensure_key_pair, public_key_pem
 from common.protocol import (
     HEAD_KEYS,
+    DeclarationReply,
+    Decline,
+    DeliveryReceipt,
     declined_text,
     from_array_record,
     head_from_parameters,
@@ -84,28 +84,57 @@ def _unpack_train(msg: Message):
 
 
 def _pack_train(msg: Message, reply, legacy: bool) -> Message:
+    status, metrics = reply.public.status(), reply.public.metrics()
     if legacy:  # fitres.* records; secagg_when_asked masks the head before it leaves
         fitres = FitRes(Status(Code.OK, "ok"), head_to_parameters(reply.arrays),
-                        reply.num_examples, {**reply.metrics, "ledger-head": reply.ledger_head})
+                        reply.public.num_examples, {**metrics, **status})
         return Message(content=fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
     content = RecordDict({"arrays": to_array_record(reply.arrays),
-                          "metrics": MetricRecord(reply.metrics),
-                          "status": ConfigRecord({"status": "ok",
-                                                  "ledger-head": reply.ledger_head})})
+                          "metrics": MetricRecord(metrics), "status": ConfigRecord(status)})
     return Message(content=content, reply_to=msg)
 
 
-def _decline(exc: Exception, site_id: int) -> tuple[str, str]:
-    """``(status, reason)`` for a declined round. Only public values reach the
-    server: a data error names files and classes in the site's log only."""
-    # lazy: client.site imports torch; only a message that reached the site's code declines
-    from client.site import BudgetExhausted
+def decline_for(exc: BaseException, site_id: int) -> Decline:
+    """The one reply for a failure. Declines the site decides from the request, its
+    policy and its ledger carry their reason; anything else is a fixed code with a
+    fixed sentence, and its text stays in the site's log."""
+    for kind, status in ((BudgetExhausted, protocol.BUDGET_EXHAUSTED),
+                         (PolicyDeclined, protocol.POLICY_DECLINED),
+                         (RequestRejected, protocol.REQUEST_REJECTED),
+                         (SiteConfigError, protocol.SITE_CONFIG_ERROR)):
+        if isinstance(exc, kind):
+            return Decline(site_id, status, str(exc))
+    if isinstance(exc, SiteUnavailable):
+        return Decline.fixed(site_id, protocol.SITE_UNAVAILABLE)
+    log.error("site %d: unexpected failure (the coordinator sees only %s)", site_id,
+              protocol.SITE_ERROR, exc_info=exc)
+    return Decline.fixed(site_id, protocol.SITE_ERROR)
 
-    if isinstance(exc, SiteDataError):
-        return protocol.SITE_DATA_ERROR, protocol.SITE_DATA_REASON
-    status = {BudgetExhausted: protocol.BUDGET_EXHAUSTED, RequestRejected: protocol.REQUEST_REJECTED,
-              PolicyDeclined: protocol.POLICY_DECLINED}.get(type(exc), protocol.SITE_CONFIG_ERROR)
-    return status, str(exc)
+
+def _site_id(context: Context) -> int:
+    raw = context.node_config.get("site-id", context.node_config.get("partition-id", -1))
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return -1
+
+
+def chosen_in(config) -> tuple[str, int]:
+    """The backbone and image size a message names (its ``backbone`` and its schema's
+    ``image-size``); a simulated site whose scenario says ``auto`` takes them."""
+    try:
+        schema = json.loads(str(config.get("schema", "") or "{}"))
+        size = int(schema.get("image-size", 0)) if isinstance(schema, dict) else 0
+    except (TypeError, ValueError):
+        size = 0
+    return str(config.get("backbone", "")), size
+
+
+def _parse(config) -> protocol.RoundRequest:
+    try:
+        return parse_request(config, "")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RequestRejected(f"request rejected by site: {exc}") from exc
 
 
 def make_app(override: RunConfig | None = None) -> ClientApp:
@@ -113,51 +142,53 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
 
     ``override`` is how ``fedtransfer simulate`` (and the in-process tests)
     pass the scenario: one person runs every simulated site, so a node with a
-    ``partition-id`` takes its policy from it. ``flwr run`` uses
-    ``context.run_config``, and a partition's policy comes from the scenario
-    only inside Flower's simulation engine. A deployed site's policy is always
-    its own node config.
+    ``partition-id`` takes its policy from it. ``flwr run`` inside Flower's
+    simulation engine uses ``context.run_config`` the same way. A deployed
+    site's settings are always its own node config: it reads nothing of the
+    run config.
     """
     app = ClientApp(mods=[secagg_when_asked])
 
-    def setup(context: Context) -> tuple[RunConfig, SiteSettings]:
+    def settings_of(context: Context, chosen: tuple[str, int] | None = None) -> SiteSettings:
+        """``chosen``: the backbone and image size the message names (taken only by a
+        simulated site whose scenario leaves the backbone to the selection)."""
+        node = dict(context.node_config)
         if override is not None:
-            cfg, simulated = override, True
-        else:
-            # Under a SuperNode (never at import, which would also hit simulations).
-            log_through_flower()
-            cfg, simulated = parse_config(dict(context.run_config)), in_flower_simulation()
-        return cfg, site_settings(cfg, dict(context.node_config), simulated=simulated)
+            return site_settings(node, scenario=override, chosen=chosen)
+        # Under a SuperNode (never at import, which would also hit simulations).
+        log_through_flower()
+        simulated = in_flower_simulation() and "data-path" not in node
+        return site_settings(node, scenario=parse_config(dict(context.run_config))
+                             if simulated else None, chosen=chosen)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         # A SuperNode starts a process per message; three of SecAgg+'s four never get here.
-        # lazy: torch, Opacus and the ledger load only in a process whose message trains
-        from client.site import BudgetExhausted, train_round
-
-        site_id = int(context.node_config.get("partition-id", context.node_config.get("site-id", -1)))
-        legacy, config, head = _unpack_train(msg)
+        site_id, legacy = _site_id(context), False
         try:
-            cfg, settings = setup(context)
+            legacy, config, head = _unpack_train(msg)
+            settings = settings_of(context, chosen_in(config))
             site_id = settings.site_id
-            try:
-                req = parse_request(config, str(context.run_id))
-            except ValueError as exc:
-                raise RequestRejected(f"request rejected by site: {exc}") from exc
-            reply = train_round(cfg, settings, req, head)
-        except (BudgetExhausted, RequestRejected, PolicyDeclined, SiteDataError,
-                SiteConfigError) as exc:
-            status, reason = _decline(exc, site_id)
-            log.warning("site %d declines round: %s", site_id, exc)
+            # A site out of the federation answers every message with one fixed code.
+            adm = require(settings)
+            req = dataclasses.replace(_parse(config), run_id=str(context.run_id))
+            # lazy: torch, Opacus and the ledger load only in a process whose message trains
+            from client.round import train_round
+
+            reply = train_round(settings, req, head, adm)
+        except Exception as exc:  # noqa: BLE001  (every failure becomes a fixed code)
+            decline = decline_for(exc, site_id)
+            log.warning("site %d declines round: %s (%s)", site_id, decline.status, exc)
             if legacy:  # SecAgg+ has no "declined" reply: the site drops out of the round
-                raise SiteDeclined(declined_text(site_id, context.node_id, status, reason)) from exc
-            content = RecordDict({"status": ConfigRecord(protocol.decline(site_id, status, reason))})
-            return Message(content=content, reply_to=msg)
-        m = reply.metrics
-        log.info("site %d round %d: trained on %d records; ε %.4f of its cap %g (δ=%g, "
-                 "per record); ledger %s", settings.site_id, req.server_round,
-                 reply.num_examples, m["epsilon"], settings.target_epsilon,
-                 settings.target_delta, settings.ledger_path)
+                raise SiteDeclined(declined_text(site_id, context.node_id, decline.status,
+                                                 decline.reason)) from None
+            return Message(content=RecordDict({"status": ConfigRecord(decline.record())}),
+                           reply_to=msg)
+        p = reply.public
+        log.info("site %d round %d: trained on %d %ss; ε %.4f of its cap %g (δ=%g, unit: %s); "
+                 "ledger %s", settings.site_id, req.server_round, p.num_examples,
+                 settings.privacy_unit, p.epsilon, settings.target_epsilon,
+                 settings.target_delta, settings.privacy_unit, settings.ledger_path)
         return _pack_train(msg, reply, legacy)
 
     @app.query("deliver")
@@ -167,50 +198,86 @@ def make_app(override: RunConfig | None = None) -> ClientApp:
         The site evaluates the delivered head on its holdout for its own log;
         the reply carries only the receipt (:data:`common.protocol.DELIVERY_REPLY`).
         """
-        # lazy: torch loads only in a process that handles a model (see train)
-        from client.site import evaluate_site, save_delivery
+        site_id = _site_id(context)
+        try:
+            card = json.loads(str(msg.content.config_records["card"]["json"]))
+            model = card.get("head") or {}
+            settings = settings_of(context, (str(model.get("backbone", "")),
+                                             int(model.get("image_size") or 0)))
+            site_id = settings.site_id
+            require(settings)
+            student = msg.content.array_records.get("student")
+            head = from_array_record(msg.content["head"])
+            # lazy: torch loads only in a process that handles a model (see train)
+            from client.round import evaluate_site, ledger_export, save_delivery
 
-        cfg, settings = setup(context)
-        card = json.loads(str(msg.content.config_records["card"]["json"]))
-        student = msg.content.array_records.get("student")
-        head = from_array_record(msg.content["head"])
-        _, digest = save_delivery(settings, card, head,
-                                  from_array_record(student) if student is not None else None)
+            _, digest = save_delivery(settings, card, head,
+                                      from_array_record(student) if student is not None else None)
+            export = ledger_export(settings)
+        except Exception as exc:  # noqa: BLE001
+            decline = decline_for(exc, site_id)
+            return Message(content=RecordDict({"status": ConfigRecord(decline.record())}),
+                           reply_to=msg)
         try:
             log.info("site %d: the delivered head on its holdout (kept here): %s",
-                     settings.site_id, evaluate_site(cfg, settings, head,
-                                                     card_schema=card.get("schema")))
-        except ValueError as exc:  # SiteDataError, a head that does not fit
+                     settings.site_id, evaluate_site(
+                         settings, head, trainable=str(model.get("trainable", "head")),
+                         head=str(model.get("name", "linear")),
+                         hidden_dim=int(model.get("hidden_dim", 128)),
+                         card_schema=card.get("schema")))
+        except Exception as exc:  # noqa: BLE001  (the site's own log; the receipt is unchanged)
             log.warning("site %d saved the delivery but could not evaluate it: %s",
                         settings.site_id, exc)
-        reply = ConfigRecord({"status": "saved", "site-id": settings.site_id, "sha256": digest})
-        return Message(content=RecordDict({"delivery": reply}), reply_to=msg)
+        receipt = DeliveryReceipt(settings.site_id, digest, export)
+        return Message(content=RecordDict({"delivery": ConfigRecord(receipt.record())}),
+                       reply_to=msg)
+
+    @app.query("declaration")
+    def declaration(msg: Message, context: Context) -> Message:
+        """The coordinator's declaration-only question before round 1
+        (``query.declaration``): the site's declaration, unit and admission. No
+        record is read for it (the admission is stored)."""
+        site_id = _site_id(context)
+        try:
+            settings = settings_of(context, chosen_in(msg.content.config_records["config"]))
+            site_id = settings.site_id
+            adm = require(settings)
+            decl = settings.declaration
+            key = ensure_key_pair(settings.ledger_key or default_key_path(settings.ledger_path)) \
+                if settings.dp else None
+            reply = DeclarationReply(settings.site_id, decl.sha256,
+                                     json.dumps(decl.to_dict(), sort_keys=True),
+                                     settings.privacy_unit, adm.num_train, adm.public_check,
+                                     public_key_pem(key) if key is not None else "")
+            content = RecordDict({"declaration": ConfigRecord(reply.record())})
+        except Exception as exc:  # noqa: BLE001  (every failure becomes a fixed code)
+            content = RecordDict({"status": ConfigRecord(decline_for(exc, site_id).record())})
+        return Message(content=content, reply_to=msg)
 
     @app.query("scaling")
     def scaling(msg: Message, context: Context) -> Message:
         """DP feature scaling before round 1 (``query.scaling``): the site's noisy
-        clipped sums, charged to its ledger first (:func:`client.site.scaling_release`)."""
-        # lazy: as in train
-        from client.site import BudgetExhausted, scaling_release
-
-        site_id = int(context.node_config.get("partition-id", context.node_config.get("site-id", -1)))
+        clipped sums, charged to its ledger first (:func:`client.round.scaling_release`)."""
+        site_id = _site_id(context)
         try:
-            cfg, settings = setup(context)
+            settings = settings_of(context, chosen_in(msg.content.config_records["config"]))
             site_id = settings.site_id
-            try:
-                req = parse_request(msg.content.config_records["config"], str(context.run_id))
-            except (ValueError, KeyError) as exc:
-                raise RequestRejected(f"request rejected by site: {exc}") from exc
-            sums, metrics, anchor = scaling_release(cfg, settings, req)
-        except (BudgetExhausted, RequestRejected, PolicyDeclined, SiteDataError,
-                SiteConfigError) as exc:
-            status, reason = _decline(exc, site_id)
-            log.warning("site %d declines the scaling query: %s", site_id, exc)
-            content = RecordDict({"status": ConfigRecord(protocol.decline(site_id, status, reason))})
-            return Message(content=content, reply_to=msg)
+            adm = require(settings)
+            req = dataclasses.replace(_parse(msg.content.config_records["config"]),
+                                      run_id=str(context.run_id))
+            # lazy: as in train
+            from client.round import scaling_release
+
+            sums, public = scaling_release(settings, req, adm)
+        except Exception as exc:  # noqa: BLE001  (every failure becomes a fixed code)
+            decline = decline_for(exc, site_id)
+            log.warning("site %d declines the scaling query: %s (%s)", site_id, decline.status,
+                        exc)
+            return Message(content=RecordDict({"status": ConfigRecord(decline.record())}),
+                           reply_to=msg)
         content = RecordDict({"sums": to_array_record({"sums": sums}),
-                              "metrics": MetricRecord(metrics),
-                              "status": ConfigRecord({"status": "ok", "ledger-head": anchor})})
+                              "metrics": MetricRecord(public.metrics()),
+                              "status": ConfigRecord(public.status())})
         return Message(content=content, reply_to=msg)
 
     return app

@@ -12,6 +12,11 @@
   registers the public key (``flwr supernode register auth_key.pub``); the
   site keeps the private key (``flower-supernode
   --auth-supernode-private-key auth_key``).
+* ``site-<i>/ledger.key`` / ``site-<i>/ledger.key.pub``: an Ed25519 key pair per
+  site (PEM) that signs the site's privacy ledger. The site keeps the private key
+  (node config ``ledger-key``); the coordinator keeps the public key, before any
+  run, and copies it into each run directory as ``sites/site-<i>/ledger.pub``
+  (or an auditor passes this folder: ``fedtransfer audit --public-keys``).
 
 Private keys are written with mode 0600.
 """
@@ -22,6 +27,8 @@ import datetime as dt
 import ipaddress
 import os
 from pathlib import Path
+
+from common.privacy.ledger import generate_key_pair
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 
@@ -143,4 +150,9 @@ def make_deployment_keys(out: str | Path, *, sites: int = 3, hosts: list[str] | 
                                                     private=True, overwrite=overwrite)
         made[f"site-{i} auth public key"] = _write(out / f"site-{i}" / "auth_key.pub", public,
                                                    private=False, overwrite=overwrite)
+        private, public = generate_key_pair()
+        made[f"site-{i} ledger signing key"] = _write(out / f"site-{i}" / "ledger.key", private,
+                                                      private=True, overwrite=overwrite)
+        made[f"site-{i} ledger public key"] = _write(out / f"site-{i}" / "ledger.key.pub", public,
+                                                     private=False, overwrite=overwrite)
     return made

@@ -46,6 +46,27 @@ CLASS_WEIGHTS = ("none", "public")
 # argmax: ship no threshold.
 DECISION_OBJECTIVES = ("balanced-accuracy", "accuracy", "argmax")
 SELECTION_SCORES = ("rehearsal", "logme", "probe")  # backbone = "auto" (common/models/transfer.py)
+# learning-rate = 0: by input. Image features: chosen on the digits public validation split
+# (the demo's); tabular records: chosen on breast-cancer's public validation split
+# (simulations/configs/breast-cancer.toml says how).
+DEFAULT_LEARNING_RATES = {"image": 8.0, "tabular": 0.5}
+# Datasets whose records are tabular, by name (a CSV, or a tabular registry entry).
+TABULAR_DATASETS = ("breast-cancer-hospitals",)
+# Backbones that take tabular records (the features as they are).
+TABULAR_BACKBONES = ("auto", "identity")
+
+
+def simulated_ledger_dir(cfg: RunConfig) -> Path:
+    """Where a simulated site keeps its ledger: ``ledger-dir``, else ``<out-dir>/sites``,
+    else ``.fedtransfer/sites`` (``flwr run .`` with the default paths). The server records
+    it in the run's config.toml, so ``fedtransfer audit <run>`` finds the ledgers."""
+    return Path(cfg.ledger_dir or (Path(cfg.out_dir or ".fedtransfer") / "sites"))
+
+
+def is_tabular_dataset(spec: str) -> bool:
+    """Whether ``dataset`` names tabular records: ``csv:...``, a bare ``.csv`` path, or a
+    tabular registry name. Decided from the name alone, so a config error needs no data."""
+    return spec in TABULAR_DATASETS or spec.startswith("csv:") or spec.lower().endswith(".csv")
 
 
 @dataclass(frozen=True)
@@ -69,7 +90,10 @@ class RunConfig:
     site_holdout: float = 0.2
     site_shift: float = 0.3  # per-site acquisition shift of simulated hospitals (0: none)
     # Backbone and head
-    backbone: str = "efficientnet-lite0"
+    # "auto" (the default, what `make demo` runs): identity for tabular records; for images,
+    # chosen before any ε is spent by the rehearsal on the public validation split
+    # (common/models/transfer.py, `fedtransfer select`).
+    backbone: str = "auto"
     image_size: int = 64
     image_channels: int = 1  # an image-folder site converts every image to this (1 or 3)
     # backbone = "auto": chosen before any ε is spent, by a transferability score on the
@@ -100,8 +124,11 @@ class RunConfig:
     secagg_max_weight: float = 1000.0  # secagg+: the num-examples a site's quantised weight is scaled by (Flower's max_weight)
     resume: bool = False  # continue from <out-dir>/checkpoint (the last completed round)
     # Optimisation
-    batch_size: int = 64
-    learning_rate: float = 8.0
+    batch_size: int = 64  # the expected batch; smaller sites get a smaller one (common/batches.py)
+    # 0 = by input (RunConfig.lr): 8.0 on image features (chosen on the digits public
+    # validation split), 0.5 on tabular records (chosen on breast-cancer's public validation
+    # split, simulations/configs/breast-cancer.toml).
+    learning_rate: float = 0.0
     momentum: float = 0.0
     class_weights: str = "none"  # none | public (from the server's public val split counts)
     decision_objective: str = "balanced-accuracy"  # balanced-accuracy | accuracy | argmax
@@ -126,6 +153,10 @@ class RunConfig:
     distill_augment: int = 4
     distill_val_fraction: float = 0.3
     transfer_data: str = ""
+    # A federation file (TOML) the coordinator and every site share: the schema, the backbone,
+    # the public data and the plan (common/federation.py). Its keys are this config's keys,
+    # with paths relative to the file; a run config may not contradict it.
+    federation: str = ""
     # Where things go
     cache_dir: str = ".fedtransfer/cache"
     ledger_dir: str = ""
@@ -133,6 +164,25 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+
+    @property
+    def tabular(self) -> bool:
+        """Whether the dataset holds tabular records (known from its name, no data read)."""
+        return is_tabular_dataset(self.dataset)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the sites are asked to use: ``learning-rate``, or with 0
+        the default for the input (:data:`DEFAULT_LEARNING_RATES`)."""
+        if self.learning_rate > 0:
+            return self.learning_rate
+        return DEFAULT_LEARNING_RATES["tabular" if self.tabular else "image"]
+
+    def resolved_backbone(self) -> RunConfig:
+        """``backbone = "auto"`` on tabular records is ``identity`` (nothing to choose)."""
+        if self.backbone == "auto" and self.tabular:
+            return self.replace(backbone="identity")
+        return self
 
     # -- conversions -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -209,6 +259,7 @@ def parse_config(raw: Mapping[str, Any], base: RunConfig | None = None) -> RunCo
         ValueError: on an unknown key (listing the allowed ones) or a bad value.
     """
     values = (base or RunConfig()).to_dict()
+    raw = _with_federation(raw, values)
     for key, value in raw.items():
         if key not in _FIELDS:
             raise ValueError(
@@ -216,6 +267,83 @@ def parse_config(raw: Mapping[str, Any], base: RunConfig | None = None) -> RunCo
             )
         values[key] = _coerce(key, value)
     return RunConfig(**{k.replace("-", "_"): v for k, v in values.items()})
+
+
+# Keys of a federation file that name files: relative to the federation file.
+FEDERATION_PATH_KEYS = ("data-dir", "schema", "transfer-data")
+# The federation file's own table (name, published hashes), not config keys.
+FEDERATION_TABLE = "federation"
+
+
+def read_federation_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(config keys, [federation] table)`` of a federation file; paths in it are
+    resolved against the file, and its ``[schema]`` table becomes the ``schema`` key.
+
+    Raises:
+        ValueError: the file cannot be read, or names a key this config does not have.
+    """
+    path = Path(path).expanduser()
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"federation file {path}: {exc}") from exc
+    meta = data.pop(FEDERATION_TABLE, {})
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"federation file {path}: [{FEDERATION_TABLE}] must be a table")
+    unknown = sorted(k for k in data if k not in _FIELDS or k == "federation")
+    if unknown:
+        raise ValueError(f"federation file {path}: unknown key(s) {unknown}; allowed: "
+                         f"{', '.join(k for k in ALLOWED_KEYS if k != 'federation')}, and a "
+                         f"[{FEDERATION_TABLE}] table")
+    for key in FEDERATION_PATH_KEYS:
+        value = data.get(key)
+        if isinstance(value, str) and value and not value.lstrip().startswith("{") \
+                and not Path(value).expanduser().is_absolute():
+            data[key] = str((path.parent / value).resolve())
+    return data, {**meta, "path": str(path.resolve())}
+
+
+def _with_federation(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` on top of the federation file it names: the file's keys replace the
+    defaults; a raw value may repeat the file's, or leave a key at its default, but
+    never contradict it (that would be two plans for one federation)."""
+    path = raw.get("federation")
+    if not path:
+        return dict(raw)
+    keys, _ = read_federation_file(str(path))
+    out = {**keys, "federation": str(Path(str(path)).expanduser().resolve())}
+    for key, value in raw.items():
+        if key == "federation" or key not in _FIELDS:
+            out.setdefault(key, value)
+            continue
+        if key in keys:
+            mine = _coerce(key, value)
+            if mine != _coerce(key, keys[key]) and mine != defaults.get(key):
+                raise ValueError(f"config key '{key}' = {value!r} contradicts the federation file "
+                                 f"{path} ({keys[key]!r}); change the file, which every site "
+                                 "shares, not one run's config")
+            continue
+        out[key] = value
+    return out
+
+
+# Keys that name files or folders (a run config's relative path resolves against whichever
+# process reads it: under `flwr run` that is the SuperLink's working directory).
+PATH_KEYS = ("data-dir", "schema", "transfer-data", "cache-dir", "ledger-dir", "out-dir",
+             "federation")
+
+
+def relative_paths(raw: Mapping[str, Any]) -> list[str]:
+    """The keys of ``raw`` that give a relative path different from the default."""
+    defaults = RunConfig().to_dict()
+    out = []
+    for key in PATH_KEYS:
+        value = raw.get(key)
+        if (isinstance(value, str) and value and value != defaults[key]
+                and not value.lstrip().startswith("{") and not Path(value).expanduser().is_absolute()):
+            out.append(key)
+    return out
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
@@ -258,9 +386,14 @@ def _validate(cfg: RunConfig) -> None:
         raise bad("partitioner", f"got {cfg.partitioner!r}, allowed: {', '.join(PARTITIONERS)}")
     if cfg.trainable not in TRAINABLE_MODES:
         raise bad("trainable", f"got {cfg.trainable!r}, allowed: {', '.join(TRAINABLE_MODES)}")
+    if is_tabular_dataset(cfg.dataset) and cfg.backbone not in TABULAR_BACKBONES:
+        raise bad("backbone", f"dataset {cfg.dataset!r} holds tabular records; backbone "
+                  f"{cfg.backbone!r} takes images. Set backbone = \"identity\" (or leave the "
+                  "default, \"auto\")")
     if cfg.trainable != "head" and cfg.backbone != "efficientnet-lite0":
         raise bad("trainable", f"{cfg.trainable!r} tunes EfficientNet-Lite0's last block; "
-                  f"backbone {cfg.backbone!r} supports only 'head'")
+                  f"backbone {cfg.backbone!r} supports only 'head' (set backbone = "
+                  "\"efficientnet-lite0\")")
     if cfg.trainable != "head" and cfg.aggregation == "secagg+":
         raise bad("trainable", f"{cfg.trainable!r} is not supported with aggregation='secagg+' "
                   "(its masking is sized for a head); use 'head'")
@@ -330,7 +463,10 @@ def _validate(cfg: RunConfig) -> None:
                   f"got {cfg.distill_augment}")
     if not 0.0 < cfg.distill_val_fraction < 1.0:
         raise bad("distill-val-fraction", f"must be in (0, 1), got {cfg.distill_val_fraction!r}")
-    for key in ("learning-rate", "clip-norm", "dirichlet-alpha", "round-timeout", "target-epsilon",
+    if not (0 <= cfg.learning_rate < float("inf")):  # also rejects NaN
+        raise bad("learning-rate", f"must be a finite number > 0, or 0 for the default by input "
+                  f"(8.0 on image features, 0.5 on tabular records), got {cfg.learning_rate!r}")
+    for key in ("clip-norm", "dirichlet-alpha", "round-timeout", "target-epsilon",
                 "distill-temperature", "distill-learning-rate"):
         value = getattr(cfg, key.replace("-", "_"))
         if not value > 0 or value != value or value == float("inf"):
@@ -356,3 +492,103 @@ def _validate(cfg: RunConfig) -> None:
     if not 0 <= cfg.noise_multiplier < float("inf"):  # also rejects NaN
         raise bad("noise-multiplier", f"must be a finite number >= 0 (0 means: calibrate to "
                   f"target-epsilon), got {cfg.noise_multiplier!r}")
+
+
+# --------------------------------------------------------------------------
+# The key reference (docs/configuration.md's table is generated from this and
+# RunConfig's defaults; tests/common/test_config.py fails when the file drifts).
+# --------------------------------------------------------------------------
+KEY_DOCS: dict[str, str] = {
+    "mode": "`federated` (Flower simulation) or `centralized` (all site records pooled: the utility ceiling)",
+    "dp": "`true`: DP-SGD at every site; `false`: the same run without DP (baseline)",
+    "seed": "base seed: splits, partitions, initial head; site `i` trains with `seed + i` (DP noise is never seeded)",
+    "device": "`auto` (CUDA when present), `cpu`, `cuda`",
+    "dataset": "`digits` (offline default), `medmnist:<name>` / `medmnist:<path.npz>`, `imagefolder:<dir>`, `dicom:<dir>` (`?site=folder&patient=...`), `csv:<file>` (`?label=COL&site=COL&missing=error\\|drop\\|zero&patient=column:COL`) or `csv:<dir of one file per site>`, or `breast-cancer-hospitals` ([data.md](data.md))",
+    "data-dir": "where `medmnist:<name>` looks for `<name>.npz` (then `$MEDMNIST_DIR`, `~/.medmnist`, then download)",
+    "num-sites": "hospitals; with `partitioner = \"site\"` it must equal the records' own sites",
+    "partitioner": "`iid`, `dirichlet` (label skew, flwr-datasets) or `site` (the records' own sites: a natural partition)",
+    "dirichlet-alpha": "Dirichlet concentration of the label skew (smaller: more skewed)",
+    "site-holdout": "each site's own held-out fraction, for local evaluation (by patient where patient ids are declared)",
+    "site-shift": "0–1: per-hospital contrast, brightness and noise (a simulated scanner difference; images only)",
+    "backbone": "`auto` (default: `identity` for tabular records; for images chosen on the public validation split before any ε is spent, [selection.md](selection.md)), `efficientnet-lite0`/`-lite1`/`-lite2`, `identity` (tabular / precomputed features), or `file:<TorchScript or state-dict>`",
+    "image-size": "the side images are resized to (each on its own)",
+    "image-channels": "1 or 3: every image is converted to this (colour to grey by luma)",
+    "backbone-candidates": "for `backbone = \"auto\"`: comma-separated `name@size`; empty: the offline zoo",
+    "selection-score": "for `backbone = \"auto\"`: `rehearsal` (default), `logme` or `probe`",
+    "backbone-selection": "written by the selection: its evidence (JSON); leave empty",
+    "federation": "a federation file (`fedtransfer federation init`, [deployment.md](deployment.md)): its keys are the defaults of this run; a key given here that contradicts it is an error",
+    "schema": "the federation's schema ([data.md](data.md)): a `[schema]` table in the scenario file, JSON text, or a `.toml`/`.json` path; empty: derived from the dataset",
+    "scaling-budget": "for `dp`-scaled features: the share of each site's cap its scaling release spends (0–0.5)",
+    "head": "`linear` or `mlp` classifier head (with `trainable = head`, the only weights that cross the wire)",
+    "hidden-dim": "the `mlp` head's hidden width",
+    "trainable": "what each site trains with DP-SGD: `head`, `bitfit` or `last-block` ([finetuning.md](finetuning.md))",
+    "num-rounds": "federated rounds the server requests",
+    "local-epochs": "epochs per round at each site",
+    "fraction-train": "share of connected sites sampled per round",
+    "min-sites": "sites that must be connected for a round",
+    "round-timeout": "seconds the server waits for replies (a dead site costs one timeout per message)",
+    "aggregation": "`fedavg` (weighted), `median`, `trimmed-mean`, or `secagg+` ([deployment.md](deployment.md#secure-aggregation-secagg))",
+    "trim-fraction": "`trimmed-mean`: the fraction cut at each end",
+    "max-update-norm": "L2 bound on a site's head minus the global head: `0` derives it from the round's clip norm, learning rate, momentum, steps, expected batch and σ; `> 0` explicit; `< 0` off",
+    "max-site-weight": "the largest share of the FedAvg weight one site's `num-examples` can carry (1: no cap)",
+    "secagg-max-weight": "`secagg+`: each site scales its head by `num-examples / secagg-max-weight` before quantising",
+    "resume": "`true`: continue the run in `out-dir` from its last completed round",
+    "batch-size": "the expected batch (Poisson sampling); a site with fewer than 4 batches' worth of training records gets `floor(n / 4)` (`common/batches.py`), and one with fewer than 4 records stops the run before round 1, named",
+    "learning-rate": "`0` (default): by input, 8.0 on image features, 0.5 on tabular records (each chosen on a public validation split); or any value > 0",
+    "momentum": "SGD momentum at the sites",
+    "class-weights": "`none`, or `public`: balanced loss weights from the public validation split's class counts (never a site's), sent in the round request",
+    "decision-objective": "what the shipped decision rule (the head's and the student's) maximises on public validation data: `balanced-accuracy`, `accuracy`, or `argmax` (no threshold)",
+    "clip-norm": "per-sample clip norm",
+    "noise-multiplier": "σ; `0`: each site calibrates σ to its own cap (never below its `min-noise-multiplier`)",
+    "target-epsilon": "each site's ε cap (in deployment: the site's node config; unit: one training record at one site)",
+    "target-delta": "each site's δ (in deployment: the site's node config)",
+    "hyperparameter-source": "`public`, `private` or `unspecified`: where the hyperparameters were chosen; the audit flags `private` (error) and `unspecified` (warning)",
+    "distill": "distil a student on public data after the last round (no ε)",
+    "student": "`cnn` (raw images) or `mlp`",
+    "student-width": "the student's width (1–256)",
+    "student-depth": "the student's depth (1–6)",
+    "teacher": "`auto`, `global` (backbone + global head) or `ensemble` (the sites' last heads)",
+    "distill-epochs": "distillation epochs (early-stopped)",
+    "distill-patience": "epochs without improvement before distillation stops",
+    "distill-temperature": "softmax temperature of the distillation loss",
+    "distill-learning-rate": "the student's learning rate",
+    "distill-augment": "shifted/jittered copies of the transfer set",
+    "distill-val-fraction": "share of the public validation split kept to early-stop and choose the student's rule",
+    "transfer-data": "a server-side folder or `.npz` used as the transfer set instead (refused if it shares a record with training data)",
+    "cache-dir": "feature cache",
+    "ledger-dir": "simulated sites' ledgers (default: `<out-dir>/sites`)",
+    "out-dir": "the run directory (default: `runs/<timestamp>`)",
+}
+
+
+def reference_table() -> str:
+    """docs/configuration.md's key table: every RunConfig key, its default, its meaning."""
+    missing = sorted(set(ALLOWED_KEYS) - set(KEY_DOCS))
+    extra = sorted(set(KEY_DOCS) - set(ALLOWED_KEYS))
+    if missing or extra:
+        raise ValueError(f"KEY_DOCS out of step with RunConfig: missing {missing}, unknown {extra}")
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key, value in RunConfig().to_dict().items():
+        rows.append(f"| `{key}` | `{_toml_value(value)}` | {KEY_DOCS[key]} |")
+    return "\n".join(rows) + "\n"
+
+
+REFERENCE_BEGIN = "<!-- generated from common/config.py (RunConfig, KEY_DOCS): python -m common.config -->"
+REFERENCE_END = "<!-- end of generated table -->"
+
+
+def render_reference(doc: str) -> str:
+    """``doc`` with the text between the generated-table markers replaced."""
+    head, sep, rest = doc.partition(REFERENCE_BEGIN)
+    if not sep:
+        raise ValueError(f"the page has no {REFERENCE_BEGIN!r} marker")
+    _, sep2, tail = rest.partition(REFERENCE_END)
+    if not sep2:
+        raise ValueError(f"the page has no {REFERENCE_END!r} marker")
+    return f"{head}{REFERENCE_BEGIN}\n{reference_table()}{REFERENCE_END}{tail}"
+
+
+if __name__ == "__main__":  # regenerate docs/configuration.md's table
+    page = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    page.write_text(render_reference(page.read_text()))
+    print(f"wrote {page}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from common.audit.sources import EXPORT_FILE, site_dir
 from common.config import RunConfig
 from common.models.decision import ARGMAX
 from common.models.finetune import CUT_BLOCK
@@ -39,11 +40,16 @@ def delivery_content(card: dict, head: dict, student: dict | None) -> RecordDict
 
 
 def deliver(grid: Grid, *, card: dict, head: dict, student: dict | None, expected_sha256: str,
-            timeout: float) -> dict[str, dict]:
-    """Deliver to every connected node; returns per-site outcome (keyed by site id,
-    or ``node-<id>`` for a node that did not answer)."""
+            timeout: float, allowed: set[int] | None = None,
+            run_dir: Path | None = None) -> dict[str, dict]:
+    """Deliver to every connected node (of ``allowed``: the sites that answered the
+    declaration question as the federation declares); returns per-site outcome (keyed
+    by site id, or ``node-<id>`` for a node that did not answer).
+
+    Each site's receipt carries its ledger export (rows, caps, signed seal: public);
+    it is kept as ``<run_dir>/sites/site-<id>/ledger.json``, where the audit reads it."""
     content = delivery_content(card, head, student)
-    nodes = list(grid.get_node_ids())
+    nodes = [n for n in grid.get_node_ids() if allowed is None or n in allowed]
     messages = [Message(content=content, message_type=DELIVER_MESSAGE_TYPE, dst_node_id=n)
                 for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
@@ -62,6 +68,7 @@ def deliver(grid: Grid, *, card: dict, head: dict, student: dict | None, expecte
         out[str(r.get("site-id"))] = {
             "status": "saved" if ok else "mismatch", "node_id": node,
             "sha256": str(r.get("sha256", "")),
+            "ledger_export": keep_export(run_dir, r.get("site-id"), r.get("ledger-export")),
         }
         if not ok:
             log.warning("delivery to site %s: the site saved hash %s, expected %s", r.get("site-id"),
@@ -77,6 +84,23 @@ def deliver(grid: Grid, *, card: dict, head: dict, student: dict | None, expecte
     log.info("delivery: head%s saved at %d/%d sites", " and student" if student is not None else "",
              saved, len(nodes))
     return out
+
+
+def keep_export(run_dir: Path | None, site_id, text) -> str:
+    """Write a site's delivered ledger export where the audit looks for it; returns the
+    path ('' when none came or the export is not a JSON object). The server checks
+    nothing in it: the audit verifies it with the site's public key."""
+    if run_dir is None or not isinstance(text, str) or not text.strip().startswith("{"):
+        return ""
+    try:
+        json.loads(text)
+    except ValueError:
+        log.warning("site %s delivered a ledger export that is not JSON; not kept", site_id)
+        return ""
+    path = site_dir(run_dir, str(site_id)) / EXPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
 
 
 def delivery_card(cfg: RunConfig, *, run_id: str, server_round: int, classes: list[str],

@@ -125,11 +125,16 @@ def run_distillation(cfg: RunConfig, splits: Splits, test_features: np.ndarray,
     test_in = students.to_student_input(splits.test_x, spec)
     # The student's own decision rule, chosen on the distillation-validation part of
     # the public val split: public records the student was not fitted to (post-processing).
-    student_rule = choose_decision(
-        kd.probs_from_logits(kd.student_logits(student, students.to_student_input(pval.images, spec))),
-        pval.labels, chosen_on=f"the public distillation-validation split ({len(pval.labels)} "
-                               "records of the public validation split, not used to fit the "
-                               "student)")
+    # It follows `decision-objective`, as the head's rule does (server/evaluation.py).
+    if cfg.decision_objective == "argmax":
+        student_rule = {"rule": "argmax", "reason": "decision-objective = argmax"}
+    else:
+        student_rule = choose_decision(
+            kd.probs_from_logits(kd.student_logits(
+                student, students.to_student_input(pval.images, spec))),
+            pval.labels, objective=cfg.decision_objective.replace("-", "_"),
+            chosen_on=f"the public distillation-validation split ({len(pval.labels)} records "
+                      "of the public validation split, not used to fit the student)")
     student_test = metrics_at_rule(kd.probs_from_logits(kd.student_logits(student, test_in)),
                                    splits.test_y, student_rule)
     teacher_test = classification_metrics(

@@ -18,11 +18,13 @@ import numpy as np
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
-from common.config import RunConfig
-from common.data.datasets import federation
+from common.config import RunConfig, simulated_ledger_dir
+from common.batches import plan_site_batches
+from common.data.datasets import federation, site_train_counts
 from common.models.decision import describe_decision
 from common.models.finetune import model_state
 from common.models.modelio import read_card
+from common.models.selection import resolve_auto
 from common.privacy.accounting import UNIT_OF_PRIVACY
 from common.protocol import from_array_record, to_array_record, train_request
 from server.delivery import (
@@ -33,6 +35,7 @@ from server.delivery import (
 )
 from server.distill import run_distillation
 from server.evaluation import GlobalEval
+from server.handshake import Handshake
 from server.polling import PollingGrid
 from server.records import (
     RunRecords,
@@ -56,7 +59,7 @@ def round_line(r: int, total: int, m: dict, strategy: HeadFedAvg, cfg: RunConfig
                    for s in sorted(strategy.sites.values(), key=lambda s: s.site_id))
     hist = [h for s in strategy.sites.values() for h in s.history if h["round"] == r]
     timing = ""
-    if hist:
+    if hist and all("site_seconds" in h for h in hist):  # where the sites release timings
         timing = (f" | client s: features {np.mean([h['feature_seconds'] for h in hist]):.2f}"
                   f" train {np.mean([h['train_seconds'] for h in hist]):.2f}"
                   f" accounting {np.mean([h['privacy_seconds'] for h in hist]):.2f}"
@@ -74,6 +77,30 @@ def round_line(r: int, total: int, m: dict, strategy: HeadFedAvg, cfg: RunConfig
                 f"{test['argmax']['accuracy']:.3f} bal {test['argmax']['balanced_accuracy']:.3f})")
     return (f"round {r}/{total} | test acc {test['accuracy']:.3f} auc {test['auc']:.3f} "
             f"bal {test['balanced_accuracy']:.3f}{rule}{sites}{privacy}{timing}")
+
+
+def plan_batches(cfg: RunConfig, splits, counts: dict[int, int] | None = None
+                 ) -> dict[int, int]:
+    """Each site's expected batch from its public count (common/batches.py), logged;
+    a site too small for any batch stops the run here, before round 1, naming it.
+    ``counts``: the sites' admitted training-record counts (from the handshake: public);
+    None: a simulated federation's partition counts (a check before Ray starts).
+
+    Raises:
+        ValueError: naming the hospital (as the metrics name it) and the key to change.
+    """
+    simulated, names = site_train_counts(splits, num_sites=cfg.num_sites,
+                                         partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
+                                         holdout=cfg.site_holdout, seed=cfg.seed)
+    counts = simulated if counts is None else counts
+    plan = plan_site_batches(counts, batch_size=cfg.batch_size, names=names)
+    smaller = {names.get(s, f"site {s}"): (b, counts[s]) for s, b in plan.items()
+               if b != cfg.batch_size}
+    if smaller:
+        log.info("expected batch per site (batch-size %d; smaller sites, from their public "
+                 "record counts): %s", cfg.batch_size,
+                 ", ".join(f"{n} {b} of {c}" for n, (b, c) in smaller.items()))
+    return plan
 
 
 def warn_if_too_few_nodes(grid: Grid, cfg: RunConfig) -> int:
@@ -94,6 +121,9 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
     """Run all rounds against ``grid`` and write the run directory."""
     t_run = time.perf_counter()
     grid = PollingGrid(grid)  # replies are pulled every 0.1 s, not Flower's 3 s
+    cfg = resolve_auto(cfg)  # backbone = "auto" (the default), chosen on public data
+    if not cfg.ledger_dir:  # record where simulated sites keep their ledgers (the audit's)
+        cfg = cfg.replace(ledger_dir=str(simulated_ledger_dir(cfg).resolve()))
     records = RunRecords(run_dir(cfg))
     out = records.out
     records.write_config(cfg)
@@ -103,6 +133,10 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
                           trim_fraction=cfg.trim_fraction, max_update_norm=cfg.max_update_norm,
                           max_site_weight=cfg.max_site_weight)
     strategy.run_id = run_id
+    handshake = Handshake(cfg, schema, run_dir=out)  # sites read records as declared, or no run
+    handshake.start(grid)
+    strategy.allowed = handshake.accepted
+    plan_batches(cfg, splits, handshake.counts())  # every hospital can train, or no round 1
     if cfg.resume and records.read_schema() is not None:
         # The fitted schema of the run being resumed: its DP scaling was released once.
         schema = records.read_schema()
@@ -124,6 +158,7 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
     stop_reason = "completed"
     for r in range(first, cfg.num_rounds + 1):
         t0 = time.perf_counter()
+        handshake.ask(grid, list(grid.get_node_ids()))  # sites that joined since
         if r > 1 and strategy.active_sites(grid) < cfg.min_sites:
             stop_reason = (f"stopped before round {r}: {strategy.active_sites(grid)} sites with "
                            f"budget left, min-sites = {cfg.min_sites}")
@@ -161,6 +196,7 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
         dropped_replies=strategy.dropped, stop_reason=stop_reason,
         timing={"total_seconds": time.perf_counter() - t_run,
                 "server_feature_seconds": ev.seconds})
+    summary["handshake"] = handshake.summary()
     if resumed:
         summary["resumed_from"] = resumed
     if secagg is not None:
@@ -208,7 +244,8 @@ def finish(cfg: RunConfig, grid: Grid, *, run_id: str, out: Path, ev: GlobalEval
                          sites=summary["sites"], unit=UNIT_OF_PRIVACY, schema=ev.schema.to_dict())
     server_card = read_card(write_server_copy(out, card, arrays, outcome))
     delivered = deliver(grid, card=card, head=arrays, student=outcome.student if outcome else None,
-                        expected_sha256=server_card["sha256"], timeout=cfg.round_timeout)
+                        expected_sha256=server_card["sha256"], timeout=cfg.round_timeout,
+                        allowed=strategy.allowed, run_dir=out)
     extra["delivery"] = {
         "message_type": DELIVER_MESSAGE_TYPE, "sha256": server_card["sha256"],
         "server_copy": str(out / "models"), "sites": delivered,

@@ -2,7 +2,7 @@
 
 Only for schema features whose scaling is ``dp`` (:mod:`common.data.schema`). Each
 site charges its release to its own ledger (round 0) before replying
-(:func:`client.site.scaling_release`); the server books each reply's spend
+(:func:`client.round.scaling_release`); the server books each reply's spend
 like a round's, sums the noisy vectors and fits each feature's centre and
 scale (post-processing). The fitted schema then travels in every round request.
 """
@@ -10,7 +10,6 @@ scale (post-processing). The fitted schema then travels in every round request.
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -29,23 +28,13 @@ from server.strategy import HeadFedAvg
 log = logging.getLogger(__name__)
 
 
-def wait_for_sites(grid: Grid, count: int, timeout: float) -> list[int]:
-    """The connected nodes, once at least ``count`` are (or ``timeout`` passes)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = list(grid.get_node_ids())
-        if len(nodes) >= count or time.monotonic() > deadline:
-            return nodes
-        time.sleep(0.5)
-
-
 def fit_dp_scaling(grid: Grid, cfg: RunConfig, schema: Schema, strategy: HeadFedAvg) -> Schema:
     """The schema with its ``dp`` features fitted from the sites' noisy sums.
 
     Raises:
         SchemaError: fewer than ``min-sites`` sites released their sums.
     """
-    nodes = wait_for_sites(grid, cfg.min_sites, cfg.round_timeout)
+    nodes = strategy.eligible(grid)  # the sites the handshake accepted
     config = ConfigRecord({**train_request(cfg, schema.to_json()), "server-round": 0})
     messages = [Message(content=RecordDict({"config": config}), message_type=SCALING_MESSAGE_TYPE,
                         dst_node_id=n) for n in nodes]
@@ -70,7 +59,7 @@ def fit_dp_scaling(grid: Grid, cfg: RunConfig, schema: Schema, strategy: HeadFed
         if vec is None or vec.shape != (width,) or not np.isfinite(vec).all():
             strategy.drop(0, node, f"scaling sums must be {width} finite numbers")
             continue
-        strategy.record_round(0, node, metrics, ledger_head=str(status.get("ledger-head", "")))
+        strategy.record_round(0, node, metrics, status=status)
         total = vec.astype(np.float64) if total is None else total + vec
         count += int(metrics["num-examples"])
         answered += 1

@@ -96,8 +96,7 @@ class _Recorder(LegacyFedAvg):
                 self.strategy.drop(server_round, proxy.node_id,
                                    f"reply lacks metrics {missing} (its masked head is in the sum)")
                 continue
-            self.strategy.record_round(server_round, proxy.node_id, metrics,
-                                       ledger_head=str(metrics.get("ledger-head", "")))
+            self.strategy.record_round(server_round, proxy.node_id, metrics)
             self.booked.append(int(metrics["num-examples"]))
         return (results[0][1].parameters if results else None), {}
 

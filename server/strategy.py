@@ -21,8 +21,10 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.aggregation import aggregate, clip_derived_bound, update_norm
+from common.batches import plan_batch
 from common.protocol import (
-    BUDGET_EXHAUSTED,
+    OUT_OF_RUN,
+    TIMING_KEYS,
     TRAIN_METRICS,
     from_array_record,
     to_array_record,
@@ -69,24 +71,28 @@ class HeadFedAvg(FedAvg):
         self.dropped: list[dict] = []
         # The last accepted head per site (a DP release): the ensemble teacher's members.
         self.site_heads: dict[int, dict] = {}
+        # Nodes that answered the declaration question as the federation declares
+        # (server/handshake.py); None: no handshake (every connected node).
+        self.allowed: set[int] | None = None
 
     # -- sampling ----------------------------------------------------------
     def exhausted_nodes(self) -> set[int]:
-        return {s.node_id for s in self.sites.values() if s.status == BUDGET_EXHAUSTED}
+        return {s.node_id for s in self.sites.values() if s.status in OUT_OF_RUN}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._global = from_array_record(arrays)
         self._request = dict(config)
         skip = self.exhausted_nodes()
-        if not skip:
+        if not skip and self.allowed is None:
             return super().configure_train(server_round, arrays, config, grid)
-        nodes = [n for n in grid.get_node_ids() if n not in skip]
+        nodes = self.eligible(grid)
         n = max(int(len(nodes) * self.fraction_train), min(self.min_train_nodes, len(nodes)))
         nodes = nodes[:n]
         config["server-round"] = server_round
-        log.info("round %d: sampling %d sites, skipping %d with spent budgets",
-                 server_round, len(nodes), len(skip))
+        if skip:
+            log.info("round %d: sampling %d sites, skipping %d out of the run", server_round,
+                     len(nodes), len(skip))
         from flwr.app import RecordDict
 
         record = RecordDict({"arrays": arrays, "config": config})
@@ -100,9 +106,15 @@ class HeadFedAvg(FedAvg):
         if head is not None:
             self.site_heads[rec.site_id] = head
 
-    def active_sites(self, grid: Grid) -> int:
+    def eligible(self, grid: Grid) -> list[int]:
+        """Connected nodes that may be asked for a round: not out of the run, and (once the
+        handshake has run) answered the declaration question as the federation declares."""
         skip = self.exhausted_nodes()  # once, not once per node (O(sites²) at 1000 sites)
-        return len([n for n in grid.get_node_ids() if n not in skip])
+        return [n for n in grid.get_node_ids()
+                if n not in skip and (self.allowed is None or n in self.allowed)]
+
+    def active_sites(self, grid: Grid) -> int:
+        return len(self.eligible(grid))
 
     # -- aggregation -------------------------------------------------------
     def _site(self, node_id: int, site_id: int) -> SiteRecord:
@@ -145,13 +157,12 @@ class HeadFedAvg(FedAvg):
                 # book the spend, and why its update was not aggregated.
                 try:
                     self.record_round(server_round, node, metrics, dropped=problem,
-                                      ledger_head=str((status or {}).get("ledger-head", "")))
+                                      status=status)
                 except (ValueError, TypeError, OverflowError) as exc:  # garbage metrics too
                     log.warning("round %d: node %d's spend could not be booked: %s",
                                 server_round, node, exc)
                 continue
-            self.record_round(server_round, node, metrics, update,
-                              ledger_head=str((status or {}).get("ledger-head", "")))
+            self.record_round(server_round, node, metrics, update, status=status)
             kept.append(msg)
         return kept
 
@@ -163,15 +174,18 @@ class HeadFedAvg(FedAvg):
         log.warning("round %d: site %d declined: %s", server_round, site_id, reason)
 
     def record_round(self, server_round: int, node_id: int, metrics, head: dict | None = None,
-                     *, dropped: str | None = None, ledger_head: str = "") -> SiteRecord:
-        """Book a reply's spend: the site's ε, mechanism, ledger anchor and coarse
-        timings for the round, why its update was dropped (if it was), and (when
-        the server may see it) its head, an ensemble-teacher member.
+                     *, dropped: str | None = None, status=None) -> SiteRecord:
+        """Book a reply's spend: the site's ε (with its unit), mechanism, signed ledger
+        anchor, coarse timings where the site releases them, why its update was
+        dropped (if it was), and (when the server may see it) its head, an
+        ensemble-teacher member. ``status`` is the reply's status record (its text
+        fields; under SecAgg+ they travel in ``metrics``).
 
         Raises:
             ValueError, TypeError, OverflowError: metrics that are not numbers;
                 nothing is booked.
         """
+        text = status if status is not None else metrics
         epsilon, delta = float(metrics["epsilon"]), float(metrics["delta"])
         row = {
             "round": server_round,
@@ -183,11 +197,12 @@ class HeadFedAvg(FedAvg):
             "epsilon_after": epsilon,
             "dp": bool(metrics["dp"]),
             "ledger_entries": int(metrics["ledger-entries"]),
-            "ledger_head": ledger_head,
-            "feature_seconds": float(metrics["feature-seconds"]),
-            "train_seconds": float(metrics["train-seconds"]),
-            "privacy_seconds": float(metrics["privacy-seconds"]),
-            "site_seconds": float(metrics["site-seconds"]),
+            "ledger_head": str(text.get("ledger-head", "")),
+            "ledger_signature": str(text.get("ledger-signature", "")),
+            "ledger_id": str(text.get("ledger-id", "")),
+            "ledger_key_id": str(text.get("ledger-key-id", "")),
+            "privacy_unit": str(text.get("privacy-unit", "record")),
+            **{k.replace("-", "_"): float(metrics[k]) for k in TIMING_KEYS if k in metrics},
             **({"dropped": dropped} if dropped else {}),
         }
         site = self._site(node_id, int(metrics.get("site-id", -1)))
@@ -207,7 +222,8 @@ class HeadFedAvg(FedAvg):
         if self.max_update_norm < 0 or sigma <= 0 or any(k not in self._request for k in keys):
             return None
         r = self._request
-        batch = int(r["batch-size"])
+        # the site's expected batch, planned from its public count as the site plans it
+        batch = plan_batch(int(float(metrics["num-examples"])), batch_size=int(r["batch-size"]))
         steps = int(r["local-epochs"]) * math.ceil(float(metrics["num-examples"]) / batch)
         dim = sum(int(v.size) for v in (self._global or {}).values())
         return clip_derived_bound(clip_norm=float(r["clip-norm"]),

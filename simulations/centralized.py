@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 
-from client.policy import scenario_policy
-from client.site import load_site_data, site_features
+from client.admission import load_site_data, scaled
+from client.round import site_features
+from client.settings import scenario_policy
 from common.config import RunConfig
 from common.models import training
 from common.models.finetune import model_state
@@ -34,9 +34,9 @@ def run_centralized(cfg: RunConfig) -> dict:
     ev = GlobalEval(cfg)  # the federation's schema, dp-scaled features fitted on public data
     feats_x, feats_y, feat_seconds = [], [], 0.0
     for site_id in range(cfg.num_sites):
-        data = load_site_data(cfg, scenario_policy(cfg, {"partition-id": site_id}),
-                              schema=ev.schema)
-        f = site_features(cfg, Path(cfg.cache_dir), data)
+        settings = scenario_policy(cfg, {"partition-id": site_id})
+        data = scaled(load_site_data(settings), ev.schema)
+        f = site_features(settings, cfg.trainable, data)
         feats_x.append(f.train)
         feats_y.append(data.train_y)
         feat_seconds += f.seconds
@@ -51,14 +51,14 @@ def run_centralized(cfg: RunConfig) -> dict:
         sigma = cfg.noise_multiplier or calibrate_noise_multiplier(
             target_epsilon=cfg.target_epsilon, delta=cfg.target_delta, sample_rate=q, steps=steps)
         res = training.train_dp(head, x, y, epochs=epochs, batch_size=cfg.batch_size,
-                                lr=cfg.learning_rate, momentum=cfg.momentum,
+                                lr=cfg.lr, momentum=cfg.momentum,
                                 noise_multiplier=sigma, clip_norm=cfg.clip_norm, seed=None,
                                 device=device, class_weights=weights)
         history = res.mechanisms
         eps = epsilon(history, delta=cfg.target_delta)
     else:
         res = training.train_plain(head, x, y, epochs=epochs, batch_size=cfg.batch_size,
-                                   lr=cfg.learning_rate, momentum=cfg.momentum, seed=cfg.seed,
+                                   lr=cfg.lr, momentum=cfg.momentum, seed=cfg.seed,
                                    device=device, class_weights=weights)
     m = ev.report(model_state(head))
     sites = {"pooled": {

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 
 from client.app import make_app as make_client
 from common.config import RunConfig
+from common.data.datasets import federation
 from server.app import make_app as make_server
 from server.records import run_dir
+from server.run import plan_batches
 from simulations.centralized import run_centralized
 from simulations.engine import install as install_linear_sweep
 from simulations.selection import resolve_auto
@@ -127,6 +131,41 @@ def check_shared_storage(cluster: dict, paths: dict[str, str]) -> None:
             f"({len(missing)} node/folder pairs missing; docs/ray-cluster.md)")
 
 
+class _DropNotice(logging.Filter):
+    """Drops one library notice by its text; every other record passes."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_simulation_notices():
+    """Silence two notices every ``fedtransfer simulate`` printed that say nothing to its
+    user, at their source and only around the simulation:
+
+    * Flower's "``run_simulation`` is deprecated" notice. ``fedtransfer simulate`` runs
+      Flower's simulation engine in-process on purpose: it hands the apps the resolved
+      config (and a Ray cluster address) as Python objects. ``flwr run .``, the path
+      Flower supports, runs the same apps with the same defaults (docs/configuration.md).
+    * Ray's ``FutureWarning`` about accelerator environment variables with ``num_gpus=0``
+      (a tip about a future Ray default that does not change this run).
+    """
+    notice = _DropNotice("`run_simulation` function is deprecated")
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.addFilter(notice)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning,
+                                    message="Tip: In future versions of Ray")
+            yield
+    finally:
+        flwr_log.removeFilter(notice)
+
+
 def simulate(cfg: RunConfig, *, ray_address: str | None = None) -> dict:
     """Run ``cfg`` and return its ``summary.json`` contents.
 
@@ -135,8 +174,9 @@ def simulate(cfg: RunConfig, *, ray_address: str | None = None) -> dict:
     must then be on storage every node sees (checked before round 1).
     """
     cfg = resolve_paths(cfg)
-    if cfg.backbone == "auto":  # chosen on the public split first (no ε)
-        cfg = resolve_auto(cfg)
+    cfg = resolve_auto(cfg)  # backbone = "auto": chosen on the public split first (no ε)
+    if cfg.mode == "federated":  # a hospital too small for any batch stops the run here, named
+        plan_batches(cfg, federation(cfg)[0])
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.mode == "centralized":
@@ -164,8 +204,9 @@ def simulate(cfg: RunConfig, *, ray_address: str | None = None) -> dict:
     log.info("simulating %d sites for %d rounds (dataset %s, backbone %s, dp=%s) -> %s",
              cfg.num_sites, cfg.num_rounds, cfg.dataset, cfg.backbone, cfg.dp, out)
     install_linear_sweep()  # Flower's message sweep is O(sites²) (simulations/engine.py)
-    run_simulation(server_app=make_server(cfg), client_app=make_client(cfg),
-                   num_supernodes=cfg.num_sites, backend_config=backend)
+    with quiet_simulation_notices():
+        run_simulation(server_app=make_server(cfg), client_app=make_client(cfg),
+                       num_supernodes=cfg.num_sites, backend_config=backend)
     summary_path = out / "summary.json"
     if not summary_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.integration
 
 def test_every_site_receives_head_student_and_a_matching_card(tmp_path):
     out = tmp_path / "run"
-    s, text = simulate(out, "num-sites=3", "num-rounds=2", "image-size=32", "local-epochs=1",
+    s, text = simulate(out, "backbone=efficientnet-lite0", "num-sites=3", "num-rounds=2",
+                       "image-size=32", "local-epochs=1",
                        f"cache-dir={tmp_path / 'cache'}", "distill-augment=2", "distill-epochs=8",
                        "student-width=16", log=tmp_path / "simulate.log")
     assert "distilled student cnn" in text and "delivered to 3/3 sites" in text

@@ -55,8 +55,11 @@ def test_flwr_run_local_simulation(tmp_path):
             "--isolation", "subprocess", "--disable-runtime-dependency-installation",
             "--host", "127.0.0.1", "--port", str(port), "--database", str(tmp_path / "state.db")]
     out = tmp_path / "run"
+    # The default backbone is "auto": the ServerApp chooses it on public data and sends it to
+    # the sites in the round request (two candidates and LogME keep the choice quick here).
     run_config = (f"num-sites=3 num-rounds=2 image-size=32 out-dir='{out}' "
-                  f"cache-dir='{tmp_path / 'cache'}'")
+                  f"cache-dir='{tmp_path / 'cache'}' selection-score='logme' "
+                  "backbone-candidates='identity, efficientnet-lite0@32'")
     with running(link, log=tmp_path / "superlink.log", env=env, cwd=REPO) as superlink:
         _wait_for_port(port, superlink)
         cmd = [str(BIN / "flwr"), "run", ".", "fedtest", "--stream",
@@ -69,6 +72,8 @@ def test_flwr_run_local_simulation(tmp_path):
     assert "round 2/2" in text and "ε (per record" in text
     s = json.loads((out / "summary.json").read_text())
     assert sorted(s["sites"]) == ["0", "1", "2"]
+    assert s["backbone"] in ("identity", "efficientnet-lite0")  # resolved, never "auto"
+    assert "backbone = \"auto\"" not in (out / "config.toml").read_text()
     assert [r["round"] for r in s["rounds"]] == [1, 2]
     for site in s["sites"].values():
         assert 0 < site["epsilon"] <= 4.0

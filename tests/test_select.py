@@ -9,7 +9,7 @@ import tomllib
 import numpy as np
 import pytest
 
-import client.site
+import client.admission
 import common.data.datasets
 from cli.main import main as cli_main
 from common.audit.recompute import audit
@@ -57,7 +57,7 @@ def public_only(monkeypatch):
 
     monkeypatch.setattr(common.data.datasets, "load_dataset", guarded)
     monkeypatch.setattr(common.data.datasets, "site_data", no_site)
-    monkeypatch.setattr(client.site, "load_site_data", no_site)
+    monkeypatch.setattr(client.admission, "load_site_data", no_site)
 
 
 def test_select_reads_only_the_public_split_and_records_the_choice(tmp_path, public_only, cache,

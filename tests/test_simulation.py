@@ -16,10 +16,13 @@ pytestmark = pytest.mark.integration
 
 def test_simulation_writes_a_complete_summary(tmp_path):
     out = tmp_path / "run"
-    small = ("num-sites=3", "num-rounds=2", "image-size=32", "local-epochs=1",
-             f"cache-dir={tmp_path / 'cache'}")
+    small = ("backbone=efficientnet-lite0", "num-sites=3", "num-rounds=2", "image-size=32",
+             "local-epochs=1", f"cache-dir={tmp_path / 'cache'}")
     s, text = simulate(out, *small, "target-epsilon=3.0", log=tmp_path / "simulate.log")
     assert "round 2/2" in text and "ε (per record" in text
+    # Quiet, truthful output (issue 24): no library notice that says nothing to the user.
+    for notice in ("DEPRECATED FEATURE", "run_simulation", "FutureWarning", "single label"):
+        assert notice not in text, notice
     # Every simulated site is a connected node: no too-few-nodes warning (it once fired
     # before the nodes had registered).
     assert "node(s) connected" not in text
@@ -44,7 +47,8 @@ def test_simulation_writes_a_complete_summary(tmp_path):
         # The reported ε is the ledger's, recomputed from its raw tuples.
         ledger = Ledger(out / "sites" / f"site-{sid}" / "ledger.sqlite")
         assert ledger.verify_chain() == []
-        assert all(e.keyed for e in ledger.entries()) and ledger.cap() == (3.0, 1e-5)
+        assert all(e.hash.startswith("sha256:") for e in ledger.entries())
+        assert ledger.cap() == (3.0, 1e-5)
         assert [h["ledger_entries"] for h in site["history"]] == [1, 2]
         tuples = [Mechanism(h["noise_multiplier"], h["sample_rate"], h["steps"])
                   for h in site["history"]]
@@ -62,7 +66,7 @@ def test_simulation_writes_a_complete_summary(tmp_path):
     audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert audit["counts"]["error"] == 0
     for site in audit["runs"][0]["sites"]:
-        assert site["chain_ok"] and site["chain"] == "keyed, verified"
+        assert site["chain_ok"] and site["chain"] == "signed, verified"
         assert site["anchors_matched"] == 2
         assert site["cumulative"][-1]["epsilon"] == pytest.approx(
             s["sites"][site["site"]]["epsilon"], rel=1e-9)

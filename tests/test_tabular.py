@@ -43,7 +43,8 @@ def test_breast_cancer_hospitals_train_per_site_and_predict_reads_columns_by_nam
 
     assert cli_main(["audit", str(out), "--out", str(tmp_path / "audit")]) == 0
 
-    # predict on the raw CSV the hospitals hold: label and site columns are ignored, the
+    # predict on the raw CSV the hospitals hold: the label and site columns the run's data
+    # spec named (the card's dataset) are not features, the
     # schema's transform is applied, and a reordered copy gives the same answers.
     raw = _rows(next((tmp_path / "data").glob("breast-cancer-*.csv")))[:41]
     with open(tmp_path / "a.csv", "w", newline="") as fh:

@@ -14,7 +14,8 @@ import logging
 import time
 from pathlib import Path
 
-from common.audit.recompute import AuditReport, Hazard, RunAudit, SiteAudit
+from common.audit.checks import HAZARDS, Hazard
+from common.audit.recompute import AuditReport, RunAudit, SiteAudit
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,16 @@ def _rng(r, digits: int = 3) -> str:
     return f"{lo:.{digits}g}" if lo == hi else f"{lo:.{digits}g}–{hi:.{digits}g}"
 
 
+def per_patient(s: SiteAudit) -> str:
+    """The ε per patient: the site's own ε where its unit is the patient, the
+    group-privacy ε where it is the record and it declares k > 1 records per patient."""
+    if s.unit == "patient":
+        return _f(s.epsilon.get("replace_one"))
+    if s.group_privacy:
+        return f"{s.group_privacy['epsilon']:.3f} (k={s.group_privacy['k']})"
+    return "n/a"
+
+
 def site_row(s: SiteAudit) -> dict[str, str]:
     errors = sum(h.severity == "error" for h in s.hazards)
     warnings = sum(h.severity == "warning" for h in s.hazards)
@@ -38,13 +49,49 @@ def site_row(s: SiteAudit) -> dict[str, str]:
         "σ": _rng(s.sigma_range), "q": _rng(s.q_range),
         "δ": "n/a" if s.delta is None else f"{s.delta:g}",
         "N": "n/a" if s.dataset_size is None else str(s.dataset_size),
+        "unit": s.unit,
         "ε replace-one": _f(s.epsilon.get("replace_one")),
+        "ε per patient": per_patient(s),
         "ε add/rm PRV": _f(s.epsilon.get("prv")), "PLD": _f(s.epsilon.get("pld")),
         "RDP": _f(s.epsilon.get("rdp")), "reported": _f(s.epsilon_reported),
         "cap": _f(s.cap, 2), "chain": s.chain or ("ok" if s.chain_ok else "BROKEN"),
-        "anchors": str(s.anchors_matched),
+        "anchors": str(s.anchors_matched), "unanchored": str(s.unanchored),
         "status": s.status, "hazards": f"{errors}E {warnings}W",
     }
+
+
+def unit_lines(s: SiteAudit) -> list[str]:
+    """Each site's ε with its unit, and for a record-level site that declares up to
+    k records per patient, the group-privacy ε per patient beside it."""
+    if "replace_one" not in s.epsilon:
+        return []
+    line = (f"site {s.site}: ε = {s.epsilon['replace_one']:.3f} per {s.unit} (replace-one, "
+            f"δ={s.delta:g})")
+    if s.group_privacy:
+        g = s.group_privacy
+        line += (f"; a patient with up to {g['k']} records at this site: ε = {g['epsilon']:.3f}, "
+                 f"δ = {g['delta']:.3g} (group privacy: k·ε, k·e^((k−1)ε)·δ)")
+    return [line]
+
+
+def banner_lines(report: AuditReport) -> list[str]:
+    """What the auditor accepted without verification: the report's banner."""
+    lines = []
+    for flag, hazards in report.accepted().items():
+        codes = sorted({h.code for h in hazards})
+        sites = sorted({h.site for h in hazards if h.site is not None})
+        lines.append(f"ACCEPTED WITHOUT VERIFICATION ({flag}): {len(hazards)} finding(s) "
+                     f"[{', '.join(codes)}] at site(s) {', '.join(sites) or 'n/a'}: "
+                     + "; ".join(HAZARDS[c].meaning for c in codes))
+    return lines
+
+
+def _released(s: SiteAudit, r: dict) -> str:
+    unit = f", per {s.unit}" if r["field"] == "epsilon" else ""
+    return f"{r['field']}={_value(r['value'])} [{r['class']}{unit}]"
+
+
+_BAD_CHAIN = ("broken", "unreadable", "missing", "legacy", "unsealed", "signed, unverified")
 
 
 def _value(v) -> str:
@@ -53,8 +100,9 @@ def _value(v) -> str:
 
 def format_text(report: AuditReport) -> str:
     """The per-site table and the hazards, for a terminal."""
-    lines = [f"unit of privacy: {report.unit_of_privacy}",
-             f"trust model: {report.trust_model}", ""]
+    lines = [*banner_lines(report),
+             f"unit of privacy: {report.unit_of_privacy}",
+             f"trust model: {report.trust_model}", f"signatures: {report.signatures}", ""]
     for run in report.runs:
         head = f"== {run.label}"
         if run.run_id:
@@ -66,6 +114,8 @@ def format_text(report: AuditReport) -> str:
             width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
             lines.append("  ".join(c.rjust(width[c]) for c in cols))
             lines += ["  ".join(r[c].rjust(width[c]) for c in cols) for r in rows]
+            for s in run.sites:
+                lines += unit_lines(s)
         else:
             lines.append("(no DP ledgers)")
         lines += [f"note: {n}" for n in run.notes]
@@ -74,7 +124,7 @@ def format_text(report: AuditReport) -> str:
         for s in run.sites:
             if s.released:
                 lines.append(f"site {s.site} released: " + ", ".join(
-                    f"{r['field']}={_value(r['value'])} [{r['class']}]" for r in s.released))
+                    _released(s, r) for r in s.released))
         lines.append("")
     for e in report.empirical:
         lines += empirical_lines(e) + [""]
@@ -95,7 +145,7 @@ def empirical_lines(e: dict) -> list[str]:
         f"empirical audit, site {e['site']} of {e['run']} ({e['records']} records, "
         f"{power['canaries']} gradient canaries, {power['seconds']:.1f} s): the site's mechanism "
         f"σ={mech['noise_multiplier']:.3f}, q={mech['sample_rate']:.4g}, {mech['steps']} steps, "
-        f"clip {mech['clip_norm']:g}, δ={mech['delta']:g} (ε add/remove)",
+        f"clip {mech['clip_norm']:g}, δ={mech['delta']:g} (ε add/remove, per record)",
     ]
     for run in [e["dp"], *e["controls"]]:
         verdict = "CAUGHT" if run["caught"] else "not caught"
@@ -139,7 +189,7 @@ def plot_cumulative(run: RunAudit) -> str | None:
         color = f"C{i % 10}"
         xs = list(range(len(s.cumulative) + 1))
         ys = [0.0] + [p["epsilon"] for p in s.cumulative]
-        ax.plot(xs, ys, marker="o", color=color, label=f"site {s.site}")
+        ax.plot(xs, ys, marker="o", color=color, label=f"site {s.site} (per {s.unit})")
         if s.cap is not None and s.cap not in caps:
             caps.add(s.cap)
             ax.axhline(s.cap, color="crimson", linestyle="--", linewidth=1)
@@ -183,7 +233,9 @@ def plot_privacy_utility(runs: list[RunAudit]) -> str | None:
             if r.final.get(metric) is not None:
                 ax.axhline(r.final[metric], linestyle=style, color=f"C{(j + 2) % 10}",
                            label=f"{r.label} (no DP) {metric}")
-    ax.set_xlabel("ε of the most-spent site (PLD upper bound, replace-one)")
+    units = sorted({s.unit for r in private for s in r.sites})
+    ax.set_xlabel("ε of the most-spent site (PLD upper bound, replace-one; per "
+                  f"{' / '.join(units) or 'record'})")
     ax.set_ylabel("test metric")
     ax.set_title("privacy-utility", fontsize=10)
     ax.grid(alpha=0.3)
@@ -198,13 +250,14 @@ table{border-collapse:collapse;margin:.5em 0 1em}th,td{border:1px solid #ccc;pad
 font-size:13px;text-align:right}th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
 .error{color:#a00;font-weight:600}.warning{color:#a60}.ok{color:#070;font-weight:600}
 .box{background:#f7f7fb;border-left:4px solid #558;padding:.6em 1em;margin:1em 0}
+.banner{background:#fff3cd;border:2px solid #a60;padding:.6em 1em;margin:1em 0;font-weight:600}
 img{max-width:100%;border:1px solid #ddd;margin:.5em 0}
 pre{white-space:pre-wrap;background:#f7f7f7;padding:.5em}
 """
 
 
 def _hazard_html(h: Hazard) -> str:
-    where = f"site {html.escape(h.site)}: " if h.site is not None else ""
+    where = f"site {html.escape(str(h.site))}: " if h.site is not None else ""
     return (f'<li class="{h.severity}">[{h.severity.upper()}] <code>{html.escape(h.code)}</code>: '
             f"{where}{html.escape(h.message)}</li>")
 
@@ -223,8 +276,10 @@ def render_html(report: AuditReport) -> str:
         f"<p>generated {e(time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(report.generated_at)))}"
         f" · {e(', '.join(f'{k} {v}' for k, v in report.versions.items()))}</p>",
         verdict,
+        *[f"<div class='banner'>{e(line)}</div>" for line in banner_lines(report)],
         f"<div class='box'><b>Unit of privacy.</b> {e(report.unit_of_privacy)}.<br>"
         f"<b>Trust model.</b> {e(report.trust_model)}<br>"
+        f"<b>Signatures.</b> {e(report.signatures)}<br>"
         f"<b>Accountants.</b> {e(report.accountants)}</div>",
     ]
     pu = plot_privacy_utility(report.runs)
@@ -243,10 +298,11 @@ def render_html(report: AuditReport) -> str:
             parts.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in rows[0]) + "</tr>")
             for r in rows:
                 parts.append("<tr>" + "".join(
-                    f"<td class='{'error' if v in ('BROKEN', 'broken', 'unkeyed') else ''}'>"
+                    f"<td class='{'error' if k == 'chain' and v in _BAD_CHAIN else ''}'>"
                     f"{e(v)}</td>"
-                    for v in r.values()) + "</tr>")
+                    for k, v in r.items()) + "</tr>")
             parts.append("</table>")
+            parts += [f"<p>{e(line)}</p>" for s in run.sites for line in unit_lines(s)]
         img = plot_cumulative(run)
         if img:
             parts.append(f"<img alt='cumulative epsilon, {e(run.label)}' "
@@ -256,13 +312,14 @@ def render_html(report: AuditReport) -> str:
                 parts.append(f"<details><summary>site {e(s.site)}: what it released to the server"
                              "</summary><table><tr><th>field</th><th>privacy class</th>"
                              "<th>last value</th></tr>")
-                parts += [f"<tr><td>{e(r['field'])}</td><td>{e(r['class'])}</td>"
+                parts += [f"<tr><td>{e(r['field'])}</td><td>{e(r['class'])}"
+                          f"{e(f' (per {s.unit})') if r['field'] == 'epsilon' else ''}</td>"
                           f"<td>{e(_value(r['value']))}</td></tr>" for r in s.released]
                 parts.append("</table></details>")
             if s.cumulative:
                 parts.append(f"<details><summary>site {e(s.site)}: spend per round</summary><table>"
-                             "<tr><th>entry</th><th>run</th><th>round</th><th>ε replace-one (recomputed)"
-                             "</th><th>ε stored</th></tr>")
+                             "<tr><th>entry</th><th>run</th><th>round</th><th>ε replace-one (recomputed, "
+                             f"per {e(s.unit)})</th><th>ε stored</th></tr>")
                 parts += [f"<tr><td>{p['seq']}</td><td>{e(str(p['run_id']))}</td>"
                           f"<td>{p['round']}</td><td>{_f(p['epsilon'], 4)}</td>"
                           f"<td>{_f(p['epsilon_stored'], 4)}</td></tr>" for p in s.cumulative]

@@ -18,7 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from common.data.grouping import construct_patients, factorize
-from common.data.readers import read_site_records, splits_from_records
+from common.data.readers import (
+    SiteDataError,
+    data_spec,
+    holdout_split,
+    read_site_records,
+    splits_from_records,
+)
 from common.data.schema import SchemaError, derived_tabular, image_schema, load_schema
 from common.data.splits import (  # noqa: F401 (re-exported)
     MEDMNIST_CLASSES,
@@ -105,7 +111,7 @@ def _load_medmnist(spec: str, data_dir: str, seed: int) -> Splits:
 
 
 def _load_local(kind: str) -> Callable[..., Splits]:
-    """``imagefolder:<dir>`` / ``csv:<file>``: a site's own files (common.data.readers),
+    """``imagefolder:<dir>`` / ``dicom:<dir>`` / ``csv:<file>``: a site's own files (common.data.readers),
     split 70/10/20 (seeded; site by site where records carry their site). Any
     corrupt file or bad label is an error naming it. A ``schema`` maps CSV
     columns and class names by name."""
@@ -123,7 +129,23 @@ def _load_breast_cancer_hospitals(rest: str, data_dir: str, seed: int, schema=No
     """scikit-learn's breast-cancer data (569 records, 30 features) as a CSV of
     hospitals (:func:`breast_cancer_hospitals_csv`), read like any site CSV."""
     path = breast_cancer_hospitals_csv(Path(data_dir or ".fedtransfer/data"))
-    return _load_local("csv")(f"{path}?label=diagnosis&site=hospital", data_dir, seed, schema)
+    return _load_local("csv")(f"{path}?{BREAST_CANCER_OPTIONS}", data_dir, seed, schema)
+
+
+BREAST_CANCER_OPTIONS = "label=diagnosis&site=hospital"
+
+
+def record_columns(dataset: str) -> tuple[str, ...]:
+    """The non-feature columns a dataset's CSV files carry (label, site, patient), from
+    its spec: ``predict`` reads those files as the sites did. ``()`` for other data."""
+    if dataset == "breast-cancer-hospitals":
+        dataset = f"csv:x.csv?{BREAST_CANCER_OPTIONS}"
+    if not dataset.startswith("csv:"):
+        return ()
+    try:
+        return data_spec(dataset).columns
+    except SiteDataError:
+        return ()
 
 
 def breast_cancer_hospitals_csv(folder: Path, *, num_sites: int = 4) -> Path:
@@ -165,11 +187,12 @@ def breast_cancer_hospitals_csv(folder: Path, *, num_sites: int = 4) -> Path:
 _REGISTRY: dict[str, Callable[[str, int], Splits]] = {"digits": _load_digits}
 _PREFIXES: dict[str, Callable[..., Splits]] = {
     "medmnist": _load_medmnist, "imagefolder": _load_local("imagefolder"),
-    "csv": _load_local("csv")}
+    "dicom": _load_local("dicom"), "csv": _load_local("csv")}
 _TABULAR = {"breast-cancer-hospitals": _load_breast_cancer_hospitals}
 DATASET_NAMES = ("digits", "breast-cancer-hospitals",
                  "medmnist:<name or path.npz>[?patients=constructed]",
-                 "imagefolder:<dir>[?site=folder]",
+                 "imagefolder:<dir>[?site=folder&patient=...]",
+                 "dicom:<dir>[?site=folder&patient=...]",
                  "csv:<file>[?label=COL&missing=error|drop|zero&site=COL]",
                  "csv:<dir of per-site .csv files>")
 
@@ -182,7 +205,7 @@ def load_dataset(spec: str, data_dir: str = "", seed: int = 0, schema=None) -> S
     if spec in _TABULAR:
         return _TABULAR[spec]("", data_dir, seed, schema)
     prefix, sep, rest = spec.partition(":")
-    if sep and prefix in ("imagefolder", "csv") and rest:
+    if sep and prefix in ("imagefolder", "dicom", "csv") and rest:
         return _PREFIXES[prefix](rest, data_dir, seed, schema)
     if sep and prefix == "medmnist" and "?" in rest:
         return _with_patients(_PREFIXES[prefix], rest, data_dir, seed)
@@ -314,20 +337,18 @@ def site_data(splits: Splits, *, site_id: int, num_sites: int, partitioner: str,
     else:
         idx = partition_indices(splits.train_y, num_sites=num_sites, partitioner=partitioner,
                                 alpha=alpha, seed=seed)[site_id]
-    rng = np.random.default_rng([seed, site_id, 104729])
-    idx = rng.permutation(idx)
-    n_hold = max(1, int(round(len(idx) * holdout)))
-    if len(idx) - n_hold < 2:
+    train, hold = holdout_split(len(idx), holdout, seed=seed, site_id=site_id)
+    if len(train) < 2 or len(hold) < 1:
         raise ValueError(
             f"site {site_id} has only {len(idx)} records: too few to train and hold out"
         )
-    hold, train = idx[:n_hold], idx[n_hold:]
-    x = apply_site_shift(splits.train_x[idx], site_id=site_id, strength=shift, seed=seed)
-    x_hold, x_train = x[:n_hold], x[n_hold:]
+    order = np.concatenate([hold, train])
+    x = apply_site_shift(splits.train_x[idx[order]], site_id=site_id, strength=shift, seed=seed)
+    x_hold, x_train = x[:len(hold)], x[len(hold):]
     return SiteData(
         site_id=site_id,
-        train_x=x_train, train_y=splits.train_y[train],
-        holdout_x=x_hold, holdout_y=splits.train_y[hold],
+        train_x=x_train, train_y=splits.train_y[idx[train]],
+        holdout_x=x_hold, holdout_y=splits.train_y[idx[hold]],
         num_classes=splits.num_classes,
     )
 
@@ -362,11 +383,11 @@ def partition_patients(splits: Splits, *, num_sites: int, partitioner: str, alph
     return [np.flatnonzero(site_of == s) for s in range(num_sites)]
 
 
-def _patient_site_data(splits: Splits, *, site_id: int, num_sites: int, partitioner: str,
-                       alpha: float, holdout: float, shift: float, seed: int) -> SiteData:
-    """:func:`site_data` by patient: the site's patients (:func:`partition_patients`),
-    a ``holdout`` fraction of them (at least one, seeded) held out whole, so a
-    patient's records never span sites or the train/holdout split."""
+def _patient_split(splits: Splits, *, site_id: int, num_sites: int, partitioner: str,
+                   alpha: float, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(holdout record indices, training record indices, training patients)`` of
+    site ``site_id`` partitioned by patient (:func:`partition_patients`): a ``holdout``
+    fraction of its patients (at least one, seeded) held out whole."""
     inverse, _ = factorize(splits.train_groups)
     patients = partition_patients(splits, num_sites=num_sites, partitioner=partitioner,
                                   alpha=alpha, seed=seed)[site_id]
@@ -382,7 +403,16 @@ def _patient_site_data(splits: Splits, *, site_id: int, num_sites: int, partitio
     def records(ps: np.ndarray) -> np.ndarray:
         return np.concatenate([by_patient[starts[p]:starts[p + 1]] for p in ps])
 
-    hold, train = records(patients[:n_hold]), records(patients[n_hold:])
+    return records(patients[:n_hold]), records(patients[n_hold:]), len(patients) - n_hold
+
+
+def _patient_site_data(splits: Splits, *, site_id: int, num_sites: int, partitioner: str,
+                       alpha: float, holdout: float, shift: float, seed: int) -> SiteData:
+    """:func:`site_data` by patient (:func:`_patient_split`), so a patient's records
+    never span sites or the train/holdout split."""
+    hold, train, _ = _patient_split(splits, site_id=site_id, num_sites=num_sites,
+                                    partitioner=partitioner, alpha=alpha, holdout=holdout,
+                                    seed=seed)
     idx = np.concatenate([hold, train])
     x = apply_site_shift(splits.train_x[idx], site_id=site_id, strength=shift, seed=seed)
     groups = np.asarray(splits.train_groups)
@@ -395,28 +425,67 @@ def _patient_site_data(splits: Splits, *, site_id: int, num_sites: int, partitio
     )
 
 
+def site_train_counts(splits: Splits, *, num_sites: int, partitioner: str, alpha: float,
+                      holdout: float, seed: int, unit: str = "record"
+                      ) -> tuple[dict[int, int], dict[int, str]]:
+    """``(training units per site, site names)`` of a simulated federation: counts
+    only (the sites' unit makes them public), computed as :func:`site_data` splits.
+    ``unit = "patient"`` counts training patients (data with patient ids), else records.
+    Names are the records' own site names (``partitioner = "site"``), as the per-site
+    metrics name them."""
+    if splits.train_groups is not None:
+        names = (dict(enumerate(splits.site_names)) if partitioner == "site"
+                 else {i: f"site {i}" for i in range(num_sites)})
+        counts = {}
+        for i in range(num_sites):
+            _, train, patients = _patient_split(splits, site_id=i, num_sites=num_sites,
+                                                partitioner=partitioner, alpha=alpha,
+                                                holdout=holdout, seed=seed)
+            counts[i] = patients if unit == "patient" else len(train)
+        return counts, names
+    if partitioner == "site":
+        check_natural_sites(splits, num_sites)
+        sizes = [int((splits.train_site == i).sum()) for i in range(num_sites)]
+        names = dict(enumerate(splits.site_names))
+    else:
+        sizes = [len(p) for p in partition_indices(splits.train_y, num_sites=num_sites,
+                                                   partitioner=partitioner, alpha=alpha,
+                                                   seed=seed)]
+        names = {i: f"site {i}" for i in range(num_sites)}
+    return {i: n - max(1, int(round(n * holdout))) for i, n in enumerate(sizes)}, names
+
+
+EXPORT_SPLITS = ("train", "val", "test")
+
+
 def export_site_folders(splits: Splits, out: str | Path, *, num_sites: int, alpha: float,
-                        seed: int = 0) -> dict[str, dict[str, int]]:
-    """Write every record of ``splits`` (train, val and test pooled) as PNG files in
-    ``out/<site>/<class>/``: hospitals as folders, dealt by a Dirichlet(α) label
-    skew (flwr-datasets), for ``imagefolder:<out>?site=folder`` with
-    ``partitioner = "site"``. Returns the record count per site and class.
+                        seed: int = 0, include: tuple[str, ...] = ("train",)
+                        ) -> dict[str, dict[str, int]]:
+    """Write the records of ``include`` (by default the source's training split only: the
+    public val and test splits are the coordinator's, never a site's) as PNG files in
+    ``out/site-<i>/<class>/``: hospitals as folders, dealt by a Dirichlet(α) label skew
+    (flwr-datasets), for ``imagefolder:<out>?site=folder`` with ``partitioner = "site"``,
+    or one folder per deployed site. Returns the record count per site and class.
 
     Raises:
         FileExistsError: ``out`` exists and is not empty (nothing is overwritten).
+        ValueError: an unknown split in ``include``.
     """
-    from PIL import Image
+    from PIL import Image  # lazy: only an export writes images
 
+    bad = [p for p in include if p not in EXPORT_SPLITS]
+    if bad or not include:
+        raise ValueError(f"unknown split(s) {bad}; allowed: {', '.join(EXPORT_SPLITS)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
-    x = np.concatenate([splits.train_x, splits.val_x, splits.test_x])
-    y = np.concatenate([splits.train_y, splits.val_y, splits.test_y])
+    x = np.concatenate([getattr(splits, f"{p}_x") for p in include])
+    y = np.concatenate([getattr(splits, f"{p}_y") for p in include])
     parts = partition_indices(y, num_sites=num_sites, partitioner="dirichlet", alpha=alpha,
                               seed=seed)
     counts: dict[str, dict[str, int]] = {}
     for s, idx in enumerate(parts):
-        site = f"hospital-{s + 1}"
+        site = f"site-{s}"  # as the node configs, keys and the run records name it
         counts[site] = {}
         for c, name in enumerate(splits.classes):
             folder = out / site / name
@@ -441,7 +510,9 @@ def federation(cfg, *, dp_as_public: bool = False):
         SchemaError: the declared schema does not match the dataset, naming both.
     """
     declared = load_schema(cfg.schema)
-    mapping = declared if declared is not None and declared.input == "tabular" else None
+    # A tabular schema maps a CSV's columns by name; an image schema may declare a window.
+    mapping = declared if declared is not None and (
+        declared.input == "tabular" or declared.image_window) else None
     splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed, schema=mapping)
     if declared is not None and tuple(declared.classes) != tuple(splits.classes):
         raise SchemaError(f"the schema's classes {list(declared.classes)} differ from dataset "
@@ -451,7 +522,7 @@ def federation(cfg, *, dp_as_public: bool = False):
         raise SchemaError(f"the schema declares {declared.input} input, dataset {cfg.dataset!r} "
                           f"holds {'tabular' if tabular else 'image'} records")
     if declared is None:
-        schema = (derived_tabular(splits.classes, splits.columns, label="label") if tabular
+        schema = (derived_tabular(splits.classes, splits.columns, label=splits.label) if tabular
                   else image_schema(splits.classes, image_size=cfg.image_size,
                                     image_channels=cfg.image_channels))
     elif declared.input == "image":

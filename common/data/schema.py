@@ -111,6 +111,9 @@ class Schema:
     features: tuple[Feature, ...] = ()
     image_size: int = 0
     image_channels: int = 0
+    # A declared intensity window ``(lower, upper)`` in raw pixel units (a PNG's values, a
+    # DICOM's modality units), mapped to [0, 1] (common/data/decode.py); () : by bit depth.
+    image_window: tuple[float, ...] = ()
 
     # -- construction ----------------------------------------------------
     @classmethod
@@ -119,7 +122,7 @@ class Schema:
         if not isinstance(raw, Mapping):
             raise SchemaError(f"a schema is a table, got {type(raw).__name__}")
         allowed = {"classes", "input", "label", "missing", "scaling", "features", "image-size",
-                   "image-channels"}
+                   "image-channels", "image-window"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise SchemaError(f"unknown schema key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -155,8 +158,21 @@ class Schema:
         if label in {f.name for f in features}:
             raise SchemaError(f"the label column '{label}' is also listed as a feature")
         size, channels = raw.get("image-size", 0), raw.get("image-channels", 0)
+        window = raw.get("image-window", ())
+        if window != () and window != []:
+            if kind != "image":
+                raise SchemaError("'image-window' applies to an image schema only")
+            if (not isinstance(window, list | tuple) or len(window) != 2
+                    or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                               and math.isfinite(v) for v in window)
+                    or not window[0] < window[1]):
+                raise SchemaError(f"schema 'image-window' must be [lower, upper] with finite "
+                                  f"lower < upper (raw pixel or DICOM modality units), got "
+                                  f"{window!r}")
+            window = (float(window[0]), float(window[1]))
         return cls(classes=tuple(classes), input=kind, label=label, missing=missing,
-                   features=features, image_size=int(size), image_channels=int(channels))
+                   features=features, image_size=int(size), image_channels=int(channels),
+                   image_window=tuple(window))
 
     @classmethod
     def from_json(cls, text: str) -> Schema:
@@ -172,6 +188,8 @@ class Schema:
                                "label": self.label, "missing": self.missing}
         if self.input == "image":
             out["image-size"], out["image-channels"] = self.image_size, self.image_channels
+            if self.image_window:
+                out["image-window"] = list(self.image_window)
         else:
             out["features"] = [{k: (list(v) if isinstance(v, tuple) else v)
                                 for k, v in asdict(f).items()
@@ -215,77 +233,82 @@ class Schema:
             feats.append(f)
         return replace(self, features=tuple(feats))
 
-    def encode(self, header: Sequence[str], rows: Sequence[Sequence[str]], *, where: str = ""
-               ) -> tuple[np.ndarray, list[str]]:
+    def encode(self, header: Sequence[str], rows: Sequence[Sequence[str]], *,
+               extra: Sequence[str] = ()) -> tuple[np.ndarray, list[tuple[int, str, str]]]:
         """The unscaled design matrix of ``rows`` (raw CSV text, columns by ``header``
-        name) and one problem string per bad row or column (empty: all good).
+        name) and every bad cell as ``(row index, column, why)`` (empty: all good).
 
-        Numeric cells are numbers; categorical cells one-hot over the declared
-        levels. A missing cell follows ``missing``: ``error`` (a problem),
-        ``drop`` (the row's design is NaN, see :func:`drop_missing`), ``zero``
-        (the feature's centre after scaling: NaN here, filled by
-        :meth:`transform`). Each row is read on its own.
+        The header is checked first (:meth:`check_header`; ``extra`` names the
+        columns the data spec declares beside the features). Numeric cells are
+        numbers (:func:`parse_number`); categorical cells one-hot over the declared
+        levels. A missing cell follows ``missing``: ``error`` (a bad cell), ``drop``
+        (the row's design is NaN, see :func:`drop_missing`), ``zero`` (the
+        feature's centre after scaling: NaN here, filled by :meth:`transform`).
+        Each row is read on its own.
         """
-        self._check_header(header, where)
+        self.check_header(header, extra=extra)
         pos = {h: i for i, h in enumerate(header)}
         out = np.zeros((len(rows), len(self.columns)), dtype=np.float64)
-        problems: list[str] = []
-        bad_cols: dict[str, list] = {}
+        bad: list[tuple[int, str, str]] = []
+        missing_why = (f"missing value (schema missing = '{self.missing}'; allowed: "
+                       f"{', '.join(m for m in MISSING if m != 'error')})")
         col = 0
         for f in self.features:
             j = pos[f.name]
-            if f.kind == "numeric":
-                for i, row in enumerate(rows):
-                    text = row[j].strip()
-                    if text.lower() in MISSING_TOKENS:
-                        out[i, col] = math.nan
-                        continue
+            width = len(f.columns)
+            for i, row in enumerate(rows):
+                text = row[j].strip()
+                if text.lower() in MISSING_TOKENS:
+                    out[i, col:col + width] = math.nan
+                    if self.missing == "error":
+                        bad.append((i, f.name, missing_why))
+                    continue
+                if f.kind == "numeric":
                     try:
-                        v = float(text)
+                        v = parse_number(text)
                     except ValueError:
                         v = math.nan
-                        bad_cols.setdefault(f.name, []).append((i, text))
-                    out[i, col] = v if math.isfinite(v) else math.nan
-                col += 1
-            else:
-                index = {v: k for k, v in enumerate(f.levels)}
-                for i, row in enumerate(rows):
-                    text = row[j].strip()
-                    if text.lower() in MISSING_TOKENS:
-                        out[i, col:col + len(f.levels)] = math.nan
-                    elif text in index:
-                        out[i, col + index[text]] = 1.0
+                        bad.append((i, f.name, f"{text[:40]!r} is not a number"))
                     else:
-                        bad_cols.setdefault(f.name, []).append((i, text))
-                        out[i, col:col + len(f.levels)] = math.nan
-                col += len(f.levels)
-        for name, hits in bad_cols.items():
-            f = self.feature(name)
-            allowed = ("numbers" if f.kind == "numeric"
-                       else f"one of its declared levels {list(f.levels)}")
-            problems.append(f"{where}column '{name}': {len(hits)} rows have values that are not "
-                            f"{allowed} (first: {hits[0][1]!r}, data row {hits[0][0] + 1})")
-        bad = [k for k, _ in bad_cols.items()]
-        miss = _missing_counts(self, out, exclude=set(bad))
-        if miss and self.missing == "error":
-            problems += [f"{where}column '{c}' has {n} missing values (schema missing='error'; "
-                         "allowed: drop, zero)" for c, n in miss.items()]
-        return out, problems
+                        if not math.isfinite(v):
+                            bad.append((i, f.name, f"{text!r} is not a finite number"))
+                            v = math.nan
+                    out[i, col] = v
+                elif text in f.levels:
+                    out[i, col + f.levels.index(text)] = 1.0
+                else:
+                    out[i, col:col + width] = math.nan
+                    bad.append((i, f.name, f"{text[:40]!r} is not one of its declared levels "
+                                           f"{list(f.levels)}"))
+            col += width
+        bad.sort(key=lambda b: b[0])
+        return out, bad
 
-    def _check_header(self, header: Sequence[str], where: str) -> None:
+    def check_header(self, header: Sequence[str], *, extra: Sequence[str] = (),
+                     file: str = "") -> None:
+        """Every feature column present by name; nothing else but the label, an
+        ``id`` column and ``extra`` (what the data spec declares: a site or patient
+        column). A column differing only in case from a feature is named as such.
+
+        Raises:
+            SchemaError: naming each unknown, case-changed or missing column.
+        """
         names = {f.name for f in self.features}
-        extra = [h for h in header if h not in names and h not in (self.label, ID_COLUMN)]
+        known = {self.label, ID_COLUMN, *extra}
+        unknown = [h for h in header if h not in names and h not in known]
         lacking = [n for n in names if n not in header]
         folded = {n.casefold(): n for n in names}
         msgs = []
-        for h in extra:
+        for h in unknown:
             near = folded.get(h.casefold())
             msgs.append(f"column '{h}' differs only in case from the schema's feature '{near}'"
-                        if near else f"column '{h}' is not in the federation's schema")
+                        if near else f"column '{h}' is not in the federation's schema (declare "
+                        "it, or name it in the data spec: ?site=COL or ?patient=column:COL)")
         if lacking:
             msgs.append(f"required feature column(s) missing: {sorted(lacking)}")
         if msgs:
-            raise SchemaError(f"{where}" + "; ".join(msgs) + f" (schema features: "
+            prefix = f"file {file}: " if file else ""
+            raise SchemaError(prefix + "; ".join(msgs) + f" (schema features: "
                               f"{[f.name for f in self.features]}, label '{self.label}')")
 
     def feature(self, name: str) -> Feature:
@@ -451,18 +474,6 @@ def _unique(what: str, names: Sequence[str]) -> None:
                               f"'{next(s for s in seen if s.casefold() == n.casefold())}' differ "
                               "only in case")
         seen[n] = n
-
-
-def _missing_counts(schema: Schema, design: np.ndarray, exclude: set[str]) -> dict[str, int]:
-    out, col = {}, 0
-    for f in schema.features:
-        k = len(f.columns)
-        if f.name not in exclude:
-            n = int(np.isnan(design[:, col:col + k]).any(axis=1).sum())
-            if n:
-                out[f.name] = n
-        col += k
-    return out
 
 
 def drop_missing(design: np.ndarray) -> np.ndarray:

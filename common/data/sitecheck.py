@@ -3,27 +3,26 @@
 Pure functions over :mod:`common.data.readers` scans and :mod:`common.privacy.accounting`.
 The ε estimate is for the *planned* run at the site's own cap: with σ = 0
 (the default) the site calibrates σ so that its ledger's history plus every
-planned round fits the cap, exactly as :func:`client.site.plan_noise` does
-at training time; with a fixed σ it reports the ε that σ reaches.
+planned round fits the cap, exactly as the site does at training time
+(:func:`common.privacy.planning.plan_round`, the one planner); with a fixed σ it reports the ε that σ reaches.
 Unit of privacy: one training record at this site.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from common.batches import BatchPlanError, plan_batch
 from common.data.readers import Scan, SiteDataError, scan
 from common.data.schema import Schema, SchemaError
-from common.privacy.accounting import (
-    UNIT_OF_PRIVACY,
-    Mechanism,
-    calibrate_noise_multiplier,
-    dp_plan,
-    epsilon,
-)
+from common.privacy.accounting import UNIT_OF_PRIVACY, Mechanism, dp_plan, epsilon
 from common.privacy.ledger import Ledger
+from common.privacy.planning import DEFAULT_MIN_NOISE_MULTIPLIER, plan_round
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,7 @@ class Plan:
     batch_size: int = 64
     noise_multiplier: float = 0.0  # 0: calibrate to the cap
     holdout: float = 0.2
+    min_noise_multiplier: float = DEFAULT_MIN_NOISE_MULTIPLIER  # the site's σ floor
 
 
 @dataclass
@@ -60,11 +60,15 @@ class SiteReport:
     counts: dict[str, int]
     image_sizes: dict[str, int]
     corrupt: list[dict[str, str]]
+    refused: int
     label_problems: list[str]
     column_problems: list[str]
     notes: list[str]
     estimate: Estimate | None
     errors: list[str] = field(default_factory=list)
+    # Patient ids (where the spec declares them): counts only; the ids never leave the site.
+    patients: int | None = None
+    records_per_patient: dict[str, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -76,27 +80,37 @@ class SiteReport:
 
 def estimate_epsilon(num_train: int, plan: Plan, prior: list[Mechanism] | None = None
                      ) -> Estimate:
-    """σ and ε for ``plan.num_rounds`` rounds on ``num_train`` records."""
+    """σ and ε for ``plan.num_rounds`` rounds on ``num_train`` records, at the
+    expected batch the coordinator plans for this many records
+    (:func:`common.batches.plan_batch`) and with the site's σ floor, planned exactly
+    as the site plans them (:func:`common.privacy.planning.plan_round`)."""
     prior = prior or []
     spent = epsilon(prior, delta=plan.target_delta)
-    if num_train < plan.batch_size:
-        return Estimate(num_train, math.nan, 0, None, None, spent, False,
-                        f"batch size {plan.batch_size} exceeds the {num_train} training records: "
-                        "every round would be refused")
-    q, steps = dp_plan(num_train, batch_size=plan.batch_size, epochs=plan.local_epochs)
-    sigma = plan.noise_multiplier
-    if sigma == 0:
-        try:
-            sigma = calibrate_noise_multiplier(
-                target_epsilon=plan.target_epsilon, delta=plan.target_delta, sample_rate=q,
-                steps=steps * plan.num_rounds, prior=prior)
-        except ValueError as exc:
-            return Estimate(num_train, q, steps, None, spent, spent, False, str(exc))
-    eps = epsilon([*prior, Mechanism(noise_multiplier=sigma, sample_rate=q,
-                                     steps=steps * plan.num_rounds)], delta=plan.target_delta)
+    try:
+        batch = plan_batch(num_train, batch_size=plan.batch_size)
+    except BatchPlanError as exc:
+        return Estimate(num_train, math.nan, 0, None, None, spent, False, str(exc))
+    try:
+        planned = plan_round(num_units=num_train, batch_size=batch, epochs=plan.local_epochs,
+                             rounds=plan.num_rounds, target_epsilon=plan.target_epsilon,
+                             delta=plan.target_delta, prior=prior,
+                             floor=plan.min_noise_multiplier,
+                             requested_sigma=plan.noise_multiplier)
+    except ValueError as exc:
+        q, steps = dp_plan(num_train, batch_size=batch, epochs=plan.local_epochs)
+        return Estimate(num_train, q, steps, None, spent, spent, False, str(exc))
+    mech = planned.mechanism
+    sigma, q, steps = mech.noise_multiplier, mech.sample_rate, mech.steps
+    eps = planned.epsilon_after_run
     fits = eps <= plan.target_epsilon + 1e-9
     how = "calibrated to the cap" if plan.noise_multiplier == 0 else "fixed by the server"
-    note = (f"{plan.num_rounds} rounds x {steps} steps at q={q:.4f}, σ={sigma:.3f} ({how}): "
+    if sigma == plan.min_noise_multiplier and plan.noise_multiplier == 0:
+        how = f"the site's floor min-noise-multiplier {plan.min_noise_multiplier:g}"
+    batch_note = f"expected batch {batch}" + (
+        f" (planned for {num_train} records; requested {plan.batch_size})"
+        if batch != plan.batch_size else "")
+    note = (f"{plan.num_rounds} rounds x {steps} steps at q={q:.4f} ({batch_note}), "
+            f"σ={sigma:.3f} ({how}): "
             f"ε={eps:.3f} at δ={plan.target_delta:g}, cap {plan.target_epsilon:g}")
     if not fits:
         rounds = _rounds_that_fit(prior, sigma, q, steps, plan)
@@ -113,23 +127,44 @@ def _rounds_that_fit(prior, sigma, q, steps, plan: Plan) -> int:
     return n
 
 
+# A class this many times rarer than the site's most common one is worth a warning: the
+# site's DP head sees few of its gradients, and its holdout says little about it.
+IMBALANCE_RATIO = 10.0
+
+
+def imbalance_warnings(counts: dict[str, int], ratio: float = IMBALANCE_RATIO) -> list[str]:
+    """A warning per class (with records) rarer than the most common by more than ``ratio``."""
+    present = {c: n for c, n in counts.items() if n}
+    if len(present) < 2:
+        return []
+    top, most = max(present.items(), key=lambda kv: kv[1])
+    return [f"class imbalance: '{c}' has {n} records against {most} of '{top}' (ratio "
+            f"{most / n:.0f}, above {ratio:g})" for c, n in present.items() if most / n > ratio]
+
+
 def check_site(spec: str, plan: Plan, *, ledger: str | Path | None = None,
                num_classes: int | None = None, classes: tuple[str, ...] | None = None,
                schema: Schema | None = None) -> SiteReport:
     """Read ``spec`` and report on it (never raises for bad data: it is listed).
     ``classes``: the site's declared class names (node config ``class-names``);
-    ``schema``: the federation's schema (classes, and a CSV's columns by name)."""
+    ``schema``: the federation's schema (classes, a CSV's columns by name, and an
+    image schema's size, channels and window: read exactly as training and
+    ``predict`` read them, through :mod:`common.data.readers`)."""
+    size = channels = None
+    if schema is not None and schema.input == "image":
+        if schema.image_size:
+            size = (schema.image_size, schema.image_size)
+        channels = schema.image_channels or None
     if schema is not None:
         if classes is not None and tuple(classes) != schema.classes:
-            return SiteReport(spec, "?", 0, [], {}, {}, [], [], [], [], None, errors=[
+            return SiteReport(spec, "?", 0, [], {}, {}, [], 0, [], [], [], None, errors=[
                 f"class names {list(classes)} differ from the schema's {list(schema.classes)}"])
         classes = schema.classes
     try:
-        s: Scan | None = scan(spec, classes=classes,
-                              schema=schema if schema is not None and schema.features else None)
+        s: Scan | None = scan(spec, classes=classes, schema=schema, size=size, channels=channels)
     except (SiteDataError, SchemaError) as exc:
-        return SiteReport(spec, "?", 0, [], {}, {}, [], [], [], [], None, errors=[str(exc)])
-    errors = [f"unreadable file {f}: {why}" for f, why in s.corrupt]
+        return SiteReport(spec, "?", 0, [], {}, {}, [], 0, [], [], [], None, errors=[str(exc)])
+    errors = [p for p in s.problems() if p.startswith("unreadable ")]
     errors += [p for p in s.label_problems if "is empty" not in p]
     errors += s.column_problems
     if s.class_source == "sorted":
@@ -137,6 +172,7 @@ def check_site(spec: str, plan: Plan, *, ledger: str | Path | None = None,
                       "class-names in the node config (and --class-names here) to the "
                       "federation's class names, in its order")
     warnings = [p for p in s.label_problems if "is empty" in p]
+    warnings += imbalance_warnings(s.counts)
     if num_classes is not None and len(s.classes) > num_classes:
         errors.append(f"{len(s.classes)} classes, the federation has {num_classes}")
     n = len(s.y)
@@ -152,15 +188,27 @@ def check_site(spec: str, plan: Plan, *, ledger: str | Path | None = None,
         estimate = estimate_epsilon(n_train, plan, prior)
         if not estimate.fits:  # a site that would decline rounds is not ready to join
             errors.append(f"the planned run does not fit: {estimate.note}")
+    patients = per_patient = None
+    if s.patients is not None and len(s.patients):
+        sizes = np.array(list(Counter(s.patients.tolist()).values()))
+        patients = len(sizes)
+        per_patient = {"min": int(sizes.min()), "median": float(np.median(sizes)),
+                       "mean": float(sizes.mean()), "max": int(sizes.max())}
     return SiteReport(spec=spec, kind=s.kind, num_records=n, classes=list(s.classes),
                       counts=s.counts, image_sizes=dict(s.image_sizes),
                       corrupt=[{"file": f, "reason": why} for f, why in s.corrupt],
+                      refused=s.refused, patients=patients, records_per_patient=per_patient,
                       label_problems=s.label_problems, column_problems=list(s.column_problems),
                       notes=[*warnings, *s.notes], estimate=estimate, errors=errors)
 
 
 def format_report(r: SiteReport) -> str:
-    lines = [f"site data: {r.spec} ({r.kind}), {r.num_records} usable records"]
+    refused = f", {r.refused} refused (named below)" if r.refused else ""
+    lines = [f"site data: {r.spec} ({r.kind}): {r.num_records} usable records{refused}"]
+    if r.patients is not None:
+        p = r.records_per_patient
+        lines.append(f"patients: {r.patients}; records per patient min {p['min']}, median "
+                     f"{p['median']:g}, max {p['max']} (ids stay here)")
     if r.classes:
         lines.append("records per class: " + ", ".join(f"{c}: {n}" for c, n in r.counts.items()))
     if r.image_sizes:

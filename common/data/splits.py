@@ -39,8 +39,9 @@ class Splits:
     train_site: np.ndarray | None = None
     val_site: np.ndarray | None = None
     test_site: np.ndarray | None = None
-    # Each training record's patient (e.g. the constructed grouping, common/data/grouping.py);
-    # simulated sites are then partitioned by patient (site_data). None: no patient ids.
+    label: str = "label"  # a CSV's label column (what the derived schema records)
+    # Each training record's patient (site-local ids, for grouping only), where the data
+    # spec declares where they come from; the splits above never put a patient on two sides.
     train_groups: np.ndarray | None = None
 
     @property
@@ -68,6 +69,10 @@ class SiteData:
     # site), where the site declares where patient ids come from; None: one record, one unit.
     train_groups: np.ndarray | None = None
     holdout_groups: np.ndarray | None = None
+    # Every record's digest and name (files, rows) as read, train and holdout alike: for the
+    # site's own check against the coordinator's public records. Site-local, never sent.
+    digests: tuple[str, ...] = ()
+    record_ids: tuple[str, ...] = ()
 
     @property
     def fingerprint(self) -> str:

@@ -213,3 +213,36 @@ def get_backbone(name: str, image_size: int = 64) -> Backbone:
         return Backbone(name=f"file:{path}", fingerprint=fp, image_size=image_size,
                         loader=lambda: _load_file(path))
     raise ValueError(f"unknown backbone {name!r}. Valid: {', '.join(BACKBONE_NAMES)}")
+
+
+# Pooled feature width of the registry's EfficientNet-Lites (their conv_head's channels).
+EFFICIENTNET_DIM = 1280
+
+
+def feature_dim(name: str, schema, record_shape: tuple[int, ...] = ()) -> int:
+    """The width of the features backbone ``name`` makes from records read as
+    ``schema`` (a :class:`common.data.schema.Schema`), one record of
+    ``record_shape`` (as read: ``identity`` passes it through), without reading
+    a record.
+
+    Raises:
+        ValueError: an image backbone for tabular records, or an unknown name.
+        FileNotFoundError: a ``file:`` backbone that is not there.
+    """
+    if schema.input == "tabular":
+        if name != "identity":
+            raise ValueError(f"tabular records take backbone 'identity', got {name!r}")
+        return len(schema.columns)
+    if name == "identity":
+        if not record_shape:
+            return int(schema.image_size) ** 2 * int(schema.image_channels)
+        return int(np.prod(record_shape))
+    if name in EFFICIENTNETS:
+        return EFFICIENTNET_DIM
+    return _file_feature_dim(name, int(schema.image_size), int(schema.image_channels))
+
+
+@lru_cache(maxsize=8)
+def _file_feature_dim(name: str, size: int, channels: int) -> int:
+    shape = (1, size, size) if channels == 1 else (1, size, size, channels)
+    return int(get_backbone(name, size).extract(np.zeros(shape, np.float32)).shape[1])

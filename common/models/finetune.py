@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.models.backbones import Backbone, get_backbone
+from common.models.backbones import Backbone, feature_dim, get_backbone
 from common.models.heads import head_state, load_head_state, make_head
 from common.models.names import TRAINABLE_MODES
 
@@ -379,3 +379,24 @@ def image_model(model: nn.Module, backbone_name: str, image_size: int) -> nn.Mod
     """Images in [0, 1] -> logits for a tuned model (eval)."""
     prefix = prefix_backbone(get_backbone(backbone_name, image_size)).module()
     return ImageModel(prefix, model).eval()
+
+
+def model_shapes(mode: str, *, head: str, backbone: str, schema, hidden_dim: int = 128,
+                 record_shape: tuple[int, ...] = ()) -> OrderedDict[str, tuple[int, ...]]:
+    """Names and shapes of :func:`model_state` for records read as ``schema``
+    (a :class:`common.data.schema.Schema`) with one record of ``record_shape``,
+    from declarations only: no record, no weight file of a registry backbone is read.
+
+    Raises:
+        ValueError: an unknown mode or head, or a mode the backbone cannot tune.
+    """
+    if is_tuned(mode) and backbone != "efficientnet-lite0":
+        raise ValueError(f"trainable modes other than 'head' need backbone 'efficientnet-lite0', "
+                         f"got {backbone!r}")
+    in_dim = SUFFIX_DIM if is_tuned(mode) else feature_dim(backbone, schema, record_shape)
+    h = make_head(head, in_dim=in_dim, num_classes=len(schema.classes), hidden_dim=hidden_dim)
+    shapes = OrderedDict((k, tuple(v.shape)) for k, v in h.state_dict().items())
+    suffix = suffix_shapes()
+    for name in trainable_names(mode):
+        shapes[PREFIX + name] = suffix[name]
+    return shapes

@@ -34,6 +34,9 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
     with warnings.catch_warnings():
         # A site's holdout may lack classes the head predicts; that is expected.
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        # A one-class test split (one hospital's): balanced accuracy is then recall on that
+        # class, which is what we report; scikit-learn's notice says nothing to the user.
+        warnings.filterwarnings("ignore", message="A single label was found in 'y_true'")
         bal = float(balanced_accuracy_score(labels, pred))
     out = {
         "accuracy": float(accuracy_score(labels, pred)),

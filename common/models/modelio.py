@@ -34,6 +34,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from torch import nn
 
+from common.data.schema import Schema
 from common.digest import file_sha256
 from common.models.finetune import image_model, is_tuned, load_model_state, make_model
 from common.models.students import StudentSpec, make_student
@@ -232,6 +233,32 @@ def default_model(card: dict) -> str:
     return "student" if STUDENT_FILE in (card.get("files") or {}) else "head"
 
 
+class RawColumnsHead(nn.Module):
+    """A tabular head that takes the raw design columns: the schema's clip, centre and
+    scale (:meth:`common.data.schema.Schema.transform`) run inside the graph, and a
+    missing value (NaN) becomes the feature's centre, as at the sites and in predict."""
+
+    def __init__(self, head: nn.Module, lower, upper, center, scale) -> None:
+        super().__init__()
+        self.head = head
+        for name, v in (("lower", lower), ("upper", upper), ("center", center),
+                        ("scale", scale)):
+            self.register_buffer(name, torch.as_tensor(np.asarray(v, dtype=np.float32)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        missing = torch.isnan(x)
+        x = torch.where(missing, torch.zeros_like(x), x)
+        x = torch.minimum(torch.maximum(x, self.lower), self.upper)
+        x = (x - self.center) / self.scale
+        return self.head(torch.where(missing, torch.zeros_like(x), x))
+
+
+def tabular_schema(card: dict) -> Schema | None:
+    """The card's tabular schema, or None (an image run, or a card without one)."""
+    block = card.get("schema") or {}
+    return Schema.from_dict(block) if block.get("input") == "tabular" else None
+
+
 def _export_module(path: str | Path, which: str) -> tuple[nn.Module, tuple[int, ...], str]:
     """The module to export, its input shape per record and the input's name."""
     if which not in MODELS:
@@ -242,6 +269,12 @@ def _export_module(path: str | Path, which: str) -> tuple[nn.Module, tuple[int, 
         if is_tuned(h.get("trainable", "head")):  # images in: the frozen prefix, then the tuned part
             size = int(h["image_size"])
             return image_model(head, h["backbone"], size), (3, size, size), "images"
+        schema = tabular_schema(card)
+        if schema is not None:  # raw columns in: the run's scaling travels inside the graph
+            if len(schema.columns) != int(h["in_dim"]):
+                raise ValueError(f"the card's schema has {len(schema.columns)} design columns, "
+                                 f"the head takes {h['in_dim']}: cannot export its scaling")
+            return RawColumnsHead(head, *schema.affine()), (int(h["in_dim"]),), "records"
         return head, (int(h["in_dim"]),), "features"
     student, spec, _ = load_student(path)
     return student, tuple(spec.input_shape), "images"

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import os
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,8 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.data.schema import Schema, SchemaError
-from common.data.schema import parse_number as _number
+from common.data.decode import IMAGE_SUFFIXES, RecordError, Window, read_csv_table, where
+from common.data.datasets import record_columns
+from common.data.readers import cell_messages, data_spec, image_files, read_image
+from common.data.schema import ID_COLUMN, Feature, Schema, SchemaError
 from common.models.decision import apply_decision, check_decision, explain_decision
 from common.models.distill import probs_from_logits
 from common.models.finetune import input_backbone, is_tuned
@@ -47,13 +47,9 @@ from common.models.students import to_student_input
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 WHICH = MODELS
 OK = "ok"
 UNREADABLE = "unreadable: "
-_GRAY_MODES = {"1", "L", "I", "I;16", "F"}
-# What Pillow raises on a corrupt or hostile file, besides its UnidentifiedImageError.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 @dataclass
@@ -115,236 +111,149 @@ def npz_inputs(path: Path) -> Inputs:
     return _inputs(ids, x[finite], reasons, [f"record {i}" for i in ids], x.shape[1:])
 
 
-def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """The header and ``(line number, cells)`` of every non-blank row."""
-    try:
-        # utf-8-sig: a spreadsheet's byte-order mark must not rename the first column.
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = [h.strip() for h in next(reader, [])]
-            rows, start = [], reader.line_num + 1
-            for row in reader:
-                if any(c.strip() for c in row):
-                    rows.append((start, row))
-                start = reader.line_num + 1
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ValueError(f"{path}: not a readable CSV ({exc})") from exc
-    if not header:
-        raise ValueError(f"{path}: empty file")
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return header, rows
+def csv_schema(header: list[str], card: Mapping | None, *, extra: tuple[str, ...] = ()
+               ) -> tuple[Schema, bool]:
+    """``(schema, fitted)``: the card's tabular schema (the run's features by name
+    and its scaling), or, for a card without one, every column but ``id``, the label
+    and ``extra`` as an unscaled numeric feature."""
+    block = (card or {}).get("schema")
+    if block and block.get("input") == "tabular":
+        return Schema.from_dict(block), True
+    names = [h for h in header if h.lower() not in (ID_COLUMN, "label") and h not in extra]
+    if not names:
+        raise ValueError(f"no feature columns (columns: {', '.join(header)})")
+    return Schema(classes=tuple(str(c) for c in (card or {}).get("classes") or ("0", "1")),
+                  input="tabular", features=tuple(Feature(name=n) for n in names)), False
 
 
-def _parse_row(cells: list[str], names: list[str]) -> tuple[list[float], str | None, list[str]]:
-    """A row's feature values (NaN where unusable), what is wrong with them (None:
-    nothing) and the columns holding text."""
-    values, missing, infinite, text = [], [], [], []
-    for name, cell in zip(names, cells, strict=True):
-        try:
-            v = _number(cell)  # the training reader's rule: the same NA tokens mean missing
-        except ValueError:
-            text.append((name, cell.strip()))
-            values.append(math.nan)
-            continue
-        if math.isnan(v):
-            missing.append(name)
-        elif math.isinf(v):
-            infinite.append(name)
-        values.append(v)
-    parts = [f"missing values in columns {missing}"] if missing else []
-    parts += [f"infinite values in columns {infinite}"] if infinite else []
-    if text:
-        parts.append(f"non-numeric values in columns {[n for n, _ in text]} "
-                     f"({', '.join(repr(t) for _, t in text[:3])})")
-    return values, " and ".join(parts) or None, [n for n, _ in text]
-
-
-def _check_columns(path: Path, names: list[str], x: np.ndarray, text_cols: set[str]) -> None:
-    """A column with no number in any row is the file's problem, not a row's."""
-    if not len(x):
-        return
-    dead = [n for n, alive in zip(names, np.isfinite(x).any(axis=0), strict=True) if not alive]
-    text = [n for n in dead if n in text_cols]
-    empty = [n for n in dead if n not in text_cols]
-    parts = ([f"non-numeric columns {text} (no row holds a number)"] if text else []) + (
-        [f"columns {empty} hold no values"] if empty else [])
-    if parts:
-        raise ValueError(f"{path}: {'; '.join(parts)}; a CSV input holds numeric feature columns "
-                         "(plus optional 'id' and 'label')")
-
-
-def records_from_csv(path: str | Path, card: Mapping | None = None
-                     ) -> tuple[list[str], np.ndarray, list[str]]:
-    """``(ids, X, statuses)`` from a CSV's numeric feature columns.
-
-    Columns: every one except an optional ``id`` (row names; else ``0..N-1``)
-    and ``label`` (ignored), in file order. ``statuses`` has one entry per row,
-    ``ok`` or ``unreadable: line <n>: <why>`` (missing, non-numeric or
-    infinite values, a wrong field count); ``X`` holds the ``ok`` rows only,
-    in order. A column with no number in any row is an error for the file.
+def records_from_csv(path: str | Path, card: Mapping | None = None, *,
+                     extra: tuple[str, ...] = ()) -> tuple[list[str], np.ndarray, list[str]]:
+    """``(ids, X, statuses)`` of a CSV, read by :mod:`common.data.decode` and
+    :meth:`Schema.encode`, the code a site's training and ``site check`` use.
 
     With a tabular ``schema`` in the ``card`` (feature names, one-hot levels,
-    scaling constants: :mod:`common.data.schema`), columns map onto it *by name*
-    and each row gets the run's transform (:func:`schema_records`).
+    scaling constants), columns map onto it *by name* and each row gets the run's
+    transform; a column the schema does not know (beyond ``id``, the label and
+    ``extra``: the spec's site and patient columns), one differing only in case,
+    or a missing feature is an error for the file, as at a site. Without one,
+    every column but ``id`` and ``label`` is a numeric feature, in file order.
+    ``statuses`` has one entry per row, ``ok`` or ``unreadable: file F, row R,
+    column 'C': why``; ``X`` holds the ``ok`` rows only, in order.
     """
     path = Path(path)
-    header, rows = _read_csv_rows(path)
-    schema_block = (card or {}).get("schema")
-    if schema_block and schema_block.get("input") == "tabular":
-        return schema_records(path, Schema.from_dict(schema_block), header, rows)
-    cols = {c.lower(): i for i, c in enumerate(header)}
-    id_col = cols.get("id")
-    feature_idx = [i for i, c in enumerate(header) if c.lower() not in ("id", "label")]
-    if not feature_idx:
-        raise ValueError(f"{path}: no feature columns (columns: {', '.join(header)})")
-    names = [header[i] for i in feature_idx]
-    ids, parsed, reasons, full_width, text_cols = [], [], [], [], set()
-    for n, (line, row) in enumerate(rows):
-        ids.append(row[id_col].strip() if id_col is not None and id_col < len(row) else str(n))
-        full_width.append(len(row) == len(header))
-        if full_width[-1]:
-            values, why, text = _parse_row([row[i] for i in feature_idx], names)
-            text_cols.update(text)
-        else:
-            values = [math.nan] * len(names)
-            why = f"{len(row)} fields, the header has {len(header)}"
-        parsed.append(values)
-        reasons.append(None if why is None else f"line {line}: {why}")
-    x = np.array(parsed, dtype=np.float64).reshape(-1, len(names))
-    _check_columns(path, names, x[np.array(full_width)], text_cols)
-    statuses = [OK if why is None else UNREADABLE + why for why in reasons]
-    return ids, x[np.array([why is None for why in reasons])].astype(np.float32), statuses
-
-
-def schema_records(path: Path, schema: Schema, header: list[str],
-                   rows: list[tuple[int, list[str]]]) -> tuple[list[str], np.ndarray, list[str]]:
-    """``(ids, X, statuses)`` of a CSV read through the run's schema: every schema
-    feature is required by name (a missing one, or one differing only in case, is
-    an error for the file); the label, an ``id`` and any other column are ignored
-    (and logged); each row is encoded on its own and transformed with the
-    schema's constants. A row the schema cannot read (a non-number, an
-    undeclared level, a missing value under ``missing = "error"`` or ``"drop"``)
-    gets an ``unreadable`` status naming its line and column."""
-    names = {f.name for f in schema.features}
-    ignored = [h for h in header if h not in names]
-    if ignored:
-        log.info("%s: columns %s are not model features; ignored", path, ignored)
-    cols = [i for i, h in enumerate(header) if h in names]
-    sub = [header[i] for i in cols]
     try:
-        schema._check_header(sub, f"{path.name}: ")
-    except SchemaError as exc:
-        folded = {n.casefold(): n for n in names}
-        near = [f"'{h}' differs only in case from the model's feature '{folded[h.casefold()]}'"
-                for h in ignored if h.casefold() in folded]
-        raise ValueError(f"{exc}" + (f"; {'; '.join(near)}" if near else "")) from exc
-    id_col = next((i for i, h in enumerate(header) if h.lower() == "id"), None)
-    ids, designs, statuses = [], [], []
+        table = read_csv_table(path)
+    except RecordError as exc:
+        raise ValueError(str(exc)) from None
+    if not table.rows:
+        raise ValueError(f"{where(path.name)}: no rows")
+    header = table.header
+    schema, fitted = csv_schema(header, card, extra=extra)
+    # A row's value cannot depend on other rows: "drop" cannot drop one record of a
+    # prediction, so a missing value there is unreadable (as under "error").
     strict = replace(schema, missing="error" if schema.missing == "drop" else schema.missing)
-    for n, (line, row) in enumerate(rows):
-        ids.append(row[id_col].strip() if id_col is not None and id_col < len(row) else str(n))
-        if len(row) != len(header):
-            statuses.append(f"{UNREADABLE}line {line}: {len(row)} fields, the header has "
-                            f"{len(header)}")
+    id_col = next((i for i, h in enumerate(header) if h.lower() == ID_COLUMN), None)
+    ids = [cells[id_col].strip() if id_col is not None and id_col < len(cells) else str(n)
+           for n, (_, cells) in enumerate(table.rows)]
+    whole = [(row, cells) for row, cells in table.rows if len(cells) == len(header)]
+    try:
+        design, bad = strict.encode(header, [c for _, c in whole],
+                                    extra=tuple(extra) + (("label",) if not fitted else ()))
+    except SchemaError as exc:
+        raise ValueError(f"{where(path.name)}: {exc}") from None
+    messages = cell_messages(path.name, bad, [r for r, _ in whole])
+    statuses, keep, k = [], [], 0
+    for row, cells in table.rows:
+        if len(cells) != len(header):
+            statuses.append(f"{UNREADABLE}{where(path.name, row)}: {len(cells)} fields, the "
+                            f"header has {len(header)}")
             continue
-        design, problems = strict.encode(sub, [[row[i] for i in cols]])
-        if problems:
-            why = "; ".join(problems)
-            statuses.append(f"{UNREADABLE}line {line}: {why}")
-            continue
-        statuses.append(OK)
-        designs.append(design[0])
-    x = schema.transform(np.array(designs).reshape(-1, len(schema.columns)))
+        why = messages.get(k)
+        statuses.append(OK if why is None else UNREADABLE + why)
+        keep.append(why is None)
+        k += 1
+    good = design[np.array(keep, dtype=bool)] if keep else design[:0]
+    x = schema.transform(good) if fitted else good.astype(np.float32)
     return ids, x, statuses
 
 
-def csv_inputs(path: Path, card: Mapping | None = None) -> Inputs:
-    """A CSV's records (see :func:`records_from_csv`); problems name the line."""
-    ids, x, statuses = records_from_csv(path, card)
+def csv_inputs(path: Path, card: Mapping | None = None, *, extra: tuple[str, ...] = ()
+               ) -> Inputs:
+    """A CSV's records (see :func:`records_from_csv`); problems name file, row, column."""
+    ids, x, statuses = records_from_csv(path, card, extra=extra)
     problems = [s.removeprefix(UNREADABLE) for s in statuses if s != OK]
     return Inputs(ids, x, statuses, problems)
 
 
-def _open_image(f: Path):
-    """The decoded image; ``ValueError`` saying why when it cannot be decoded."""
-    from PIL import Image, UnidentifiedImageError
+def read_image_folder(path: Path, *, channels: int | None, size: tuple[int, int] | None,
+                      window: Window | None = None, dicom: bool = False) -> Inputs:
+    """Every image under ``path`` (recursively, sorted; the suffixes a site reads,
+    or with ``dicom`` every file), decoded and conformed by
+    :func:`common.data.readers.read_image`, the function a site's training and
+    ``site check`` call; ids are paths relative to ``path``.
 
-    try:
-        with Image.open(f) as img:
-            img.load()  # decodes fully: a truncated file fails here, not later
-            return img.copy()
-    except UnidentifiedImageError:
-        raise ValueError("not an image Pillow can read (unknown format or corrupt header)"
-                         ) from None
-    except (*_DECODE_ERRORS, Image.DecompressionBombError) as exc:
-        raise ValueError(f"cannot be decoded ({type(exc).__name__}: {exc})") from None
-
-
-def _image_array(img, *, channels: int | None, size: tuple[int, int] | None) -> np.ndarray:
-    """A decoded image as floats in [0, 1] with the channels and size the model takes."""
-    from PIL import Image
-
-    if img.mode in _GRAY_MODES:
-        # 8-bit and 1-bit images scale by 255, 16-bit by 65535; float stays as is.
-        scale = 65535.0 if img.mode.startswith("I") else 1.0 if img.mode == "F" else 255.0
-        have, img = 1, img.convert("F") if img.mode != "1" else img.convert("L")
-    elif img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
-        have, img, scale = 3, img.convert("RGB"), 255.0
-    else:
-        raise ValueError(f"unsupported image mode {img.mode}")
-    if channels is not None and have != channels:
-        kind = {1: "grayscale (1-channel)", 3: "colour (3-channel)"}
-        raise ValueError(f"the model expects {kind[channels]} images, this one is {kind[have]}")
-    if size is not None and img.size != (size[1], size[0]):
-        img = img.resize((size[1], size[0]), Image.BILINEAR)
-    return np.asarray(img, dtype=np.float32) / scale
-
-
-def read_image_folder(path: Path, *, channels: int | None, size: tuple[int, int] | None) -> Inputs:
-    """Every image under ``path`` (recursively, sorted), as floats in [0, 1];
-    ids are paths relative to ``path``.
-
-    ``channels``: what the model takes (1 or 3), or None for either. Images
-    of another size are resized to ``size`` (the student's input size). An
-    image that cannot be decoded or has the wrong channels is unreadable.
+    ``channels``: what the model takes (1 or 3: a colour image becomes grey by
+    luma, a grey one colour by repeating it, as at a site), or None for as it is.
+    ``size`` ``(height, width)``: what the model takes (None: as it is).
     """
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files, _ = image_files(path, dicom=dicom)
     if not files:
         raise ValueError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     out, reasons = [], []
+    wh = None if size is None else (size[1], size[0])
     for f in files:
         try:
-            out.append(_image_array(_open_image(f), channels=channels, size=size))
+            values, _, _ = read_image(f, channels=channels, size=wh, window=window, dicom=dicom)
+            out.append(values)
             reasons.append(None)
-        except ValueError as exc:
+        except RecordError as exc:
             reasons.append(str(exc))
     shapes = {a.shape for a in out}
     if len(shapes) > 1:
         raise ValueError(f"{path}: images differ in size ({sorted(shapes)[:3]}); the head needs "
                          "one size per batch")
     ids = [f.relative_to(path).as_posix() for f in files]
-    return _inputs(ids, out, reasons, ids, (0, 0))
+    return _inputs(ids, out, reasons, [where(i) for i in ids], (0, 0))
 
 
 def read_inputs(path: str | Path, *, channels: int | None = None,
                 size: tuple[int, int] | None = None, card: Mapping | None = None,
                 skip_bad: bool = False) -> Inputs:
-    """Records from a folder of images, an ``.npz`` or a ``.csv`` (``card``: the
-    model's, for :func:`records_from_csv`). Any unreadable input is a
-    ``ValueError`` naming them all, unless ``skip_bad``."""
-    path = Path(path)
-    if path.is_dir():
-        data = read_image_folder(path, channels=channels, size=size)
-    elif not path.is_file():
-        raise FileNotFoundError(f"input not found: {path}")
-    elif path.suffix.lower() == ".npz":
-        data = npz_inputs(path)
-    elif path.suffix.lower() == ".csv":
-        data = csv_inputs(path, card)
+    """Records from a folder of images (DICOM included), an ``.npz`` or a ``.csv``,
+    or a data spec with the syntax sites use (``dicom:<dir>``,
+    ``csv:<file>?site=COL&patient=column:COL``: those columns are then not
+    features). ``card``: the model's (its schema: a CSV's features and scaling, an
+    image window). Any unreadable input is a ``ValueError`` naming them all, unless
+    ``skip_bad``."""
+    spec = data_spec(str(path)) if (":" in str(path) or "?" in str(path)) and not Path(
+        str(path)).exists() else None
+    target = spec.path if spec is not None else Path(path)
+    block = (card or {}).get("schema") or {}
+    window = Window(*block["image-window"]) if block.get("image-window") else None
+    if spec is None and not target.exists():
+        raise FileNotFoundError(f"input not found: {target}")
+    kind = spec.kind if spec is not None else (
+        "imagefolder" if target.is_dir() else {".npz": "medmnist", ".csv": "csv"}.get(
+            target.suffix.lower()))
+    if kind in ("imagefolder", "dicom"):
+        if not target.is_dir():
+            raise FileNotFoundError(f"input not found: {target}")
+        data = read_image_folder(target, channels=channels, size=size, window=window,
+                                 dicom=kind == "dicom")
+    elif kind == "medmnist":
+        data = npz_inputs(target)
+    elif kind == "csv":
+        if not target.is_file():
+            raise FileNotFoundError(f"input not found: {target}")
+        # The columns beside the features: those the input's spec names, and those the
+        # run's own data spec named (the card's dataset, e.g. csv:<file>?site=hospital).
+        extra = (spec.columns if spec is not None else ()) + record_columns(
+            str((card or {}).get("dataset") or ""))
+        data = csv_inputs(target, card, extra=extra)
     else:
-        raise ValueError(f"{path}: unsupported input; give a folder of images, an .npz or a .csv")
-    return data if skip_bad else data.require_readable(path)
+        raise ValueError(f"{target}: unsupported input; give a folder of images, an .npz or a "
+                         ".csv (or a data spec: dicom:<dir>, csv:<file>?...)")
+    return data if skip_bad else data.require_readable(target)
 
 
 @dataclass
@@ -437,8 +346,16 @@ def _head_predictor(model: str | Path, device: str) -> Predictor:
         with torch.inference_mode():
             return probs_from_logits(head(torch.from_numpy(feats)).numpy())
 
-    return Predictor("head", classes, None, None, run_head, f"{h['backbone']} + {h['name']} head",
-                     card, _card_decision(card, len(classes)))
+    # Images are read as the sites read them: the schema's channels, and (for a real
+    # backbone, which resizes anyway) its size; raw pixels (identity) keep their size.
+    block = card.get("schema") or {}
+    channels = int(block.get("image-channels") or 0) or None
+    size = int(block.get("image-size") or 0)
+    shape = (size, size) if size and h["backbone"] != "identity" else None
+    return Predictor("head", classes, channels if block.get("input") == "image" else None,
+                     shape if block.get("input") == "image" else None, run_head,
+                     f"{h['backbone']} + {h['name']} head", card,
+                     _card_decision(card, len(classes)))
 
 
 def load_predictor(model: str | Path, *, which: str | None = None,
@@ -465,7 +382,7 @@ def write_predictions(out: Path, data: Inputs, probs: np.ndarray, predicted: lis
     good = iter(zip(predicted, probs, strict=True))
     try:
         with tmp.open("w", newline="") as fh:
-            w = csv.writer(fh)
+            w = csv.writer(fh, lineterminator="\n")  # "\n", not csv's default CRLF
             w.writerow(["input", "predicted", *[f"prob_{c}" for c in classes],
                         *(["status"] if status else [])])
             for rid, st in zip(data.ids, data.statuses, strict=True):

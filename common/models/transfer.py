@@ -30,7 +30,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
@@ -40,7 +39,7 @@ from common.models import training
 from common.models.backbones import get_backbone
 from common.models.features import cached_features
 from common.models.heads import head_state, load_head_state, make_head
-from common.privacy.accounting import calibrate_noise_multiplier, dp_plan
+from common.privacy.planning import DEFAULT_MIN_NOISE_MULTIPLIER, plan_round
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +216,7 @@ class TrainingPlan:
     hidden_dim: int = 128
     target_epsilon: float | None = None  # None: the scenario trains without DP
     delta: float = 1e-5
-    min_noise_multiplier: float = 0.3  # a site's default floor on σ (client.policy)
+    min_noise_multiplier: float = DEFAULT_MIN_NOISE_MULTIPLIER  # a site's default floor on σ
 
     @property
     def dp(self) -> bool:
@@ -291,17 +290,11 @@ def rehearsal_auc(features: np.ndarray, labels: np.ndarray, num_classes: int,
 
 
 def _site_sigma(plan: TrainingPlan, records: int, batch: int) -> float:
-    q, steps = dp_plan(records, batch_size=batch, epochs=plan.rounds * plan.local_epochs)
-    return max(plan.min_noise_multiplier,
-               _calibrated(plan.target_epsilon, plan.delta, q, steps))
-
-
-@lru_cache(maxsize=256)
-def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """σ for a pseudo-site (every candidate shares the folds, so each σ is searched once)."""
-
-    return calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta,
-                                      sample_rate=sample_rate, steps=steps)
+    """σ of a pseudo-site: planned exactly as a site plans it (every round of the run
+    within the cap, never below the site's floor)."""
+    return plan_round(num_units=records, batch_size=batch, epochs=plan.local_epochs,
+                      rounds=plan.rounds, target_epsilon=plan.target_epsilon, delta=plan.delta,
+                      floor=plan.min_noise_multiplier).mechanism.noise_multiplier
 
 
 def probe_accuracy(features: np.ndarray, labels: np.ndarray, *, folds: int = 5,

@@ -10,6 +10,7 @@ the issue's reproduction.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ import client.app as client_app
 from common import protocol
 from common.data.datasets import load_dataset
 from common.data.readers import SiteDataError, own_site_data, scan_imagefolder
+from common.data.schema import Schema, image_schema
 from common.models.heads import head_state, make_head
 from common.privacy.ledger import Ledger
 from common.protocol import from_array_record, to_array_record
@@ -55,14 +57,32 @@ def _npz(path, x, y):
     return path
 
 
+DIGITS = [str(d) for d in range(10)]
+SCHEMA = image_schema(DIGITS, image_size=8, image_channels=1).to_json()
+
+
 def _site(tmp_path, name="site", *, x=None, y=None, **policy) -> dict:
+    """A deployed site: its digits in its own file, and its own declaration of how
+    they are read (ten classes, 8x8 grey images, the identity backbone)."""
     if x is None:
         x, y = _digits()
     root = tmp_path / name
     root.mkdir(parents=True, exist_ok=True)
     return {"site-id": 3, "data-path": f"medmnist:{_npz(root / 'data.npz', x, y)}",
             "ledger-path": str(root / "ledger.sqlite"), "cache-dir": str(root / "cache"),
-            "target-epsilon": 2.0, "target-delta": 1e-5, **policy}
+            "target-epsilon": 2.0, "target-delta": 1e-5, "class-names": ",".join(DIGITS),
+            "image-size": 8, "backbone": "identity", **policy}
+
+
+def _admitted_then_gone(node: dict) -> dict:
+    """Admit the site (as `fedtransfer site serve` does when it starts), then remove
+    its data file: a request declined before any record is read still answers."""
+    from client import admission
+    from client.settings import deployed_policy
+
+    assert admission.admit(deployed_policy(node)).admitted
+    Path(node["data-path"].removeprefix("medmnist:")).unlink()
+    return node
 
 
 # The server's run config: it tries to take over what only the site decides.
@@ -74,7 +94,7 @@ HOSTILE_RUN = {"backbone": "identity", "image-size": 8, "dp": False, "site-holdo
 def _train(node: dict, *, run: dict | None = None, head=None, **request) -> Message:
     req = {"server-round": 1, "num-rounds": 2, "local-epochs": 1, "batch-size": 32,
            "learning-rate": 0.5, "momentum": 0.0, "clip-norm": 1.0, "noise-multiplier": 0.0,
-           "dp": True, **request}
+           "dp": True, "schema": SCHEMA, "backbone": "identity", **request}
     head = head if head is not None else head_state(make_head("linear", in_dim=64, num_classes=10))
     msg = Message(content=RecordDict({"arrays": to_array_record(head),
                                       "config": ConfigRecord(req)}),
@@ -89,7 +109,8 @@ def _status(reply: Message) -> dict:
 
 
 def _entries(node: dict) -> int:
-    return Ledger(node["ledger-path"]).count()
+    path = Path(node["ledger-path"])
+    return Ledger(path).count() if path.exists() else 0
 
 
 # -- 1. DP cannot be switched off by the server ------------------------------
@@ -121,8 +142,7 @@ def test_a_site_that_opts_out_of_dp_says_so_in_every_reply(tmp_path):
     (dict(**{"server-round": 101}), "exceeds the site's max-rounds"),
 ])
 def test_requests_outside_the_policy_are_declined_before_data_is_read(tmp_path, request_, words):
-    node = _site(tmp_path)
-    node["data-path"] = f"medmnist:{tmp_path / 'no-such-file.npz'}"  # never opened
+    node = _admitted_then_gone(_site(tmp_path))
     status = _status(_train(node, **request_))
     assert status["status"] == protocol.POLICY_DECLINED and words in status["reason"]
     assert _entries(node) == 0
@@ -144,7 +164,7 @@ TEN = ",".join(["1.0"] * 9)  # nine sound weights; the tenth is the test's
     (f"-1.0,{TEN}", "class-weights must be finite numbers in (0, 100]"),
     (f"0.0,{TEN}", "class-weights must be finite numbers in (0, 100]"),
     (f"1e300,{TEN}", "class-weights must be finite numbers in (0, 100]"),
-    ("1.0,2.0", "class-weights has 2 values, the head has 10 classes"),
+    ("1.0,2.0", "class-weights has 2 values, this site declares 10 classes"),
     ("heavy,light", "'class-weights' must be comma-separated numbers"),
     ([1.0] * 10, "'class-weights' must be a string"),
 ])
@@ -185,19 +205,15 @@ def test_the_training_loss_never_leaves_and_public_values_do_not_depend_on_a_rec
     attack = {"batch-size": 320, "learning-rate": 1e-12}
     a = _metrics_of(_train(_site(tmp_path, "with", x=x, y=y), **attack))
     b = _metrics_of(_train(_site(tmp_path, "without", x=x2, y=y2), **attack))
-    assert set(a) == set(protocol.TRAIN_METRICS)
+    assert set(a) == set(protocol.TRAIN_METRICS)  # no timings: the site did not opt in
     assert not {"train-loss", "feature-cache-hit"} & set(a)
     assert not any(k.startswith("holdout") for k in a)
-    data_free = [k for k in a if k not in protocol.TIMING_KEYS]
-    assert {k: a[k] for k in data_free} == {k: b[k] for k in data_free}
-    for k in protocol.TIMING_KEYS:  # coarse, declared public
-        assert round(a[k] / protocol.TIMING_RESOLUTION_S) * protocol.TIMING_RESOLUTION_S == \
-            pytest.approx(a[k])
+    assert a == b
 
 
 def test_every_field_a_site_can_send_has_a_privacy_class():
     declared = protocol.released_fields()
-    assert set(declared) == {"train", "scaling", "decline", "delivery"}
+    assert set(declared) == {"train", "scaling", "decline", "delivery", "declaration"}
     for reply in declared.values():
         for f in reply:
             assert f["class"] in {"dp", "public", "forbidden"} and f["meaning"]
@@ -255,8 +271,9 @@ def test_mean_imputation_is_refused(tmp_path):
         own_site_data(f"csv:{path}?missing=mean", site_id=0, holdout=0.25, seed=0)
     node = {**_site(tmp_path), "data-path": f"csv:{path}?missing=mean"}
     status = _status(_train(node))
-    assert status["status"] == protocol.SITE_DATA_ERROR and "labs.csv" not in status["reason"]
-    assert _entries(node) == 0
+    assert status == {"status": protocol.SITE_UNAVAILABLE, "site-id": 3,
+                      "reason": protocol.FIXED_REASONS[protocol.SITE_UNAVAILABLE]}
+    assert not Path(node["ledger-path"]).exists()
 
 
 def test_label_names_map_by_the_declared_classes_not_by_the_names_present(tmp_path):
@@ -319,7 +336,8 @@ def test_a_policy_file_holds_the_site_policy(tmp_path):
     node = _site(tmp_path)
     policy = tmp_path / "policy.toml"
     policy.write_text(f'ledger-path = "{node["ledger-path"]}"\ntarget-epsilon = 1.5\n'
-                      f'target-delta = 1e-6\nholdout = 0.25\n')
+                      f'target-delta = 1e-6\nholdout = 0.25\nclass-names = "{",".join(DIGITS)}"\n'
+                      f'image-size = 8\nbackbone = "identity"\n')
     m = _metrics_of(_train({"data-path": node["data-path"], "policy-file": str(policy),
                             "cache-dir": node["cache-dir"]}))
     assert m["delta"] == 1e-6 and m["epsilon"] <= 1.5 and m["num-examples"] == N - 100
@@ -349,10 +367,8 @@ def test_a_site_that_accepts_only_the_head_declines_backbone_tuning(tmp_path):
     """What leaves the site is the site's call: a site whose policy is
     ``trainable = "head"`` declines a run that would send backbone tensors, before
     any record is read, and charges nothing."""
-    node = _site(tmp_path, trainable="head")
-    node["data-path"] = f"medmnist:{tmp_path / 'no-such-file.npz'}"  # never opened
-    status = _status(_train(node, run={"trainable": "last-block", "backbone": "efficientnet-lite0",
-                                       "image-size": 64}))
+    node = _admitted_then_gone(_site(tmp_path, trainable="head"))
+    status = _status(_train(node, trainable="last-block", backbone="efficientnet-lite0"))
     assert status["status"] == protocol.POLICY_DECLINED
     assert "trainable 'last-block' is not among the modes this site accepts (head)" in \
         status["reason"]
@@ -365,3 +381,133 @@ def test_an_unknown_trainable_mode_in_the_site_policy_is_named(tmp_path):
     assert "node config 'trainable' must be comma-separated modes of head, bitfit, " \
            "last-block, got 'head, everything'" in status["reason"]
     assert _entries(node) == 0
+
+
+# -- 6. Every answer is a function of what the site declared (issue 23) -------
+def _pair(tmp_path, **policy) -> tuple[dict, dict]:
+    """Replace-one neighbours: the same site with and without one record of class 9."""
+    x, y = _digits()
+    x2, y2 = x.copy(), y.copy()
+    nines, others = np.flatnonzero(y == 9), np.flatnonzero(y != 9)
+    x2[nines], y2[nines] = x[others[:len(nines)]], y[others[:len(nines)]]  # no 9 at all
+    return (_site(tmp_path, "with", x=x, y=y, **policy),
+            _site(tmp_path, "without", x=x2, y=y2, **policy))
+
+
+def _same_answer(a: dict, b: dict, **request) -> dict:
+    replies = [_train(node, **request) for node in (a, b)]
+    status = [_status(r) for r in replies]
+    assert status[0] == status[1], status
+    assert [_entries(a), _entries(b)] == [0, 0]
+    return status[0]
+
+
+def test_a_head_of_nine_classes_is_declined_by_declaration_not_by_the_records(tmp_path):
+    """On eb87760 the site read its records with the head's class count: a record of
+    class 9 answered `site-data-error`, its neighbour `ok`."""
+    a, b = _pair(tmp_path)
+    nine = head_state(make_head("linear", in_dim=64, num_classes=9))
+    status = _same_answer(a, b, head=nine)
+    assert status["status"] == protocol.REQUEST_REJECTED
+    assert "array 'weight' has shape (9, 64), expected (10, 64)" in status["reason"]
+
+
+def test_the_coordinator_cannot_choose_how_a_site_reads_its_table(tmp_path):
+    """Levels and the missing-value policy are the site's declaration: a request with
+    others is declined by comparing declarations, whatever the records hold."""
+    from tests import sites
+
+    schema = Schema.from_dict({"classes": ["well", "sick"], "label": "target", "missing": "drop",
+                               "scaling": "none", "features": [
+                                   {"name": "age"},
+                                   {"name": "sex", "kind": "categorical",
+                                    "levels": ["female", "male", "other"]}]})
+    rng = np.random.default_rng(0)
+    nodes = []
+    for name, last in (("with", "other"), ("without", "female")):
+        root = tmp_path / name
+        root.mkdir()
+        rows = [f"{rng.uniform(20, 80):.0f},{'female' if i % 2 else 'male'},"
+                f"{'sick' if i % 3 else 'well'}" for i in range(39)]
+        rows.append(f",{last},sick")  # one record: a missing age, and the only 'other'
+        (root / "t.csv").write_text("age,sex,target\n" + "\n".join(rows) + "\n")
+        (root / "schema.json").write_text(schema.to_json())
+        nodes.append({**_site(tmp_path, name), "data-path": f"csv:{root / 't.csv'}",
+                      "schema": str(root / "schema.json"), "class-names": "well,sick"})
+    declared = sites.request(nodes[0]).schema
+    head = head_state(make_head("linear", in_dim=4, num_classes=2))
+    for change in ({"missing": "error"}, {"missing": "zero"},
+                   {"features": [{"name": "age"}, {"name": "sex", "kind": "categorical",
+                                                   "levels": ["female", "male", "x"]}]}):
+        hostile = Schema.from_dict({**json.loads(declared), **change, "scaling": "none"})
+        status = _same_answer(*nodes, head=head, schema=hostile.to_json())
+        assert status["status"] == protocol.POLICY_DECLINED
+        assert "differs from this site's declared" in status["reason"] or \
+            "differ from this site's declaration" in status["reason"]
+    # The count each site releases is the one fixed when its data was checked: 39
+    # usable rows at the site that dropped its incomplete record, and the same at the other.
+    ok = [_metrics_of(_train(n, head=head, schema=declared, **{"batch-size": 8}))
+          for n in nodes]
+    assert ok[0]["num-examples"] == ok[1]["num-examples"] == 31
+
+
+def test_an_oversized_batch_is_answered_from_the_public_count_however_often_asked(tmp_path):
+    """On eb87760 `batch-size=100000` plus a crafted head read the records first:
+    `site-data-error` against `request-rejected`, free and repeatable. Now the head is
+    declined by its declared shape, identically, and the batch is planned from the
+    public count (common/batches.py): both neighbours train at the same batch."""
+    a, b = _pair(tmp_path)
+    nine = head_state(make_head("linear", in_dim=64, num_classes=9))
+    for _ in range(5):
+        status = _same_answer(a, b, head=nine, **{"batch-size": 100000})
+        assert status["status"] == protocol.REQUEST_REJECTED
+    ok = [_metrics_of(_train(node, **{"batch-size": 100000})) for node in (a, b)]
+    assert ok[0] == ok[1] and ok[0]["sample-rate"] == pytest.approx(1 / 4)  # 320 // 4 = 80
+
+
+def test_no_timing_leaves_a_site_unless_its_policy_releases_it(tmp_path):
+    """On eb87760 `feature-seconds` read 17-27 s on a cache miss and 0.0 on a hit."""
+    node = _site(tmp_path)
+    for r in (1, 2):
+        m = _metrics_of(_train(node, **{"server-round": r}))
+        assert not set(protocol.TIMING_KEYS) & set(m)
+    opted = _site(tmp_path, "opted", **{"release-timings": True})
+    m = _metrics_of(_train(opted))
+    assert set(protocol.TIMING_KEYS) <= set(m)
+
+
+def test_a_backbone_path_in_the_request_is_never_opened(tmp_path):
+    """On eb87760 `backbone=file:<path>` made the site open the path, and Flower
+    forwarded the error text: whether the file existed, and what kind it was."""
+    node = _admitted_then_gone(_site(tmp_path))
+    secret = tmp_path / "secret.pt"
+    secret.write_bytes(b"not a model")
+    replies = []
+    for path in (secret, tmp_path / "absent.pt", tmp_path):
+        status = _status(_train(node, backbone=f"file:{path}"))
+        assert status["status"] == protocol.POLICY_DECLINED
+        replies.append(status["reason"].replace(str(path), "<path>"))
+    assert len(set(replies)) == 1
+    assert "is not this site's declared backbone 'identity'" in replies[0]
+
+
+def test_an_unexpected_failure_is_a_fixed_code_and_its_text_stays_at_the_site(tmp_path,
+                                                                              monkeypatch):
+    import client.round as round_
+
+    def boom(*a, **k):
+        raise RuntimeError(f"secret detail {tmp_path}")
+
+    node = _site(tmp_path)
+    monkeypatch.setattr(round_.training, "train_dp", boom)
+    status = _status(_train(node))
+    assert status == {"status": protocol.SITE_UNAVAILABLE, "site-id": 3,
+                      "reason": protocol.FIXED_REASONS[protocol.SITE_UNAVAILABLE]}
+    # A fault while the records were in use takes the site out until its operator acts:
+    # the same fixed answer to every request, and nothing more is charged.
+    monkeypatch.undo()
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+    monkeypatch.setattr(client_app, "log_through_flower", lambda *a: None)
+    assert _status(_train(node, **{"batch-size": 8})) == status

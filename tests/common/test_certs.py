@@ -20,7 +20,7 @@ from common.certs import make_deployment_keys
 
 def test_certs_chain_to_the_ca_and_name_the_loopback_host(tmp_path):
     made = make_deployment_keys(tmp_path, sites=2)
-    assert len(made) == 8
+    assert len(made) == 12  # CA, server, and per site an auth pair and a ledger pair
     ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
     server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
     server.verify_directly_issued_by(ca)  # raises if the signature or issuer is wrong
@@ -30,7 +30,8 @@ def test_certs_chain_to_the_ca_and_name_the_loopback_host(tmp_path):
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
     key = load_pem_private_key((tmp_path / "server.key").read_bytes(), None)
     assert key.public_key().public_numbers() == server.public_key().public_numbers()
-    for name in ("ca.key", "server.key", "site-0/auth_key", "site-1/auth_key"):
+    for name in ("ca.key", "server.key", "site-0/auth_key", "site-1/auth_key",
+                 "site-0/ledger.key", "site-1/ledger.key"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
 
 
@@ -62,3 +63,20 @@ def test_deploy_certs_command_refuses_to_overwrite(tmp_path, capsys):
     assert main(["deploy", "certs", "--out", str(tmp_path), "--force", "--sites", "0"]) == 0
     with pytest.raises(ValueError, match="sites must be >= 0"):
         make_deployment_keys(tmp_path / "x", sites=-1)
+
+
+def test_each_site_gets_a_ledger_signing_key_whose_public_half_the_coordinator_keeps(tmp_path):
+    """The site names ledger.key in its node config (ledger-key); the coordinator keeps
+    ledger.key.pub before any run, and it verifies what the site's ledger signs."""
+    from common.privacy.ledger import Entry, Ledger, key_id, load_public_key, verify_anchor
+
+    make_deployment_keys(tmp_path, sites=2)
+    pubs = [load_public_key(tmp_path / f"site-{i}" / "ledger.key.pub") for i in range(2)]
+    assert key_id(pubs[0]) != key_id(pubs[1])
+    ledger = Ledger(tmp_path / "site" / "ledger.sqlite", tmp_path / "site-1" / "ledger.key")
+    ledger.append(Entry(run_id="r", round=1, noise_multiplier=1.0, sample_rate=0.1, steps=5,
+                        clip_norm=1.0, delta=1e-5, sampler="poisson", secure_rng=False,
+                        accountant="pld/replace-one", accountant_version="x", libraries="{}",
+                        dataset_size=50, epsilon_after=1.0))
+    anchor = ledger.anchor()
+    assert verify_anchor(pubs[1], anchor) and not verify_anchor(pubs[0], anchor)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -65,7 +66,9 @@ def test_bad_type_names_the_key(key, value, words):
     ("head", "transformer"),
     ("device", "tpu"),
     ("learning-rate", math.nan),
-    ("learning-rate", 0.0),
+    ("learning-rate", -1.0),
+    ("learning-rate", math.inf),
+    ("backbone", "efficientnet-lite0"),  # with a CSV: refused at parse time, naming the fix
     ("clip-norm", -1.0),
     ("fraction-train", 0.0),
     ("site-holdout", 1.0),
@@ -76,8 +79,24 @@ def test_bad_type_names_the_key(key, value, words):
     ("noise-multiplier", math.inf),
 ])
 def test_bad_value_names_the_key(key, value):
+    raw = {key: value, **({"dataset": "csv:hospital.csv"} if key == "backbone" else {})}
     with pytest.raises(ValueError, match=f"config key '{key}'"):
-        parse_config({key: value})
+        parse_config(raw)
+
+
+def test_a_csv_with_an_image_backbone_fails_at_parse_time_naming_the_fix():
+    with pytest.raises(ValueError, match='Set backbone = "identity"') as err:
+        parse_config({"dataset": "breast-cancer-hospitals", "backbone": "efficientnet-lite0"})
+    assert "tabular records" in str(err.value)
+    cfg = parse_config({"dataset": "csv:x.csv"})  # the default backbone, "auto", is fine
+    assert cfg.resolved_backbone().backbone == "identity"
+
+
+def test_the_learning_rate_default_depends_on_the_input():
+    assert RunConfig().learning_rate == 0.0 and RunConfig().lr == 8.0
+    assert RunConfig(dataset="breast-cancer-hospitals").lr == 0.5
+    assert RunConfig(dataset="csv:a.csv").lr == 0.5
+    assert RunConfig(dataset="csv:a.csv", learning_rate=2.0).lr == 2.0
 
 
 def test_class_weights_name_the_allowed_values():
@@ -155,13 +174,14 @@ def test_there_are_named_scenarios():
 
 
 def test_the_default_scenario_is_runconfigs_defaults():
-    """`fedtransfer simulate` without --config runs RunConfig() itself; `make demo` runs
-    it with one override, ``backbone=auto`` (the backbone chosen on public data first)."""
+    """`fedtransfer simulate` without --config runs RunConfig() itself, and so does `make
+    demo`, with no override: the default backbone is "auto" (chosen on public data first)."""
     from simulations.scenarios import resolve_config
 
     assert resolve_config(None, [], None) == RunConfig()
+    assert RunConfig().backbone == "auto"
     demo = (REPO / "Makefile").read_text().split("demo: install", 1)[1].split("\n")[1]
-    assert demo.split("fedtransfer ", 1)[1] == "simulate --set backbone=auto"
+    assert demo.split("fedtransfer ", 1)[1] == "simulate"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -188,3 +208,30 @@ def test_the_torch_free_registry_names_match_the_registries():
     from common.models.students import STUDENTS
 
     assert tuple(HEADS) == HEAD_NAMES and tuple(STUDENTS) == STUDENT_NAMES
+
+
+def test_flwr_runs_default_paths_are_recorded_where_the_audit_looks(tmp_path):
+    """issue 24: `flwr run .` with the default paths: the sites keep their ledgers under
+    .fedtransfer/sites, the run goes to runs/<ts>; the server records the ledger folder in
+    the run's config.toml, and the audit finds the ledgers there."""
+    from client.settings import scenario_policy
+    from common.audit.recompute import audit
+    from common.config import simulated_ledger_dir
+    from common.privacy.ledger import Entry, Ledger
+
+    assert simulated_ledger_dir(RunConfig()) == Path(".fedtransfer/sites")
+    assert simulated_ledger_dir(RunConfig(out_dir="r")) == Path("r/sites")
+    cfg = RunConfig(ledger_dir=str(tmp_path / "ledgers"), backbone="identity")
+    site = scenario_policy(cfg, {"partition-id": 1})
+    assert site.ledger_path == tmp_path / "ledgers" / "site-1" / "ledger.sqlite"
+    Ledger(site.ledger_path).append(Entry(
+        run_id="r", round=1, noise_multiplier=1.0, sample_rate=0.1, steps=10, clip_norm=1.0,
+        delta=1e-5, sampler="poisson", secure_rng=False, accountant="pld",
+        accountant_version="x", libraries="{}", dataset_size=100, data_fingerprint="f",
+        epsilon_after=0.5))
+    run = tmp_path / "runs" / "ts"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(cfg.to_toml())
+    (run / "summary.json").write_text('{"sites": {}}')
+    report = audit([str(run)])
+    assert [s.site for r in report.runs for s in r.sites] == ["1"]

@@ -283,10 +283,11 @@ def test_natural_sites_from_folders_and_csv_keep_each_records_site(tmp_path):
                                                            (full.val_x, full.val_y),
                                                            (full.test_x, full.test_y))
                                              for a in (x[y < 2][:40], y[y < 2][:40])))
-    counts = export_site_folders(small, tmp_path / "sites", num_sites=3, alpha=100.0, seed=0)
-    assert sorted(counts) == ["hospital-1", "hospital-2", "hospital-3"]
+    counts = export_site_folders(small, tmp_path / "sites", num_sites=3, alpha=100.0, seed=0,
+                                 include=("train", "val", "test"))
+    assert sorted(counts) == ["site-0", "site-1", "site-2"]
     splits = load_dataset(f"imagefolder:{tmp_path / 'sites'}?site=folder", seed=0)
-    assert splits.site_names == ("hospital-1", "hospital-2", "hospital-3")
+    assert splits.site_names == ("site-0", "site-1", "site-2")
     for i, name in enumerate(splits.site_names):
         n = sum(counts[name].values())
         got = sum(int((s == i).sum()) for s in (splits.train_site, splits.val_site,
@@ -297,6 +298,9 @@ def test_natural_sites_from_folders_and_csv_keep_each_records_site(tmp_path):
         assert len(data.train_y) + len(data.holdout_y) == int((splits.train_site == i).sum())
     with pytest.raises(ValueError, match="holds 3 sites"):
         check_natural_sites(splits, 4)
+    # By default an export writes the training split only: val and test are public.
+    only = export_site_folders(small, tmp_path / "train-only", num_sites=3, alpha=100.0, seed=0)
+    assert sum(sum(v.values()) for v in only.values()) == len(small.train_y)
     with pytest.raises(ValueError, match="needs records that carry their site"):
         check_natural_sites(full, 4)
     with pytest.raises(FileExistsError):

@@ -16,7 +16,7 @@ from common.audit.empirical import (
     p_value,
     run_gradient_canaries,
 )
-from common.audit.recompute import empirical_hazards
+from common.audit.checks import empirical_hazards
 
 
 def test_p_value_reduces_to_a_binomial_tail():
@@ -116,37 +116,40 @@ def test_empirical_hazards():
 def test_audit_run_site_audits_the_mechanism_in_the_sites_ledger(tmp_path):
     """The run's own config (digits, identity features) and the σ, q, steps and clip
     norm that the site's ledger recorded for the run."""
-    from client.policy import scenario_policy
-    from client.site import train_round
     from common.audit.empirical import audit_run_site
+    from common.audit.sources import read_ledger
     from common.config import RunConfig
-    from common.models.heads import head_state, make_head
-    from common.protocol import RoundRequest
+    from common.data.datasets import load_dataset, site_data
+    from common.privacy.accounting import LEDGER_ACCOUNTANT, dp_plan
+    from common.privacy.ledger import Entry, Ledger
 
     cfg = RunConfig(dataset="digits", backbone="identity", num_sites=2, local_epochs=1,
                     num_rounds=2, batch_size=32, noise_multiplier=1.5,
                     out_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"))
     (tmp_path / "config.toml").write_text(cfg.to_toml())
-    settings = scenario_policy(cfg, {"partition-id": 1})
-    head = head_state(make_head("linear", in_dim=64, num_classes=10))
-    history = []
+    # What site 1 committed for the run's two rounds: σ 1.5, Poisson q and steps from
+    # its record count and the batch size.
+    data = site_data(load_dataset(cfg.dataset, cfg.data_dir, cfg.seed), site_id=1,
+                     num_sites=2, partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
+                     holdout=cfg.site_holdout, shift=cfg.site_shift, seed=cfg.seed)
+    q, steps = dp_plan(len(data.train_y), batch_size=32, epochs=1)
+    ledger = Ledger(tmp_path / "sites" / "site-1" / "ledger.sqlite")
     for r in (1, 2):
-        req = RoundRequest(run_id="7", server_round=r, num_rounds=2, local_epochs=1,
-                           batch_size=32, learning_rate=0.5, momentum=0.0, clip_norm=1.0,
-                           noise_multiplier=1.5)
-        reply = train_round(cfg, settings, req, head)
-        history.append({"round": r, "run_id": "7"})
-    summary = {"run_id": "7", "sites": {"1": {"epsilon": reply.metrics["epsilon"],
-                                              "history": history}, "0": {"history": []}}}
-    from common.audit.recompute import read_ledger
-
-    ledgers = {"1": read_ledger(tmp_path / "sites" / "site-1" / "ledger.sqlite").entries}
+        ledger.append(Entry(run_id="7", round=r, noise_multiplier=1.5, sample_rate=q,
+                            steps=steps, clip_norm=1.0, delta=1e-5, sampler="poisson",
+                            secure_rng=False, accountant=LEDGER_ACCOUNTANT,
+                            accountant_version="x", libraries="{}",
+                            dataset_size=len(data.train_y), epsilon_after=1.0))
+    history = [{"round": r, "run_id": "7"} for r in (1, 2)]
+    summary = {"run_id": "7", "sites": {"1": {"epsilon": 1.0, "history": history},
+                                        "0": {"history": []}}}
+    ledgers = {"1": read_ledger(ledger.path).entries}
     result = audit_run_site(tmp_path, summary, ledgers, m=200, seed=1)
-    assert result["site"] == "1" and result["records"] > 100
+    assert result["site"] == "1" and result["records"] == len(data.train_y) > 100
     mech = result["mechanism"]
     assert mech["noise_multiplier"] == 1.5 and mech["clip_norm"] == 1.0
-    assert mech["steps"] == 2 * reply.metrics["steps"]
-    assert mech["sample_rate"] == reply.metrics["sample-rate"]
+    assert mech["steps"] == 2 * steps
+    assert mech["sample_rate"] == q
     assert not result["dp"]["caught"] and len(result["controls"]) == 2
     with pytest.raises(ValueError, match="did not train"):
         audit_run_site(tmp_path, summary, ledgers, site="0", m=200)

@@ -1,5 +1,5 @@
-"""The ledger's ``trained`` column (trainable mode and parameter count): older
-ledgers, made before it existed, stay readable, verifiable and appendable."""
+"""The ledger's optional columns (``trained``; ``unit`` and ``group_size``): older
+ledgers, made before they existed, stay readable, verifiable and appendable."""
 
 from __future__ import annotations
 
@@ -7,8 +7,20 @@ import dataclasses
 import json
 import sqlite3
 
-from common.audit.recompute import read_ledger
+from common.audit.sources import read_ledger
 from common.privacy import ledger as L
+
+_NEW_COLUMNS = ("    trained TEXT NOT NULL DEFAULT '',\n",
+                "    unit TEXT NOT NULL DEFAULT 'record',\n",
+                "    group_size INTEGER NOT NULL DEFAULT 1,\n")
+
+
+def _old_schema() -> str:
+    schema = L._SCHEMA
+    for line in _NEW_COLUMNS:
+        assert line in schema
+        schema = schema.replace(line, "")
+    return schema
 
 
 def _entry(**kw) -> L.Entry:
@@ -19,45 +31,50 @@ def _entry(**kw) -> L.Entry:
     return L.Entry(**{**base, **kw})
 
 
-def test_an_entry_without_trained_hashes_as_before_the_column():
-    # Computed with the code of branch issue16 (before the column existed).
+def test_an_older_entry_without_trained_hashes_as_before_the_column():
+    # Computed with the code of branch issue16 (before the column existed); the keyed
+    # hash of the chain before signed ledgers, which ignores unit and group_size.
     e = dataclasses.replace(_entry(), created_at=1.0, seq=1)
-    assert e.content_hash(b"k" * 32) == (
+    assert e.legacy_hash(b"k" * 32) == (
         "hmac-sha256:63533a4073c1758faccff9a735ceebc1e71d96630f5704bc9ba837b318a79ae6")
-    assert dataclasses.replace(e, trained='{"trainable": "bitfit"}').content_hash(b"k" * 32) \
-        != e.content_hash(b"k" * 32)
+    assert dataclasses.replace(e, trained='{"trainable": "bitfit"}').legacy_hash(b"k" * 32) \
+        != e.legacy_hash(b"k" * 32)
+    # A signed ledger's hash covers every field, the new ones too.
+    assert dataclasses.replace(e, unit="patient").content_hash() != e.content_hash()
 
 
 def test_an_older_ledger_is_read_verified_and_extended(tmp_path):
     path = tmp_path / "ledger.sqlite"
-    old_schema = L._SCHEMA.replace("    trained TEXT NOT NULL DEFAULT '',\n", "")
-    assert "trained" not in old_schema
     con = sqlite3.connect(path)
-    con.executescript(old_schema)
+    con.executescript(_old_schema())
     con.close()
     ledger = L.Ledger(path)
-    ledger.append(_entry())  # adds the column; the old row keeps ''
+    ledger.append(_entry())  # adds the columns; no old row to default here
     trained = json.dumps({"params": 10370, "trainable": "bitfit"}, sort_keys=True)
-    ledger.append(_entry(round=2, trained=trained))
+    ledger.append(_entry(round=2, trained=trained, unit="patient", group_size=4))
     entries = ledger.entries()
     assert [e.trained for e in entries] == ["", trained]
+    assert [(e.unit, e.group_size) for e in entries] == [("record", 1), ("patient", 4)]
+    assert [e.data_fingerprint for e in entries] == ["", ""]  # never stored
     assert ledger.verify_chain() == []
     assert [e.trained for e in read_ledger(path).entries] == ["", trained]
 
 
-def test_the_audit_reads_a_ledger_without_the_column(tmp_path):
+def test_the_audit_reads_a_ledger_without_the_columns(tmp_path):
     path = tmp_path / "ledger.sqlite"
     ledger = L.Ledger(path)
     ledger.append(_entry())
-    # An older file: the same rows without the column.
+    # An older file: the same rows without the columns.
     old = tmp_path / "old.sqlite"
     con = sqlite3.connect(old)
-    con.executescript(L._SCHEMA.replace("    trained TEXT NOT NULL DEFAULT '',\n", ""))
-    cols = [c for c in L._COLUMNS if c != "trained"]
+    con.executescript(_old_schema())
+    cols = [c for c in L._COLUMNS if c not in ("trained", "unit", "group_size")]
     row = sqlite3.connect(path).execute(f"SELECT {', '.join(cols)} FROM entries").fetchone()
     con.execute(f"INSERT INTO entries ({', '.join(cols)}) VALUES "
                 f"({', '.join('?' for _ in cols)})", row)
     con.commit()
     con.close()
-    (e,) = read_ledger(old).entries
-    assert e.trained == "" and L.verify_chain([e], key=None) == []
+    lf = read_ledger(old)
+    (e,) = lf.entries
+    assert (e.trained, e.unit, e.group_size) == ("", "record", 1) and lf.malformed == {}
+    assert L.chain_problems([e]) == []

@@ -181,11 +181,12 @@ def test_predict_with_the_head_and_an_mlp_student_on_csv(tmp_path):
     (lambda d: (d / "bad.csv").write_text("f1,f2\n0.1,0.2\n"),
      "64 pixel columns per row, got 2"),
     (lambda d: (d / "bad.csv").write_text("f1,f2\n0.1,\n0.2,0.3\n"),
-     "line 2: missing values in columns ['f2']"),
-    (lambda d: (d / "bad.csv").write_text("f1,f2\n0.1,x\n"), "non-numeric columns ['f2']"),
-    (lambda d: (d / "bad.csv").write_text("f1,f2\n0.1,\n"), "columns ['f2'] hold no values"),
-    (lambda d: Image.fromarray(np.zeros((8, 8, 3), np.uint8), mode="RGB").save(d / "rgb.png"),
-     "expects grayscale (1-channel) images, this one is colour (3-channel)"),
+     "file bad.csv, row 2, column 'f2': missing value"),
+    (lambda d: (d / "bad.csv").write_text("f1,f2\n0.1,x\n"),
+     "file bad.csv, row 2, column 'f2': 'x' is not a number"),
+    (lambda d: (d / "bad.csv").write_text("f1,f2\n0.1,\n"),
+     "file bad.csv, row 2, column 'f2': missing value"),
+    (lambda d: (d / "odd.png").write_bytes(b"\x89PNG\r\n\x1a\njunk"), "file odd.png: "),
     (lambda d: (d / "notes.txt").write_text("hi"), "no images"),
     (lambda d: (d / "bad.json").write_text("{}"), "unsupported input"),
 ])
@@ -316,14 +317,15 @@ def test_csv_rows_that_cannot_be_read_are_named_by_line(tmp_path):
         predict_file(tmp_path / "m", tmp_path / "x.csv", tmp_path / "p.csv", progress=False)
     msg = str(err.value)
     assert "3 of 5 inputs cannot be read" in msg
-    assert "line 3: missing values in columns ['f1']" in msg
-    assert "line 5: missing values in columns ['f4'] and non-numeric values in columns ['f2'] " \
-           "('abc')" in msg
-    assert "line 6: 4 fields, the header has 6" in msg
+    assert "file x.csv, row 3, column 'f1': missing value" in msg
+    assert "file x.csv, row 5, column 'f2': 'abc' is not a number; file x.csv, row 5, column " \
+           "'f4': missing value" in msg
+    assert "file x.csv, row 6: 4 fields, the header has 6" in msg
     assert not (tmp_path / "p.csv").exists()
     ids, x, statuses = records_from_csv(tmp_path / "x.csv", card=None)
     assert ids == ["p1", "p2", "p3", "p4", "p5"]
-    assert statuses[0] == statuses[4] == "ok" and statuses[1].startswith("unreadable: line 3")
+    assert statuses[0] == statuses[4] == "ok" and statuses[1].startswith(
+        "unreadable: file x.csv, row 3")
     np.testing.assert_array_equal(x, np.float32([[0.1, 0.2, 0.3, 0.4], [1, 2, 3, 4]]))
 
 
@@ -335,11 +337,13 @@ def test_csv_skip_bad_predicts_the_good_rows_only(tmp_path, capsys):
     assert "5 rows written: 2 predicted, 3 skipped as unreadable" in capsys.readouterr().out
     header, rows = _probs_csv(tmp_path / "p.csv")
     assert header == ["input", "predicted", "prob_neg", "prob_pos", "status"]
+    missing = "missing value (schema missing = 'error'; allowed: drop, zero)"
     assert [r[-1] for r in rows] == [
-        "ok", "unreadable: line 3: missing values in columns ['f1']",
-        ("unreadable: line 5: missing values in columns ['f4'] and non-numeric values in columns "
-         "['f2'] ('abc')"),
-        "unreadable: line 6: 4 fields, the header has 6", "ok"]
+        "ok", f"unreadable: file x.csv, row 3, column 'f1': {missing}",
+        (f"unreadable: file x.csv, row 5, column 'f2': 'abc' is not a number; file x.csv, row 5, "
+         f"column 'f4': {missing}"),
+        "unreadable: file x.csv, row 6: 4 fields, the header has 6", "ok"]
+    assert b"\r\n" not in (tmp_path / "p.csv").read_bytes()  # "\n" line ends, never CRLF
     assert all(r[1:4] == ["", "", ""] for r in rows[1:4])
     with torch.no_grad():
         expected = torch.softmax(head(torch.tensor([[0.1, 0.2, 0.3, 0.4], [1., 2., 3., 4.]])
@@ -484,7 +488,7 @@ def test_the_exported_head_gives_the_probabilities_predict_writes(tmp_path, caps
     # No --which: a bundle without a student exports its head.
     assert cli_main(["export", "--model", str(tmp_path / "m"), "--format", fmt, "--out",
                      str(out)]) == 0
-    assert "input 'features': float32 (N, 4), the records' numeric feature columns" in (
+    assert "input 'features': float32 (N, 4), the records' feature columns, already scaled" in (
         capsys.readouterr().out)
     if fmt == "torchscript":
         with torch.no_grad():
@@ -508,3 +512,38 @@ def test_an_image_bundles_head_exports_alone_and_takes_backbone_features(tmp_pat
     with torch.no_grad():
         np.testing.assert_allclose(torch.jit.load(str(tmp_path / "head.pt"))(feats).numpy(),
                                    head(feats).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_an_exported_tabular_head_takes_raw_columns_with_the_scaling_inside(tmp_path, capsys,
+                                                                             fmt):
+    """issue 24: the exported model takes the raw columns predict reads (the schema's
+    clip, centre and scale inside the graph; a missing value is the feature's centre)."""
+    schema = {"classes": ["neg", "pos"], "input": "tabular", "label": "label", "missing": "zero",
+              "features": [{"name": "age", "scaling": "declared", "center": 50.0, "scale": 10.0,
+                            "lower": 20.0, "upper": 90.0},
+                           {"name": "bp", "scaling": "declared", "center": 120.0, "scale": 15.0},
+                           {"name": "sex", "kind": "categorical", "levels": ["f", "m"]}]}
+    head = make_head("linear", in_dim=4, num_classes=2, seed=3)
+    card = {"run_id": "t1", "round": 2, "classes": ["neg", "pos"], "schema": schema,
+            "head": {"name": "linear", "backbone": "identity", "image_size": 0, "in_dim": 4,
+                     "num_classes": 2, "hidden_dim": 8}}
+    save_bundle(tmp_path / "m", card=card, head=head_state(head))
+    (tmp_path / "x.csv").write_text("age,bp,sex\n51,130,m\n95,118,f\n40,,f\n10,140,m\n")
+    predict_file(tmp_path / "m", tmp_path / "x.csv", tmp_path / "p.csv", progress=False)
+    out = tmp_path / f"head.{fmt}"
+    assert cli_main(["export", "--model", str(tmp_path / "m"), "--format", fmt, "--out",
+                     str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "input 'records': float32 (N, 4), the raw columns as recorded" in text
+    assert '["age", "bp", "sex=f", "sex=m"]' in text and "do not scale them" in text
+    raw = np.float32([[51, 130, 0, 1], [95, 118, 1, 0], [40, np.nan, 1, 0], [10, 140, 0, 1]])
+    if fmt == "torchscript":
+        with torch.no_grad():
+            logits = torch.jit.load(str(out))(torch.from_numpy(raw)).numpy()
+    else:
+        ort = pytest.importorskip("onnxruntime")
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        (logits,) = session.run(["logits"], {"records": raw})
+    probs = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
+    np.testing.assert_allclose(probs, _predicted_probs(tmp_path / "p.csv"), atol=1e-5)

@@ -137,3 +137,27 @@ def test_schema_round_trips_through_json_and_toml(tmp_path):
     assert load_schema(str(tmp_path / "s.toml")).columns == ["age"]
     with pytest.raises(SchemaError, match="schema file not found"):
         load_schema(str(tmp_path / "absent.toml"))
+
+
+def test_the_derived_schema_records_the_label_column_the_run_used(tmp_path):
+    """issue 24: a run on csv:...?label=target records label 'target' (schema.json, the card),
+    not the default 'label'."""
+    from common.config import RunConfig
+    from common.data.datasets import federation
+
+    path = tmp_path / "t.csv"
+    path.write_text("a,b,target\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(40)))
+    _, schema = federation(RunConfig(dataset=f"csv:{path}?label=target"))
+    assert schema.label == "target" and [f.name for f in schema.features] == ["a", "b"]
+
+
+def test_a_one_class_split_scores_without_library_warnings():
+    """issue 24: a one-class test split printed scikit-learn's "single label" notice."""
+    import warnings
+
+    from common.models.metrics import classification_metrics
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = classification_metrics(np.array([[0.9, 0.1], [0.8, 0.2]]), np.array([0, 0]))
+    assert m["accuracy"] == 1.0 and np.isnan(m["auc"])

@@ -94,8 +94,11 @@ def test_csv_with_missing_values_needs_an_explicit_policy(tmp_path):
                     "44,130,A,no\n")
     report = check_site(f"csv:{path}?label=label&site=site", Plan(batch_size=2))
     assert not report.ok
-    assert report.column_problems == ["site.csv: column 'bp' has 2 missing values (schema "
-                                      "missing='error'; allowed: drop, zero)"]
+    assert report.column_problems == ["file site.csv, row 3, column 'bp': missing value (schema "
+                                      "missing = 'error'; allowed: drop, zero) (2 rows in this "
+                                      "column; the first is shown)"]
+    assert report.num_records == 3 and report.refused == 2  # never "5 usable" beside a refusal
+    assert "3 usable records, 2 refused" in format_report(report)
     assert any("column 'bp'" in e and "missing" in e for e in report.errors)
     with pytest.raises(SiteDataError, match="column 'bp'"):
         read_site_records(f"csv:{path}?site=site")
@@ -115,9 +118,9 @@ def test_csv_bad_rows_and_unknown_policy(tmp_path):
     path = tmp_path / "site.csv"
     path.write_text("x1,x2,label\n1,2,0\n1,abc,1\n3,4\n5,6,1\n")
     s = scan(f"csv:{path}")
-    assert dict(s.corrupt) == {"site.csv:4": "2 fields, header has 3"}
-    assert s.column_problems == ["site.csv: column 'x2': 1 rows have values that are not numbers "
-                                 "(first: 'abc', data row 2)"]
+    assert dict(s.corrupt) == {"site.csv, row 4": "2 fields, the header has 3"}
+    assert s.column_problems == ["file site.csv, row 3, column 'x2': 'abc' is not a number"]
+    assert "unreadable file site.csv, row 4: 2 fields, the header has 3" in s.problems()
     with pytest.raises(SiteDataError, match="missing-value policy 'guess'"):
         scan(f"csv:{path}?missing=guess")
     with pytest.raises(SiteDataError, match="no label column 'y'"):
@@ -163,8 +166,10 @@ def test_epsilon_estimate_calibrates_to_the_cap_or_reports_the_overrun():
     loud = estimate_epsilon(100, Plan(target_epsilon=0.5, num_rounds=3, batch_size=10,
                                       noise_multiplier=0.6))
     assert not loud.fits and loud.epsilon > 0.5 and "round(s) fit" in loud.note
-    tiny = estimate_epsilon(5, plan)
-    assert not tiny.fits and "exceeds" in tiny.note
+    tiny = estimate_epsilon(3, plan)
+    assert not tiny.fits and "too few for DP-SGD" in tiny.note
+    small = estimate_epsilon(25, plan)  # planned down to 6 (4 steps per epoch), never refused
+    assert small.fits and "expected batch 6" in small.note and small.steps_per_round == 5
 
 
 def test_site_check_command_exit_status_and_json(tmp_path, capsys):
@@ -184,8 +189,8 @@ def test_a_non_numeric_column_is_named_once_not_row_by_row(tmp_path):
     path = tmp_path / "labs.csv"
     path.write_text("age,ward,label\n" + "".join(f"{40 + i},north,{i % 2}\n" for i in range(50)))
     s = scan(f"csv:{path}")
-    assert s.column_problems == ["labs.csv: column 'ward': 50 rows have values that are not "
-                                 "numbers (first: 'north', data row 1)"]
+    assert s.column_problems == ["file labs.csv, row 2, column 'ward': 'north' is not a number "
+                                 "(50 rows in this column; the first is shown)"]
     assert s.corrupt == []
 
 
@@ -197,3 +202,30 @@ def test_site_check_fails_when_the_planned_rounds_would_be_refused(tmp_path, cap
     out = capsys.readouterr().out
     assert "NOT READY" in out and "does not fit" in out and "ready to join" not in out.replace(
         "NOT READY", "")
+
+
+def test_site_check_plans_sigma_as_the_site_runs_it_floor_included(tmp_path):
+    """site check's σ is the site's own (client.budget.plan, through the one planner):
+    calibrated to the cap at the planned batch, and never below the site's
+    min-noise-multiplier."""
+    from client import budget
+    from client.settings import deployed_policy
+    from common import protocol
+    from common.batches import plan_batch
+
+    for floor in (0.3, 5.0):  # the floor binds at 5.0 (a cap of 8 needs far less noise)
+        plan = Plan(target_epsilon=8.0, num_rounds=2, local_epochs=1, batch_size=64,
+                    min_noise_multiplier=floor)
+        est = estimate_epsilon(40, plan)
+        settings = deployed_policy({
+            "data-path": "unused", "ledger-path": str(tmp_path / f"l{floor}.sqlite"),
+            "cache-dir": str(tmp_path / "c"), "target-epsilon": 8.0, "target-delta": 1e-5,
+            "min-noise-multiplier": floor, "class-names": "a,b"})
+        req = protocol.RoundRequest(run_id="r", server_round=1, num_rounds=2, local_epochs=1,
+                                    batch_size=plan_batch(40, batch_size=64), learning_rate=1.0,
+                                    momentum=0.0, clip_norm=1.0, noise_multiplier=0.0)
+        mech = budget.plan(req, settings, budget.open_ledger(settings), 40).mechanism
+        sigma = mech.noise_multiplier
+        assert est.noise_multiplier == pytest.approx(sigma, rel=0.01)
+        assert est.sample_rate == pytest.approx(mech.sample_rate)
+        assert sigma >= floor

@@ -56,7 +56,7 @@ def test_the_shipped_rule_is_chosen_on_val_reported_and_delivered(tmp_path, imba
     cfg = _cfg(tmp_path, imbalanced, class_weights="public", distill=True, student="mlp",
                student_width=16, distill_epochs=3, distill_augment=0)
     grid, sent = _recording_grid(cfg)
-    with caplog.at_level(logging.INFO, logger="fedtransfer.server"):
+    with caplog.at_level(logging.INFO, logger="server"):  # the module loggers are server.*
         s = run_server(cfg, grid, run_id="1")
     ev = GlobalEval(cfg)
     final = s["final"]

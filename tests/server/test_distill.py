@@ -58,3 +58,25 @@ def test_a_transfer_file_with_private_records_is_refused(tmp_path):
     np.savez(path, images=s.val_x[:10])
     transfer, val = transfer_and_val(parse_config({"transfer-data": str(path)}), s)
     assert len(transfer) == 10 and len(val.labels) == len(s.val_y)
+
+
+@pytest.mark.parametrize("objective", ["accuracy", "argmax"])
+def test_the_students_decision_rule_follows_decision_objective(tmp_path, objective):
+    """issue 24: the student's shipped rule is chosen for the run's `decision-objective`,
+    as the head's is, never by a rule of its own."""
+    from common.config import RunConfig
+    from common.data.datasets import load_dataset
+    from common.models.heads import head_state, make_head
+    from server.distill import run_distillation
+
+    cfg = RunConfig(backbone="identity", decision_objective=objective, distill_epochs=2,
+                    distill_augment=0, student_width=4, student_depth=1,
+                    cache_dir=str(tmp_path / "cache"))
+    splits = load_dataset("digits", seed=0)
+    head = head_state(make_head("linear", in_dim=64, num_classes=10, seed=0))
+    out = run_distillation(cfg, splits, splits.test_x.reshape(len(splits.test_x), -1), head, {})
+    rule = out.summary["student"]["decision"]
+    if objective == "argmax":
+        assert rule == {"rule": "argmax", "reason": "decision-objective = argmax"}
+    else:
+        assert rule.get("objective") == "accuracy"

@@ -82,7 +82,7 @@ def test_an_honest_resumed_run_passes_the_audit(tmp_path):
     for site in run.sites:
         # Rounds 1-2 of run 1 and 3 of run 2 are matched by (run, round); the interrupted
         # round 3 of run 1 was charged but never recorded: conservative, a warning.
-        assert site.anchors_matched == 3 and site.chain == "keyed, verified"
+        assert site.anchors_matched == 3 and site.chain == "signed, verified"
         assert [h.code for h in site.hazards if h.severity == "warning"].count(
             "charged-not-released") == 1
 

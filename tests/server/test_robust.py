@@ -138,10 +138,13 @@ def test_clip_derived_bound_by_hand():
 def test_derived_bound_applies_to_dp_replies_and_not_to_non_dp_ones():
     strategy = _strategy()  # max-update-norm 0: derived from the request
     heads = [_head([1, 2], [0]), _head([3, 4], [0]), _head([50, 0], [0])]  # norms 2.2, 5, 50
-    # num-examples 8, batch 4, 1 epoch: 2 steps -> bound 6.126 (see above)
+    # num-examples 8 < 4 batches of 4: the site's planned batch is 2 (common/batches.py,
+    # as the site plans it), 1 epoch: 4 steps -> the bound at batch 2
+    bound = clip_derived_bound(clip_norm=1.0, learning_rate=0.5, momentum=0.0, steps=4,
+                               batch_size=2, noise_multiplier=1.1, dim=3)
     got, metrics = _run(strategy, heads, [8, 8, 8], nodes=FIVE[:3], request=REQUEST)
     assert metrics["sites"] == 2
-    assert strategy.dropped[0]["reason"] == ("update norm 50 exceeds the bound 6.126 "
+    assert strategy.dropped[0]["reason"] == (f"update norm 50 exceeds the bound {bound:.4g} "
                                              "(derived from the clip norm)")
     # Without DP nothing bounds the step size: the derived bound does not apply.
     strategy = _strategy()

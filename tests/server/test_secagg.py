@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-import client.site
+import client.round
 from common.config import RunConfig
 from common.privacy.ledger import Ledger
 from server.run import run_server
@@ -34,15 +34,15 @@ def _cfg(tmp_path, **kw) -> RunConfig:
 def site_heads(monkeypatch):
     """Each site's plaintext head and record count, per round, as trained."""
     seen: dict[int, dict[int, tuple[dict, int]]] = {}
-    real = client.site.train_round
+    real = client.round.train_round
 
-    def spy(cfg, settings, req, head, data=None):
-        reply = real(cfg, settings, req, head, data)
+    def spy(settings, req, head, adm=None):
+        reply = real(settings, req, head, adm)
         seen.setdefault(req.server_round, {})[settings.site_id] = (reply.arrays,
-                                                                   reply.num_examples)
+                                                                   reply.public.num_examples)
         return reply
 
-    monkeypatch.setattr(client.site, "train_round", spy)
+    monkeypatch.setattr(client.round, "train_round", spy)
     return seen
 
 
@@ -172,13 +172,13 @@ def test_public_class_weights_reach_the_sites_under_secagg(tmp_path, monkeypatch
     """SecAgg+ runs on Flower's legacy workflow, whose config holds scalars only:
     the weights travel as one string and arrive exactly."""
     asked = []
-    real = client.site.train_round
+    real = client.round.train_round
 
-    def spy(cfg, settings, req, head, data=None):
+    def spy(settings, req, head, adm=None):
         asked.append(req.class_weights)
-        return real(cfg, settings, req, head, data)
+        return real(settings, req, head, adm)
 
-    monkeypatch.setattr(client.site, "train_round", spy)
+    monkeypatch.setattr(client.round, "train_round", spy)
     cfg = _cfg(tmp_path, num_rounds=1, class_weights="public")
     s = run_server(cfg, InProcessGrid(cfg, 1), run_id="1")
     assert s["rounds"][0]["sites_aggregated"] == 3

@@ -120,7 +120,8 @@ def test_accepted_reply_records_the_sites_epsilon_and_mechanism():
     assert site.history == [{
         "round": 1, "run_id": "", "noise_multiplier": 1.1, "sample_rate": 0.25, "steps": 4,
         "num_examples": 3, "epsilon_after": 1.5, "dp": True, "ledger_entries": 1,
-        "ledger_head": "", "feature_seconds": 0.01, "train_seconds": 0.2,
+        "ledger_head": "", "ledger_signature": "", "ledger_id": "", "ledger_key_id": "",
+        "privacy_unit": "record", "feature_seconds": 0.01, "train_seconds": 0.2,
         "privacy_seconds": 0.1, "site_seconds": 0.3}]
 
 
