@@ -15,7 +15,7 @@ hospitals partitioned by patient, δ = 1e-5, three arms over the same sites:
 * ``none``: no DP (:func:`common.models.training.train_plain`).
 
 The training runs through the functions a site runs, not a copy: the sites'
-records, patient partition and cached features from :mod:`client.site`
+records, patient partition and cached features from :mod:`client.admission` and :mod:`client.round`
 (``load_site_data``, ``site_features``), σ from the PLD calibration in
 :mod:`common.privacy.accounting` (``dp_plan`` over the site's *patients* or
 records, ``calibrate_noise_multiplier`` so all planned rounds fit the cap, and
@@ -50,8 +50,9 @@ import numpy as np
 import torch
 
 from benchmarks.machine import machine_info, machine_tag
-from client.policy import scenario_policy
-from client.site import load_site_data, site_features
+from client.admission import load_site_data
+from client.round import site_features
+from client.settings import scenario_policy
 from common.aggregation import aggregate
 from common.config import RunConfig
 from common.data.grouping import group_sizes
@@ -77,7 +78,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
 SCENARIO = "pneumonia-patients"
 ARMS = (PATIENT, RECORD, "none")
-MIN_NOISE_MULTIPLIER = 0.3  # the sites' σ floor (client.policy default)
+MIN_NOISE_MULTIPLIER = 0.3  # the sites' σ floor (client.settings default)
 # Expected patients per step for the patient arm: the record arm's 256 records per step
 # divided by the construction's mean of about 2.5 records per patient (a property of the
 # public rule in common/data/grouping.py, not of any site's records).
@@ -109,11 +110,12 @@ class Fixture:
         self.cfg = cfg
         self.sites: list[Site] = []
         for site_id in range(cfg.num_sites):
-            data = load_site_data(cfg, scenario_policy(cfg, {"partition-id": site_id}))
+            settings = scenario_policy(cfg, {"partition-id": site_id})
+            data = load_site_data(settings)
             if data.train_groups is None:
                 raise ValueError(f"dataset {cfg.dataset!r} carries no patient ids; the patient "
                                  "unit needs them (e.g. medmnist:<name>?patients=constructed)")
-            feats = site_features(cfg, Path(cfg.cache_dir), data)
+            feats = site_features(settings, cfg.trainable, data)
             sizes = group_sizes(data.train_groups)
             self.sites.append(Site(feats.train, data.train_y, data.train_groups, len(sizes),
                                    len(data.train_y), int(sizes.max())))
@@ -310,7 +312,7 @@ def run(cfg: RunConfig, *, seeds=(0, 1, 2), target_epsilon: float = 1.0, levers=
                 "group_privacy_k_is": "the largest patient's record count over all sites",
                 "selection": "learning rate per setting by mean val AUC over the seeds; test "
                              "read for the chosen learning rate's runs only",
-                "path": "function-level (client.site + common.models.training + "
+                "path": "function-level (client.admission + client.round + common.models.training + "
                         "common.privacy.accounting + common.aggregation.aggregate), not Flower",
                 "setup_seconds": setup_s}}
 
@@ -318,7 +320,9 @@ def run(cfg: RunConfig, *, seeds=(0, 1, 2), target_epsilon: float = 1.0, levers=
 def scenario_config(data_path: Path = DEFAULT_DATA, work_dir: Path | None = None,
                     **changes) -> RunConfig:
     """The grouped scenario, reading ``data_path`` and caching under ``work_dir``."""
-    cfg = resolve_config(SCENARIO, [], None)
+    # The scenario is the patient unit's run (100 patients per step); the record arm keeps
+    # its own 256 records per step, as measured.
+    cfg = resolve_config(SCENARIO, [], None).replace(batch_size=256)
     work = Path(work_dir or REPO / ".fedtransfer" / "bench")
     return cfg.replace(dataset=f"medmnist:{data_path}?patients=constructed", data_dir="",
                        cache_dir=str(work / "cache"), device="auto", **changes)

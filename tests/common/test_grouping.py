@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.policy import scenario_policy
-from client.site import load_site_data
+from client.admission import load_site_data
+from client.settings import scenario_policy
 from common.data import grouping
 from common.data.datasets import load_dataset, partition_patients, site_data
 from common.data.splits import Splits
@@ -136,14 +136,14 @@ def test_the_dataset_option_constructs_patients_and_names_bad_options(tmp_path: 
 
 @pytest.mark.integration
 def test_the_grouped_scenario_partitions_real_pneumoniamnist_by_patient(pneumonia_npz, tmp_path):
-    """The scenario file, through the loader a simulated site uses (client.site)."""
+    """The scenario file, through the loader a simulated site uses (client.admission)."""
     cfg = resolve_config("pneumonia-patients", [f"data-dir={pneumonia_npz.parent}",
                                                 f"cache-dir={tmp_path / 'cache'}"], None)
     assert cfg.dataset == "medmnist:pneumoniamnist?patients=constructed"
     seen: set = set()
     records = 0
     for site_id in range(cfg.num_sites):
-        d = load_site_data(cfg, scenario_policy(cfg, {"partition-id": site_id}))
+        d = load_site_data(scenario_policy(cfg, {"partition-id": site_id}))
         mine = set(d.train_groups.tolist()) | set(d.holdout_groups.tolist())
         assert not set(d.train_groups.tolist()) & set(d.holdout_groups.tolist())
         assert not mine & seen
