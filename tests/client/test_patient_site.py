@@ -27,7 +27,7 @@ from client.settings import SiteConfigError, deployed_policy, scenario_policy
 from common.batches import plan_batch
 from common.config import RunConfig
 from common.data.grouping import group_sizes
-from common.privacy.accounting import dp_plan
+from common.privacy.accounting import dp_plan, group_privacy
 from common.privacy.ledger import Ledger
 from common.protocol import POLICY_DECLINED, to_array_record
 from tests import sites
@@ -236,3 +236,42 @@ def test_the_declaration_answer_states_the_patient_unit_and_count(tmp_path):
     reply = dict(client_app.app(msg, ctx).content.config_records["declaration"])
     assert reply["privacy-unit"] == "patient" and reply["num-examples"] == adm.num_train
     assert "P0" not in json.dumps(reply)
+
+
+# -- site check: patients, records per patient, ε per patient ---------------------------
+def _node_arg(node: dict) -> str:
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in node.items())
+
+
+def test_site_check_reports_patients_and_the_epsilon_per_patient(tmp_path, capsys):
+    from cli.main import main as cli_main  # lazy: the command line loads its own modules
+
+    node = patient_csv(tmp_path)
+    assert cli_main(["site", "check", "--node-config", _node_arg(node), "--rounds", "2",
+                     "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    adm = admission.stored(deployed_policy(node))
+    assert f"patients: 40; records per patient min 1" in out
+    assert "patients by records (local only): 1: " in out
+    assert f"privacy estimate: {adm.num_train} training patients" in out
+    assert "ε per patient: " in out and "unit: one patient at one site" in out
+    assert f"admitted: {adm.num_train} training patients ({adm.num_train_records} training " \
+           "records, not released)" in out
+    assert "P00" not in out  # counts only; the ids stay at the site
+
+
+def test_site_check_shows_group_privacy_beside_a_record_level_epsilon(tmp_path, capsys):
+    from cli.main import main as cli_main  # lazy: as above
+
+    node = patient_csv(tmp_path)
+    node["privacy-unit"] = "record"
+    assert cli_main(["site", "check", "--node-config", _node_arg(node), "--rounds", "2",
+                     "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "ε per record: " in ln)
+    eps = float(line.split(": ")[1])
+    e_k, d_k = group_privacy(eps, 1e-5, K)  # from the printed (rounded) per-record ε
+    line = next(ln for ln in out.splitlines() if f"up to k={K} records per patient" in ln)
+    shown = float(line.split("): ")[1].split(" ")[0])
+    assert shown == pytest.approx(e_k, abs=K * 5e-4) and "with δ = " in line
+    assert "unit: one training record at one site" in out
