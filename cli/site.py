@@ -34,7 +34,8 @@ def cmd_site_check(args) -> int:
                 local_epochs=args.epochs or run.local_epochs,
                 batch_size=args.batch_size or run.batch_size,
                 noise_multiplier=args.noise_multiplier, holdout=args.holdout,
-                min_noise_multiplier=args.min_noise_multiplier)
+                min_noise_multiplier=args.min_noise_multiplier,
+                unit=args.privacy_unit, group_size=args.max_records_per_patient or 1)
     classes = tuple(c.strip() for c in args.class_names.split(",")) if args.class_names else None
     schema = None
     if args.schema:
@@ -83,18 +84,31 @@ def _admit(args) -> int:
                 local_epochs=args.epochs or run.local_epochs,
                 batch_size=args.batch_size or run.batch_size,
                 noise_multiplier=args.noise_multiplier, holdout=settings.holdout,
-                min_noise_multiplier=settings.min_noise_multiplier)
-    report = check_site(settings.data_path, plan,
-                        ledger=settings.ledger_path if settings.ledger_path.is_file() else None,
+                min_noise_multiplier=settings.min_noise_multiplier,
+                unit=settings.privacy_unit, group_size=settings.group_size)
+    ledger = settings.ledger_path if settings.ledger_path.is_file() else None
+    report = check_site(settings.data_path, plan, ledger=ledger,
                         classes=schema.classes, schema=schema)
     adm = admit(settings)
     if not adm.admitted:
         report.errors.append(adm.reason)
+    elif report.estimate is not None and report.estimate.train_records != adm.num_train:
+        # lazy: as above
+        from common.data.sitecheck import estimate_epsilon
+        # lazy: as above
+        from common.privacy.ledger import Ledger
+
+        # The admitted count (its holdout split by patient where ids are declared) is the
+        # one the site releases and plans with.
+        prior = Ledger(ledger, settings.ledger_key).history() if ledger is not None else []
+        report.estimate = estimate_epsilon(adm.num_train, plan, prior)
     print(json.dumps({**report.to_dict(), "admission": adm.__dict__}, indent=2, default=str)
           if args.json else format_report(report))
     if adm.admitted:
-        print(f"admitted: {adm.num_train} training {settings.privacy_unit}s (released as the "
-              f"site's public count), {adm.num_holdout} held out; declaration "
+        records = (f" ({adm.num_train_records} training records, not released)"
+                   if settings.privacy_unit != "record" else "")
+        print(f"admitted: {adm.num_train} training {settings.privacy_unit}s{records} (released "
+              f"as the site's public count), {adm.num_holdout} held out; declaration "
               f"{settings.declaration.sha256[:16]}; recorded in "
               f"{settings.state_dir / ADMISSION_FILE}")
     else:
@@ -294,6 +308,12 @@ def add_site_commands(sub) -> None:
                    help="the site's σ floor (node config min-noise-multiplier): the σ the site "
                         "runs is never below it, and the estimate uses the same")
     c.add_argument("--ledger", help="the site's ledger: its earlier spend counts")
+    c.add_argument("--privacy-unit", choices=("record", "patient"), default="record",
+                   help="the site's unit of privacy (node config privacy-unit): 'patient' "
+                        "plans over patients (the data spec must declare ?patient=...)")
+    c.add_argument("--max-records-per-patient", type=int, default=0,
+                   help="the site's declared k (node config max-records-per-patient); with "
+                        "the record unit, the group-privacy ε per patient is shown beside")
     c.add_argument("--num-classes", type=int, help="the federation's class count")
     c.add_argument("--class-names", help="the federation's class names in order, comma-separated "
                    "(the node config's class-names)")

@@ -36,7 +36,9 @@ from client.settings import SiteSettings
 from common.data.datasets import SiteData, load_dataset, site_data
 from common.data.digests import read_public_hashes
 from common.data.readers import SiteDataError, own_site_data
+from common.data.grouping import group_sizes
 from common.data.schema import Schema, SchemaError
+from common.privacy.accounting import PATIENT
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,8 @@ class Admission:
 
     key: str  # what was checked: the declaration and how the site reads its data
     admitted: bool
-    num_train: int  # released as public (the unit count); 0 when not admitted
-    num_holdout: int
+    num_train: int  # released as public (the unit count: records, or patients); 0 when not admitted
+    num_holdout: int  # held-out units (records, or patients), for the site's own log
     fingerprint: str  # of the records read; stays at the site
     checked_at: float
     reason: str = ""
@@ -68,6 +70,8 @@ class Admission:
     # The hash of the published public-record hash list the records were checked against
     # (none of them may be the coordinator's public or test records); "" when none is published.
     public_check: str = ""  # why not admitted, for the site's own log and operator only
+    unit: str = "record"  # what num_train counts: the site's unit of privacy
+    num_train_records: int = 0  # training records (patient unit: never released; the site's log)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, indent=1)
@@ -80,7 +84,8 @@ def admission_key(settings: SiteSettings) -> str:
     reading = {"declaration": settings.declaration.sha256, "data": settings.data_path,
                "public-hashes": _file_sha256(settings.public_hashes),
                "holdout": settings.holdout, "holdout-seed": settings.holdout_seed,
-               "unit": settings.privacy_unit, "site-id": settings.site_id,
+               "unit": settings.privacy_unit, "group-size": settings.group_size,
+               "site-id": settings.site_id,
                "scenario": None if sim is None else {
                    k: getattr(sim, k) for k in ("dataset", "data_dir", "num_sites", "partitioner",
                                                 "dirichlet_alpha", "site_shift", "seed")}}
@@ -129,6 +134,7 @@ def admit(settings: SiteSettings) -> Admission:
     try:
         data = load_site_data(settings)
         problems = data_problems(data, tabular=settings.declaration.schema.input == "tabular")
+        problems += unit_problems(data, settings)
         if settings.public_hashes is not None:
             public, public_check = read_public_hashes(settings.public_hashes)
             problems += public_overlap(data, public)
@@ -142,12 +148,14 @@ def admit(settings: SiteSettings) -> Admission:
                     "operator fixes it and runs `fedtransfer site check`): %s",
                     settings.site_id, adm.reason)
     else:
-        adm = Admission(key=key, admitted=True, num_train=len(data.train_y),
-                        num_holdout=len(data.holdout_y), fingerprint=data.fingerprint,
-                        checked_at=time.time(), record_shape=tuple(data.train_x.shape[1:]),
-                        public_check=public_check)
-        log.info("site %d admitted: %d training and %d holdout records read as declared",
-                 settings.site_id, adm.num_train, adm.num_holdout)
+        num_train, num_holdout = train_units(data, settings)
+        adm = Admission(key=key, admitted=True, num_train=num_train, num_holdout=num_holdout,
+                        fingerprint=data.fingerprint, checked_at=time.time(),
+                        record_shape=tuple(data.train_x.shape[1:]), public_check=public_check,
+                        unit=settings.privacy_unit, num_train_records=len(data.train_y))
+        log.info("site %d admitted: %d training and %d holdout %ss (%d training records) read "
+                 "as declared", settings.site_id, adm.num_train, adm.num_holdout,
+                 settings.privacy_unit, len(data.train_y))
     _write(settings, adm)
     return adm
 
@@ -177,6 +185,37 @@ def take_out(settings: SiteSettings, why: str) -> None:
     _write(settings, out)
     log.error("site %d is out of the federation until its operator runs `fedtransfer site "
               "check`: %s", settings.site_id, why)
+
+
+def train_units(data: SiteData, settings: SiteSettings) -> tuple[int, int]:
+    """``(training units, holdout units)``: records, or patients where the site's unit is
+    the patient. The first is the count the site releases (FedAvg weight, q's denominator)."""
+    if settings.privacy_unit != PATIENT:
+        return len(data.train_y), len(data.holdout_y)
+    return len(group_sizes(data.train_groups)), len(group_sizes(data.holdout_groups))
+
+
+def unit_problems(data: SiteData, settings: SiteSettings) -> list[str]:
+    """What makes the data unusable in the site's unit (its own log names it): a
+    patient-level site needs every record's patient id; a declared records-per-patient
+    bound must hold where the ids are known (else the group-privacy ε would be wrong)."""
+    if data.train_groups is None:
+        if settings.privacy_unit == PATIENT:
+            return ["privacy-unit = 'patient', but the site's records carry no patient id: "
+                    "declare where they come from (data-path ?patient=...; docs/data.md, "
+                    "'Patient ids')"]
+        return []
+    if settings.privacy_unit == PATIENT:
+        if len(group_sizes(data.train_groups)) < 2:
+            return ["privacy-unit = 'patient' needs at least 2 training patients"]
+        return []  # a larger patient contributes a fresh subset of its records per step
+    if settings.group_size > 1:
+        largest = int(group_sizes(data.train_groups).max())
+        if largest > settings.group_size:
+            return [f"a patient has {largest} training records, above the site's declared "
+                    f"max-records-per-patient {settings.group_size}: the group-privacy ε per "
+                    "patient would not hold; declare the true bound"]
+    return []
 
 
 def public_overlap(data: SiteData, public: frozenset[str]) -> list[str]:

@@ -5,7 +5,9 @@ count only, in one fixed order (:func:`check_train`), and the first stage that
 finds a problem declines the message with every problem of that stage named:
 
 1. **policy** (``policy-declined``): DP on or off as the site's policy says,
-   rounds within its ``max-rounds``, σ not below its floor, a trainable mode it
+   the unit of privacy the site declares (a request for another unit is declined,
+   never obeyed: the site's unit and its ``max-records-per-patient`` come from its
+   own policy only), rounds within its ``max-rounds``, σ not below its floor, a trainable mode it
    accepts;
 2. **declaration** (``policy-declined``): the request's schema and backbone are
    the site's declared ones (:func:`common.declaration.differences`), compared
@@ -118,6 +120,10 @@ def policy_problems(req: RoundRequest, settings: SiteSettings, *,
             "this site trains only with DP-SGD (its policy: dp = true); the request asks for "
             "dp = false" if settings.dp else
             "this site's policy trains without DP (dp = false); the request asks for dp = true")
+    if req.privacy_unit != settings.privacy_unit:
+        problems.append(f"this site's unit of privacy is one {settings.privacy_unit} (its own "
+                        f"policy: privacy-unit = {settings.privacy_unit!r}); the request asks for "
+                        f"privacy-unit = {req.privacy_unit[:40]!r}")
     for key, value in (("server-round", req.server_round), ("num-rounds", req.num_rounds)):
         if value > settings.max_rounds:
             problems.append(f"{key} {value} exceeds the site's max-rounds {settings.max_rounds}")

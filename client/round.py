@@ -43,6 +43,7 @@ from common.models.finetune import (
 )
 from common.models.modelio import read_card, save_bundle
 from common.privacy import scaling
+from common.privacy.accounting import PATIENT
 from common.privacy.ledger import Ledger, canonical_json, export_ledger
 from common.protocol import RoundRequest, TrainReply
 
@@ -183,12 +184,17 @@ def train_round(settings: SiteSettings, req: RoundRequest,
                                           device=device, class_weights=weights)
             eps = math.inf  # no DP: no finite guarantee, and every reply says so (dp = 0)
         else:
-            result = training.train_dp(model, feats.train, data.train_y,
-                                       epochs=req.local_epochs, batch_size=req.batch_size,
-                                       lr=req.learning_rate, momentum=req.momentum,
-                                       noise_multiplier=planned.mechanism.noise_multiplier,
-                                       clip_norm=req.clip_norm, seed=None, device=device,
-                                       class_weights=weights)
+            dp_args = dict(epochs=req.local_epochs, batch_size=req.batch_size,
+                           lr=req.learning_rate, momentum=req.momentum,
+                           noise_multiplier=planned.mechanism.noise_multiplier,
+                           clip_norm=req.clip_norm, seed=None, device=device,
+                           class_weights=weights)
+            if settings.privacy_unit == PATIENT:  # Poisson over patients, one bag each
+                result = training.train_dp_patients(
+                    model, feats.train, data.train_y, groups=data.train_groups,
+                    max_records_per_patient=settings.group_size, **dp_args)
+            else:
+                result = training.train_dp(model, feats.train, data.train_y, **dp_args)
             if [m.as_tuple() for m in result.mechanisms] != [planned.mechanism.as_tuple()]:
                 # Record what really ran, never what was planned.
                 log.warning("Opacus ran %s, planned %s", result.mechanisms, planned.mechanism)
@@ -240,6 +246,11 @@ def scaling_release(settings: SiteSettings, req: RoundRequest,
     adm = adm or admission.require(settings)
     guard.check_query(req, settings)
     schema = Schema.from_json(req.schema)
+    if settings.privacy_unit == PATIENT and settings.dp:
+        # The scaling sums add one vector per record: their sensitivity is per record.
+        raise guard.PolicyDeclined("outside the site's policy: this site's unit of privacy is "
+                                   "one patient, and DP feature scaling releases sums bounded "
+                                   "per record; use public scaling constants")
     if not schema.needs("dp"):
         raise RequestRejected("request rejected by site: a scaling query needs a schema with "
                               "'dp'-scaled features")

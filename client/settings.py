@@ -39,7 +39,8 @@ from common.declaration import Declaration
 from common.federation import Federation, load_federation
 from common.models.backbones import BACKBONE_NAMES
 from common.models.names import TRAINABLE_MODES
-from common.privacy.accounting import RECORD, UNITS_OF_PRIVACY
+from common.data.readers import SiteDataError, data_spec
+from common.privacy.accounting import PATIENT, PRIVACY_UNITS, RECORD, UNITS_OF_PRIVACY
 from common.privacy.planning import DEFAULT_MIN_NOISE_MULTIPLIER
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,13 @@ POLICY_KEYS = {
     "release-timings": "true: send coarse timings with each reply (a side channel: they depend "
                        "on the machine, its load and the site's caches); default false",
     "device": f"where the site trains: {', '.join(DEVICES)} (default auto)",
+    "privacy-unit": "the site's unit of privacy: 'record' (default: one training record) or "
+                    "'patient' (all of one patient's records, clipped together; needs patient "
+                    "ids in data-path, ?patient=...); a request for another unit is declined",
+    "max-records-per-patient": "the most records one patient has at this site (public): "
+                               "required with privacy-unit = 'patient' (each step uses at most "
+                               "this many of a patient's records); with 'record', an optional "
+                               "declaration k for the group-privacy ε per patient",
     "policy-file": "a TOML file holding any of these keys (node-config keys win)",
 }
 REQUIRED_KEYS = ("data-path", "ledger-path", "target-epsilon", "target-delta")
@@ -196,6 +204,9 @@ def scenario_policy(cfg: RunConfig, node: dict, *, chosen: tuple[str, int] | Non
                 "cache-dir": cfg.cache_dir, "dp": cfg.dp, "target-epsilon": cfg.target_epsilon,
                 "target-delta": cfg.target_delta, "holdout": cfg.site_holdout,
                 "holdout-seed": cfg.seed, "release-timings": True, "device": cfg.device}
+    if cfg.privacy_unit != RECORD or cfg.max_records_per_patient:
+        scenario.update({"privacy-unit": cfg.privacy_unit,
+                         "max-records-per-patient": cfg.max_records_per_patient})
     return _parse_policy({**scenario, **node}, data_path=None,
                          declaration=scenario_declaration(cfg), scenario=cfg)
 
@@ -393,7 +404,38 @@ def _parse_policy(node: dict, *, data_path: str | None, declaration: Declaration
         max_steps=_number(node, "max-steps", int, 10_000, low=1),
         ledger_key=Path(str(node["ledger-key"])) if "ledger-key" in node else None,
         trainable=_modes(node), release_timings=_bool(node, "release-timings", False),
-        device=device, scenario=scenario)
+        device=device, scenario=scenario, **_unit(node, data_path))
+
+
+def _unit(node: dict, data_path: str | None) -> dict:
+    """The site's unit of privacy and its declared records per patient (see POLICY_KEYS).
+
+    Raises:
+        SiteConfigError: an unknown unit, a patient-level site without
+            ``max-records-per-patient``, or (deployed) whose ``data-path`` declares no
+            patient ids.
+    """
+    unit = str(node.get("privacy-unit", RECORD))
+    if unit not in PRIVACY_UNITS:
+        raise SiteConfigError(f"node config 'privacy-unit' must be one of "
+                              f"{', '.join(PRIVACY_UNITS)}, got {unit!r}")
+    declared = "max-records-per-patient" in node and node["max-records-per-patient"] != 0
+    if unit == PATIENT and not declared:
+        raise SiteConfigError("node config privacy-unit = 'patient' needs "
+                              "'max-records-per-patient' (an integer >= 1, public: the most "
+                              "records one patient contributes to a step)")
+    k = _number(node, "max-records-per-patient", int, 1, low=1) if declared else 1
+    if unit == PATIENT and data_path is not None:
+        try:
+            patient = data_spec(data_path).patient
+        except SiteDataError as exc:
+            raise SiteConfigError(f"node config 'data-path': {exc}") from exc
+        if patient is None:
+            raise SiteConfigError(
+                "node config privacy-unit = 'patient' needs each record's patient id: declare "
+                "where it comes from in data-path (?patient=column:COL | dicom | folder | "
+                "name:PATTERN | manifest:FILE; docs/data.md, 'Patient ids')")
+    return {"privacy_unit": unit, "group_size": k}
 
 
 def _modes(node: dict) -> tuple[str, ...]:

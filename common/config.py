@@ -38,6 +38,9 @@ TEACHERS = ("auto", "global", "ensemble")
 # Where the training hyperparameters came from. Tuning on the sites' private
 # records costs privacy that no ledger charges, so the run records say which.
 HYPERPARAMETER_SOURCES = ("unspecified", "public", "private")
+# common.privacy.accounting.PRIVACY_UNITS (tests/common/test_config.py keeps them equal; the
+# accountant is not imported here).
+PRIVACY_UNITS = ("record", "patient")
 # Class weights in the sites' training loss. "public": balanced weights from the
 # class counts of the server's public validation split, sent in every round
 # request; never from a site's private counts, which would be an uncharged release.
@@ -137,6 +140,12 @@ class RunConfig:
     noise_multiplier: float = 0.0
     target_epsilon: float = 4.0
     target_delta: float = 1e-5
+    # The unit of privacy the federation asks for and simulated sites declare (their policy:
+    # a deployed site's own node config decides, and declines a request for another unit).
+    privacy_unit: str = "record"  # record | patient
+    # The most records one patient has at a simulated site (public): required with the patient
+    # unit (the bag cap); with the record unit, 0 (none declared) or k for the group-privacy ε.
+    max_records_per_patient: int = 0
     # Where the hyperparameters were chosen: public (e.g. a public val split) | private |
     # unspecified. The defaults were chosen on public data; say so when you tune your own.
     hyperparameter_source: str = "public"
@@ -408,6 +417,13 @@ def _validate(cfg: RunConfig) -> None:
                   f"{', '.join(SELECTION_SCORES)}")
     if cfg.teacher not in TEACHERS:
         raise bad("teacher", f"got {cfg.teacher!r}, allowed: {', '.join(TEACHERS)}")
+    if cfg.privacy_unit not in PRIVACY_UNITS:
+        raise bad("privacy-unit", f"got {cfg.privacy_unit!r}, allowed: {', '.join(PRIVACY_UNITS)}")
+    if cfg.max_records_per_patient < 0 or (cfg.privacy_unit == "patient"
+                                           and cfg.max_records_per_patient < 1):
+        raise bad("max-records-per-patient", f"must be an integer >= 1 with privacy-unit = "
+                  f"\"patient\" (0: none declared, record unit only), got "
+                  f"{cfg.max_records_per_patient!r}")
     if cfg.hyperparameter_source not in HYPERPARAMETER_SOURCES:
         raise bad("hyperparameter-source", f"got {cfg.hyperparameter_source!r}, allowed: "
                   f"{', '.join(HYPERPARAMETER_SOURCES)}")
@@ -540,8 +556,10 @@ KEY_DOCS: dict[str, str] = {
     "decision-objective": "what the shipped decision rule (the head's and the student's) maximises on public validation data: `balanced-accuracy`, `accuracy`, or `argmax` (no threshold)",
     "clip-norm": "per-sample clip norm",
     "noise-multiplier": "σ; `0`: each site calibrates σ to its own cap (never below its `min-noise-multiplier`)",
-    "target-epsilon": "each site's ε cap (in deployment: the site's node config; unit: one training record at one site)",
+    "target-epsilon": "each site's ε cap (in deployment: the site's node config; unit: `privacy-unit`, one training record or one patient at one site)",
     "target-delta": "each site's δ (in deployment: the site's node config)",
+    "privacy-unit": "the unit of privacy asked of the sites: `record` (one training record) or `patient` (all of one patient's records, clipped together; q is over patients, `batch-size` is patients per step). A simulated site's policy; a deployed site's own node config decides and declines a request for another unit",
+    "max-records-per-patient": "the most records one patient has at a simulated site (public; a deployed site's own node config): required with `privacy-unit = \"patient\"` (each step uses at most this many of a patient's records); with `record`, `0` (none declared) or k, for the group-privacy ε per patient the audit prints",
     "hyperparameter-source": "`public`, `private` or `unspecified`: where the hyperparameters were chosen; the audit flags `private` (error) and `unspecified` (warning)",
     "distill": "distil a student on public data after the last round (no ε)",
     "student": "`cnn` (raw images) or `mlp`",

@@ -326,6 +326,9 @@ class RoundRequest:
     trainable: str = "head"
     head: str = "linear"
     hidden_dim: int = 128
+    # The unit of privacy the federation asks for ("record" | "patient"). The site's own
+    # policy decides its unit; a request for another is declined (client.guard), never obeyed.
+    privacy_unit: str = "record"
 
 
 # The largest class weight a round may ask for. The weights do not change the DP
@@ -336,7 +339,7 @@ class RoundRequest:
 MAX_CLASS_WEIGHT = 100.0
 REQUEST_KEYS = tuple(f.name.replace("_", "-") for f in fields(RoundRequest) if f.name != "run_id")
 OPTIONAL_REQUEST_KEYS = ("dp", "schema", "scaling-budget", "class-weights", "trainable", "head",
-                         "hidden-dim")
+                         "hidden-dim", "privacy-unit")
 
 
 def encode_class_weights(weights) -> str:
@@ -376,7 +379,7 @@ def train_request(cfg, schema_json: str = "", *, class_weights=None
            "noise-multiplier": cfg.noise_multiplier, "dp": bool(cfg.dp),
            "schema": schema_json, "scaling-budget": cfg.scaling_budget,
            "backbone": cfg.backbone, "trainable": cfg.trainable, "head": cfg.head,
-           "hidden-dim": cfg.hidden_dim}
+           "hidden-dim": cfg.hidden_dim, "privacy-unit": cfg.privacy_unit}
     if class_weights:
         req["class-weights"] = encode_class_weights(class_weights)
     return req
@@ -416,7 +419,8 @@ def parse_request(config, run_id: str) -> RoundRequest:
         class_weights=decode_class_weights(config.get("class-weights", "")),
         backbone=_text(config, "backbone"), trainable=_text(config, "trainable") or "head",
         head=_text(config, "head") or "linear",
-        hidden_dim=num("hidden-dim", int) if "hidden-dim" in config else 128)
+        hidden_dim=num("hidden-dim", int) if "hidden-dim" in config else 128,
+        privacy_unit=_text(config, "privacy-unit") or "record")
 
 
 def _text(config, key: str) -> str:

@@ -124,6 +124,11 @@ class Handshake:
             status = dict(content.get("status", {}))
             return f"is not ready ({status.get('status')}: {status.get('reason', '')})", status
         record = dict(content["declaration"])
+        unit = str(record.get("privacy-unit", "record"))
+        if record.get("declaration") == self.expected.sha256 and unit != self.cfg.privacy_unit:
+            # The site's unit is its own policy; a round asking another would be declined.
+            return (f"declares privacy-unit {unit!r} where the federation asks "
+                    f"{self.cfg.privacy_unit!r}"), record
         if record.get("declaration") == self.expected.sha256:
             problem = self._register_key(record)
             if problem:
@@ -157,7 +162,8 @@ class Handshake:
         return None
 
     def counts(self) -> dict[int, int]:
-        """The accepted sites' admitted training-record counts (public), by site id."""
+        """The accepted sites' admitted training-unit counts (records or patients, as the
+        federation's unit; public), by site id."""
         return {int(v["site_id"]): int(v["num_examples"]) for v in self.sites.values()
                 if v.get("accepted") and "num_examples" in v}
 

@@ -232,7 +232,7 @@ def privacy_block(cfg: RunConfig) -> dict:
         "decision": DECISION_NOTE,
         **({"class_weights": CLASS_WEIGHTS_NOTE} if cfg.class_weights == "public" else {}),
         "released": released,
-        "not_charged": ["each site's exact training-record count (num-examples), and the "
+        "not_charged": ["each site's exact training-unit count (num-examples: records, or patients at a patient-level site), and the "
                         "schedule derived from it (sample-rate, steps), are declared public; ε "
                         "is therefore for replace-one neighbours",
                         "coarse timings (0.1 s), from a site whose own policy releases them "

@@ -64,7 +64,7 @@ def round_line(r: int, total: int, m: dict, strategy: HeadFedAvg, cfg: RunConfig
                   f" train {np.mean([h['train_seconds'] for h in hist]):.2f}"
                   f" accounting {np.mean([h['privacy_seconds'] for h in hist]):.2f}"
                   f" total {np.mean([h['site_seconds'] for h in hist]):.2f}")
-    privacy = (f" | ε (per record, replace-one, δ={cfg.target_delta:g}) {eps}" if cfg.dp
+    privacy = (f" | ε (per {cfg.privacy_unit}, replace-one, δ={cfg.target_delta:g}) {eps}" if cfg.dp
                else " | no DP")
     test, decision = m["test"], m.get("decision")
     sites = ""
@@ -91,14 +91,15 @@ def plan_batches(cfg: RunConfig, splits, counts: dict[int, int] | None = None
     """
     simulated, names = site_train_counts(splits, num_sites=cfg.num_sites,
                                          partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
-                                         holdout=cfg.site_holdout, seed=cfg.seed)
+                                         holdout=cfg.site_holdout, seed=cfg.seed,
+                                         unit=cfg.privacy_unit)
     counts = simulated if counts is None else counts
     plan = plan_site_batches(counts, batch_size=cfg.batch_size, names=names)
     smaller = {names.get(s, f"site {s}"): (b, counts[s]) for s, b in plan.items()
                if b != cfg.batch_size}
     if smaller:
         log.info("expected batch per site (batch-size %d; smaller sites, from their public "
-                 "record counts): %s", cfg.batch_size,
+                 "%s counts): %s", cfg.batch_size, cfg.privacy_unit,
                  ", ".join(f"{n} {b} of {c}" for n, (b, c) in smaller.items()))
     return plan
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data.digests import record_digests
+from common.data.grouping import construct_patients, factorize
 from common.data.readers import (
     SiteDataError,
     data_spec,
@@ -189,7 +190,8 @@ _PREFIXES: dict[str, Callable[..., Splits]] = {
     "medmnist": _load_medmnist, "imagefolder": _load_local("imagefolder"),
     "dicom": _load_local("dicom"), "csv": _load_local("csv")}
 _TABULAR = {"breast-cancer-hospitals": _load_breast_cancer_hospitals}
-DATASET_NAMES = ("digits", "breast-cancer-hospitals", "medmnist:<name or path.npz>",
+DATASET_NAMES = ("digits", "breast-cancer-hospitals",
+                 "medmnist:<name or path.npz>[?patients=constructed]",
                  "imagefolder:<dir>[?site=folder&patient=...]",
                  "dicom:<dir>[?site=folder&patient=...]",
                  "csv:<file>[?label=COL&missing=error|drop|zero&site=COL]",
@@ -206,9 +208,28 @@ def load_dataset(spec: str, data_dir: str = "", seed: int = 0, schema=None) -> S
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in ("imagefolder", "dicom", "csv") and rest:
         return _PREFIXES[prefix](rest, data_dir, seed, schema)
+    if sep and prefix == "medmnist" and "?" in rest:
+        return _with_patients(_PREFIXES[prefix], rest, data_dir, seed)
     if sep and prefix in _PREFIXES and rest:
         return _PREFIXES[prefix](rest, data_dir, seed)
     raise ValueError(f"unknown dataset {spec!r}. Valid: {', '.join(DATASET_NAMES)}")
+
+
+PATIENT_SOURCES = ("constructed",)  # medmnist:<name>?patients=...
+
+
+def _with_patients(load: Callable[..., Splits], rest: str, data_dir: str, seed: int) -> Splits:
+    """``medmnist:<name>?patients=constructed``: the data set with each training
+    record's patient constructed by :func:`common.data.grouping.construct_patients`
+    (MedMNIST ships no patient ids; docs/data.md says what the construction is)."""
+    name, _, query = rest.partition("?")
+    options = dict(item.partition("=")[::2] for item in query.split("&") if item)
+    unknown = sorted(set(options) - {"patients"})
+    if unknown or options.get("patients") not in PATIENT_SOURCES:
+        raise ValueError(f"dataset option(s) {query!r}: medmnist takes only "
+                         f"patients={'|'.join(PATIENT_SOURCES)}")
+    splits = load(name, data_dir, seed)
+    return replace(splits, train_groups=construct_patients(splits.train_y, seed=seed))
 
 
 # --------------------------------------------------------------------------
@@ -302,17 +323,22 @@ def apply_site_shift(images: np.ndarray, *, site_id: int, strength: float, seed:
 
 def site_data(splits: Splits, *, site_id: int, num_sites: int, partitioner: str,
               alpha: float, holdout: float, shift: float, seed: int) -> SiteData:
-    """The private data of hospital ``site_id``: its partition, split train/holdout."""
+    """The private data of hospital ``site_id``: its partition, split train/holdout
+    (by patient, with ``train_groups`` and ``holdout_groups`` set, where ``splits``
+    carries patient ids)."""
     if not 0 <= site_id < num_sites:
         raise ValueError(f"site id {site_id} out of range for {num_sites} sites")
+    if splits.train_groups is not None:
+        return _patient_site_data(splits, site_id=site_id, num_sites=num_sites,
+                                  partitioner=partitioner, alpha=alpha, holdout=holdout,
+                                  shift=shift, seed=seed)
     if partitioner == "site":
         check_natural_sites(splits, num_sites)
         idx = np.flatnonzero(splits.train_site == site_id)
     else:
         idx = partition_indices(splits.train_y, num_sites=num_sites, partitioner=partitioner,
                                 alpha=alpha, seed=seed)[site_id]
-    groups = None if splits.train_groups is None else splits.train_groups[idx]
-    train, hold = holdout_split(len(idx), holdout, seed=seed, site_id=site_id, groups=groups)
+    train, hold = holdout_split(len(idx), holdout, seed=seed, site_id=site_id)
     if len(train) < 2 or len(hold) < 1:
         raise ValueError(
             f"site {site_id} has only {len(idx)} records: too few to train and hold out"
@@ -325,17 +351,99 @@ def site_data(splits: Splits, *, site_id: int, num_sites: int, partitioner: str,
         train_x=x_train, train_y=splits.train_y[idx[train]],
         holdout_x=x_hold, holdout_y=splits.train_y[idx[hold]],
         num_classes=splits.num_classes,
-        train_groups=None if groups is None else groups[train],
-        holdout_groups=None if groups is None else groups[hold],
+    )
+
+
+def partition_patients(splits: Splits, *, num_sites: int, partitioner: str, alpha: float,
+                       seed: int) -> list[np.ndarray]:
+    """Patient indices (:func:`common.data.grouping.factorize` order) per site.
+
+    ``iid`` and ``dirichlet`` partition the patients (flwr-datasets, as
+    :func:`partition_indices` does records), each patient labelled by its first
+    record; ``site`` takes the records' own sites and requires every patient's
+    records to lie in one site. A patient's records never span sites.
+
+    Raises:
+        ValueError: a patient's records lie in two natural sites.
+    """
+    inverse, count = factorize(splits.train_groups)
+    first = np.full(count, len(inverse), dtype=np.int64)
+    np.minimum.at(first, inverse, np.arange(len(inverse)))
+    if partitioner != "site":
+        # flwr-datasets deals each class in the order given; first-appearance order
+        # puts large patients first (they appear early), so deal in a seeded random order.
+        order = np.random.default_rng([seed, 7368787]).permutation(count)
+        return [order[p] for p in partition_indices(splits.train_y[first[order]],
+                                                    num_sites=num_sites, partitioner=partitioner,
+                                                    alpha=alpha, seed=seed)]
+    check_natural_sites(splits, num_sites)
+    site_of = splits.train_site[first]
+    if np.any(splits.train_site != site_of[inverse]):
+        raise ValueError("a patient's records lie in more than one site; with patient ids, "
+                         "every patient must belong to one site")
+    return [np.flatnonzero(site_of == s) for s in range(num_sites)]
+
+
+def _patient_split(splits: Splits, *, site_id: int, num_sites: int, partitioner: str,
+                   alpha: float, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(holdout record indices, training record indices, training patients)`` of
+    site ``site_id`` partitioned by patient (:func:`partition_patients`): a ``holdout``
+    fraction of its patients (at least one, seeded) held out whole."""
+    inverse, _ = factorize(splits.train_groups)
+    patients = partition_patients(splits, num_sites=num_sites, partitioner=partitioner,
+                                  alpha=alpha, seed=seed)[site_id]
+    rng = np.random.default_rng([seed, site_id, 104729])
+    patients = rng.permutation(patients)
+    n_hold = max(1, int(round(len(patients) * holdout)))
+    if len(patients) - n_hold < 2:
+        raise ValueError(f"site {site_id} has only {len(patients)} patients: too few to train "
+                         "and hold out")
+    by_patient = np.argsort(inverse, kind="stable")
+    starts = np.searchsorted(inverse[by_patient], np.arange(inverse.max() + 2))
+
+    def records(ps: np.ndarray) -> np.ndarray:
+        return np.concatenate([by_patient[starts[p]:starts[p + 1]] for p in ps])
+
+    return records(patients[:n_hold]), records(patients[n_hold:]), len(patients) - n_hold
+
+
+def _patient_site_data(splits: Splits, *, site_id: int, num_sites: int, partitioner: str,
+                       alpha: float, holdout: float, shift: float, seed: int) -> SiteData:
+    """:func:`site_data` by patient (:func:`_patient_split`), so a patient's records
+    never span sites or the train/holdout split."""
+    hold, train, _ = _patient_split(splits, site_id=site_id, num_sites=num_sites,
+                                    partitioner=partitioner, alpha=alpha, holdout=holdout,
+                                    seed=seed)
+    idx = np.concatenate([hold, train])
+    x = apply_site_shift(splits.train_x[idx], site_id=site_id, strength=shift, seed=seed)
+    groups = np.asarray(splits.train_groups)
+    return SiteData(
+        site_id=site_id,
+        train_x=x[len(hold):], train_y=splits.train_y[train],
+        holdout_x=x[:len(hold)], holdout_y=splits.train_y[hold],
+        num_classes=splits.num_classes,
+        train_groups=groups[train], holdout_groups=groups[hold],
     )
 
 
 def site_train_counts(splits: Splits, *, num_sites: int, partitioner: str, alpha: float,
-                      holdout: float, seed: int) -> tuple[dict[int, int], dict[int, str]]:
-    """``(training records per site, site names)`` of a simulated federation: counts
-    only (the product's unit makes them public), computed as :func:`site_data` splits
-    (a patient-grouped holdout may move a few records). Names are the records' own
-    site names (``partitioner = "site"``), as the per-site metrics name them."""
+                      holdout: float, seed: int, unit: str = "record"
+                      ) -> tuple[dict[int, int], dict[int, str]]:
+    """``(training units per site, site names)`` of a simulated federation: counts
+    only (the sites' unit makes them public), computed as :func:`site_data` splits.
+    ``unit = "patient"`` counts training patients (data with patient ids), else records.
+    Names are the records' own site names (``partitioner = "site"``), as the per-site
+    metrics name them."""
+    if splits.train_groups is not None:
+        names = (dict(enumerate(splits.site_names)) if partitioner == "site"
+                 else {i: f"site {i}" for i in range(num_sites)})
+        counts = {}
+        for i in range(num_sites):
+            _, train, patients = _patient_split(splits, site_id=i, num_sites=num_sites,
+                                                partitioner=partitioner, alpha=alpha,
+                                                holdout=holdout, seed=seed)
+            counts[i] = patients if unit == "patient" else len(train)
+        return counts, names
     if partitioner == "site":
         check_natural_sites(splits, num_sites)
         sizes = [int((splits.train_site == i).sum()) for i in range(num_sites)]

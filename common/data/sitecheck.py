@@ -20,7 +20,15 @@ import numpy as np
 from common.batches import BatchPlanError, plan_batch
 from common.data.readers import Scan, SiteDataError, scan
 from common.data.schema import Schema, SchemaError
-from common.privacy.accounting import UNIT_OF_PRIVACY, Mechanism, dp_plan, epsilon
+from common.privacy.accounting import (
+    PATIENT,
+    RECORD,
+    UNITS_OF_PRIVACY,
+    Mechanism,
+    dp_plan,
+    epsilon,
+    group_privacy,
+)
 from common.privacy.ledger import Ledger
 from common.privacy.planning import DEFAULT_MIN_NOISE_MULTIPLIER, plan_round
 
@@ -37,6 +45,8 @@ class Plan:
     noise_multiplier: float = 0.0  # 0: calibrate to the cap
     holdout: float = 0.2
     min_noise_multiplier: float = DEFAULT_MIN_NOISE_MULTIPLIER  # the site's σ floor
+    unit: str = RECORD  # the site's unit of privacy (its policy): what the count counts
+    group_size: int = 1  # its declared max-records-per-patient (k)
 
 
 @dataclass
@@ -49,6 +59,10 @@ class Estimate:
     prior_epsilon: float
     fits: bool
     note: str
+    unit: str = RECORD
+    # A record-level site that declares up to k records per patient: (k, ε_k, δ_k), the
+    # group-privacy guarantee per patient of the planned run (the weaker claim, shown).
+    group: tuple[int, float, float] | None = None
 
 
 @dataclass
@@ -69,13 +83,16 @@ class SiteReport:
     # Patient ids (where the spec declares them): counts only; the ids never leave the site.
     patients: int | None = None
     records_per_patient: dict[str, float] | None = None
+    # How many patients have 1, 2, ... records (local: the site's own report, never sent).
+    patients_by_records: dict[int, int] | None = None
+    unit: str = RECORD
 
     @property
     def ok(self) -> bool:
         return not self.errors
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "ok": self.ok, "unit": UNIT_OF_PRIVACY}
+        return {**asdict(self), "ok": self.ok, "unit": UNITS_OF_PRIVACY[self.unit]}
 
 
 def estimate_epsilon(num_train: int, plan: Plan, prior: list[Mechanism] | None = None
@@ -89,7 +106,7 @@ def estimate_epsilon(num_train: int, plan: Plan, prior: list[Mechanism] | None =
     try:
         batch = plan_batch(num_train, batch_size=plan.batch_size)
     except BatchPlanError as exc:
-        return Estimate(num_train, math.nan, 0, None, None, spent, False, str(exc))
+        return Estimate(num_train, math.nan, 0, None, None, spent, False, str(exc), plan.unit)
     try:
         planned = plan_round(num_units=num_train, batch_size=batch, epochs=plan.local_epochs,
                              rounds=plan.num_rounds, target_epsilon=plan.target_epsilon,
@@ -98,7 +115,7 @@ def estimate_epsilon(num_train: int, plan: Plan, prior: list[Mechanism] | None =
                              requested_sigma=plan.noise_multiplier)
     except ValueError as exc:
         q, steps = dp_plan(num_train, batch_size=batch, epochs=plan.local_epochs)
-        return Estimate(num_train, q, steps, None, spent, spent, False, str(exc))
+        return Estimate(num_train, q, steps, None, spent, spent, False, str(exc), plan.unit)
     mech = planned.mechanism
     sigma, q, steps = mech.noise_multiplier, mech.sample_rate, mech.steps
     eps = planned.epsilon_after_run
@@ -107,7 +124,7 @@ def estimate_epsilon(num_train: int, plan: Plan, prior: list[Mechanism] | None =
     if sigma == plan.min_noise_multiplier and plan.noise_multiplier == 0:
         how = f"the site's floor min-noise-multiplier {plan.min_noise_multiplier:g}"
     batch_note = f"expected batch {batch}" + (
-        f" (planned for {num_train} records; requested {plan.batch_size})"
+        f" (planned for {num_train} {plan.unit}s; requested {plan.batch_size})"
         if batch != plan.batch_size else "")
     note = (f"{plan.num_rounds} rounds x {steps} steps at q={q:.4f} ({batch_note}), "
             f"σ={sigma:.3f} ({how}): "
@@ -115,7 +132,10 @@ def estimate_epsilon(num_train: int, plan: Plan, prior: list[Mechanism] | None =
     if not fits:
         rounds = _rounds_that_fit(prior, sigma, q, steps, plan)
         note += f"; only {rounds} round(s) fit, later rounds will be declined"
-    return Estimate(num_train, q, steps, sigma, eps, spent, fits, note)
+    group = None
+    if plan.unit == RECORD and plan.group_size > 1:
+        group = (plan.group_size, *group_privacy(eps, plan.target_delta, plan.group_size))
+    return Estimate(num_train, q, steps, sigma, eps, spent, fits, note, plan.unit, group)
 
 
 def _rounds_that_fit(prior, sigma, q, steps, plan: Plan) -> int:
@@ -178,26 +198,36 @@ def check_site(spec: str, plan: Plan, *, ledger: str | Path | None = None,
     n = len(s.y)
     if n < 2:
         errors.append(f"{n} usable records: a site needs at least 2")
-    estimate = None
-    if n >= 2:
-        prior = []
-        if ledger is not None and Path(ledger).is_file():
-
-            prior = Ledger(ledger).history()
-        n_train = n - max(1, int(round(n * plan.holdout)))
-        estimate = estimate_epsilon(n_train, plan, prior)
-        if not estimate.fits:  # a site that would decline rounds is not ready to join
-            errors.append(f"the planned run does not fit: {estimate.note}")
-    patients = per_patient = None
+    patients = per_patient = by_records = None
     if s.patients is not None and len(s.patients):
         sizes = np.array(list(Counter(s.patients.tolist()).values()))
         patients = len(sizes)
         per_patient = {"min": int(sizes.min()), "median": float(np.median(sizes)),
                        "mean": float(sizes.mean()), "max": int(sizes.max())}
+        by_records = {int(k): int(v) for k, v in sorted(Counter(sizes.tolist()).items())}
+        if plan.unit == RECORD and plan.group_size > 1 and per_patient["max"] > plan.group_size:
+            errors.append(f"a patient has {per_patient['max']} records, above the declared "
+                          f"max-records-per-patient {plan.group_size}: the group-privacy ε "
+                          "per patient would not hold")
+    if plan.unit == PATIENT and patients is None:
+        errors.append("privacy-unit = 'patient', but the records carry no patient id: declare "
+                      "where they come from (?patient=...; docs/data.md, 'Patient ids')")
+    units = patients if plan.unit == PATIENT else n
+    estimate = None
+    if units is not None and units >= 2:
+        prior = []
+        if ledger is not None and Path(ledger).is_file():
+
+            prior = Ledger(ledger).history()
+        n_train = units - max(1, int(round(units * plan.holdout)))
+        estimate = estimate_epsilon(n_train, plan, prior)
+        if not estimate.fits:  # a site that would decline rounds is not ready to join
+            errors.append(f"the planned run does not fit: {estimate.note}")
     return SiteReport(spec=spec, kind=s.kind, num_records=n, classes=list(s.classes),
                       counts=s.counts, image_sizes=dict(s.image_sizes),
                       corrupt=[{"file": f, "reason": why} for f, why in s.corrupt],
                       refused=s.refused, patients=patients, records_per_patient=per_patient,
+                      patients_by_records=by_records, unit=plan.unit,
                       label_problems=s.label_problems, column_problems=list(s.column_problems),
                       notes=[*warnings, *s.notes], estimate=estimate, errors=errors)
 
@@ -208,7 +238,10 @@ def format_report(r: SiteReport) -> str:
     if r.patients is not None:
         p = r.records_per_patient
         lines.append(f"patients: {r.patients}; records per patient min {p['min']}, median "
-                     f"{p['median']:g}, max {p['max']} (ids stay here)")
+                     f"{p['median']:g}, mean {p['mean']:.2f}, max {p['max']} (ids stay here)")
+        if r.patients_by_records:
+            lines.append("  patients by records (local only): " + ", ".join(
+                f"{k}: {v}" for k, v in r.patients_by_records.items()))
     if r.classes:
         lines.append("records per class: " + ", ".join(f"{c}: {n}" for c, n in r.counts.items()))
     if r.image_sizes:
@@ -221,8 +254,15 @@ def format_report(r: SiteReport) -> str:
     e = r.estimate
     if e is not None:
         prior = f" (already spent {e.prior_epsilon:.3f} per the ledger)" if e.prior_epsilon else ""
-        lines.append(f"privacy estimate: {e.train_records} training records{prior}; {e.note}")
-        lines.append(f"  unit: {UNIT_OF_PRIVACY}")
+        lines.append(f"privacy estimate: {e.train_records} training {e.unit}s{prior}; {e.note}")
+        if e.epsilon is not None:
+            lines.append(f"  ε per {e.unit}: {e.epsilon:.3f}")
+        if e.group is not None:
+            k, eps_k, delta_k = e.group
+            lines.append(f"  ε per patient (group privacy, up to k={k} records per patient): "
+                         f"{eps_k:.3f} with δ = {delta_k:.3g}; the per-record ε above is the "
+                         "stronger-sounding, narrower claim")
+        lines.append(f"  unit: {UNITS_OF_PRIVACY[e.unit]}")
     if r.errors:
         lines.append(f"NOT READY: {len(r.errors)} problem(s)")
         lines += [f"  error: {x}" for x in r.errors]

@@ -22,12 +22,20 @@ Two rewrites make the suffix DP-SGD friendly under Opacus:
 
 The trained suffix tensors travel with the head as ``backbone.<name>``
 (:data:`PREFIX`); nothing else of the backbone is ever sent.
+
+Patient-level DP (:func:`common.models.training.train_dp_patients`) feeds the
+suffix *bags* ``(B, K, C, H, W)``: one Opacus sample per patient, K records
+each. Every layer keeps the bag dimension (the 1x1 convolutions run as
+``nn.Linear`` over ``(B, K*H*W, C)``), so Opacus's per-sample gradient of
+each layer, and its ghost norm, is the sum over the patient's records: the
+patient's gradient, clipped once.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from collections import OrderedDict
 from functools import lru_cache
 
@@ -56,7 +64,7 @@ class BNStatistics(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inv = torch.rsqrt(self.running_var + self.eps)
-        return (x - self.running_mean[None, :, None, None]) * inv[None, :, None, None]
+        return (x - self.running_mean[:, None, None]) * inv[:, None, None]
 
 
 class ChannelAffine(nn.Module):
@@ -68,7 +76,7 @@ class ChannelAffine(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
 
 
 class FrozenBN(nn.Module):
@@ -86,7 +94,9 @@ class FrozenBN(nn.Module):
 
 
 class PointwiseLinear(nn.Module):
-    """A 1x1 convolution (no bias, stride 1) as ``nn.Linear`` over ``(B, H*W, C)``."""
+    """A 1x1 convolution (no bias, stride 1) as ``nn.Linear`` over ``(B, H*W, C)``;
+    a bag of records ``(B, K, C, H, W)`` (patient-level DP) as ``(B, K*H*W, C)``,
+    so that Opacus's per-sample gradient (and ghost norm) is the bag's."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
@@ -99,9 +109,13 @@ class PointwiseLinear(nn.Module):
                 self.linear.bias.copy_(conv.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        y = self.linear(x.flatten(2).transpose(1, 2))  # (B, H*W, C_out)
-        return y.transpose(1, 2).reshape(b, -1, h, w)
+        lead, (c, h, w) = x.shape[:-3], x.shape[-3:]
+        # (B, [K,] C, H, W) -> (B, [K*]H*W, C): always 3-D, which ghost clipping needs.
+        # Sizes are explicit (no -1): an empty Poisson batch (B = 0) must reshape too.
+        rows = math.prod(lead[1:]) * h * w
+        y = self.linear(x.flatten(-2).transpose(-1, -2).reshape(x.shape[0], rows, c))
+        c_out = self.linear.out_features
+        return y.reshape(*lead, h * w, c_out).transpose(-1, -2).reshape(*lead, c_out, h, w)
 
 
 class Depthwise3x3(nn.Module):
@@ -118,30 +132,40 @@ class Depthwise3x3(nn.Module):
         self.weight = nn.Parameter(weight.detach().clone())  # (C, 1, 3, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight, padding=1, groups=self.weight.shape[0])
+        y = F.conv2d(x.reshape(-1, *x.shape[-3:]), self.weight, padding=1,
+                     groups=self.weight.shape[0])
+        return y.reshape(x.shape)  # a bag (B, K, C, H, W) keeps its shape
 
 
 def _depthwise_grad_sample(layer: Depthwise3x3, activations, backprops):
     """Per-sample gradients of :class:`Depthwise3x3`'s weight: for record n, channel
     c and kernel tap (i, j), the sum over positions of the output gradient times
-    the zero-padded input shifted by that tap (nine products, no im2col)."""
+    the zero-padded input shifted by that tap (nine products, no im2col). For a bag
+    ``(B, K, C, H, W)`` the records' gradients are summed over the bag: the bag's
+    gradient, one per-sample gradient per bag (patient-level DP)."""
     if not layer.weight.requires_grad:
         return {}
-    x = F.pad(activations[0], (1, 1, 1, 1))
-    h, w = backprops.shape[2:]
-    g = torch.stack([(backprops * x[:, :, i:i + h, j:j + w]).sum(dim=(2, 3))
+    a = activations[0]
+    n, k, (c, h, w) = a.shape[0], math.prod(a.shape[1:-3]), a.shape[-3:]  # k: 1, or the bag
+    x = F.pad(a.reshape(n, k, c, h, w), (1, 1, 1, 1))
+    gy = backprops.reshape(n, k, c, h, w)
+    g = torch.stack([(gy * x[..., i:i + h, j:j + w]).sum(dim=(1, 3, 4))
                      for i in range(3) for j in range(3)], dim=2)  # (N, C, 9)
-    return {layer.weight: g.reshape(g.shape[0], g.shape[1], 1, 3, 3)}
+    return {layer.weight: g.reshape(n, c, 1, 3, 3)}
 
 
 def _affine_grad_sample(layer: ChannelAffine, activations, backprops):
-    """Per-sample gradients of :class:`ChannelAffine`'s parameters."""
-    x = activations[0]
+    """Per-sample gradients of :class:`ChannelAffine`'s parameters (a bag's summed
+    over its records, as in :func:`_depthwise_grad_sample`)."""
+    a = activations[0]
+    k = math.prod(a.shape[1:-3])  # 1, or the bag
+    x = a.reshape(a.shape[0], k, a.shape[-3], a.shape[-2] * a.shape[-1])  # (N, K, C, H*W)
+    gy = backprops.reshape(x.shape)
     out = {}
     if layer.weight.requires_grad:
-        out[layer.weight] = torch.einsum("nchw,nchw->nc", x, backprops)
+        out[layer.weight] = torch.einsum("nkcp,nkcp->nc", x, gy)
     if layer.bias.requires_grad:
-        out[layer.bias] = backprops.sum(dim=(2, 3))
+        out[layer.bias] = gy.sum(dim=(1, 3))
     return out
 
 
@@ -155,7 +179,8 @@ def register_grad_samplers() -> None:
 
 
 class Suffix(nn.Module):
-    """EfficientNet-Lite0 from ``_blocks.15`` to the pooled, L2-normalised features."""
+    """EfficientNet-Lite0 from ``_blocks.15`` to the pooled, L2-normalised features:
+    ``(B, C, H, W) -> (B, 1280)``, or a bag ``(B, K, C, H, W) -> (B, K, 1280)``."""
 
     def __init__(self, net):
         super().__init__()
@@ -180,7 +205,7 @@ class Suffix(nn.Module):
         x = F.relu6(self.bn1(self.depthwise(x)))
         x = self.bn2(self.project(x))  # block 15: 192 -> 320 channels, no skip connection
         x = F.relu6(self.bn_head(self.conv_head(x)))
-        return F.normalize(x.mean(dim=(2, 3)), dim=1)
+        return F.normalize(x.mean(dim=(-2, -1)), dim=-1)
 
 
 class Prefix(nn.Module):
