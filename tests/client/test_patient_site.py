@@ -55,7 +55,7 @@ def patient_csv(root: Path, *, patients: int = 40, seed: int = 0, max_records: i
         label = p % 2
         for _ in range(int(rng.integers(1, max_records + 1))):
             x = rng.normal(label, 1.0, 2)
-            lines.append(f"{float(x[0])!r},{float(x[1])!r},{label},P{p:03d}")
+            lines.append(f"{float(x[0])!r},{float(x[1])!r},{label},patient-{p:03d}")
     (root / "records.csv").write_text("\n".join(lines) + "\n")
     (root / "schema.json").write_text(schema.to_json())
     base = {"site-id": 0, "ledger-path": str(root / "ledger.sqlite"),
@@ -134,7 +134,7 @@ def test_admission_counts_patients_and_the_ids_stay_at_the_site(tmp_path):
     assert adm.num_train == len(group_sizes(data.train_groups))
     assert adm.num_holdout == len(group_sizes(data.holdout_groups))
     assert adm.num_train_records == len(data.train_y) > adm.num_train
-    assert "P0" not in adm.to_json()  # no patient id in the stored admission
+    assert "patient-0" not in adm.to_json()  # no patient id in the stored admission
 
 
 def test_a_record_level_site_whose_patients_exceed_its_declared_k_is_not_admitted(tmp_path):
@@ -235,7 +235,7 @@ def test_the_declaration_answer_states_the_patient_unit_and_count(tmp_path):
                   message_type="query.declaration", dst_node_id=5)
     reply = dict(client_app.app(msg, ctx).content.config_records["declaration"])
     assert reply["privacy-unit"] == "patient" and reply["num-examples"] == adm.num_train
-    assert "P0" not in json.dumps(reply)
+    assert "patient-0" not in json.dumps(reply)  # ('-' is in no base64 or hex text)
 
 
 # -- site check: patients, records per patient, ε per patient ---------------------------
@@ -257,7 +257,7 @@ def test_site_check_reports_patients_and_the_epsilon_per_patient(tmp_path, capsy
     assert "ε per patient: " in out and "unit: one patient at one site" in out
     assert f"admitted: {adm.num_train} training patients ({adm.num_train_records} training " \
            "records, not released)" in out
-    assert "P00" not in out  # counts only; the ids stay at the site
+    assert "patient-0" not in out  # counts only; the ids stay at the site
 
 
 def test_site_check_shows_group_privacy_beside_a_record_level_epsilon(tmp_path, capsys):
