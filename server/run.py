@@ -11,6 +11,7 @@ is written by :mod:`server.records`.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -77,6 +78,15 @@ def round_line(r: int, total: int, m: dict, strategy: HeadFedAvg, cfg: RunConfig
                 f"{test['argmax']['accuracy']:.3f} bal {test['argmax']['balanced_accuracy']:.3f})")
     return (f"round {r}/{total} | test acc {test['accuracy']:.3f} auc {test['auc']:.3f} "
             f"bal {test['balanced_accuracy']:.3f}{rule}{sites}{privacy}{timing}")
+
+
+def flower_runtime() -> str:
+    """``simulation`` when the ServerApp runs inside Flower's Ray simulation (Ray is
+    initialised in this process), else ``deployment`` (a ``flwr-serverapp`` process,
+    which never starts Ray). The audit reads it: a deployed run must have checked that
+    no site holds the public or test records."""
+    ray = sys.modules.get("ray")
+    return "simulation" if ray is not None and ray.is_initialized() else "deployment"
 
 
 def plan_batches(cfg: RunConfig, splits, counts: dict[int, int] | None = None
@@ -198,6 +208,7 @@ def run_server(cfg: RunConfig, grid: Grid, *, run_id: str) -> dict:
         timing={"total_seconds": time.perf_counter() - t_run,
                 "server_feature_seconds": ev.seconds})
     summary["handshake"] = handshake.summary()
+    summary["runtime"] = flower_runtime()
     if resumed:
         summary["resumed_from"] = resumed
     if secagg is not None:

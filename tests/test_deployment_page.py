@@ -195,7 +195,7 @@ def test_the_deployment_page_runs_as_written(tmp_path):
 
     run = tmp_path / "coordinator" / "runs" / "edge"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["stop_reason"] == "completed"
+    assert summary["stop_reason"] == "completed" and summary["runtime"] == "deployment"
     assert [r["sites_aggregated"] for r in summary["rounds"]] == [2, 2, 2]
     # Test metrics on records no site holds: every site's public-record check passed
     # against the digests the coordinator published, and the handshake recorded it.

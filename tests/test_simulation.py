@@ -20,6 +20,7 @@ def test_simulation_writes_a_complete_summary(tmp_path):
              "local-epochs=1", f"cache-dir={tmp_path / 'cache'}")
     s, text = simulate(out, *small, "target-epsilon=3.0", log=tmp_path / "simulate.log")
     assert "round 2/2" in text and "ε (per record" in text
+    assert s["runtime"] == "simulation"  # the audit's public-record check applies to deployments
     # Quiet, truthful output (issue 24): no library notice that says nothing to the user.
     for notice in ("DEPRECATED FEATURE", "run_simulation", "FutureWarning", "single label"):
         assert notice not in text, notice

@@ -173,6 +173,10 @@ HAZARDS = _registry(
                "be read"),
     HazardCode("backbone-selected-on-private-data", E, "the backbone was chosen on private "
                "records: that cost is in no ledger"),
+    HazardCode("public-records-unchecked", W, "a deployed run published no digests of its "
+               "public and test records (no federation file with public-hashes): nothing "
+               "checked that no site trained on them, so its test metrics may be on training "
+               "records"),
     HazardCode("same-data-separate-ledgers", W, "the same site data trained under several "
                "ledgers (older ledgers' data hashes): none composes them all"),
     # -- the empirical audit ---------------------------------------------------------------
@@ -783,6 +787,14 @@ def run_setup_hazards(summary: dict, selection_problems: Sequence[tuple[str, str
                              "from (config key hyperparameter-source); if they were "
                              "tuned on the sites' records, that tuning is uncharged"))
     hz += [hazard(code, message) for code, message in selection_problems]
+    handshake = summary.get("handshake")
+    if summary.get("runtime") == "deployment" and isinstance(handshake, dict) \
+            and not handshake.get("public_check"):
+        hz.append(hazard("public-records-unchecked",
+                         "the run published no digests of its public and test records, so no "
+                         "site checked that it holds none of them: the test metrics may be on "
+                         "records a site trained on (`fedtransfer federation init` publishes "
+                         "them; run with federation=<its file>)"))
     return hz
 
 

@@ -359,6 +359,25 @@ def test_a_site_with_no_ledger_is_missing_never_truncated(run_copy):
     assert report.runs[0].sites[0].chain == "missing"
 
 
+def _edit_summary(run: Path, **changes) -> None:
+    doc = json.loads((run / "summary.json").read_text())
+    doc.update(changes)
+    (run / "summary.json").write_text(json.dumps(doc))
+
+
+def test_a_deployed_run_without_the_public_record_check_is_flagged(run_copy):
+    """Issue 27 item 4: a deployed run that published no digests of its public and test
+    records is flagged; one that did, or a simulation (its sites are partitions of the
+    training split by construction), is not."""
+    handshake = {"declaration": "d" * 64, "public_check": "", "sites": {}}
+    _edit_summary(run_copy, runtime="simulation", handshake=handshake)
+    assert "public-records-unchecked" not in _codes(audit([run_copy]), "warning")
+    _edit_summary(run_copy, runtime="deployment")
+    assert "public-records-unchecked" in _codes(audit([run_copy]), "warning")
+    _edit_summary(run_copy, handshake={**handshake, "public_check": "ab" * 32})
+    assert "public-records-unchecked" not in _codes(audit([run_copy]), "warning")
+
+
 # -- units of privacy (issue 26) ------------------------------------------------------
 def test_a_record_level_site_with_k_records_per_patient_shows_the_patient_epsilon(tmp_path):
     run = tmp_path / "run"
