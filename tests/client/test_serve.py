@@ -19,11 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client import serve
+from tests import sites
 from tests.conftest import REPO
 
 TARGET = '''
@@ -382,13 +384,40 @@ def test_site_serve_without_a_site_folder_says_so(tmp_path):
 # -- the launcher's life -------------------------------------------------------
 
 
+def _node_toml(site: Path, **policy) -> Path:
+    """An admissible site: 40 small digit images of two classes, declared by name."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 2
+    images = (rng.random((40, 8, 8)) * 255).astype(np.uint8)
+    node = sites.npz_site(site, images, labels, classes=("0", "1"), image_size=8, **policy)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in node.items()]
+    (site / "node.toml").write_text("\n".join(lines) + "\n")
+    return site / "node.toml"
+
+
+def test_a_site_that_is_not_admitted_does_not_join(tmp_path):
+    """site serve checks the site before its SuperNode starts: a site holding a record
+    it may not (here: its data file is gone) says why, locally, and exits 2; no
+    SuperNode, no fork server."""
+    site = tmp_path / "site"
+    node = _node_toml(site)
+    (site / "data.npz").unlink()
+    r = subprocess.run([sys.executable, "-m", "cli.main", "site", "serve", "--superlink",
+                        f"127.0.0.1:{serve.free_port()}", "--insecure", "--node-config",
+                        str(node)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       start_new_session=True)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "this site does not join" in r.stdout and "data.npz" in r.stdout
+    assert not (site / "serve.json").exists()
+
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_site_serve_prints_how_it_joined_and_leaves_nothing_behind(tmp_path, sig):
     """No SuperLink answers (the SuperNode keeps retrying), which is enough to see the
     launcher start both processes, print them, and stop every one by pid."""
     site = tmp_path / "site"
-    site.mkdir()
-    (site / "node.toml").write_text('site-id = 0\nsite-name = "hospital-0"\n')
+    _node_toml(site)
     log = tmp_path / "serve.log"
     with log.open("wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "cli.main", "site", "serve",
