@@ -359,7 +359,7 @@ def test_a_site_with_no_ledger_is_missing_never_truncated(run_copy):
     assert report.runs[0].sites[0].chain == "missing"
 
 
-def _edit_summary(run: Path, **changes) -> None:
+def _update_summary(run: Path, **changes) -> None:
     doc = json.loads((run / "summary.json").read_text())
     doc.update(changes)
     (run / "summary.json").write_text(json.dumps(doc))
@@ -370,11 +370,11 @@ def test_a_deployed_run_without_the_public_record_check_is_flagged(run_copy):
     records is flagged; one that did, or a simulation (its sites are partitions of the
     training split by construction), is not."""
     handshake = {"declaration": "d" * 64, "public_check": "", "sites": {}}
-    _edit_summary(run_copy, runtime="simulation", handshake=handshake)
+    _update_summary(run_copy, runtime="simulation", handshake=handshake)
     assert "public-records-unchecked" not in _codes(audit([run_copy]), "warning")
-    _edit_summary(run_copy, runtime="deployment")
+    _update_summary(run_copy, runtime="deployment")
     assert "public-records-unchecked" in _codes(audit([run_copy]), "warning")
-    _edit_summary(run_copy, handshake={**handshake, "public_check": "ab" * 32})
+    _update_summary(run_copy, handshake={**handshake, "public_check": "ab" * 32})
     assert "public-records-unchecked" not in _codes(audit([run_copy]), "warning")
 
 
