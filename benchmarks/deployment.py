@@ -138,6 +138,9 @@ def run(work_dir: Path, *, rounds: int = 4, arms: tuple[str, ...] = ARMS,
     if unknown:
         raise ValueError(f"unknown arm(s) {', '.join(unknown)}; valid: {', '.join(ARMS)}")
     work_dir.mkdir(parents=True, exist_ok=True)
+    # A fresh folder per run: an earlier run's simulated ledgers (under its out-dir) would
+    # otherwise carry their spend into this one, and its sites would decline at their cap.
+    work_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work_dir))
     out: dict = {"measured": True, "config": {**RUN, "num-rounds": rounds}, "secagg": SECAGG,
                  "idle_poll": IDLE_POLL, "repeats": repeats, "arms": list(arms),
                  "load_average": {}}
