@@ -10,6 +10,16 @@ import time
 from pathlib import Path
 
 
+def _plan(plan_cls, args, run, **site):
+    """The run ``site check`` plans for: ``--rounds`` / ``--epochs`` / ``--batch-size``,
+    else the run's (the federation file's, or the defaults); σ as requested; the rest
+    (cap, δ, holdout, σ floor, unit) the site's own."""
+    return plan_cls(num_rounds=args.rounds or run.num_rounds,
+                    local_epochs=args.epochs or run.local_epochs,
+                    batch_size=args.batch_size or run.batch_size,
+                    noise_multiplier=args.noise_multiplier, **site)
+
+
 def cmd_site_check(args) -> int:
     """Exit 0 when the data is ready to join, 1 when it is not.
 
@@ -29,13 +39,9 @@ def cmd_site_check(args) -> int:
     from common.data.sitecheck import Plan, check_site, format_report
 
     run = RunConfig()  # the run's defaults: what a site joins unless told otherwise
-    plan = Plan(target_epsilon=args.cap, target_delta=args.delta,
-                num_rounds=args.rounds or run.num_rounds,
-                local_epochs=args.epochs or run.local_epochs,
-                batch_size=args.batch_size or run.batch_size,
-                noise_multiplier=args.noise_multiplier, holdout=args.holdout,
-                min_noise_multiplier=args.min_noise_multiplier,
-                unit=args.privacy_unit, group_size=args.max_records_per_patient or 1)
+    plan = _plan(Plan, args, run, target_epsilon=args.cap, target_delta=args.delta,
+                 holdout=args.holdout, min_noise_multiplier=args.min_noise_multiplier,
+                 unit=args.privacy_unit, group_size=args.max_records_per_patient or 1)
     classes = tuple(c.strip() for c in args.class_names.split(",")) if args.class_names else None
     schema = None
     if args.schema:
@@ -79,13 +85,10 @@ def _admit(args) -> int:
         return 2
     schema = settings.declaration.schema
     run = settings.federation.config if settings.federation is not None else RunConfig()
-    plan = Plan(target_epsilon=settings.target_epsilon, target_delta=settings.target_delta,
-                num_rounds=args.rounds or run.num_rounds,
-                local_epochs=args.epochs or run.local_epochs,
-                batch_size=args.batch_size or run.batch_size,
-                noise_multiplier=args.noise_multiplier, holdout=settings.holdout,
-                min_noise_multiplier=settings.min_noise_multiplier,
-                unit=settings.privacy_unit, group_size=settings.group_size)
+    plan = _plan(Plan, args, run, target_epsilon=settings.target_epsilon,
+                 target_delta=settings.target_delta, holdout=settings.holdout,
+                 min_noise_multiplier=settings.min_noise_multiplier,
+                 unit=settings.privacy_unit, group_size=settings.group_size)
     ledger = settings.ledger_path if settings.ledger_path.is_file() else None
     report = check_site(settings.data_path, plan, ledger=ledger,
                         classes=schema.classes, schema=schema)

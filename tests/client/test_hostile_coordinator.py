@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 import client.app as client_app
 from common import protocol
@@ -29,15 +27,7 @@ from common.protocol import from_array_record, to_array_record
 
 N = 400
 TARGET = 7  # the record whose membership the server tries to learn
-
-
-@pytest.fixture(autouse=True)
-def _flower_task(monkeypatch):
-    # A ClientApp reply needs Flower's task identity, as a SuperNode sets it.
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(client_app, "log_through_flower", lambda *a: None)
+pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 def _digits(n: int = N, *, without: int | None = None):
@@ -499,15 +489,12 @@ def test_an_unexpected_failure_is_a_fixed_code_and_its_text_stays_at_the_site(tm
         raise RuntimeError(f"secret detail {tmp_path}")
 
     node = _site(tmp_path)
+    real = round_.training.train_dp
     monkeypatch.setattr(round_.training, "train_dp", boom)
     status = _status(_train(node))
     assert status == {"status": protocol.SITE_UNAVAILABLE, "site-id": 3,
                       "reason": protocol.FIXED_REASONS[protocol.SITE_UNAVAILABLE]}
     # A fault while the records were in use takes the site out until its operator acts:
     # the same fixed answer to every request, and nothing more is charged.
-    monkeypatch.undo()
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(client_app, "log_through_flower", lambda *a: None)
+    monkeypatch.setattr(round_.training, "train_dp", real)
     assert _status(_train(node, **{"batch-size": 8})) == status

@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 import client.app as client_app
 from client import admission
@@ -33,14 +31,7 @@ from common.protocol import POLICY_DECLINED, to_array_record
 from tests import sites
 
 K = 4  # the site's declared most records per patient
-
-
-@pytest.fixture(autouse=True)
-def _flower_task(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(client_app, "log_through_flower", lambda *a: None)
+pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 def patient_csv(root: Path, *, patients: int = 40, seed: int = 0, max_records: int = K,

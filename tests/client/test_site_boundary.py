@@ -33,8 +33,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -75,11 +73,7 @@ STATS = {"pairs": 0, "compared": 0, "requests": 0, "not-admitted": 0, "count-dif
 
 
 @pytest.fixture(autouse=True)
-def _flower_task(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
-    monkeypatch.setattr(client_app, "log_through_flower", lambda *a: None)
+def _flower_task(flower_task, monkeypatch):
     # Both neighbours append at the same instant: their ledger rows are then equal
     # byte for byte when (and only when) they recorded the same releases.
     monkeypatch.setattr(ledger_module, "time", types.SimpleNamespace(time=lambda: 1.8e9))
