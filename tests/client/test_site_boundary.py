@@ -227,6 +227,8 @@ HOSTILE = {  # per field, what a hostile coordinator may put there instead
     "trainable": ["last-block", "bitfit", "all"], "head": ["mlp", "transformer"],
     "hidden-dim": [16, 0, 10**6], "scaling-budget": [0.9, -1.0, 0.5],
     "class-weights": ["1.0,2.0", "1.0", "nan,1.0", "1e300,1.0", "x", "0.5,2.0"],
+    # the unit of privacy is the site's: a request may only ask for it
+    "privacy-unit": ["patient", "record", "household", ""],
 }
 
 
@@ -254,7 +256,8 @@ def messages(draw, kind: str, missing: str):
     head = draw(heads(in_dim)) if draw(st.booleans()) else ("declared", dict(rows=2, cols=in_dim))
     run = draw(st.sampled_from([{}, {"dp": False, "target-epsilon": 1e9, "site-holdout": 0.99},
                                 {"backbone": "file:/etc/passwd", "image-size": 999},
-                                {"no-such-key": 1, "schema": "{}"}]))
+                                {"no-such-key": 1, "schema": "{}"},
+                                {"privacy-unit": "patient", "max-records-per-patient": 1}]))
     return what, config, head, run
 
 
